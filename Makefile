@@ -1,0 +1,50 @@
+# imcap — `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# `make train dataset=flickr8k` selects data=flickr8k; anything else goes through ARGS="...".
+DATA_ARG := $(if $(dataset),data=$(dataset),)
+
+.PHONY: help install assets train eval caption test test-fast lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo '  overrides: make train dataset=flickr8k ARGS="model/attention=none trainer.max_epochs=5"'
+
+install: $(VENV)/.installed assets  ## create .venv, install torch + imcap[dev], provision offline weights
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+
+# Re-runs only when pyproject.toml changes, so a second `make install` is quick.
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q $(TORCH_PINS)
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+assets: | $(VENV)/.installed  ## offline MobileNetV2 ImageNet weights + GloVe 6B-50d (sha256-checked)
+	$(PY) -m imcap.assets install
+
+train:  ## train the default experiment (shapes demo); dataset=NAME, ARGS="hydra overrides"
+	$(PY) -m imcap.train $(DATA_ARG) $(ARGS)
+
+eval:  ## evaluate a checkpoint: make eval ARGS="ckpt_path=logs/.../best.ckpt"
+	$(PY) -m imcap.eval $(DATA_ARG) $(ARGS)
+
+caption:  ## caption images: make caption ARGS="ckpt_path=... 'images=[a.jpg,b.jpg]'"
+	$(PY) -m imcap.caption $(ARGS)
+
+test:  ## run the whole test suite (CI runs this)
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast:  ## tests without the slow end-to-end ones
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+lint:  ## ruff
+	$(VENV)/bin/ruff check imcap tests
+
+clean:  ## remove generated runs, data caches and Python caches (keeps .venv)
+	rm -rf logs multirun outputs data .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +

@@ -1,0 +1,84 @@
+"""What every entry point shares: user errors as one line, config-driven object builders."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from imcap.errors import ImcapError
+
+log = logging.getLogger("imcap")
+
+
+def _user_error(exc: BaseException) -> ImcapError | None:
+    """The ImcapError behind `exc` (Hydra wraps errors raised while instantiating)."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, ImcapError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(exc, InstantiationException):
+        return ImcapError(str(exc).strip().splitlines()[0])
+    return None
+
+
+def report_user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn user mistakes into `error: <one line>` on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            user = _user_error(exc)
+            if user is None:
+                raise
+            print(f"error: {user}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+    return wrapper
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate each `_target_` entry of a config group such as callbacks or logger."""
+    if not group:
+        return []
+    return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def configure_wandb_mode(cfg: DictConfig) -> None:
+    """W&B never prompts: without an API key it runs offline into the run directory."""
+    uses_wandb = any("Wandb" in str(c.get("_target_", "")) for c in (cfg.get("logger") or {}).values())
+    if uses_wandb and not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+        os.environ["WANDB_MODE"] = "offline"
+        log.info("WANDB_API_KEY is not set: W&B runs offline (sync later with `wandb sync`)")
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[Any]) -> pl.Trainer:
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Flat {name: float} from Lightning's metric dicts, sorted by name."""
+    return {k: float(v) for k, v in sorted(metrics.items())}
+
+
+def save_config(cfg: DictConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, path, resolve=True)

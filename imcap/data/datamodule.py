@@ -1,0 +1,156 @@
+"""CaptionDataModule: source records -> vocabulary -> datasets -> loaders."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from imcap.data.dataset import CaptionDataset, EpochSeededSampler, collate
+from imcap.data.features import extract_features
+from imcap.data.records import SPLITS, CaptionRecord
+from imcap.data.sources import CaptionSource
+from imcap.data.text import tokenize
+from imcap.data.vocab import Vocabulary
+from imcap.errors import ImcapError
+
+log = logging.getLogger(__name__)
+
+FEATURE_MODES = ("auto", "cached", "none")
+
+
+class CaptionDataModule(pl.LightningDataModule):
+    """Builds the vocabulary from the train split only and serves padded caption batches.
+
+    Call `attach_encoder(encoder)` before `setup`: the encoder supplies the image transform
+    and, with `features=auto` and a frozen encoder (or `features=cached`), the grid features
+    that are extracted once into `cache_dir` instead of re-running the CNN every epoch.
+    """
+
+    def __init__(
+        self,
+        source: CaptionSource,
+        image_size: int = 224,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        min_freq: int = 1,
+        max_vocab_size: int | None = None,
+        max_caption_length: int = 30,
+        captions_per_image: int | None = None,
+        features: str = "auto",
+        cache_dir: str | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if features not in FEATURE_MODES:
+            raise ImcapError(f"data.features={features!r}; choose one of {FEATURE_MODES}")
+        self.source = source
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.min_freq, self.max_vocab_size = min_freq, max_vocab_size
+        self.max_caption_length = max_caption_length
+        self.captions_per_image = captions_per_image
+        self.features = features
+        self.cache_dir = cache_dir
+        self.seed = seed
+        self.vocab: Vocabulary | None = None
+        self.encoder = None
+        self._records: dict[str, list[CaptionRecord]] | None = None
+        self.datasets: dict[str, CaptionDataset] = {}
+
+    # -- records and vocabulary -------------------------------------------------------------
+    def prepare_data(self) -> None:
+        self.source.prepare()
+
+    @property
+    def records(self) -> dict[str, list[CaptionRecord]]:
+        if self._records is None:
+            by_split: dict[str, list[CaptionRecord]] = {s: [] for s in SPLITS}
+            for r in self.source.records():
+                if r.split not in by_split:
+                    raise ImcapError(f"record {r.image_id} has split {r.split!r}; expected one of {SPLITS}")
+                by_split[r.split].append(r)
+            if not by_split["train"]:
+                raise ImcapError(f"data source {self.source.name!r} has no training images")
+            counts = ", ".join(f"{s}={len(v)}" for s, v in by_split.items())
+            log.info("Data %s: %s images", self.source.name, counts)
+            self._records = by_split
+        return self._records
+
+    def build_vocab(self, vocab: Vocabulary | None = None) -> Vocabulary:
+        """Use `vocab` (e.g. from a checkpoint being resumed) or build one from train captions."""
+        if vocab is None:
+            tokenized = (tokenize(c) for r in self.records["train"] for c in r.captions)
+            vocab = Vocabulary.build(tokenized, self.min_freq, self.max_vocab_size)
+            log.info("Vocabulary: %d tokens (min_freq=%d)", len(vocab), self.min_freq)
+        self.vocab = vocab
+        return vocab
+
+    # -- datasets -----------------------------------------------------------------------------
+    def attach_encoder(self, encoder) -> None:
+        self.encoder = encoder
+
+    def _use_cached_features(self) -> bool:
+        frozen = not self.encoder.trainable
+        if self.features == "cached" and not frozen:
+            raise ImcapError("data.features=cached needs a frozen encoder; set model.encoder.finetune=none "
+                             "or data.features=auto")
+        return self.features == "cached" or (self.features == "auto" and frozen)
+
+    def _dataset(self, split: str) -> CaptionDataset:
+        if split in self.datasets:
+            return self.datasets[split]
+        if self.encoder is None or self.vocab is None:
+            raise RuntimeError("call build_vocab() and attach_encoder() before setup()")
+        records = self.records[split]
+        if not records:
+            raise ImcapError(f"data source {self.source.name!r} has no {split} images")
+        transform = self.encoder.image_transform(self.image_size)
+        kwargs: dict = {"transform": transform}
+        if self._use_cached_features():
+            cache_dir = self.cache_dir or Path(records[0].image_path).parent / ".imcap-features"
+            kwargs = {"features": extract_features(
+                self.encoder, [r.image_path for r in records], transform, cache_dir,
+                fingerprint=self.encoder.fingerprint(transform_desc=repr(transform)),
+                batch_size=self.eval_batch_size, num_workers=self.num_workers,
+                description=split,
+            )}
+        dataset = CaptionDataset(records, self.vocab, per_caption=split == "train",
+                                 max_length=self.max_caption_length, **kwargs)
+        self.datasets[split] = dataset
+        return dataset
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", SPLITS)
+        for split in splits:
+            self._dataset(split)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        dataset = self._dataset(split)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            sampler=EpochSeededSampler(len(dataset), self.seed, dataset.groups(), self.captions_per_image)
+            if train else None,
+            collate_fn=partial(collate, pad_id=Vocabulary.pad_id),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)

@@ -1,0 +1,137 @@
+"""Caption datasets (one item per caption for training, per image for evaluation) and collate."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from imcap.data.images import load_image
+from imcap.data.records import CaptionRecord
+from imcap.data.text import normalize
+from imcap.data.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+
+
+class CaptionDataset(Dataset):
+    """Items: `tokens` (L,) with <bos>/<eos>, all normalised `references`, `image_id`, `index`
+    (record position), and either `image` (3, H, W) or cached `grid` (N, C).
+
+    `per_caption=True` yields every (image, caption) pair (training); otherwise one item per
+    image whose `tokens` are its first caption (evaluation, where decoding uses only the image).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[CaptionRecord],
+        vocab: Vocabulary,
+        per_caption: bool,
+        max_length: int = 30,
+        transform: Callable | None = None,
+        features: np.ndarray | None = None,
+    ):
+        if (transform is None) == (features is None):
+            raise ValueError("give exactly one of transform (images) or features (cached grids)")
+        self.records = list(records)
+        self.references = [[normalize(c) for c in r.captions] for r in self.records]
+        self.tokens: list[list[list[int]]] = []
+        truncated = 0
+        for refs in self.references:
+            encoded = []
+            for ref in refs:
+                words = ref.split()
+                truncated += len(words) > max_length
+                encoded.append(vocab.encode(words[:max_length]))
+            self.tokens.append(encoded)
+        if truncated:
+            log.info("Truncated %d captions longer than %d tokens (data.max_caption_length)",
+                     truncated, max_length)
+        self.index = (
+            [(i, j) for i, refs in enumerate(self.references) for j in range(len(refs))]
+            if per_caption
+            else [(i, 0) for i in range(len(self.records))]
+        )
+        self.transform, self.features = transform, features
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def groups(self) -> list[list[int]]:
+        """Item indices of each image, in record order."""
+        out: list[list[int]] = [[] for _ in self.records]
+        for k, (i, _) in enumerate(self.index):
+            out[i].append(k)
+        return out
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        i, j = self.index[k]
+        record = self.records[i]
+        item: dict[str, Any] = {
+            "tokens": torch.tensor(self.tokens[i][j], dtype=torch.long),
+            "references": self.references[i],
+            "image_id": record.image_id,
+            "index": i,
+        }
+        if self.features is not None:
+            item["grid"] = torch.from_numpy(np.asarray(self.features[i], dtype=np.float32))
+        else:
+            item["image"] = self.transform(load_image(record.image_path))
+        return item
+
+
+def collate(items: list[dict[str, Any]], pad_id: int = Vocabulary.pad_id) -> dict[str, Any]:
+    """Pad tokens to the longest in the batch; keep every reference per image."""
+    lengths = torch.tensor([len(it["tokens"]) for it in items])
+    tokens = torch.full((len(items), int(lengths.max())), pad_id, dtype=torch.long)  # (B, L)
+    for b, it in enumerate(items):
+        tokens[b, : len(it["tokens"])] = it["tokens"]
+    batch: dict[str, Any] = {
+        "tokens": tokens,
+        "lengths": lengths,
+        "references": [it["references"] for it in items],
+        "image_ids": [it["image_id"] for it in items],
+        "index": torch.tensor([it["index"] for it in items]),
+    }
+    key = "grid" if "grid" in items[0] else "image"
+    batch["grid" if key == "grid" else "images"] = torch.stack([it[key] for it in items])
+    return batch
+
+
+class EpochSeededSampler(Sampler[int]):
+    """Random order that depends only on (seed, epoch).
+
+    Lightning calls `set_epoch` every epoch, so a run resumed from a checkpoint sees the same
+    batches as an uninterrupted one (a plain RandomSampler draws from the global RNG).
+    With `groups` (item indices per image) and `per_group=k`, each epoch draws k of every
+    image's captions, so an epoch covers every image without repeating it five times.
+    """
+
+    def __init__(self, length: int, seed: int = 0, groups: Sequence[Sequence[int]] | None = None,
+                 per_group: int | None = None):
+        self.length, self.seed, self.epoch = length, seed, 0
+        self.groups = [list(g) for g in groups] if groups is not None and per_group else None
+        self.per_group = per_group
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.groups is None:
+            return self.length
+        return sum(min(len(g), self.per_group) for g in self.groups)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.groups is None:
+            return iter(torch.randperm(self.length, generator=g).tolist())
+        chosen = []
+        for group in self.groups:
+            pick = torch.randperm(len(group), generator=g)[: self.per_group].tolist()
+            chosen += [group[i] for i in pick]
+        order = torch.randperm(len(chosen), generator=g).tolist()
+        return iter([chosen[i] for i in order])

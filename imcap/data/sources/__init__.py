@@ -1,0 +1,19 @@
+"""Data sources: one reader per on-disk format, each yielding `CaptionRecord`s.
+
+A source has two methods: `prepare()` makes the data exist locally (generate, or check what
+the user placed) and `records()` reads it. Nothing outside this package knows file formats.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from imcap.data.records import CaptionRecord
+
+
+class CaptionSource(Protocol):
+    name: str
+
+    def prepare(self) -> None: ...
+
+    def records(self) -> list[CaptionRecord]: ...

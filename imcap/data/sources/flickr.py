@@ -1,0 +1,133 @@
+"""Flickr8k in the layouts people download: the official token file or Kaggle's captions.txt.
+
+Auto-detected under `root`:
+- official: `Flickr8k.token.txt` (`<image>#<n>\\t<caption>`), images in `Flicker8k_Dataset/`
+  (sic), optional `Flickr_8k.{train,dev,test}Images.txt` split files;
+- Kaggle: `captions.txt` (CSV, header `image,caption`, quoted commas allowed), images in `Images/`.
+Without split files, images are split deterministically by a hash of their name.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+from imcap.data.records import CaptionRecord
+from imcap.data.sources.splits import split_of
+from imcap.errors import ImcapError
+
+log = logging.getLogger(__name__)
+
+OFFICIAL_TOKENS = "Flickr8k.token.txt"
+OFFICIAL_IMAGES = "Flicker8k_Dataset"
+OFFICIAL_SPLITS = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
+                   "test": "Flickr_8k.testImages.txt"}
+KAGGLE_CAPTIONS = "captions.txt"
+KAGGLE_IMAGES = "Images"
+
+
+def read_official_tokens(path: Path) -> dict[str, list[str]]:
+    captions: dict[str, list[str]] = defaultdict(list)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            key, sep, caption = line.rstrip("\n").partition("\t")
+            image, hash_sign, _ = key.partition("#")
+            if not sep or not hash_sign or not image or not caption.strip():
+                raise ImcapError(f"{path}:{lineno}: expected '<image>#<n>\\t<caption>', got {line.strip()[:60]!r}")
+            captions[image].append(caption.strip())
+    return captions
+
+
+def read_kaggle_captions(path: Path) -> dict[str, list[str]]:
+    captions: dict[str, list[str]] = defaultdict(list)
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        header = [h.strip().lower() for h in next(reader, [])]
+        if header[:2] != ["image", "caption"]:
+            raise ImcapError(f"{path}:1: expected the header 'image,caption', got {','.join(header)!r}")
+        for row in reader:
+            if not row or not any(cell.strip() for cell in row):
+                continue
+            if len(row) != 2 or not row[0].strip() or not row[1].strip():
+                raise ImcapError(f"{path}:{reader.line_num}: expected 'image,caption' (quote captions with commas), got {row!r}")
+            captions[row[0].strip()].append(row[1].strip())
+    return captions
+
+
+class Flickr8kSource:
+    """Flickr8k records; `missing_images`: `error` (default) or `skip` (counted and reported)."""
+
+    name = "flickr8k"
+
+    def __init__(
+        self,
+        root: str,
+        split_ratios: dict[str, float] | None = None,
+        split_seed: int = 0,
+        missing_images: str = "error",
+    ):
+        self.root = Path(root)
+        self.split_ratios = dict(split_ratios or {"train": 0.8, "val": 0.1, "test": 0.1})
+        self.split_seed = split_seed
+        if missing_images not in ("error", "skip"):
+            raise ImcapError(f"data.source.missing_images={missing_images!r}; use 'error' or 'skip'")
+        self.missing_images = missing_images
+
+    def _layout(self) -> tuple[dict[str, list[str]], Path, Path]:
+        if (self.root / OFFICIAL_TOKENS).is_file():
+            path = self.root / OFFICIAL_TOKENS
+            return read_official_tokens(path), self.root / OFFICIAL_IMAGES, path
+        if (self.root / KAGGLE_CAPTIONS).is_file():
+            path = self.root / KAGGLE_CAPTIONS
+            return read_kaggle_captions(path), self.root / KAGGLE_IMAGES, path
+        raise ImcapError(
+            f"no Flickr8k captions under data.root={self.root}: place {OFFICIAL_TOKENS} with "
+            f"{OFFICIAL_IMAGES}/ (official) or {KAGGLE_CAPTIONS} with {KAGGLE_IMAGES}/ (Kaggle) there"
+        )
+
+    def prepare(self) -> None:
+        if not self.root.is_dir():
+            raise ImcapError(
+                f"data.root={self.root} does not exist: download Flickr8k and place it there, "
+                "or pass data.root=/path/to/flickr8k"
+            )
+        self._layout()
+
+    def _official_splits(self) -> dict[str, str]:
+        split_of_image = {}
+        for split, name in OFFICIAL_SPLITS.items():
+            path = self.root / name
+            if path.is_file():
+                for line in path.read_text().split():
+                    split_of_image[line.strip()] = split
+        return split_of_image
+
+    def records(self) -> list[CaptionRecord]:
+        captions, image_dir, captions_path = self._layout()
+        official = self._official_splits()
+        records, missing, unlisted = [], [], 0
+        for image in sorted(captions):
+            path = image_dir / image
+            if not path.is_file():
+                missing.append(image)
+                continue
+            split = official.get(image) if official else split_of(image, self.split_ratios, self.split_seed)
+            if split is None:  # the official split files leave some images out on purpose
+                unlisted += 1
+                continue
+            records.append(CaptionRecord(image, str(path), tuple(captions[image]), split))
+        if missing:
+            if self.missing_images == "error":
+                raise ImcapError(
+                    f"{len(missing)} images named in {captions_path} are missing from {image_dir} "
+                    f"(first: {missing[0]}); add them or set data.source.missing_images=skip"
+                )
+            log.warning("Skipped %d of %d Flickr8k images missing from %s (first: %s)",
+                        len(missing), len(captions), image_dir, missing[0])
+        if unlisted:
+            log.info("%d Flickr8k images are in no official split file and were left out", unlisted)
+        return records

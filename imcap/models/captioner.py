@@ -1,0 +1,159 @@
+"""The captioner as a plain nn.Module: encoder + decoder + vocabulary, usable without Lightning.
+
+    from imcap.models.captioner import Captioner
+    captioner = Captioner.from_checkpoint("logs/train/runs/.../checkpoints/best.ckpt")
+    for caption in captioner.caption(["photo.jpg"]):
+        print(caption.text)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from torch import nn
+
+from imcap.data.images import load_image
+from imcap.data.vocab import Vocabulary
+from imcap.errors import ImcapError
+from imcap.models.search import SearchResult, greedy_search
+
+CHECKPOINT_KEY = "imcap"  # where a checkpoint keeps what rebuilds the model: config + vocab
+COMPONENTS = ("encoder", "decoder", "attention", "embedding")
+
+
+class Caption(NamedTuple):
+    text: str
+    words: list[str]
+    attention: torch.Tensor | None  # (len(words), N) weights per word, None without attention
+
+
+def _plain(cfg: Mapping | DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else copy.deepcopy(dict(cfg))
+
+
+def build_captioner(
+    architecture: Mapping | DictConfig, vocab: Vocabulary, image_size: int, pretrained: bool = True
+) -> Captioner:
+    """Instantiate encoder, embedding, attention and decoder from their config groups.
+
+    `pretrained=False` skips loading encoder weights (used when a checkpoint supplies them).
+    """
+    arch = _plain(architecture)
+    missing = [c for c in COMPONENTS if c not in arch]
+    if missing:
+        raise ImcapError(f"model config lacks {missing}; compose it from conf/model/ (model/encoder=...)")
+    encoder_cfg = dict(arch["encoder"])
+    if not pretrained:
+        encoder_cfg.update(weights=None, weights_path=None)
+    encoder = instantiate(encoder_cfg)
+    embedding = instantiate(arch["embedding"], vocab=vocab.itos)
+    attention_cfg = arch.get("attention") or {}
+    attention = instantiate(attention_cfg, _partial_=True) if attention_cfg.get("_target_") else None
+    decoder = instantiate(arch["decoder"], vocab_size=len(vocab), feature_dim=encoder.out_channels,
+                          embedding=embedding, attention=attention)
+    return Captioner(encoder, decoder, vocab, image_size, arch)
+
+
+class Captioner(nn.Module):
+    """Encoder -> grid features -> decoder; `caption()` goes from image files to sentences."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        vocab: Vocabulary,
+        image_size: int,
+        architecture: dict | None = None,
+    ):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+        self.vocab, self.image_size = vocab, image_size
+        self.architecture = architecture or {}
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(images)  # (B, N, C), (B, C)
+
+    def forward(self, grid: torch.Tensor, pooled: torch.Tensor, tokens: torch.Tensor):
+        """Teacher-forced logits (B, T, V) and attention (B, T, N) for input tokens (B, T)."""
+        return self.decoder(grid, pooled, tokens)
+
+    def generate(self, grid: torch.Tensor, pooled: torch.Tensor, max_length: int = 20) -> SearchResult:
+        v = self.vocab
+        return greedy_search(self.decoder, grid, pooled, v.bos_id, v.eos_id, v.pad_id, max_length)
+
+    def to_captions(self, result: SearchResult) -> list[Caption]:
+        captions = []
+        for b, ids in enumerate(result.tokens.tolist()):
+            words = self.vocab.decode(ids)
+            attn = result.attention[b, : len(words)].cpu() if result.attention is not None else None
+            captions.append(Caption(" ".join(words), words, attn))
+        return captions
+
+    @torch.no_grad()
+    def caption(
+        self, images: Sequence[str | Path | Image.Image], max_length: int = 20, batch_size: int = 32
+    ) -> list[Caption]:
+        """Caption image files (or PIL images) with greedy decoding."""
+        was_training = self.training
+        self.eval()
+        transform = self.encoder.image_transform(self.image_size)
+        device = next(self.parameters()).device
+        out: list[Caption] = []
+        for start in range(0, len(images), batch_size):
+            chunk = [im if isinstance(im, Image.Image) else load_image(str(im))
+                     for im in images[start : start + batch_size]]
+            pixels = torch.stack([transform(im) for im in chunk]).to(device)
+            out.extend(self.to_captions(self.generate(*self.encode(pixels), max_length=max_length)))
+        self.train(was_training)
+        return out
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Captioner:
+        checkpoint = load_checkpoint(path, map_location)
+        meta = checkpoint[CHECKPOINT_KEY]
+        captioner = build_captioner(meta["architecture"], Vocabulary(meta["vocab"]),
+                                    meta["image_size"], pretrained=False)
+        prefix = "captioner."
+        state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        load_state(captioner, state, path)
+        return captioner.eval()
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A training checkpoint, or a one-line error saying why it cannot be used."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImcapError(f"checkpoint not found: {path}; pass ckpt_path=.../checkpoints/best.ckpt")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, pickle garbage, wrong file type
+        raise ImcapError(f"checkpoint {path} is corrupt or not a torch checkpoint ({type(e).__name__}); "
+                         "use another checkpoint, e.g. checkpoints/last.ckpt") from e
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "state_dict" not in checkpoint:
+        raise ImcapError(f"checkpoint {path} was not written by imcap training (no model config or vocabulary)")
+    return checkpoint
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Strict load with a one-line error when the architecture differs from the checkpoint."""
+    missing, unexpected = [], []
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or mismatched:
+        detail = "; ".join(
+            f"{name}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+            for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs", mismatched))
+            if keys
+        )
+        raise ImcapError(f"checkpoint {path} does not match the model architecture ({detail}); "
+                         "use the model config the checkpoint was trained with")
+    model.load_state_dict(state)

@@ -1,0 +1,103 @@
+"""Train a captioner: `python -m imcap.train [hydra overrides]`.
+
+Builds data and model from the composed config, fits with Lightning, tests the best checkpoint
+and leaves in the run directory: checkpoints/{best,last}.ckpt, metrics.json,
+predictions/test.json, vocab.json and config.yaml.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from imcap.cli import (
+    build_trainer,
+    configure_wandb_mode,
+    instantiate_group,
+    report_user_errors,
+    save_config,
+    scalar_metrics,
+    write_json,
+)
+from imcap.data.vocab import Vocabulary
+from imcap.errors import ImcapError
+from imcap.models.captioner import CHECKPOINT_KEY, COMPONENTS, load_checkpoint, load_state
+from imcap.training.module import CaptionModule
+
+log = logging.getLogger("imcap.train")
+
+MODULE_OPTIONS = ("optimizer", "scheduler", "encoder_lr", "label_smoothing", "attention_reg",
+                  "max_decode_length")
+
+
+def build_module(cfg: DictConfig, vocab: Vocabulary) -> CaptionModule:
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    return CaptionModule(
+        architecture={k: model.get(k) for k in COMPONENTS},
+        vocab=vocab.itos,
+        image_size=cfg.data.image_size,
+        data_config=OmegaConf.to_container(cfg.data, resolve=True),
+        **{k: model[k] for k in MODULE_OPTIONS if k in model},
+    )
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit, then test the best checkpoint; returns the flat metrics also written to metrics.json."""
+    pl.seed_everything(cfg.seed, workers=True)
+    configure_wandb_mode(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    resume = load_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    vocab = datamodule.build_vocab(Vocabulary(resume[CHECKPOINT_KEY]["vocab"]) if resume else None)
+    module = build_module(cfg, vocab)
+    if resume:  # fail now, in one line, if the checkpoint's architecture differs
+        load_state(module, resume["state_dict"], cfg.ckpt_path)
+    datamodule.attach_encoder(module.captioner.encoder)
+
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer = build_trainer(cfg, callbacks, loggers)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    save_config(cfg, run_dir / "config.yaml")
+    vocab.save(run_dir / "vocab.json")
+    checkpoint_cb = trainer.checkpoint_callback
+    if checkpoint_cb is not None and checkpoint_cb.dirpath:
+        vocab.save(Path(checkpoint_cb.dirpath) / "vocab.json")
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if trainer.interrupted:
+        raise ImcapError(f"training was interrupted; resume with ckpt_path={run_dir}/checkpoints/last.ckpt")
+    metrics = scalar_metrics(trainer.callback_metrics)
+
+    if cfg.get("test") and not trainer.fast_dev_run:
+        best = checkpoint_cb.best_model_path if checkpoint_cb is not None else ""
+        if not best:
+            log.warning("No best checkpoint was saved; testing the final weights")
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+        metrics.update(scalar_metrics(results[0] if results else {}))
+        write_json(run_dir / "predictions" / "test.json", module.predictions)
+    write_json(run_dir / "metrics.json", metrics)
+    log.info("Run directory: %s", run_dir)
+    for name in ("val/BLEU-4_best", "test/BLEU-1", "test/BLEU-4"):
+        if name in metrics:
+            log.info("%s = %.4f", name, metrics[name])
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@report_user_errors
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""Training losses for teacher-forced captioning."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def caption_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, pad_id: int, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Mean token cross-entropy over non-pad targets. logits (B, T, V), targets (B, T)."""
+    return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=pad_id,
+                           label_smoothing=label_smoothing)
+
+
+def doubly_stochastic_penalty(weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Show-Attend-Tell's regulariser: every grid cell should receive, summed over the
+    caption, about one unit of attention. weights (B, T, N), valid (B, T) bool."""
+    total = (weights * valid.unsqueeze(-1)).sum(dim=1)  # (B, N)
+    return ((1.0 - total) ** 2).mean()

@@ -1,0 +1,144 @@
+"""CaptionModule: the thin LightningModule around a `Captioner` (loss, optimiser, metrics, logging)."""
+
+from __future__ import annotations
+
+import warnings
+from functools import partial
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from torchmetrics import MaxMetric
+
+from imcap.data.vocab import Vocabulary
+from imcap.metrics import CorpusBLEU
+from imcap.models.captioner import CHECKPOINT_KEY, build_captioner
+from imcap.training.losses import caption_cross_entropy, doubly_stochastic_penalty
+
+# A frozen encoder stays in eval mode on purpose (fixed BatchNorm statistics).
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+class CaptionModule(pl.LightningModule):
+    """Teacher-forced cross-entropy training; greedy decoding + corpus BLEU for val and test.
+
+    `architecture` holds the encoder/decoder/attention/embedding configs and is stored in every
+    checkpoint together with the vocabulary, so a checkpoint alone rebuilds the model.
+    `optimizer` / `scheduler` are Hydra configs with `_partial_: true`.
+    """
+
+    def __init__(
+        self,
+        architecture: dict,
+        vocab: list[str],
+        image_size: int,
+        optimizer: dict,
+        scheduler: dict | None = None,
+        encoder_lr: float | None = None,
+        label_smoothing: float = 0.0,
+        attention_reg: float = 1.0,
+        max_decode_length: int = 20,
+        pretrained: bool = True,
+        data_config: dict | None = None,
+    ):
+        super().__init__()
+        self.vocab = Vocabulary(vocab)
+        self.captioner = build_captioner(architecture, self.vocab, image_size, pretrained=pretrained)
+        self.optimizer_cfg, self.scheduler_cfg = optimizer, scheduler
+        self.encoder_lr = encoder_lr
+        self.label_smoothing, self.attention_reg = label_smoothing, attention_reg
+        self.max_decode_length = max_decode_length
+        self.data_config = data_config  # stored in checkpoints so eval can rebuild the data
+        self.val_bleu, self.test_bleu = CorpusBLEU(), CorpusBLEU()
+        self.val_best = MaxMetric()
+        self.val_best.persistent(True)  # the best score survives a resume from checkpoint
+        self.predictions: list[dict[str, Any]] = []  # test predictions, COCO results format
+
+    # -- forward pieces -----------------------------------------------------------------------
+    def features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if "grid" in batch:  # cached features (B, N, C); the pooled vector is their mean
+            grid = batch["grid"]
+            return grid, grid.mean(dim=1)
+        return self.captioner.encode(batch["images"])
+
+    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        tokens = batch["tokens"]  # (B, L): <bos> w1 .. wn <eos> <pad>..
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        logits, weights = self.captioner(*self.features(batch), inputs)  # (B, T, V), (B, T, N)
+        xe = caption_cross_entropy(logits, targets, self.vocab.pad_id, self.label_smoothing)
+        out = {"loss": xe, "xe": xe}
+        if weights is not None and self.attention_reg > 0:
+            penalty = doubly_stochastic_penalty(weights, targets != self.vocab.pad_id)
+            out["attention_reg"] = penalty
+            out["loss"] = xe + self.attention_reg * penalty
+        return out
+
+    def decode(self, batch: dict) -> list[str]:
+        result = self.captioner.generate(*self.features(batch), max_length=self.max_decode_length)
+        return [self.vocab.decode_text(ids) for ids in result.tokens.tolist()]
+
+    # -- Lightning hooks ----------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        losses = self.loss(batch)
+        bs = batch["tokens"].shape[0]
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=bs)
+        return losses["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        bs = batch["tokens"].shape[0]
+        self.log("val/loss", self.loss(batch)["xe"], batch_size=bs, sync_dist=True)
+        self.val_bleu.update(self.decode(batch), batch["references"])
+
+    def on_validation_epoch_end(self) -> None:
+        scores = self.val_bleu.compute()
+        self.val_bleu.reset()
+        for name, value in scores.items():
+            self.log(f"val/{name}", value.float(), prog_bar=name == "BLEU-4")
+        if not self.trainer.sanity_checking:
+            self.val_best.update(scores["BLEU-4"].float())
+            self.log("val/BLEU-4_best", self.val_best.compute())
+
+    def on_test_epoch_start(self) -> None:
+        self.predictions = []
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        captions = self.decode(batch)
+        self.test_bleu.update(captions, batch["references"])
+        self.predictions += [{"image_id": i, "caption": c} for i, c in zip(batch["image_ids"], captions)]
+
+    def on_test_epoch_end(self) -> None:
+        for name, value in self.test_bleu.compute().items():
+            self.log(f"test/{name}", value.float())
+        self.test_bleu.reset()
+
+    def configure_optimizers(self):
+        decoder_params = [p for p in self.captioner.decoder.parameters() if p.requires_grad]
+        groups = [{"params": decoder_params}]
+        encoder_params = [p for p in self.captioner.encoder.parameters() if p.requires_grad]
+        if encoder_params:
+            groups.append({"params": encoder_params,
+                           **({"lr": self.encoder_lr} if self.encoder_lr is not None else {})})
+        optimizer = _partial(self.optimizer_cfg)(groups)
+        if not self.scheduler_cfg:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": _partial(self.scheduler_cfg)(optimizer), "interval": "epoch"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "architecture": self.captioner.architecture,
+            "vocab": list(self.vocab.itos),
+            "image_size": self.captioner.image_size,
+            "data": self.data_config,
+            "training": {"label_smoothing": self.label_smoothing, "attention_reg": self.attention_reg,
+                         "max_decode_length": self.max_decode_length},
+            "format": 1,
+        }
+
+
+def _partial(cfg: dict) -> partial:
+    built = instantiate(cfg, _partial_=True)
+    return built if isinstance(built, partial) else partial(built)
