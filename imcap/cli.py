@@ -79,6 +79,12 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in sorted(metrics.items())}
 
 
+def plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved run config as plain containers (Hydra's own node left out)."""
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+            for k in cfg if k != "hydra"}
+
+
 def save_config(cfg: DictConfig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, path, resolve=True)
+    OmegaConf.save(OmegaConf.create(plain_config(cfg)), path)

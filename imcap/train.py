@@ -19,6 +19,7 @@ from imcap.cli import (
     build_trainer,
     configure_wandb_mode,
     instantiate_group,
+    plain_config,
     report_user_errors,
     save_config,
     scalar_metrics,
@@ -65,7 +66,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = instantiate_group(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
     for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        lg.log_hyperparams(plain_config(cfg))
     save_config(cfg, run_dir / "config.yaml")
     vocab.save(run_dir / "vocab.json")
     checkpoint_cb = trainer.checkpoint_callback

@@ -65,6 +65,7 @@ class CaptionDataModule(pl.LightningDataModule):
         self.encoder = None
         self._records: dict[str, list[CaptionRecord]] | None = None
         self.datasets: dict[str, CaptionDataset] = {}
+        self.eval_split = "test"  # the split the test loop runs on (imcap.eval split=val)
 
     # -- records and vocabulary -------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -129,7 +130,7 @@ class CaptionDataModule(pl.LightningDataModule):
         return dataset
 
     def setup(self, stage: str | None = None) -> None:
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", SPLITS)
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": (self.eval_split,)}.get(stage or "", SPLITS)
         for split in splits:
             self._dataset(split)
 
@@ -153,4 +154,4 @@ class CaptionDataModule(pl.LightningDataModule):
         return self._loader("val", train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+        return self._loader(self.eval_split, train=False)

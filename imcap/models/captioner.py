@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,6 +25,7 @@ from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
 from imcap.models.search import SearchResult, greedy_search
 
+log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "imcap"  # where a checkpoint keeps what rebuilds the model: config + vocab
 COMPONENTS = ("encoder", "decoder", "attention", "embedding")
 
@@ -52,6 +54,8 @@ def build_captioner(
     encoder_cfg = dict(arch["encoder"])
     if not pretrained:
         encoder_cfg.update(weights=None, weights_path=None)
+    elif not encoder_cfg.get("weights") and not encoder_cfg.get("weights_path"):
+        log.warning("The encoder starts from random weights (model.encoder.weights=null)")
     encoder = instantiate(encoder_cfg)
     embedding = instantiate(arch["embedding"], vocab=vocab.itos)
     attention_cfg = arch.get("attention") or {}

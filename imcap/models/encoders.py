@@ -125,8 +125,6 @@ class TorchvisionEncoder(nn.Module):
             model.load_state_dict(state)
             preprocess = entry.transforms()
             self.mean, self.std = tuple(preprocess.mean), tuple(preprocess.std)
-        else:
-            log.warning("Encoder %s starts from random weights (model.encoder.weights=null)", name)
         self.trunk = BACKBONES[name].trunk(model)
         self.out_channels = BACKBONES[name].channels
         if channels_last:

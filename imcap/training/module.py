@@ -42,6 +42,7 @@ class CaptionModule(pl.LightningModule):
         max_decode_length: int = 20,
         pretrained: bool = True,
         data_config: dict | None = None,
+        eval_prefix: str = "test",
     ):
         super().__init__()
         self.vocab = Vocabulary(vocab)
@@ -54,6 +55,7 @@ class CaptionModule(pl.LightningModule):
         self.val_bleu, self.test_bleu = CorpusBLEU(), CorpusBLEU()
         self.val_best = MaxMetric()
         self.val_best.persistent(True)  # the best score survives a resume from checkpoint
+        self.eval_prefix = eval_prefix  # metric prefix of the test loop: test/BLEU-4 or val/BLEU-4
         self.predictions: list[dict[str, Any]] = []  # test predictions, COCO results format
 
     # -- forward pieces -----------------------------------------------------------------------
@@ -111,7 +113,7 @@ class CaptionModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         for name, value in self.test_bleu.compute().items():
-            self.log(f"test/{name}", value.float())
+            self.log(f"{self.eval_prefix}/{name}", value.float())
         self.test_bleu.reset()
 
     def configure_optimizers(self):

@@ -1,0 +1,73 @@
+"""Evaluate a checkpoint: `python -m imcap.eval ckpt_path=... [data=NAME] [split=test|val]`.
+
+Rebuilds model and vocabulary from the checkpoint alone and, without `data=...`, the data it
+was trained on; decodes the split greedily and reports corpus BLEU. Writes metrics.json and
+predictions/<split>.json into its own run directory. The metrics equal the ones the training
+run reported for the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from imcap.cli import build_trainer, report_user_errors, save_config, scalar_metrics, write_json
+from imcap.data.vocab import Vocabulary
+from imcap.errors import ImcapError
+from imcap.models.captioner import CHECKPOINT_KEY, load_checkpoint, load_state
+from imcap.training.module import CaptionModule
+
+log = logging.getLogger("imcap.eval")
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    if cfg.split not in ("val", "test"):
+        raise ImcapError(f"split={cfg.split!r}; choose val or test")
+    checkpoint = load_checkpoint(cfg.ckpt_path)
+    meta = checkpoint[CHECKPOINT_KEY]
+    data_cfg = cfg.data if cfg.get("data") else OmegaConf.create(meta["data"])
+    if not data_cfg:
+        raise ImcapError(f"checkpoint {cfg.ckpt_path} stores no data config; pass data=NAME")
+    run_dir = Path(cfg.paths.output_dir)
+
+    datamodule = instantiate(data_cfg)
+    datamodule.prepare_data()
+    vocab = datamodule.build_vocab(Vocabulary(meta["vocab"]))
+    module = CaptionModule(
+        architecture=meta["architecture"],
+        vocab=vocab.itos,
+        image_size=meta["image_size"],
+        optimizer={},
+        pretrained=False,  # the checkpoint holds every weight
+        max_decode_length=meta.get("training", {}).get("max_decode_length", 20),
+        data_config=OmegaConf.to_container(data_cfg, resolve=True),
+        eval_prefix=cfg.split,
+    )
+    load_state(module, checkpoint["state_dict"], cfg.ckpt_path)
+    datamodule.attach_encoder(module.captioner.encoder)
+    datamodule.eval_split = cfg.split
+
+    trainer = build_trainer(cfg, callbacks=[], loggers=[])
+    save_config(cfg, run_dir / "config.yaml")
+    results = trainer.test(module, datamodule=datamodule)
+    metrics = scalar_metrics(results[0] if results else {})
+    write_json(run_dir / "metrics.json", metrics)
+    write_json(run_dir / "predictions" / f"{cfg.split}.json", module.predictions)
+    for name, value in metrics.items():
+        log.info("%s = %.4f", name, value)
+    log.info("Run directory: %s", run_dir)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

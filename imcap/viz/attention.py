@@ -1,0 +1,56 @@
+"""The Show-Attend-Tell figure: the image, then one attention heat map per generated word."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def attention_heatmap(weights: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Upsample one word's weights over an N = g x g grid to an (H, W) map in [0, 1]."""
+    g = math.isqrt(weights.numel())
+    if g * g != weights.numel():
+        raise ValueError(f"attention over {weights.numel()} cells is not a square grid")
+    grid = weights.float().reshape(1, 1, g, g)
+    up = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0, 0]
+    up = up - up.min()
+    return (up / up.max().clamp_min(1e-12)).numpy()
+
+
+def plot_caption_attention(
+    image: Image.Image, words: list[str], attention: torch.Tensor, path: str | Path, columns: int = 5
+) -> Path:
+    """Save a figure: the image with its caption, then each word over its attention map.
+
+    attention: (len(words), N) weights per word.
+    """
+    image = image.convert("RGB")
+    panels = len(words) + 1
+    rows = math.ceil(panels / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    axes.flat[0].imshow(image)
+    axes.flat[0].set_title(" ".join(words) if len(words) < 8 else "caption:", fontsize=8)
+    pixels = np.asarray(image)
+    for k, word in enumerate(words):
+        ax = axes.flat[k + 1]
+        ax.imshow(pixels)
+        ax.imshow(attention_heatmap(attention[k], pixels.shape[:2]), cmap="jet", alpha=0.5)
+        ax.set_title(word, fontsize=10)
+    fig.suptitle(" ".join(words), fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

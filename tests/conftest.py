@@ -1,0 +1,73 @@
+"""Shared fixtures: composed configs for tiny, fast runs; real-data paths; offline W&B."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+os.environ.setdefault("WANDB_MODE", "offline")  # tests never need a W&B key
+os.environ.setdefault("WANDB_SILENT", "true")
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+FLICKR_1K = SHARED_DATA / "flickr8k-1k"
+
+# A model and dataset small enough for a CPU epoch in a second or two.
+TINY = [
+    "data.source.num_images={train:48,val:16,test:16}",
+    "data.source.image_size=64",
+    "data.batch_size=16",
+    "data.eval_batch_size=16",
+    "model.decoder.hidden_dim=64",
+    "++model.attention.attention_dim=32",
+    "model.embedding.dim=32",
+    "trainer.max_epochs=1",
+    "callbacks.progress_bar=null",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+
+
+def compose_config(name: str, overrides: list[str], out_dir: Path, data_dir: Path) -> DictConfig:
+    """Compose conf/<name>.yaml as the entry point would, with paths inside tmp folders."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(out_dir)
+        cfg.paths.data_dir = str(data_dir)
+        cfg.paths.log_dir = str(out_dir / "logs")
+        cfg.paths.output_dir = str(out_dir)
+        cfg.hydra.runtime.output_dir = str(out_dir)
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """One data folder per test session: the tiny shapes set and its features are made once."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def make_cfg(tmp_path, data_dir):
+    def make(*overrides: str, name: str = "train", tiny: bool = True, out: Path | None = None) -> DictConfig:
+        extra = TINY if (tiny and name == "train") else []
+        return compose_config(name, [*extra, *overrides], out or tmp_path / "run", data_dir)
+
+    return make
+
+
+def pytest_collection_modifyitems(config, items):
+    if not FLICKR_1K.is_dir():
+        skip = pytest.mark.skip(reason=f"real Flickr8k subset not found at {FLICKR_1K}")
+        for item in items:
+            if "realdata" in item.keywords:
+                item.add_marker(skip)

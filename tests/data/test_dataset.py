@@ -1,0 +1,72 @@
+import numpy as np
+import torch
+
+from imcap.data.dataset import CaptionDataset, EpochSeededSampler, collate
+from imcap.data.records import CaptionRecord
+from imcap.data.vocab import Vocabulary
+
+
+def _records():
+    return [
+        CaptionRecord(1, "a.png", ("A red circle.", "One red circle on white"), "train"),
+        CaptionRecord(2, "b.png", ("a blue square left of a red circle",), "train"),
+    ]
+
+
+def _dataset(per_caption: bool, max_length: int = 30) -> CaptionDataset:
+    records = _records()
+    vocab = Vocabulary.build([c.lower().replace(".", "").split() for r in records for c in r.captions])
+    features = np.arange(2 * 4 * 3, dtype=np.float16).reshape(2, 4, 3)
+    return CaptionDataset(records, vocab, per_caption=per_caption, max_length=max_length, features=features)
+
+
+def test_training_items_are_caption_pairs_and_eval_items_are_images():
+    assert len(_dataset(per_caption=True)) == 3
+    assert len(_dataset(per_caption=False)) == 2
+
+
+def test_items_carry_all_normalised_references_and_cached_grid():
+    item = _dataset(per_caption=True)[0]
+    assert item["references"] == ["a red circle", "one red circle on white"]
+    assert item["grid"].shape == (4, 3) and item["grid"].dtype == torch.float32
+    assert item["image_id"] == 1
+
+
+def test_collate_pads_to_the_longest_caption_and_keeps_lengths():
+    ds = _dataset(per_caption=True)
+    batch = collate([ds[0], ds[2]])
+    lengths = [len(ds[0]["tokens"]), len(ds[2]["tokens"])]
+    assert batch["tokens"].shape == (2, max(lengths))
+    assert batch["lengths"].tolist() == lengths
+    assert (batch["tokens"][0, lengths[0]:] == Vocabulary.pad_id).all()
+    assert batch["tokens"][:, 0].eq(Vocabulary.bos_id).all()
+    assert batch["grid"].shape == (2, 4, 3)
+    assert batch["references"][1] == ["a blue square left of a red circle"]
+
+
+def test_long_captions_are_truncated_but_keep_eos():
+    item = _dataset(per_caption=True, max_length=3)[2]
+    assert len(item["tokens"]) == 5 and item["tokens"][-1] == Vocabulary.eos_id
+
+
+def test_sampler_order_depends_only_on_seed_and_epoch():
+    a, b = EpochSeededSampler(50, seed=3), EpochSeededSampler(50, seed=3)
+    a.set_epoch(2)
+    b.set_epoch(2)
+    assert list(a) == list(b)
+    b.set_epoch(3)
+    assert list(a) != list(b)
+    assert sorted(a) == list(range(50))
+
+
+def test_sampler_draws_k_captions_per_image_each_epoch():
+    groups = [[0, 1, 2], [3, 4], [5]]
+    sampler = EpochSeededSampler(6, seed=0, groups=groups, per_group=1)
+    seen = set()
+    for epoch in range(20):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert len(order) == len(sampler) == 3
+        assert sorted(next(g for g in range(3) if i in groups[g]) for i in order) == [0, 1, 2]
+        seen |= set(order)
+    assert seen == set(range(6))  # every caption is used over the epochs

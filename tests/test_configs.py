@@ -1,0 +1,81 @@
+"""Every config file composes, and what it describes instantiates."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from imcap.cli import instantiate_group
+from imcap.data.vocab import Vocabulary
+from imcap.models.captioner import COMPONENTS, build_captioner
+from imcap.models.encoders import _resolve_weights
+from tests.conftest import CONF
+
+TOP_LEVEL = {"train.yaml", "eval.yaml", "caption.yaml"}
+
+
+def group_options() -> list[tuple[str, str]]:
+    options = []
+    for path in sorted(CONF.rglob("*.yaml")):
+        rel = path.relative_to(CONF)
+        if len(rel.parts) > 1:
+            options.append(("/".join(rel.parts[:-1]), path.stem))
+    return options
+
+
+def test_every_group_directory_is_covered():
+    groups = {g for g, _ in group_options()}
+    assert {"data", "model", "model/encoder", "model/decoder", "model/attention", "model/embedding",
+            "trainer", "logger", "callbacks", "experiment", "hparams_search", "paths", "debug",
+            "hydra"} <= groups
+
+
+@pytest.mark.parametrize("group,option", group_options(), ids=lambda v: str(v))
+def test_option_composes_and_instantiates(group, option, make_cfg):
+    # the tiny overrides are shapes-specific
+    extra = ["trainer.accelerator=cpu"] if option == "gpu" and not torch.cuda.is_available() else []
+    cfg = make_cfg(f"{group}={option}", *extra, tiny=not (group == "data" and option != "shapes"))
+    vocab = Vocabulary.build([["a", "red", "circle"]])
+    if group.startswith("model") or group == "experiment":
+        model = OmegaConf.to_container(cfg.model, resolve=True)
+        captioner = build_captioner({k: model[k] for k in COMPONENTS}, vocab, 64, pretrained=False)
+        if model["encoder"].get("weights"):  # the named torchvision weights exist
+            _resolve_weights(model["encoder"]["name"], model["encoder"]["weights"])
+        assert captioner.decoder.vocab_size == len(vocab)
+        instantiate(cfg.model.optimizer)
+    if group in ("data", "experiment"):
+        datamodule = instantiate(cfg.data)
+        assert datamodule.batch_size > 0
+    if group in ("trainer", "debug", "experiment"):
+        instantiate(cfg.trainer, callbacks=instantiate_group(cfg.callbacks), logger=False)
+    if group == "logger":
+        assert len(instantiate_group(cfg.logger)) == 1
+    if group == "callbacks":
+        assert instantiate_group(cfg.callbacks)
+    if group == "hparams_search":
+        sweeper = cfg.hydra.sweeper
+        module, _, cls = sweeper.get("_target_", "hydra._internal.core_plugins.basic_sweeper.BasicSweeper").rpartition(".")
+        assert hasattr(importlib.import_module(module), cls)
+        assert sweeper.params
+        if "sampler" in sweeper:
+            instantiate(sweeper.sampler)
+
+
+def test_common_overrides_work(make_cfg, tmp_path):
+    cfg = make_cfg("trainer.fast_dev_run=1", "trainer.max_epochs=3", "seed=7", "model/attention=none")
+    assert (cfg.trainer.fast_dev_run, cfg.trainer.max_epochs, cfg.seed, cfg.data.seed) == (1, 3, 7, 7)
+    assert cfg.model.attention._target_ is None
+    assert cfg.model.scheduler.T_max == 3
+
+
+def test_eval_and_caption_configs_compose(make_cfg):
+    ev = make_cfg("ckpt_path=x.ckpt", name="eval")
+    assert ev.get("data") is None and ev.split == "test"
+    ev = make_cfg("ckpt_path=x.ckpt", "data=flickr8k", name="eval")
+    assert ev.data.source._target_.endswith("Flickr8kSource")
+    cap = make_cfg("ckpt_path=x.ckpt", "images=[a.jpg]", name="caption")
+    assert list(cap.images) == ["a.jpg"] and cap.output.endswith("captions.json")
