@@ -1,5 +1,7 @@
 # imcap — `make help` lists the targets.
 SHELL := /bin/bash
+# no brace expansion, so ARGS="data.source.num_images={train:100,val:20}" reaches Hydra intact
+.SHELLFLAGS := +B -c
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip

@@ -28,8 +28,12 @@ def _user_error(exc: BaseException) -> ImcapError | None:
         if isinstance(seen, ImcapError):
             return seen
         seen = seen.__cause__ or seen.__context__
-    if isinstance(exc, InstantiationException):
-        return ImcapError(str(exc).strip().splitlines()[0])
+    if isinstance(exc, InstantiationException):  # e.g. a wrong argument name in a config
+        lines = str(exc).strip().splitlines()
+        where = next((ln.strip() for ln in lines if ln.strip().startswith("full_key:")), "")
+        cause = exc.__cause__
+        reason = f"{type(cause).__name__}: {cause}" if cause else " ".join(lines[1:2])
+        return ImcapError(f"{lines[0].rstrip(':')} ({where}): {reason}")
     return None
 
 

@@ -49,7 +49,7 @@ def build_module(cfg: DictConfig, vocab: Vocabulary) -> CaptionModule:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then test the best checkpoint; returns the flat metrics also written to metrics.json."""
-    pl.seed_everything(cfg.seed, workers=True)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     configure_wandb_mode(cfg)
     run_dir = Path(cfg.paths.output_dir)
     resume = load_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None

@@ -61,7 +61,7 @@ def test_eval_on_the_val_split_names_metrics_val(trained, make_cfg, tmp_path):
 
 def test_captioner_loads_without_lightning_and_captions_files(trained, make_cfg, tmp_path):
     out, _ = trained
-    images = sorted((p for p in (out.parent).rglob("test_0000*.png")))[:2]
+    images = sorted(p for p in (out.parent).rglob("test_0000*.png"))[:2]
     captioner = Captioner.from_checkpoint(out / "checkpoints" / "best.ckpt")
     captions = captioner.caption(images)
     assert len(captions) == 2 and all(c.text == " ".join(c.words) for c in captions)

@@ -3,7 +3,8 @@
 Auto-detected under `root`:
 - official: `Flickr8k.token.txt` (`<image>#<n>\\t<caption>`), images in `Flicker8k_Dataset/`
   (sic), optional `Flickr_8k.{train,dev,test}Images.txt` split files;
-- Kaggle: `captions.txt` (CSV, header `image,caption`, quoted commas allowed), images in `Images/`.
+- Kaggle: `captions.txt` (CSV, header `image,caption`, quoted commas allowed), images in `Images/`;
+- Karpathy: `dataset_flickr8k.json` (its splits win), images in either folder above.
 Without split files, images are split deterministically by a hash of their name.
 """
 
@@ -15,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from imcap.data.records import CaptionRecord
+from imcap.data.sources.karpathy import read_karpathy
 from imcap.data.sources.splits import split_of
 from imcap.errors import ImcapError
 
@@ -26,6 +28,7 @@ OFFICIAL_SPLITS = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devIm
                    "test": "Flickr_8k.testImages.txt"}
 KAGGLE_CAPTIONS = "captions.txt"
 KAGGLE_IMAGES = "Images"
+KARPATHY = "dataset_flickr8k.json"
 
 
 def read_official_tokens(path: Path) -> dict[str, list[str]]:
@@ -78,6 +81,8 @@ class Flickr8kSource:
         self.missing_images = missing_images
 
     def _layout(self) -> tuple[dict[str, list[str]], Path, Path]:
+        if (self.root / KARPATHY).is_file():
+            return {}, self._image_dir(), self.root / KARPATHY
         if (self.root / OFFICIAL_TOKENS).is_file():
             path = self.root / OFFICIAL_TOKENS
             return read_official_tokens(path), self.root / OFFICIAL_IMAGES, path
@@ -85,15 +90,19 @@ class Flickr8kSource:
             path = self.root / KAGGLE_CAPTIONS
             return read_kaggle_captions(path), self.root / KAGGLE_IMAGES, path
         raise ImcapError(
-            f"no Flickr8k captions under data.root={self.root}: place {OFFICIAL_TOKENS} with "
+            f"no Flickr8k captions under data.source.root={self.root}: place {OFFICIAL_TOKENS} with "
             f"{OFFICIAL_IMAGES}/ (official) or {KAGGLE_CAPTIONS} with {KAGGLE_IMAGES}/ (Kaggle) there"
         )
+
+    def _image_dir(self) -> Path:
+        official = self.root / OFFICIAL_IMAGES
+        return official if official.is_dir() else self.root / KAGGLE_IMAGES
 
     def prepare(self) -> None:
         if not self.root.is_dir():
             raise ImcapError(
-                f"data.root={self.root} does not exist: download Flickr8k and place it there, "
-                "or pass data.root=/path/to/flickr8k"
+                f"data.source.root={self.root} does not exist: download Flickr8k and place it there, "
+                "or pass data.source.root=/path/to/flickr8k"
             )
         self._layout()
 
@@ -108,6 +117,10 @@ class Flickr8kSource:
 
     def records(self) -> list[CaptionRecord]:
         captions, image_dir, captions_path = self._layout()
+        if captions_path.name == KARPATHY:
+            pairs = read_karpathy(captions_path, image_dir)
+            return self._keep_existing([r for r, _ in pairs], [Path(r.image_path).name for r, ok in pairs if not ok],
+                                       image_dir, captions_path)
         official = self._official_splits()
         records, missing, unlisted = [], [], 0
         for image in sorted(captions):
@@ -120,14 +133,20 @@ class Flickr8kSource:
                 unlisted += 1
                 continue
             records.append(CaptionRecord(image, str(path), tuple(captions[image]), split))
-        if missing:
-            if self.missing_images == "error":
-                raise ImcapError(
-                    f"{len(missing)} images named in {captions_path} are missing from {image_dir} "
-                    f"(first: {missing[0]}); add them or set data.source.missing_images=skip"
-                )
-            log.warning("Skipped %d of %d Flickr8k images missing from %s (first: %s)",
-                        len(missing), len(captions), image_dir, missing[0])
         if unlisted:
             log.info("%d Flickr8k images are in no official split file and were left out", unlisted)
-        return records
+        return self._keep_existing(records, missing, image_dir, captions_path)
+
+    def _keep_existing(self, records: list[CaptionRecord], missing: list[str], image_dir: Path,
+                       captions_path: Path) -> list[CaptionRecord]:
+        """Apply the missing-image policy: a clear error, or skip and report the count."""
+        if not missing:
+            return records
+        if self.missing_images == "error":
+            raise ImcapError(
+                f"{len(missing)} images named in {captions_path} are missing from {image_dir} "
+                f"(first: {missing[0]}); add them or set data.source.missing_images=skip"
+            )
+        log.warning("Skipped %d of %d Flickr8k images missing from %s (first: %s)",
+                    len(missing), len(records) + len(missing), image_dir, missing[0])
+        return [r for r in records if Path(r.image_path).is_file()]

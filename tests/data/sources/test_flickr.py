@@ -36,7 +36,7 @@ def test_official_layout_uses_split_files(tmp_path):
 
 
 def test_missing_root_names_the_option(tmp_path):
-    with pytest.raises(ImcapError, match="data.root=.*does not exist"):
+    with pytest.raises(ImcapError, match="data.source.root=.*does not exist"):
         Flickr8kSource(str(tmp_path / "nope")).prepare()
 
 

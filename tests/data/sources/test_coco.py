@@ -1,0 +1,68 @@
+import json
+
+import pytest
+from PIL import Image
+
+from imcap.data.sources.coco import CocoSource
+from imcap.data.sources.flickr import Flickr8kSource
+from imcap.errors import ImcapError
+
+
+def _image(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8)).save(path)
+
+
+def _official(root, part, ids):
+    images = [{"id": i, "file_name": f"COCO_{part}2014_{i:012d}.jpg"} for i in ids]
+    anns = [{"id": 10 * i + k, "image_id": i, "caption": f"caption {k} of {i} "} for i in ids for k in range(5)]
+    path = root / "annotations" / f"captions_{part}2014.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"images": images, "annotations": anns}))
+    for im in images:
+        _image(root / f"{part}2014" / im["file_name"])
+
+
+def test_official_files_train_and_val_split_in_half(tmp_path):
+    _official(tmp_path, "train", [1, 2, 3])
+    _official(tmp_path, "val", list(range(100, 140)))
+    records = CocoSource(str(tmp_path)).records()
+    splits = {s: [r for r in records if r.split == s] for s in ("train", "val", "test")}
+    assert [r.image_id for r in splits["train"]] == [1, 2, 3]
+    assert 10 <= len(splits["val"]) <= 30 and len(splits["val"]) + len(splits["test"]) == 40
+    assert records[0].captions[0] == "caption 0 of 1" and len(records[0].captions) == 5
+    assert CocoSource(str(tmp_path)).records() == records  # deterministic
+
+
+def test_karpathy_file_wins_and_restval_joins_train(tmp_path):
+    entries = []
+    for i, split in enumerate(["train", "restval", "val", "test"]):
+        folder = "train2014" if split == "train" else "val2014"
+        entries.append({"filepath": folder, "filename": f"{i}.jpg", "cocoid": i, "split": split,
+                        "sentences": [{"raw": f"A picture {i}."}]})
+        _image(tmp_path / folder / f"{i}.jpg")
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": entries}))
+    records = CocoSource(str(tmp_path)).records()
+    assert [(r.image_id, r.split) for r in records] == [(0, "train"), (1, "train"), (2, "val"), (3, "test")]
+    assert records[2].image_path.endswith("val2014/2.jpg")
+
+
+def test_karpathy_flickr8k_file_is_read(tmp_path):
+    _image(tmp_path / "Flicker8k_Dataset" / "a.jpg")
+    entry = {"filename": "a.jpg", "imgid": 0, "split": "test", "sentences": [{"raw": "a dog"}]}
+    (tmp_path / "dataset_flickr8k.json").write_text(json.dumps({"images": [entry]}))
+    (record,) = Flickr8kSource(str(tmp_path)).records()
+    assert (record.split, record.captions) == ("test", ("a dog",))
+
+
+def test_missing_images_and_bad_files_are_user_errors(tmp_path):
+    _official(tmp_path, "train", [1, 2])
+    (tmp_path / "train2014" / "COCO_train2014_000000000002.jpg").unlink()
+    with pytest.raises(ImcapError, match="1 COCO images are missing"):
+        CocoSource(str(tmp_path)).records()
+    assert len(CocoSource(str(tmp_path), missing_images="skip").records()) == 1
+    (tmp_path / "annotations" / "captions_train2014.json").write_text("{}")
+    with pytest.raises(ImcapError, match="not a COCO captions file"):
+        CocoSource(str(tmp_path)).records()
+    with pytest.raises(ImcapError, match="does not exist"):
+        CocoSource(str(tmp_path / "none")).prepare()
