@@ -7,16 +7,18 @@ writes one figure per image with a heat map per generated word. `images` may nam
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from imcap.cli import report_user_errors, write_json
+from imcap.cli import decoding_with_overrides, report_user_errors, write_json
 from imcap.data.images import load_image
 from imcap.errors import ImcapError
 from imcap.models.captioner import Caption, Captioner
+from imcap.models.search import Decoding
 
 log = logging.getLogger("imcap.caption")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -44,7 +46,8 @@ def caption_images(cfg: DictConfig) -> list[tuple[Path, Caption]]:
     paths = expand_images(list(images) if isinstance(images, ListConfig) else str(images))
     device = torch.device(cfg.device)
     captioner = Captioner.from_checkpoint(cfg.ckpt_path, map_location=device).to(device)
-    captions = captioner.caption(paths, max_length=cfg.max_length, batch_size=cfg.batch_size)
+    decoding = Decoding(**decoding_with_overrides(asdict(captioner.decoding), cfg.get("decoding")))
+    captions = captioner.caption(paths, decoding, batch_size=cfg.batch_size)
     results = list(zip(paths, captions))
     for path, cap in results:
         print(f"{path}\t{cap.text}", flush=True)

@@ -92,3 +92,11 @@ def plain_config(cfg: DictConfig) -> dict[str, Any]:
 def save_config(cfg: DictConfig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(plain_config(cfg)), path)
+
+
+def decoding_with_overrides(stored: dict[str, Any] | None, overrides: DictConfig | None) -> dict[str, Any]:
+    """The checkpoint's decoding settings with every non-null override applied."""
+    merged = dict(stored or {})
+    if overrides:
+        merged.update({k: v for k, v in OmegaConf.to_container(overrides).items() if v is not None})
+    return merged

@@ -15,7 +15,14 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from imcap.cli import build_trainer, report_user_errors, save_config, scalar_metrics, write_json
+from imcap.cli import (
+    build_trainer,
+    decoding_with_overrides,
+    report_user_errors,
+    save_config,
+    scalar_metrics,
+    write_json,
+)
 from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
 from imcap.models.captioner import CHECKPOINT_KEY, load_checkpoint, load_state
@@ -43,7 +50,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         image_size=meta["image_size"],
         optimizer={},
         pretrained=False,  # the checkpoint holds every weight
-        max_decode_length=meta.get("training", {}).get("max_decode_length", 20),
+        decoding=decoding_with_overrides(meta.get("decoding"), cfg.get("decoding")),
         data_config=OmegaConf.to_container(data_cfg, resolve=True),
         eval_prefix=cfg.split,
     )

@@ -32,8 +32,7 @@ from imcap.training.module import CaptionModule
 
 log = logging.getLogger("imcap.train")
 
-MODULE_OPTIONS = ("optimizer", "scheduler", "encoder_lr", "label_smoothing", "attention_reg",
-                  "max_decode_length")
+MODULE_OPTIONS = ("optimizer", "scheduler", "encoder_lr", "label_smoothing", "attention_reg", "decoding")
 
 
 def build_module(cfg: DictConfig, vocab: Vocabulary) -> CaptionModule:

@@ -23,7 +23,7 @@ from torch import nn
 from imcap.data.images import load_image
 from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
-from imcap.models.search import SearchResult, greedy_search
+from imcap.models.search import Decoding, SearchResult, generate
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "imcap"  # where a checkpoint keeps what rebuilds the model: config + vocab
@@ -80,6 +80,7 @@ class Captioner(nn.Module):
         self.encoder, self.decoder = encoder, decoder
         self.vocab, self.image_size = vocab, image_size
         self.architecture = architecture or {}
+        self.decoding = Decoding()  # how caption() decodes; checkpoints store the trained setting
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder(images)  # (B, N, C), (B, C)
@@ -88,9 +89,10 @@ class Captioner(nn.Module):
         """Teacher-forced logits (B, T, V) and attention (B, T, N) for input tokens (B, T)."""
         return self.decoder(grid, pooled, tokens)
 
-    def generate(self, grid: torch.Tensor, pooled: torch.Tensor, max_length: int = 20) -> SearchResult:
+    def generate(self, grid: torch.Tensor, pooled: torch.Tensor, decoding: Decoding | None = None) -> SearchResult:
+        """Captions for grid features (B, N, C) with greedy decoding or beam search."""
         v = self.vocab
-        return greedy_search(self.decoder, grid, pooled, v.bos_id, v.eos_id, v.pad_id, max_length)
+        return generate(self.decoder, grid, pooled, v.bos_id, v.eos_id, v.pad_id, decoding or self.decoding)
 
     def to_captions(self, result: SearchResult) -> list[Caption]:
         captions = []
@@ -102,9 +104,9 @@ class Captioner(nn.Module):
 
     @torch.no_grad()
     def caption(
-        self, images: Sequence[str | Path | Image.Image], max_length: int = 20, batch_size: int = 32
+        self, images: Sequence[str | Path | Image.Image], decoding: Decoding | None = None, batch_size: int = 32
     ) -> list[Caption]:
-        """Caption image files (or PIL images) with greedy decoding."""
+        """Caption image files (or PIL images); `decoding` defaults to the checkpoint's."""
         was_training = self.training
         self.eval()
         transform = self.encoder.image_transform(self.image_size)
@@ -114,7 +116,7 @@ class Captioner(nn.Module):
             chunk = [im if isinstance(im, Image.Image) else load_image(str(im))
                      for im in images[start : start + batch_size]]
             pixels = torch.stack([transform(im) for im in chunk]).to(device)
-            out.extend(self.to_captions(self.generate(*self.encode(pixels), max_length=max_length)))
+            out.extend(self.to_captions(self.generate(*self.encode(pixels), decoding)))
         self.train(was_training)
         return out
 
@@ -127,6 +129,7 @@ class Captioner(nn.Module):
         prefix = "captioner."
         state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
         load_state(captioner, state, path)
+        captioner.decoding = Decoding(**meta.get("decoding", {}))
         return captioner.eval()
 
 

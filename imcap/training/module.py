@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from functools import partial
 from typing import Any
@@ -14,6 +15,7 @@ from torchmetrics import MaxMetric
 from imcap.data.vocab import Vocabulary
 from imcap.metrics import CorpusBLEU
 from imcap.models.captioner import CHECKPOINT_KEY, build_captioner
+from imcap.models.search import Decoding
 from imcap.training.losses import caption_cross_entropy, doubly_stochastic_penalty
 
 # A frozen encoder stays in eval mode on purpose (fixed BatchNorm statistics).
@@ -39,7 +41,7 @@ class CaptionModule(pl.LightningModule):
         encoder_lr: float | None = None,
         label_smoothing: float = 0.0,
         attention_reg: float = 1.0,
-        max_decode_length: int = 20,
+        decoding: dict | None = None,
         pretrained: bool = True,
         data_config: dict | None = None,
         eval_prefix: str = "test",
@@ -50,7 +52,8 @@ class CaptionModule(pl.LightningModule):
         self.optimizer_cfg, self.scheduler_cfg = optimizer, scheduler
         self.encoder_lr = encoder_lr
         self.label_smoothing, self.attention_reg = label_smoothing, attention_reg
-        self.max_decode_length = max_decode_length
+        self.decoding = Decoding(**(decoding or {}))
+        self.captioner.decoding = self.decoding
         self.data_config = data_config  # stored in checkpoints so eval can rebuild the data
         self.val_bleu, self.test_bleu = CorpusBLEU(), CorpusBLEU()
         self.val_best = MaxMetric()
@@ -78,7 +81,7 @@ class CaptionModule(pl.LightningModule):
         return out
 
     def decode(self, batch: dict) -> list[str]:
-        result = self.captioner.generate(*self.features(batch), max_length=self.max_decode_length)
+        result = self.captioner.generate(*self.features(batch), self.decoding)
         return [self.vocab.decode_text(ids) for ids in result.tokens.tolist()]
 
     # -- Lightning hooks ----------------------------------------------------------------------
@@ -135,8 +138,7 @@ class CaptionModule(pl.LightningModule):
             "vocab": list(self.vocab.itos),
             "image_size": self.captioner.image_size,
             "data": self.data_config,
-            "training": {"label_smoothing": self.label_smoothing, "attention_reg": self.attention_reg,
-                         "max_decode_length": self.max_decode_length},
+            "decoding": dataclasses.asdict(self.decoding),
             "format": 1,
         }
 

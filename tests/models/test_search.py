@@ -13,6 +13,7 @@ def test_greedy_picks_the_argmax_of_the_teacher_forced_logits():
     inputs = torch.cat([torch.full((4, 1), BOS), result.tokens[:, :-1]], dim=1)
     with torch.no_grad():
         logits, _ = dec(grid, grid.mean(1), inputs)
+    logits[..., [BOS, PAD]] = float("-inf")  # search never generates them
     for b in range(4):
         ids = result.tokens[b].tolist()
         n = ids.index(EOS) + 1 if EOS in ids else len(ids)
