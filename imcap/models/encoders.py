@@ -130,6 +130,7 @@ class TorchvisionEncoder(nn.Module):
         if channels_last:
             self.trunk = self.trunk.to(memory_format=torch.channels_last)
         self._set_trainable(finetune_last_k)
+        self.train()  # a frozen encoder starts (and stays) in eval mode
 
     @staticmethod
     def _load_file(model: nn.Module, path: str) -> None:
