@@ -1,0 +1,34 @@
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from imcap.compare import compare, main
+
+
+def fake_run(folder, attention, best, curve):
+    folder.mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"model": {"attention": {"_target_": attention}, "decoder": {"hidden_dim": 512}},
+                                     "paths": {"output_dir": str(folder)}, "seed": 1}), folder / "config.yaml")
+    (folder / "metrics.json").write_text(json.dumps({"val/BLEU-4_best": best, "test/BLEU-4": best - 0.01}))
+    (folder / "csv").mkdir()
+    rows = ["epoch,step,val/BLEU-4,train/loss"] + [f"{e},{e},{v}," for e, v in enumerate(curve)] + ["0,1,,2.5"]
+    (folder / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_table_shows_only_what_differs_and_plots_curves(tmp_path, capsys):
+    fake_run(tmp_path / "sweep" / "0", "additive", 0.7, [0.5, 0.6, 0.7])
+    fake_run(tmp_path / "sweep" / "1", None, 0.6, [0.4, 0.6])
+    rows = compare([str(tmp_path / "sweep")], plot=str(tmp_path / "curves.png"))
+    assert [r["model.attention._target_"] for r in rows] == ["additive", None]
+    assert [r["val/BLEU-4_best"] for r in rows] == [0.7, 0.6]
+    assert "model.decoder.hidden_dim" not in rows[0] and "paths.output_dir" not in rows[0]
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert "0.7000" in capsys.readouterr().out
+
+
+def test_missing_run_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "nope")])
+    assert exit_info.value.code == 2
+    assert "run directory not found" in capsys.readouterr().err
