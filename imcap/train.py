@@ -13,7 +13,10 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.loggers import WandbLogger
 
 from imcap.cli import (
     build_trainer,
@@ -46,6 +49,45 @@ def build_module(cfg: DictConfig, vocab: Vocabulary) -> CaptionModule:
     )
 
 
+def run_labels(cfg: DictConfig) -> dict[str, str]:
+    """Short names of the components, for W&B tags and config fields."""
+    def name(node, default: str = "none") -> str:
+        target = (node or {}).get("_target_") or ""
+        return target.rsplit(".", 1)[-1].removesuffix("Source").removesuffix("Decoder").removesuffix("Attention").lower() or default
+
+    return {
+        "dataset": name(cfg.data.get("source")),
+        "encoder": str(cfg.model.encoder.get("name", name(cfg.model.encoder))),
+        "decoder": name(cfg.model.decoder),
+        "attention": name(cfg.model.get("attention")),
+    }
+
+
+def configure_wandb(cfg: DictConfig, resume: dict | None) -> None:
+    """Group, tags and run id of a W&B logger, derived from the run: a multirun lands in one
+    group (its sweep folder); a resumed run continues the W&B run stored in its checkpoint."""
+    for node in (cfg.get("logger") or {}).values():
+        if "WandbLogger" not in str(node.get("_target_", "")):
+            continue
+        with open_dict(node):
+            if not node.get("group"):
+                node.group = sweep_group() or cfg.task_name
+            node.tags = sorted({*(node.get("tags") or []), *run_labels(cfg).values()})
+            run_id = (resume or {}).get(CHECKPOINT_KEY, {}).get("wandb_run_id")
+            if run_id:
+                node.id, node.resume = run_id, "allow"
+
+
+def sweep_group() -> str | None:
+    try:
+        hydra_cfg = HydraConfig.get()
+    except ValueError:  # composed without Hydra's runtime (tests, notebooks)
+        return None
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return Path(hydra_cfg.sweep.dir).name
+    return None
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then test the best checkpoint; returns the flat metrics also written to metrics.json."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -61,11 +103,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         load_state(module, resume["state_dict"], cfg.ckpt_path)
     datamodule.attach_encoder(module.captioner.encoder)
 
+    configure_wandb(cfg, resume)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
     for lg in loggers:
-        lg.log_hyperparams(plain_config(cfg))
+        lg.log_hyperparams({**plain_config(cfg), **run_labels(cfg)})
+        if isinstance(lg, WandbLogger):
+            module.wandb_run_id = lg.version  # stored in checkpoints: a resume continues this run
     save_config(cfg, run_dir / "config.yaml")
     vocab.save(run_dir / "vocab.json")
     checkpoint_cb = trainer.checkpoint_callback
@@ -85,6 +130,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics.update(scalar_metrics(results[0] if results else {}))
         write_json(run_dir / "predictions" / "test.json", module.predictions)
     write_json(run_dir / "metrics.json", metrics)
+    if any(isinstance(lg, WandbLogger) for lg in loggers):
+        import wandb
+
+        wandb.finish()  # the next job of a multirun starts its own W&B run
     log.info("Run directory: %s", run_dir)
     for name in ("val/BLEU-4_best", "test/BLEU-1", "test/BLEU-4"):
         if name in metrics:

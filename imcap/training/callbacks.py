@@ -25,3 +25,41 @@ class ReseedEveryStep(pl.Callback):
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
+
+
+class WandbCaptionTable(pl.Callback):
+    """Each validation epoch, log a `wandb.Table` of a fixed set of val images: the generated
+    caption, the references, and the attention overlays per word. A no-op without W&B."""
+
+    def __init__(self, num_images: int = 8):
+        self.num_images = num_images
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from pytorch_lightning.loggers import WandbLogger
+
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        datamodule = getattr(trainer, "datamodule", None)
+        if not loggers or trainer.sanity_checking or not trainer.is_global_zero or datamodule is None:
+            return
+        import wandb
+
+        from imcap.data.dataset import collate
+        from imcap.data.images import load_image
+        from imcap.viz.attention import caption_attention_figure, figure_to_image
+
+        dataset = datamodule.datasets["val"]
+        items = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
+        batch = collate(items)
+        batch = {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        with torch.no_grad():
+            result = pl_module.captioner.generate(*pl_module.features(batch), pl_module.decoding)
+        table = wandb.Table(columns=["image_id", "image", "caption", "references", "attention"])
+        for item, caption in zip(items, pl_module.captioner.to_captions(result)):
+            image = load_image(dataset.records[item["index"]].image_path)
+            overlay = None
+            if caption.attention is not None and caption.words:
+                overlay = wandb.Image(figure_to_image(caption_attention_figure(image, caption.words, caption.attention)))
+            table.add_data(str(item["image_id"]), wandb.Image(image), caption.text,
+                           "\n".join(item["references"]), overlay)
+        for lg in loggers:
+            lg.experiment.log({"val/captions": table, "trainer/global_step": trainer.global_step})

@@ -60,6 +60,7 @@ class CaptionModule(pl.LightningModule):
         self.val_best.persistent(True)  # the best score survives a resume from checkpoint
         self.eval_prefix = eval_prefix  # metric prefix of the test loop: test/BLEU-4 or val/BLEU-4
         self.predictions: list[dict[str, Any]] = []  # test predictions, COCO results format
+        self.wandb_run_id: str | None = None  # set by train.py when logging to W&B
 
     # -- forward pieces -----------------------------------------------------------------------
     def features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,6 +140,7 @@ class CaptionModule(pl.LightningModule):
             "image_size": self.captioner.image_size,
             "data": self.data_config,
             "decoding": dataclasses.asdict(self.decoding),
+            "wandb_run_id": self.wandb_run_id,
             "format": 1,
         }
 

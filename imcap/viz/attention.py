@@ -26,10 +26,10 @@ def attention_heatmap(weights: torch.Tensor, size: tuple[int, int]) -> np.ndarra
     return (up / up.max().clamp_min(1e-12)).numpy()
 
 
-def plot_caption_attention(
-    image: Image.Image, words: list[str], attention: torch.Tensor, path: str | Path, columns: int = 5
-) -> Path:
-    """Save a figure: the image with its caption, then each word over its attention map.
+def caption_attention_figure(
+    image: Image.Image, words: list[str], attention: torch.Tensor, columns: int = 5
+) -> plt.Figure:
+    """The image with its caption, then each word over its attention map.
 
     attention: (len(words), N) weights per word.
     """
@@ -40,7 +40,7 @@ def plot_caption_attention(
     for ax in axes.flat:
         ax.axis("off")
     axes.flat[0].imshow(image)
-    axes.flat[0].set_title(" ".join(words) if len(words) < 8 else "caption:", fontsize=8)
+    axes.flat[0].set_title("input", fontsize=10)
     pixels = np.asarray(image)
     for k, word in enumerate(words):
         ax = axes.flat[k + 1]
@@ -49,6 +49,22 @@ def plot_caption_attention(
         ax.set_title(word, fontsize=10)
     fig.suptitle(" ".join(words), fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def figure_to_image(fig: plt.Figure) -> Image.Image:
+    """Render and close a figure (for loggers that take images)."""
+    fig.canvas.draw()
+    image = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())).convert("RGB")
+    plt.close(fig)
+    return image
+
+
+def plot_caption_attention(
+    image: Image.Image, words: list[str], attention: torch.Tensor, path: str | Path, columns: int = 5
+) -> Path:
+    """Save `caption_attention_figure` as an image file."""
+    fig = caption_attention_figure(image, words, attention, columns)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
