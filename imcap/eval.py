@@ -27,6 +27,7 @@ from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
 from imcap.models.captioner import CHECKPOINT_KEY, load_checkpoint, load_state
 from imcap.training.module import CaptionModule
+from imcap.viz.gallery import write_gallery
 
 log = logging.getLogger("imcap.eval")
 
@@ -64,6 +65,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics = scalar_metrics(results[0] if results else {})
     write_json(run_dir / "metrics.json", metrics)
     write_json(run_dir / "predictions" / f"{cfg.split}.json", module.predictions)
+    if cfg.get("gallery"):
+        gallery = write_gallery(datamodule.records[cfg.split], module.predictions[: cfg.gallery],
+                                run_dir / "gallery.html", title=f"{cfg.ckpt_path} — {cfg.split}")
+        log.info("Gallery of %d images: %s", min(cfg.gallery, len(module.predictions)), gallery)
     for name, value in metrics.items():
         log.info("%s = %.4f", name, value)
     log.info("Run directory: %s", run_dir)

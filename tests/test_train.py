@@ -52,11 +52,15 @@ def test_eval_reproduces_the_test_metrics_exactly(trained, make_cfg, tmp_path):
         (out / "predictions" / "test.json").read_text())
 
 
-def test_eval_on_the_val_split_names_metrics_val(trained, make_cfg, tmp_path):
+def test_eval_on_the_val_split_with_beam_search_and_a_gallery(trained, make_cfg, tmp_path):
     out, _ = trained
     cfg = make_cfg(f"ckpt_path={out}/checkpoints/best.ckpt", "split=val", "trainer.enable_progress_bar=false",
-                   name="eval", out=tmp_path / "eval")
+                   "decoding.method=beam", "decoding.beam_size=3", "gallery=4", name="eval", out=tmp_path / "eval")
     assert set(evaluate(cfg)) == {f"val/BLEU-{k}" for k in range(1, 5)}
+    predictions = json.loads((tmp_path / "eval" / "predictions" / "val.json").read_text())
+    page = (tmp_path / "eval" / "gallery.html").read_text()
+    assert page.count('class="card"') == 4 and page.count("data:image/jpeg;base64,") == 4
+    assert all(p["caption"] in page for p in predictions[:4])
 
 
 def test_captioner_loads_without_lightning_and_captions_files(trained, make_cfg, tmp_path):
