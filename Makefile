@@ -9,7 +9,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # `make train dataset=flickr8k` selects data=flickr8k; anything else goes through ARGS="...".
 DATA_ARG := $(if $(dataset),data=$(dataset),)
 
-.PHONY: help install assets train eval caption test test-fast lint clean
+.PHONY: help install assets train eval caption data data-stats features test test-fast lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -38,6 +38,16 @@ eval:  ## evaluate a checkpoint: make eval ARGS="ckpt_path=logs/.../best.ckpt"
 caption:  ## caption images: make caption ARGS="ckpt_path=... 'images=[a.jpg,b.jpg]'"
 	$(PY) -m imcap.caption $(ARGS)
 
+data:  ## download + verify + extract a dataset: make data dataset=coco|flickr8k|flickr30k [ARGS="data.source.year=2017"]
+	$(if $(dataset),,$(error give dataset=NAME, e.g. make data dataset=flickr8k))
+	$(PY) -m imcap.data prepare $(dataset) $(ARGS)
+
+data-stats:  ## splits, vocabulary, caption lengths, embedding coverage: make data-stats dataset=flickr8k
+	$(PY) -m imcap.data stats $(DATA_ARG) $(ARGS)
+
+features:  ## extract the grid-feature cache ahead of training: make features dataset=flickr8k
+	$(PY) -m imcap.data features $(DATA_ARG) $(ARGS)
+
 test:  ## run the whole test suite (CI runs this)
 	$(PY) -m pytest -q $(ARGS)
 
@@ -47,6 +57,6 @@ test-fast:  ## tests without the slow end-to-end ones
 lint:  ## ruff
 	$(VENV)/bin/ruff check imcap tests
 
-clean:  ## remove generated runs, data caches and Python caches (keeps .venv)
-	rm -rf logs multirun outputs data .pytest_cache .ruff_cache
+clean:  ## remove runs, the generated demo data, feature caches and Python caches (keeps .venv and downloads)
+	rm -rf logs multirun outputs data/shapes data/features .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +

@@ -1,0 +1,295 @@
+"""Dataset tools: `python -m imcap.data COMMAND [options] [hydra overrides]`.
+
+    python -m imcap.data prepare NAME [--keep-archives] [--base-url URL] [overrides]
+    python -m imcap.data stats [--json] [data=NAME] [data.source.root=DIR] [model/embedding=...]
+    python -m imcap.data features [data=NAME] [model/encoder=...] [data.cache_dir=DIR]
+
+prepare   downloads the public archives of `data=NAME` into its `data.source.root` with a progress
+          bar, resumes partial downloads, checks size and sha256, extracts safely and is
+          idempotent (see imcap/data/download.py, which holds the archive registry). Offline it
+          fails at once, naming the files to fetch by hand and where to put them.
+          `IMCAP_DOWNLOAD_BASE_URL` (or --base-url) fetches every archive from a mirror instead.
+          shapes is generated (prepare generates it); custom has nothing to download.
+stats     images and captions per split, vocabulary size at `data.min_freq` (train split), caption
+          lengths in tokens (p50/p90/p99/max), the share of tokens outside the vocabulary
+          (`<unk>%`) and the share of caption tokens that the configured word embeddings cover
+          (`model.embedding`'s boolean `found` mask, (V,); "n/a" for embeddings without one,
+          such as `learned`). `--json` prints the same numbers as one JSON object.
+features  extracts the grid-feature cache of every split ahead of training, with the encoder and
+          transform training would use (JPEGs decode in `data.num_workers` DataLoader workers),
+          and prints images/s per split; splits already cached are reported as such.
+
+Configs are composed from conf/train.yaml as for `python -m imcap.train`, so the same overrides
+work here. Results go to stdout, logs and progress bars to stderr; a mistake the user can fix
+prints one line `error: ...` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from imcap.data import download
+from imcap.data.records import SPLITS
+from imcap.data.text import tokenize
+from imcap.data.vocab import SPECIALS
+from imcap.errors import ImcapError
+
+log = logging.getLogger("imcap.data")
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+PERCENTILES = (50, 90, 99)
+
+
+def compose_config(overrides: Sequence[str]) -> DictConfig:
+    """conf/train.yaml with `overrides`, resolvable as under `@hydra.main` (nothing is written)."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name="data"):
+            cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as e:  # data=bogus, a misspelt key, bad syntax
+        raise ImcapError(" ".join(str(e).split("Config search path")[0].split())) from e
+    with open_dict(cfg):
+        cfg.hydra.runtime.cwd = os.getcwd()
+        cfg.hydra.runtime.output_dir = os.getcwd()
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+def _data_name(cfg: DictConfig) -> str:
+    return str(cfg.hydra.runtime.choices.get("data", "?"))
+
+
+# -- prepare --------------------------------------------------------------------------------------
+def run_prepare(name: str, overrides: Sequence[str], keep_archives: bool = False,
+                base_url: str | None = None) -> list[str]:
+    cfg = compose_config([f"data={name}", *overrides])
+    source = instantiate(cfg.data.source)
+    if name in download.NOTHING_TO_DOWNLOAD:
+        note = download.NOTHING_TO_DOWNLOAD[name]
+        if name == "custom":
+            return [f"{note}: put a captions file (CSV/TSV/JSONL: image, caption[, split]) or images "
+                    f"with .txt sidecars under data.source.root={source.root}"]
+        source.prepare()
+        return [f"{note}: {len(source.records())} images ready under {source.root}"]
+    archives = download.archives_for(name, cfg.data.source.get("year"))
+    lines = download.prepare(source.root, archives, name, base_url=base_url, keep_archives=keep_archives)
+    source.prepare()  # the reader finds the layout it expects
+    return [*lines, f"{name} is ready in {source.root}"]
+
+
+# -- stats ----------------------------------------------------------------------------------------
+def _found_mask(embedding: Any, vocab_size: int):
+    """The embedding's (V,) bool `found` tensor (which words have a pretrained vector), or None."""
+    import torch
+
+    found = getattr(embedding, "found", None)
+    if isinstance(found, torch.Tensor) and found.dtype == torch.bool and tuple(found.shape) == (vocab_size,):
+        return found.cpu()
+    if found is not None:
+        log.warning("%s.found is not a bool tensor of shape (%d,); coverage not reported",
+                    type(embedding).__name__, vocab_size)
+    return None
+
+
+def _split_stats(captions: list[list[str]], images: int, stoi: dict[str, int],
+                 known: list[bool] | None) -> dict[str, Any]:
+    lengths = np.array([len(c) for c in captions] or [0])
+    tokens = [t for c in captions for t in c]
+    ids = [stoi.get(t) for t in tokens]
+    stats: dict[str, Any] = {
+        "images": images,
+        "captions": len(captions),
+        "tokens": len(tokens),
+        "length": {f"p{q}": int(np.percentile(lengths, q, method="inverted_cdf")) for q in PERCENTILES}
+        | {"max": int(lengths.max())},
+        "unk_share": sum(i is None for i in ids) / max(len(ids), 1),
+        "embedding_coverage": None,
+    }
+    if known is not None:  # tokens outside the vocabulary become <unk>: not covered
+        stats["embedding_coverage"] = sum(i is not None and known[i] for i in ids) / max(len(ids), 1)
+    return stats
+
+
+def collect_stats(cfg: DictConfig) -> dict[str, Any]:
+    """The numbers `stats` prints, as plain data."""
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    records = datamodule.records
+    vocab = datamodule.build_vocab()
+    embedding = instantiate(cfg.model.embedding, vocab=vocab.itos)
+    found = _found_mask(embedding, len(vocab))
+    tokenized = {s: [tokenize(c) for r in records[s] for c in r.captions] for s in SPLITS}
+    known = found.tolist() if found is not None else None
+    splits = {s: _split_stats(tokenized[s], len(records[s]), vocab.stoi, known) for s in SPLITS}
+    splits["all"] = _split_stats([c for s in SPLITS for c in tokenized[s]],
+                                 sum(len(records[s]) for s in SPLITS), vocab.stoi, known)
+    words = found[len(SPECIALS):] if found is not None else None
+    return {
+        "data": _data_name(cfg),
+        "root": str(getattr(datamodule.source, "root", "")),
+        "splits": splits,
+        "vocabulary": {"size": len(vocab), "min_freq": datamodule.min_freq,
+                       "max_size": datamodule.max_vocab_size},
+        "embedding": {
+            "name": type(embedding).__name__,
+            "has_pretrained_vectors": found is not None,
+            # share of (non-special) vocabulary words with a pretrained vector
+            "vocabulary_coverage": float(words.float().mean()) if words is not None and len(words) else None,
+        },
+    }
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    header = ("split", "images", "captions", "tokens", "len p50", "p90", "p99", "max", "<unk>", "embedded")
+    rows = [header]
+    for split, s in stats["splits"].items():
+        length = s["length"]
+        rows.append((split, f"{s['images']:,}", f"{s['captions']:,}", f"{s['tokens']:,}", str(length["p50"]),
+                     str(length["p90"]), str(length["p99"]), str(length["max"]), pct(s["unk_share"]),
+                     pct(s["embedding_coverage"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [f"data={stats['data']}  root={stats['root']}", ""]
+    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+              for r in rows]
+    vocab, emb = stats["vocabulary"], stats["embedding"]
+    lines += ["", f"vocabulary: {vocab['size']:,} tokens, 4 of them special (train split, "
+                  f"min_freq={vocab['min_freq']}, max_vocab_size={vocab['max_size']})"]
+    if emb["has_pretrained_vectors"]:
+        lines.append(f"word embeddings ({emb['name']}): pretrained vectors for "
+                     f"{pct(emb['vocabulary_coverage'])} of the vocabulary words; 'embedded' is the share "
+                     "of caption tokens they cover")
+    else:
+        lines.append(f"word embeddings ({emb['name']}): n/a, no pretrained vectors (no `found` mask)")
+    return "\n".join(lines)
+
+
+# -- features -------------------------------------------------------------------------------------
+def extract_all(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Fill the feature cache for every split; per split: images, seconds, images/s, cached."""
+    import pytorch_lightning as pl
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # as training: a random init matches
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.build_vocab()  # datasets need it; the features do not depend on it
+    encoder = instantiate(cfg.model.encoder)  # as training builds it, so the cache keys match
+    datamodule.attach_encoder(encoder)
+    if not datamodule._use_cached_features():
+        raise ImcapError(f"nothing to cache: data.features={datamodule.features} with "
+                         f"model.encoder.finetune={encoder.finetune} computes features on the fly; use "
+                         "model.encoder.finetune=none with data.features=auto or cached")
+    results = []
+    # one stage per split, so that each is timed alone (fit reuses the val set built just before)
+    for stage, split in (("validate", "val"), ("fit", "train"), ("test", "test")):
+        records = datamodule.records[split]
+        if not records:
+            log.info("No %s images: nothing to extract", split)
+            continue
+        # where datamodule._dataset puts the cache
+        cache_dir = Path(datamodule.cache_dir or Path(records[0].image_path).parent / ".imcap-features")
+        before = set(cache_dir.glob("*.npy"))
+        start = time.perf_counter()
+        try:
+            datamodule.setup(stage)
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+                raise ImcapError(f"cannot write the feature cache in {cache_dir} ({e.strerror}); set "
+                                 "data.cache_dir=A_WRITABLE_DIR") from e
+            raise
+        seconds = time.perf_counter() - start
+        new = set(cache_dir.glob("*.npy")) - before
+        results.append({"split": split, "images": len(records), "seconds": seconds,
+                        "images_per_s": len(records) / seconds if new else None,
+                        "cache": str(next(iter(new))) if new else str(cache_dir)})
+    return results
+
+
+def format_features(results: list[dict[str, Any]], encoder: str) -> str:
+    lines = [f"grid features of {encoder}:"]
+    for r in results:
+        speed = f"{r['images_per_s']:.1f} images/s" if r["images_per_s"] else "already cached"
+        lines.append(f"  {r['split']:<5} {r['images']:>7,} images  {r['seconds']:7.1f} s  {speed}  ({r['cache']})")
+    return "\n".join(lines)
+
+
+# -- entry point ----------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m imcap.data", description=__doc__.splitlines()[0],
+                                     epilog=__doc__.split("\n\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", help="download, verify and extract a dataset")
+    prep.add_argument("name", help="a conf/data option: coco, flickr8k, flickr30k, shapes, custom")
+    prep.add_argument("--keep-archives", action="store_true", help="keep the archives after extracting")
+    prep.add_argument("--base-url", help=f"fetch archives from this mirror (also ${download.BASE_URL_ENV})")
+    prep.add_argument("overrides", nargs="*", help="hydra overrides, e.g. data.source.root=DIR")
+    stats = sub.add_parser("stats", help="split, vocabulary, length and embedding-coverage statistics")
+    stats.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    stats.add_argument("overrides", nargs="*", help="hydra overrides, e.g. data=flickr8k")
+    features = sub.add_parser("features", help="extract the grid-feature cache of every split")
+    features.add_argument("overrides", nargs="*", help="hydra overrides, e.g. model/encoder=resnet50")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; a user mistake prints `error: <one line>` and exits with status 2."""
+    try:
+        return _run(argv)
+    except ImcapError as e:  # handled here so that `prepare` never imports Lightning (imcap.cli does)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except Exception as exc:  # e.g. an ImcapError inside Hydra's InstantiationException
+        from imcap.cli import report_user_errors
+
+        return report_user_errors(_reraise)(exc)
+
+
+def _reraise(exc: BaseException) -> int:
+    raise exc
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "prepare":
+        print("\n".join(run_prepare(args.name, args.overrides, args.keep_archives, args.base_url)))
+    elif args.command == "stats":
+        stats = collect_stats(compose_config(args.overrides))
+        print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    else:
+        cfg = compose_config(args.overrides)
+        print(format_features(extract_all(cfg), str(cfg.model.encoder.get("name", "the encoder"))))
+    return 0
+
+
+class _Format(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno <= logging.INFO else f"{record.levelname.lower()}: {message}"
+
+
+if __name__ == "__main__":
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Format("%(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""What readers do with data they cannot use as is: stop with a clear error, or skip and report."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from imcap.data.records import CaptionRecord
+from imcap.errors import ImcapError
+
+log = logging.getLogger(__name__)
+
+MISSING_IMAGES = ("error", "skip")
+
+
+def check_choice(value: str, choices: Sequence[str], option: str) -> str:
+    """`value` if it is one of `choices`, else a one-line error naming the option."""
+    if value not in choices:
+        raise ImcapError(f"{option}={value!r}; use {' or '.join(repr(c) for c in choices)}")
+    return value
+
+
+def keep_existing(
+    pairs: Sequence[tuple[CaptionRecord, bool]], policy: str, dataset: str, where: str
+) -> list[CaptionRecord]:
+    """Apply `data.source.missing_images` to (record, image file exists) pairs."""
+    missing = [r.image_path for r, exists in pairs if not exists]
+    if missing and policy == "error":
+        raise ImcapError(
+            f"{len(missing)} {dataset} images named in {where} are missing (first: {missing[0]}); "
+            "add them or set data.source.missing_images=skip"
+        )
+    if missing:
+        log.warning("Skipped %d of %d %s images named in %s that are missing (first: %s)",
+                    len(missing), len(pairs), dataset, where, missing[0])
+    return [r for r, exists in pairs if exists]

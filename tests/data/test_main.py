@@ -1,0 +1,187 @@
+"""`python -m imcap.data prepare|stats|features` as a user runs them.
+
+Two subprocess runs (a download from a local mirror, an offline failure); the rest call `main()`
+in process, which composes the same Hydra config.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from imcap.data.__main__ import main
+from imcap.data.text import tokenize
+from tests.conftest import FLICKR_1K
+from tests.data.test_download import _closed_port, server  # noqa: F401 (a fixture)
+
+SHAPES_TINY = ["data.source.num_images={train:12,val:4,test:4}", "data.source.image_size=64"]
+
+
+class PartlyPretrained(nn.Embedding):
+    """Stands in for a pretrained embedding: `found` marks the words in `known`."""
+
+    def __init__(self, vocab, dim: int = 8, known=("a", "red", "circle")):
+        super().__init__(len(vocab), dim)
+        self.found = torch.tensor([w in known for w in vocab], dtype=torch.bool)  # (V,)
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMCAP_ROOT", str(tmp_path))
+    monkeypatch.setenv("IMCAP_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("IMCAP_DOWNLOAD_BASE_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "imcap.data", *args], capture_output=True, text=True,
+                          timeout=300, cwd=env["IMCAP_ROOT"], env={**os.environ, **env})
+
+
+def _jpeg(color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), color).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_prepare_flickr30k_from_a_mirror_then_stats(env, server, capsys):  # noqa: F811
+    names = [f"{i}.jpg" for i in range(10)]
+    splits = ["train"] * 6 + ["val"] * 2 + ["test"] * 2
+    karpathy = {"images": [{"filename": n, "imgid": i, "split": s,
+                            "sentences": [{"raw": f"A dog number {i} runs ."}, {"raw": "A red ball ."}]}
+                           for i, (n, s) in enumerate(zip(names, splits))]}
+    kaggle = io.BytesIO()
+    with zipfile.ZipFile(kaggle, "w") as zf:  # the Kaggle zip's nesting
+        zf.writestr("flickr30k_images/results.csv", "image_name| comment_number| comment\n"
+                    + "".join(f"{n}| 0| A dog .\n" for n in names))
+        for i, n in enumerate(names):
+            zf.writestr(f"flickr30k_images/flickr30k_images/{n}", _jpeg((20 * i, 0, 0)))
+    splits_zip = io.BytesIO()
+    with zipfile.ZipFile(splits_zip, "w") as zf:
+        zf.writestr("dataset_flickr30k.json", json.dumps(karpathy))
+        zf.writestr("dataset_coco.json", "{}")
+    server.files["mirror/flickr-image-dataset.zip"] = kaggle.getvalue()
+    server.files["mirror/caption_datasets.zip"] = splits_zip.getvalue()
+    result = run("prepare", "flickr30k", env={"IMCAP_ROOT": str(env), "IMCAP_DATA_DIR": str(env / "data"),
+                                              "IMCAP_DOWNLOAD_BASE_URL": server.url})
+    assert result.returncode == 0, result.stderr
+    root = env / "data" / "flickr30k"
+    assert result.stdout.splitlines()[-1] == f"flickr30k is ready in {root}"
+    assert (root / "dataset_flickr30k.json").is_file() and not (root / "dataset_coco.json").exists()
+    assert len(list((root / "flickr30k_images" / "flickr30k_images").glob("*.jpg"))) == 10
+
+    assert main(["stats", "--json", "data=flickr30k", "data.min_freq=1"]) == 0  # same env, in process
+    stats = json.loads(capsys.readouterr().out)
+    assert {s: (v["images"], v["captions"]) for s, v in stats["splits"].items()} == {
+        "train": (6, 12), "val": (2, 4), "test": (2, 4), "all": (10, 20)}
+    # train words: a dog number runs red ball + the six digits of the train images
+    assert stats["vocabulary"]["size"] == 4 + 6 + 6
+    assert stats["splits"]["all"]["length"] == {"p50": 3, "p90": 5, "p99": 5, "max": 5}
+    assert stats["splits"]["val"]["unk_share"] == pytest.approx(2 / 16)  # "6", "7" are not train words
+    assert stats["embedding"]["has_pretrained_vectors"] is False
+    assert stats["splits"]["train"]["embedding_coverage"] is None
+
+
+def test_offline_prepare_fails_fast_in_one_line(tmp_path):
+    env = {"IMCAP_ROOT": str(tmp_path), "IMCAP_DATA_DIR": str(tmp_path / "data"),
+           "IMCAP_DOWNLOAD_BASE_URL": f"http://127.0.0.1:{_closed_port()}"}
+    start = time.monotonic()
+    result = run("prepare", "coco", env=env)
+    assert time.monotonic() - start < 20  # imports are most of it; no network wait (nor Lightning)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert line.startswith("error: cannot reach 127.0.0.1")
+    for name in ("caption_datasets.zip", "annotations_trainval2014.zip", "train2014.zip", "val2014.zip"):
+        assert name in line
+    assert f"put the files in {tmp_path / 'data' / 'coco' / 'downloads'}/" in line
+
+
+def test_prepare_shapes_generates_and_custom_has_nothing_to_download(env, capsys):
+    assert main(["prepare", "shapes", *SHAPES_TINY]) == 0
+    assert "shapes is generated locally, not downloaded: 20 images ready" in capsys.readouterr().out
+    assert main(["prepare", "custom"]) == 0
+    out = capsys.readouterr().out
+    assert "custom has nothing to download" in out and f"data.source.root={env / 'data' / 'custom'}" in out
+
+
+def test_stats_table_and_embedding_coverage_from_the_found_mask(env, capsys):
+    assert main(["stats", "--json", *SHAPES_TINY,
+                 f"model.embedding._target_={PartlyPretrained.__module__}.PartlyPretrained"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    from imcap.data.sources.shapes import ShapesSource
+
+    source = ShapesSource(str(env / "data" / "shapes"), {"train": 12, "val": 4, "test": 4}, image_size=64)
+    for split in ("train", "val", "test"):
+        tokens = [t for r in source.records() if r.split == split for c in r.captions for t in tokenize(c)]
+        counts = Counter(tokens)
+        expected = (counts["a"] + counts["red"] + counts["circle"]) / len(tokens)
+        assert stats["splits"][split]["embedding_coverage"] == pytest.approx(expected)
+        assert stats["splits"][split]["tokens"] == len(tokens)
+    assert stats["embedding"]["vocabulary_coverage"] == pytest.approx(3 / (stats["vocabulary"]["size"] - 4))
+
+    assert main(["stats", *SHAPES_TINY]) == 0  # the default learned embedding has no found mask
+    table = capsys.readouterr().out
+    assert table.splitlines()[2].split() == ["split", "images", "captions", "tokens", "len", "p50", "p90",
+                                             "p99", "max", "<unk>", "embedded"]
+    assert table.splitlines()[3].split()[:3] == ["train", "12", "60"] and "n/a" in table.splitlines()[3]
+    assert "word embeddings (LearnedEmbedding): n/a" in table
+
+
+def test_user_mistakes_are_one_line_errors(env, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["stats", "data=bogus"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "bogus" in err and "flickr30k" in err and "custom" in err
+    with pytest.raises(SystemExit):
+        main(["stats", "data=flickr30k", f"data.source.root={env}/nowhere"])
+    assert f"error: data.source.root={env}/nowhere does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["features", *SHAPES_TINY, "model.encoder.weights=null", "model.encoder.finetune=all"])
+    assert "error: nothing to cache" in capsys.readouterr().err
+
+
+def test_features_extracts_every_split_once(env, capsys):
+    args = ["features", *SHAPES_TINY, "model.encoder.weights=null", "data.eval_batch_size=8"]
+    assert main(args) == 0
+    first = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in first[1:]] == ["val", "train", "test"]
+    assert all("images/s" in ln for ln in first[1:])
+    cached = sorted((env / "data" / "features").glob("*.npy"))
+    assert sorted(np.load(p, mmap_mode="r").shape[0] for p in cached) == [4, 4, 12]
+    assert main(args) == 0  # same seed, same random init: the cache training would read
+    assert all("already cached" in ln for ln in capsys.readouterr().out.splitlines()[1:])
+    assert sorted((env / "data" / "features").glob("*.npy")) == cached
+
+
+@pytest.mark.realdata
+def test_stats_on_the_real_flickr8k_subset(env, capsys):
+    assert main(["stats", "--json", "data=flickr8k", f"data.source.root={FLICKR_1K}"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    with open(FLICKR_1K / "captions.txt", newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    lengths = np.array([len(tokenize(caption)) for _, caption in rows])
+    everything = stats["splits"]["all"]
+    assert (everything["images"], everything["captions"], everything["tokens"]) == (1000, 5000, lengths.sum())
+    assert sum(stats["splits"][s]["images"] for s in ("train", "val", "test")) == 1000
+    assert 700 < stats["splits"]["train"]["images"] < 900
+    assert everything["length"]["max"] == lengths.max()
+    assert everything["length"]["p50"] == int(np.percentile(lengths, 50, method="inverted_cdf"))
+    assert 10 <= everything["length"]["p50"] <= 12 and everything["length"]["p99"] < everything["length"]["max"]
+    assert 500 < stats["vocabulary"]["size"] < 1500 and stats["vocabulary"]["min_freq"] == 5
+    assert 0 < stats["splits"]["test"]["unk_share"] < 0.2
+
