@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -q -e '.[dev]'
 	touch $@
 
-assets: | $(VENV)/.installed  ## offline MobileNetV2 ImageNet weights + GloVe 6B-50d (sha256-checked)
+assets: | $(VENV)/.installed  ## offline MobileNetV2 + EfficientNet-Lite0 ImageNet weights + GloVe 6B-50d (sha256-checked)
 	$(PY) -m imcap.assets install
 
 train:  ## train the default experiment (shapes demo); dataset=NAME, ARGS="hydra overrides"

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from imcap.errors import ImcapError
 
 log = logging.getLogger("imcap")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def _user_error(exc: BaseException) -> ImcapError | None:
@@ -100,3 +101,25 @@ def decoding_with_overrides(stored: dict[str, Any] | None, overrides: DictConfig
     if overrides:
         merged.update({k: v for k, v in OmegaConf.to_container(overrides).items() if v is not None})
     return merged
+
+
+def compose_config(name: str, overrides: list[str], output_dir: Path, data_dir: Path | None = None) -> DictConfig:
+    """Compose conf/<name>.yaml outside a Hydra app (tests, benchmarks, notebooks), with the
+    run directory (and optionally the data directory) pointing where the caller says."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(output_dir)
+        cfg.paths.log_dir = str(Path(output_dir) / "logs")
+        cfg.paths.output_dir = str(output_dir)
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        if data_dir is not None:
+            cfg.paths.data_dir = str(data_dir)
+    HydraConfig().set_config(cfg)
+    return cfg

@@ -6,10 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
+
+from imcap.cli import compose_config  # noqa: F401  (tests import it from here)
 
 os.environ.setdefault("WANDB_MODE", "offline")  # tests never need a W&B key
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -33,21 +32,6 @@ TINY = [
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
 ]
-
-
-def compose_config(name: str, overrides: list[str], out_dir: Path, data_dir: Path) -> DictConfig:
-    """Compose conf/<name>.yaml as the entry point would, with paths inside tmp folders."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(out_dir)
-        cfg.paths.data_dir = str(data_dir)
-        cfg.paths.log_dir = str(out_dir / "logs")
-        cfg.paths.output_dir = str(out_dir)
-        cfg.hydra.runtime.output_dir = str(out_dir)
-    HydraConfig().set_config(cfg)
-    return cfg
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import nn
@@ -23,7 +23,11 @@ from torch import nn
 from imcap.data.images import load_image
 from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
+from imcap.models.attention import attention_kind
+from imcap.models.decoders import LSTMDecoder
 from imcap.models.search import Decoding, SearchResult, generate
+from imcap.models.topdown import TopDownDecoder
+from imcap.models.transformer import TransformerDecoder
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "imcap"  # where a checkpoint keeps what rebuilds the model: config + vocab
@@ -40,29 +44,80 @@ def _plain(cfg: Mapping | DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else copy.deepcopy(dict(cfg))
 
 
+# the model/decoder options and the model/attention options each accepts
+DECODERS: dict[str, type[nn.Module]] = {
+    "lstm": LSTMDecoder, "topdown": TopDownDecoder, "transformer": TransformerDecoder}
+
+
+def valid_pairs() -> list[tuple[str, str]]:
+    """Every (model/decoder, model/attention) pair that builds."""
+    return [(name, kind) for name, cls in DECODERS.items() for kind in cls.ATTENTIONS]
+
+
+def _class(target: str | None) -> type | None:
+    try:
+        return get_class(target) if target else None
+    except Exception:  # a bad _target_: instantiate reports it in its own words
+        return None
+
+
+def check_pair(decoder_cfg: Mapping, attention_cfg: Mapping | None) -> None:
+    """Refuse a decoder x attention pair that has no meaning, listing the valid pairs."""
+    decoder = _class(decoder_cfg.get("_target_"))
+    accepted = getattr(decoder, "ATTENTIONS", None)
+    target = (attention_cfg or {}).get("_target_")
+    attention = _class(target) if target else None
+    if accepted is None or (target and attention is None):
+        return  # a decoder of one's own, or an unloadable attention: nothing to check here
+    kind = attention_kind(attention)
+    if kind is None or kind in accepted:
+        return
+    name = next((n for n, c in DECODERS.items() if c is decoder), decoder.__name__)
+    pairs = "; ".join(f"{n}: {', '.join(c.ATTENTIONS)}" for n, c in DECODERS.items())
+    raise ImcapError(f"model/decoder={name} does not work with model/attention={kind}; "
+                     f"valid pairs (decoder: attentions) are {pairs}")
+
+
 def build_captioner(
     architecture: Mapping | DictConfig, vocab: Vocabulary, image_size: int, pretrained: bool = True
 ) -> Captioner:
-    """Instantiate encoder, embedding, attention and decoder from their config groups.
+    """Instantiate encoder, embedding, attention and decoder from their config groups, after
+    checking that the decoder x attention pair is valid.
 
-    `pretrained=False` skips loading encoder weights (used when a checkpoint supplies them).
+    `pretrained=False` skips loading encoder weights and reading word-vector files (used when a
+    checkpoint supplies them).
     """
     arch = _plain(architecture)
     missing = [c for c in COMPONENTS if c not in arch]
     if missing:
         raise ImcapError(f"model config lacks {missing}; compose it from conf/model/ (model/encoder=...)")
+    check_pair(arch["decoder"], arch.get("attention"))
     encoder_cfg = dict(arch["encoder"])
     if not pretrained:
         encoder_cfg.update(weights=None, weights_path=None)
     elif not encoder_cfg.get("weights") and not encoder_cfg.get("weights_path"):
         log.warning("The encoder starts from random weights (model.encoder.weights=null)")
     encoder = instantiate(encoder_cfg)
-    embedding = instantiate(arch["embedding"], vocab=vocab.itos)
+    decoder = build_decoder(arch, vocab, encoder.out_channels, pretrained)
+    return Captioner(encoder, decoder, vocab, image_size, arch)
+
+
+def build_decoder(arch: dict, vocab: Vocabulary, feature_dim: int, pretrained: bool = True) -> nn.Module:
+    """Embedding, attention and decoder of `arch` for grid features of `feature_dim` channels.
+
+    Records the word-vector dimension in `arch` so that a checkpoint rebuilds without the file.
+    """
+    check_pair(arch["decoder"], arch.get("attention"))
+    embedding_cfg = dict(arch["embedding"])
+    if not pretrained and getattr(_class(embedding_cfg.get("_target_")), "reads_vectors", False):
+        embedding_cfg["pretrained"] = False  # the checkpoint holds the table; no need for the file
+    embedding = instantiate(embedding_cfg, vocab=vocab.itos)
+    if getattr(embedding, "vector_dim", None):
+        arch["embedding"]["vector_dim"] = embedding.vector_dim
     attention_cfg = arch.get("attention") or {}
     attention = instantiate(attention_cfg, _partial_=True) if attention_cfg.get("_target_") else None
-    decoder = instantiate(arch["decoder"], vocab_size=len(vocab), feature_dim=encoder.out_channels,
-                          embedding=embedding, attention=attention)
-    return Captioner(encoder, decoder, vocab, image_size, arch)
+    return instantiate(arch["decoder"], vocab_size=len(vocab), feature_dim=feature_dim,
+                       embedding=embedding, attention=attention)
 
 
 class Captioner(nn.Module):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -162,7 +163,7 @@ def beam_search(
         rows = (offsets + flat // V).view(-1)  # (B*K,) source hypothesis of each new one
         token = (flat % V).view(-1)
 
-        state = map_state(state, lambda x: x.index_select(0, rows))
+        state = map_state(state, partial(torch.index_select, dim=0, index=rows))
         finished = finished.index_select(0, rows)
         lengths = lengths.index_select(0, rows) + (~finished).long()
         history = torch.cat([history.index_select(0, rows), token.unsqueeze(1)], dim=1)

@@ -79,6 +79,9 @@ class CaptionModule(pl.LightningModule):
             penalty = doubly_stochastic_penalty(weights, targets != self.vocab.pad_id)
             out["attention_reg"] = penalty
             out["loss"] = xe + self.attention_reg * penalty
+        beta = getattr(self.captioner.decoder, "last_beta", None)
+        if beta is not None:  # adaptive attention: the sentinel's share per word, "how much not to look"
+            out["beta"] = beta[targets != self.vocab.pad_id].mean()
         return out
 
     def decode(self, batch: dict) -> list[str]:

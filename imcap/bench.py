@@ -1,0 +1,273 @@
+"""Benchmarks: `python -m imcap.bench [--quick] [--output bench.json]` (also `make bench`).
+
+Sections (each a list of entries, fp32 and bf16 autocast where it applies; every time is the
+median of repeated runs after a warm-up):
+- gemm: this machine's own square matrix-multiply throughput, GFLOP/s per dtype;
+- decoder_train: one training step (forward, backward, AdamW) of every valid decoder x
+  attention pair at standard dims (B=32, T=20, V=10,000, embed/hidden/attention 512; grid
+  7x7x2048 and 7x7x1280): captions/s, GFLOP/s from the step's FLOP count (matrix products,
+  forward and backward, counted op by op by torch's FlopCounterMode) and fraction_of_gemm;
+- beam_search: images/s at beam 3 and 5, batch 32, max length 20 (untrained weights, so
+  beams rarely end early: a worst case);
+- feature_extraction: JPEG files to grid features, images/s per encoder (channels_last);
+- epoch: wall time of one training epoch on ../shared/data/flickr8k-1k with cached features.
+Sections that need ../shared/data are skipped with a reason when it is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+from torch.utils.flop_counter import FlopCounterMode
+
+from imcap.cli import compose_config
+from imcap.data.vocab import Vocabulary
+from imcap.models.captioner import build_decoder, valid_pairs
+from imcap.models.search import beam_search
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-1k"
+DTYPES = ("fp32", "bf16")
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def autocast(dtype: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def bench_gemm(quick: bool) -> list[dict[str, Any]]:
+    n = 1024 if quick else 2048
+    out = []
+    for dtype in DTYPES:
+        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        a, b = torch.randn(n, n, dtype=torch_dtype), torch.randn(n, n, dtype=torch_dtype)
+        seconds = median_seconds(lambda: a @ b, repeats=3 if quick else 5)  # noqa: B023
+        out.append({"dtype": dtype, "n": n, "gflops_per_s": 2 * n**3 / seconds / 1e9})
+    return out
+
+
+def compose_model(decoder: str, attention: str) -> dict[str, Any]:
+    """The model config of `model/decoder=decoder model/attention=attention` at default dims."""
+    cfg = compose_config("train", [f"model/decoder={decoder}", f"model/attention={attention}"],
+                         Path(tempfile.gettempdir()))
+    return OmegaConf.to_container(cfg.model, resolve=True)
+
+
+def train_step(decoder: torch.nn.Module, optimizer: torch.optim.Optimizer, grid: torch.Tensor,
+               tokens: torch.Tensor, dtype: str) -> None:
+    """Teacher-forced forward, cross-entropy, backward and an optimiser step."""
+    with autocast(dtype):
+        logits, _ = decoder(grid, grid.mean(1), tokens[:, :-1])  # (B, T, V)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def bench_decoder_train(quick: bool, gemm: dict[str, float]) -> list[dict[str, Any]]:
+    B, T, V = 32, 20, 10_000
+    vocab = Vocabulary(["<pad>", "<bos>", "<eos>", "<unk>", *[f"w{i}" for i in range(V - 4)]])
+    pairs = [("lstm", "additive")] if quick else valid_pairs()
+    grids = [(49, 2048)] if quick else [(49, 2048), (49, 1280)]
+    out = []
+    for decoder_name, attention_name in pairs:
+        arch = compose_model(decoder_name, attention_name)
+        for n, c in grids:
+            torch.manual_seed(0)
+            decoder = build_decoder(arch, vocab, c).train()
+            optimizer = torch.optim.AdamW(decoder.parameters(), lr=1e-4)
+            grid = torch.randn(B, n, c)
+            tokens = torch.randint(4, V, (B, T + 1))
+
+            with FlopCounterMode(display=False) as counter:
+                train_step(decoder, optimizer, grid, tokens, "fp32")
+            flops = counter.get_total_flops()
+            for dtype in DTYPES:
+                seconds = median_seconds(partial(train_step, decoder, optimizer, grid, tokens, dtype),
+                                         repeats=3 if quick else 5)
+                gflops = flops / seconds / 1e9
+                out.append({
+                    "decoder": decoder_name, "attention": attention_name, "grid": f"{int(n**0.5)}x{int(n**0.5)}x{c}",
+                    "dtype": dtype, "captions_per_s": B / seconds, "gflop_per_step": flops / 1e9,
+                    "gflops_per_s": gflops, "fraction_of_gemm": gflops / gemm[dtype],
+                })
+    return out
+
+
+def bench_beam_search(quick: bool) -> list[dict[str, Any]]:
+    B, V = 32, 10_000
+    vocab = Vocabulary(["<pad>", "<bos>", "<eos>", "<unk>", *[f"w{i}" for i in range(V - 4)]])
+    arch = compose_model("lstm", "additive")
+    torch.manual_seed(0)
+    decoder = build_decoder(arch, vocab, 2048).eval()
+    grid = torch.randn(B, 49, 2048)
+    out = []
+    for beam in (3, 5):
+        for dtype in DTYPES:
+            def run() -> None:
+                with torch.no_grad(), autocast(dtype):  # noqa: B023
+                    beam_search(decoder, grid, grid.mean(1), vocab.bos_id, vocab.eos_id, vocab.pad_id,
+                                beam_size=beam, max_length=20)  # noqa: B023
+
+            seconds = median_seconds(run, repeats=2 if quick else 3)
+            out.append({"decoder": "lstm", "attention": "additive", "beam_size": beam, "dtype": dtype,
+                        "batch": B, "images_per_s": B / seconds})
+    return out
+
+
+def bench_feature_extraction(quick: bool) -> list[dict[str, Any]] | str:
+    if not SHARED.is_dir():
+        return f"skipped: {SHARED} not found"
+    from imcap.data.features import ImageFiles
+    from imcap.models.encoders import TorchvisionEncoder
+
+    paths = sorted(str(p) for p in (SHARED / "Images").glob("*.jpg"))[: 64 if quick else 256]
+    encoders = ["mobilenet_v2"] if quick else ["mobilenet_v2", "resnet50", "mobilenet_v3_large"]
+    out = []
+    for name in encoders:
+        encoder = TorchvisionEncoder(name, weights=None, channels_last=True).eval()
+        loader_kwargs = {"batch_size": 32, "num_workers": 2}
+        for dtype in DTYPES:
+            dataset = ImageFiles(paths, encoder.image_transform(224))
+            loader = torch.utils.data.DataLoader(dataset, **loader_kwargs)
+
+            def run() -> None:
+                with torch.inference_mode(), autocast(dtype):  # noqa: B023
+                    for images in loader:  # noqa: B023
+                        encoder(images)  # noqa: B023
+
+            seconds = median_seconds(run, repeats=1 if quick else 2, warmup=1)
+            out.append({"encoder": name, "dtype": dtype, "images": len(paths), "image_size": 224,
+                        "images_per_s": len(paths) / seconds, "channels_last": True})
+    return out
+
+
+class EpochTimer(pl.Callback):
+    """Wall time of each training epoch (validation excluded)."""
+
+    seconds: list[float] = []
+    captions: list[int] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        EpochTimer.seconds.append(time.perf_counter() - self._start)
+        EpochTimer.captions.append(len(trainer.train_dataloader.sampler))
+
+
+def bench_epoch() -> list[dict[str, Any]] | str:
+    """One epoch of the default captioner on the real Flickr8k subset with cached features."""
+    if not SHARED.is_dir():
+        return f"skipped: {SHARED} not found"
+    from imcap.train import train
+
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype, precision in (("fp32", "32-true"), ("bf16", "bf16-mixed")):
+            EpochTimer.seconds, EpochTimer.captions = [], []
+            cfg = compose_config("train", [
+                "data=flickr8k", f"data.source.root={SHARED}", f"data.cache_dir={tmp}/features",
+                "data.num_workers=0", "trainer.max_epochs=1", f"trainer.precision={precision}", "test=false",
+                "logger=null", "callbacks.progress_bar=null", "callbacks.early_stopping=null",
+                "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+                "+callbacks.timer._target_=imcap.bench.EpochTimer",
+            ], Path(tmp) / dtype, Path(tmp) / "data")
+            train(cfg)  # features are extracted before the epoch starts and are cached for the next dtype
+            out.append({"data": "flickr8k-1k", "dtype": dtype, "epoch_s": EpochTimer.seconds[0],
+                        "train_captions": EpochTimer.captions[0],
+                        "captions_per_s": EpochTimer.captions[0] / EpochTimer.seconds[0]})
+    return out
+
+
+SECTIONS = ("gemm", "decoder_train", "beam_search", "feature_extraction", "epoch")
+
+
+def run(quick: bool, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
+    torch.manual_seed(0)
+    results: dict[str, Any] = {"machine": machine_info(), "quick": quick}
+    gemm = bench_gemm(quick)
+    results["gemm"] = gemm
+    gemm_by_dtype = {g["dtype"]: g["gflops_per_s"] for g in gemm}
+    if "decoder_train" in sections:
+        results["decoder_train"] = bench_decoder_train(quick, gemm_by_dtype)
+    if "beam_search" in sections:
+        results["beam_search"] = bench_beam_search(quick)
+    if "feature_extraction" in sections:
+        results["feature_extraction"] = bench_feature_extraction(quick)
+    if "epoch" in sections and not quick:
+        results["epoch"] = bench_epoch()
+    return results
+
+
+def print_tables(results: dict[str, Any], console: Console) -> None:
+    console.print(f"machine: {results['machine']}")
+    for section in ("gemm", *SECTIONS[1:]):
+        rows = results.get(section)
+        if not rows:
+            continue
+        if isinstance(rows, str):
+            console.print(f"{section}: {rows}")
+            continue
+        table = Table(title=section)
+        for key in rows[0]:
+            table.add_column(key, justify="right" if isinstance(rows[0][key], float | int) else "left")
+        for row in rows:
+            table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()))
+        console.print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m imcap.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a subset that finishes in under a minute")
+    parser.add_argument("--output", default="bench.json", help="where to write the JSON results")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    results = run(args.quick, tuple(args.sections.split(",")))
+    results["wall_s"] = time.perf_counter() - start
+    print_tables(results, Console(width=140))
+    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.output} ({results['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Every attention variant alone: shapes, distributions, masks, batched queries, projections."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from imcap.errors import ImcapError
+from imcap.models import attention as att
+from tests.models.zoo import ATTENTIONS, B, N
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+KINDS = [k for k in ATTENTIONS if k != "none"]
+K, Q = 24, 8  # key (feature) dim, query (hidden) dim
+
+
+def attend(module, query, cache, mask=None):
+    if module.needs_sentinel:
+        context, weights, _ = module(query, cache, mask, sentinel=torch.randn(*query.shape[:-1], Q))
+        return context, weights
+    return module(query, cache, mask)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shapes_and_distribution(kind):
+    torch.manual_seed(0)
+    module = ATTENTIONS[kind](key_dim=K, query_dim=Q)
+    assert module.kind == kind and att.attention_kind(ATTENTIONS[kind]) == kind
+    cache = module.precompute(torch.randn(B, N, K))
+    context, weights = attend(module, torch.randn(B, Q), cache)
+    assert context.shape == (B, module.context_dim) and weights.shape == (B, N)
+    assert (weights >= 0).all()
+    torch.testing.assert_close(weights.sum(-1), torch.ones(B))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_masked_cells_get_no_weight(kind):
+    torch.manual_seed(0)
+    module = ATTENTIONS[kind](key_dim=K, query_dim=Q)
+    cache = module.precompute(torch.randn(B, N, K))
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[0, :4] = False
+    mask[1, 5:] = False
+    _, weights = attend(module, torch.randn(B, Q), cache, mask)
+    assert (weights[~mask] == 0).all() and (weights[mask] > 0).all()
+    torch.testing.assert_close(weights.sum(-1), torch.ones(B))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_block_of_queries_equals_one_query_at_a_time(kind):
+    """The transformer asks with (B, T, H) queries, the recurrent decoders with (B, H)."""
+    torch.manual_seed(0)
+    module = ATTENTIONS[kind](key_dim=K, query_dim=Q)
+    cache = module.precompute(torch.randn(B, N, K))
+    queries = torch.randn(B, 5, Q)
+    extra = {}
+    if module.needs_sentinel:
+        extra = {"sentinel": torch.randn(B, 5, Q)}
+    block = module(queries, cache, **extra)
+    for t in range(5):
+        one = module(queries[:, t], cache, **{k: v[:, t] for k, v in extra.items()})
+        for a, b in zip(block, one):
+            torch.testing.assert_close(a[:, t], b, rtol=1e-5, atol=1e-6)
+
+
+def test_dot_is_parameter_free_when_the_dims_agree_and_projects_keys_otherwise():
+    same = att.DotAttention(key_dim=Q, query_dim=Q)
+    assert not list(same.parameters())
+    keys = torch.randn(B, N, Q)
+    query = torch.randn(B, Q)
+    _, weights = same(query, same.precompute(keys))
+    torch.testing.assert_close(weights, torch.softmax(torch.einsum("bnc,bc->bn", keys, query), -1))
+    other = att.DotAttention(key_dim=K, query_dim=Q)
+    assert other.key_proj.weight.shape == (Q, K) and other.query_proj is None
+    # with different dims, dot is Luong's general with W_a on the key side
+    general = att.GeneralAttention(key_dim=K, query_dim=Q)
+    general.load_state_dict(other.state_dict())
+    grid = torch.randn(B, N, K)
+    torch.testing.assert_close(general(query, general.precompute(grid)), other(query, other.precompute(grid)))
+
+
+def test_general_learns_w_a_even_when_the_dims_agree():
+    general = att.GeneralAttention(key_dim=Q, query_dim=Q)
+    assert general.key_proj.weight.shape == (Q, Q)
+
+
+def test_scaled_dot_divides_by_the_root_of_its_dim():
+    module = att.ScaledDotAttention(key_dim=K, query_dim=Q, attention_dim=16)
+    grid, query = torch.randn(B, N, K), torch.randn(B, Q)
+    cache = module.precompute(grid)
+    raw = torch.einsum("bna,ba->bn", module.key_proj(grid), module.query_proj(query))
+    torch.testing.assert_close(module(query, cache)[1], torch.softmax(raw / 4.0, -1))
+
+
+def test_multihead_reports_the_head_average():
+    torch.manual_seed(0)
+    module = att.MultiHeadAttention(key_dim=K, query_dim=Q, attention_dim=16, heads=4)
+    grid, query = torch.randn(B, N, K), torch.randn(B, Q)
+    context, weights = module(query, module.precompute(grid))
+    q = module.query_proj(query).view(B, 4, 1, 4)
+    k = module.key_proj(grid).view(B, N, 4, 4).transpose(1, 2)
+    per_head = torch.softmax(q @ k.transpose(-2, -1) / 2.0, -1).squeeze(2)  # (B, heads, N)
+    torch.testing.assert_close(weights, per_head.mean(1))
+    v = module.value_proj(grid).view(B, N, 4, 4).transpose(1, 2)
+    torch.testing.assert_close(context, (per_head.unsqueeze(2) @ v).squeeze(2).flatten(1))
+    assert module.context_dim == 16 and context.shape == (B, 16)
+    with pytest.raises(ImcapError, match="model.attention.heads=3 must divide model.attention.attention_dim=16"):
+        att.MultiHeadAttention(key_dim=K, query_dim=Q, attention_dim=16, heads=3)
+
+
+@pytest.mark.parametrize("kind", ["additive", "general", "scaled_dot", "multihead", "adaptive"])
+def test_keys_are_projected_once_per_sequence(kind):
+    module = ATTENTIONS[kind](key_dim=K, query_dim=Q)
+    calls = []
+    module.key_proj.register_forward_hook(lambda m, i, o: calls.append(1))
+    cache = module.precompute(torch.randn(B, N, K))
+    for _ in range(4):
+        attend(module, torch.randn(B, Q), cache)
+    assert len(calls) == 1
+
+
+def test_attention_kind_of_none_and_of_a_class_of_ones_own():
+    class Mine(torch.nn.Module):
+        pass
+
+    assert att.attention_kind(None) == "none" and att.attention_kind(Mine) is None
