@@ -76,6 +76,9 @@ class CaptionDataset(Dataset):
             "references": self.references[i],
             "image_id": record.image_id,
             "index": i,
+            # object annotations (shapes demo) for attention grounding; None elsewhere
+            "objects": record.extra.get("objects"),
+            "extent": record.extra.get("image_size"),
         }
         if self.features is not None:
             item["grid"] = torch.from_numpy(np.asarray(self.features[i], dtype=np.float32))
@@ -96,6 +99,8 @@ def collate(items: list[dict[str, Any]], pad_id: int = Vocabulary.pad_id) -> dic
         "references": [it["references"] for it in items],
         "image_ids": [it["image_id"] for it in items],
         "index": torch.tensor([it["index"] for it in items]),
+        "objects": [it.get("objects") for it in items],
+        "extents": [it.get("extent") for it in items],
     }
     key = "grid" if "grid" in items[0] else "image"
     batch["grid" if key == "grid" else "images"] = torch.stack([it[key] for it in items])

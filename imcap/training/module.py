@@ -14,7 +14,8 @@ from torchmetrics import MaxMetric
 
 from imcap.data.vocab import Vocabulary
 from imcap.metrics import CorpusBLEU
-from imcap.models.captioner import CHECKPOINT_KEY, build_captioner
+from imcap.metrics.grounding import GroundingRate
+from imcap.models.captioner import CHECKPOINT_KEY, Caption, build_captioner
 from imcap.models.search import Decoding
 from imcap.training.losses import caption_cross_entropy, doubly_stochastic_penalty
 
@@ -56,6 +57,7 @@ class CaptionModule(pl.LightningModule):
         self.captioner.decoding = self.decoding
         self.data_config = data_config  # stored in checkpoints so eval can rebuild the data
         self.val_bleu, self.test_bleu = CorpusBLEU(), CorpusBLEU()
+        self.test_grounding = GroundingRate()
         self.val_best = MaxMetric()
         self.val_best.persistent(True)  # the best score survives a resume from checkpoint
         self.eval_prefix = eval_prefix  # metric prefix of the test loop: test/BLEU-4 or val/BLEU-4
@@ -85,8 +87,11 @@ class CaptionModule(pl.LightningModule):
         return out
 
     def decode(self, batch: dict) -> list[str]:
-        result = self.captioner.generate(*self.features(batch), self.decoding)
-        return [self.vocab.decode_text(ids) for ids in result.tokens.tolist()]
+        return [c.text for c in self.decode_captions(batch)]
+
+    def decode_captions(self, batch: dict) -> list[Caption]:
+        """Generated captions with their words and per-word attention maps."""
+        return self.captioner.to_captions(self.captioner.generate(*self.features(batch), self.decoding))
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -114,14 +119,23 @@ class CaptionModule(pl.LightningModule):
         self.predictions = []
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        captions = self.decode(batch)
+        generated = self.decode_captions(batch)
+        captions = [c.text for c in generated]
         self.test_bleu.update(captions, batch["references"])
         self.predictions += [{"image_id": i, "caption": c} for i, c in zip(batch["image_ids"], captions)]
+        if generated and generated[0].attention is not None and any(batch.get("objects") or []):
+            maps = torch.nn.utils.rnn.pad_sequence([c.attention for c in generated], batch_first=True)
+            self.test_grounding.update([c.words for c in generated], maps, batch["objects"], batch["extents"])
 
     def on_test_epoch_end(self) -> None:
         for name, value in self.test_bleu.compute().items():
             self.log(f"{self.eval_prefix}/{name}", value.float())
         self.test_bleu.reset()
+        grounding = self.test_grounding.compute()
+        if float(grounding["grounding_words"]) > 0:  # only datasets with object boxes
+            for name in ("grounding", "grounding_chance"):
+                self.log(f"{self.eval_prefix}/{name}", grounding[name].float())
+        self.test_grounding.reset()
 
     def configure_optimizers(self):
         decoder_params = [p for p in self.captioner.decoder.parameters() if p.requires_grad]

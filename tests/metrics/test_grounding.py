@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from imcap.metrics.grounding import GroundingRate, cell_centres
+
+# a 64-pixel image, 2x2 grid: cells (row-major) are top-left, top-right, bottom-left, bottom-right
+OBJECTS = [{"color": "red", "shape": "circle", "box": [0, 0, 30, 30]},
+           {"color": "blue", "shape": "square", "box": [34, 34, 64, 64]}]
+
+
+def attention_on(cells: list[int]) -> torch.Tensor:
+    att = torch.full((1, len(cells), 4), 0.1)
+    for t, c in enumerate(cells):
+        att[0, t, c] = 0.7
+    return att
+
+
+def test_cell_centres_are_row_major():
+    assert cell_centres(4, 64).tolist() == [[16, 16], [48, 16], [16, 48], [48, 48]]
+    with pytest.raises(ValueError):
+        cell_centres(5, 64)
+
+
+def test_hits_misses_and_chance():
+    metric = GroundingRate()
+    words = [["a", "red", "circle", "and", "a", "blue", "square"]]
+    # red -> top-left (hit), circle -> bottom-right (miss), blue -> bottom-right (hit), square -> top-left (miss)
+    metric.update(words, attention_on([0, 0, 3, 0, 0, 3, 0]), [OBJECTS], [64])
+    result = metric.compute()
+    assert float(result["grounding"]) == pytest.approx(0.5)
+    assert float(result["grounding_chance"]) == pytest.approx(0.25)  # one cell of four per word
+
+
+def test_words_naming_no_object_and_images_without_annotations_are_not_counted():
+    metric = GroundingRate()
+    metric.update([["a", "green", "triangle"], ["a", "red", "circle"]], torch.cat([attention_on([0, 0, 0])] * 2),
+                  [OBJECTS, None], [64, None])
+    assert float(metric.words) == 0
