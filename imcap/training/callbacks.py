@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import numpy as np
 import pytorch_lightning as pl
@@ -63,3 +64,31 @@ class WandbCaptionTable(pl.Callback):
                            "\n".join(item["references"]), overlay)
         for lg in loggers:
             lg.experiment.log({"val/captions": table, "trainer/global_step": trainer.global_step})
+
+
+class TrainTimer(pl.Callback):
+    """Logs `train/captions_per_s`: captions over wall time of the training part of the epochs
+    so far (validation, which Lightning runs inside the epoch, excluded)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.captions = 0
+        self._start: float | None = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def _stop(self, trainer: pl.Trainer) -> None:
+        if self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+            self.captions += len(trainer.train_dataloader.sampler)
+            self._start = None
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._stop(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop(trainer)
+        if self.seconds > 0:
+            pl_module.log("train/captions_per_s", self.captions / self.seconds)
