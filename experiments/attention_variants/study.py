@@ -72,7 +72,7 @@ def fmt(value, digits: int = 3) -> str:
 def write_report(results: list[dict], args: argparse.Namespace, device: str) -> None:
     (HERE / f"results-{args.data}.json").write_text(json.dumps(results, indent=2))
     lines = [
-        f"| decoder | attention | decoder params | test BLEU-4 | test CIDEr-D | grounding (chance) | train captions/s |",
+        "| decoder | attention | decoder params | test BLEU-4 | test CIDEr-D | grounding (chance) | train captions/s |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
