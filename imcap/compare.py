@@ -1,4 +1,4 @@
-"""Compare runs without the cloud: `python -m imcap.compare RUN_DIR... [--metric val/BLEU-4] [--plot curves.png]`.
+"""Compare runs without the cloud: `python -m imcap.compare RUN_DIR... [--metric val/CIDEr-D] [--plot curves.png]`.
 
 Prints one row per run with the config values that differ between the runs, the final test
 metrics and the best validation score, and writes a PNG of the validation curves. A folder
@@ -107,7 +107,7 @@ def plot_curves(runs: list[dict[str, Any]], labels: list[str], metric: str, path
     return path
 
 
-def compare(paths: list[str], metric: str = "val/BLEU-4", plot: str | None = "curves.png") -> list[dict[str, Any]]:
+def compare(paths: list[str], metric: str = "val/CIDEr-D", plot: str | None = "curves.png") -> list[dict[str, Any]]:
     runs = [load_run(p) for p in find_runs(paths)]
     keys = distinguishing([r["config"] for r in runs])
     labels = [_short(r["path"].name + ": " + ", ".join(f"{k}={r['config'].get(k)}" for k in keys)) for r in runs]
@@ -136,7 +136,7 @@ def compare(paths: list[str], metric: str = "val/BLEU-4", plot: str | None = "cu
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m imcap.compare", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run directories, or folders holding runs")
-    parser.add_argument("--metric", default="val/BLEU-4", help="curve to plot and best value to show")
+    parser.add_argument("--metric", default="val/CIDEr-D", help="curve to plot and best value to show")
     parser.add_argument("--plot", default="curves.png", help="PNG path for the curves ('' for none)")
     parser.add_argument("--json", action="store_true", help="also print the rows as JSON")
     args = parser.parse_args(argv)

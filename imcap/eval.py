@@ -54,6 +54,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         decoding=decoding_with_overrides(meta.get("decoding"), cfg.get("decoding")),
         data_config=OmegaConf.to_container(data_cfg, resolve=True),
         eval_prefix=cfg.split,
+        test_metrics=list(cfg.metrics),
     )
     load_state(module, checkpoint["state_dict"], cfg.ckpt_path)
     datamodule.attach_encoder(module.captioner.encoder)

@@ -35,7 +35,8 @@ from imcap.training.module import CaptionModule
 
 log = logging.getLogger("imcap.train")
 
-MODULE_OPTIONS = ("optimizer", "scheduler", "encoder_lr", "label_smoothing", "attention_reg", "decoding")
+MODULE_OPTIONS = ("optimizer", "scheduler", "encoder_lr", "label_smoothing", "attention_reg", "decoding",
+                  "val_metrics", "test_metrics", "monitor", "scst", "scheduled_sampling")
 
 
 def build_module(cfg: DictConfig, vocab: Vocabulary) -> CaptionModule:
@@ -135,7 +136,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
         wandb.finish()  # the next job of a multirun starts its own W&B run
     log.info("Run directory: %s", run_dir)
-    for name in ("val/BLEU-4_best", "test/BLEU-1", "test/BLEU-4"):
+    for name in ("val/CIDEr-D_best", "test/BLEU-4", "test/CIDEr-D", "test/METEOR", "test/grounding"):
         if name in metrics:
             log.info("%s = %.4f", name, metrics[name])
     return metrics

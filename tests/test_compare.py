@@ -19,7 +19,7 @@ def fake_run(folder, attention, best, curve):
 def test_table_shows_only_what_differs_and_plots_curves(tmp_path, capsys):
     fake_run(tmp_path / "sweep" / "0", "additive", 0.7, [0.5, 0.6, 0.7])
     fake_run(tmp_path / "sweep" / "1", None, 0.6, [0.4, 0.6])
-    rows = compare([str(tmp_path / "sweep")], plot=str(tmp_path / "curves.png"))
+    rows = compare([str(tmp_path / "sweep")], metric="val/BLEU-4", plot=str(tmp_path / "curves.png"))
     assert [r["model.attention._target_"] for r in rows] == ["additive", None]
     assert [r["val/BLEU-4_best"] for r in rows] == [0.7, 0.6]
     assert "model.decoder.hidden_dim" not in rows[0] and "paths.output_dir" not in rows[0]

@@ -32,7 +32,7 @@ def test_run_directory_holds_every_artefact(trained):
     out, metrics = trained
     assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
     assert json.loads((out / "metrics.json").read_text()) == metrics
-    assert set(TEST_METRICS) | {"val/BLEU-4", "val/BLEU-4_best", "train/loss"} <= set(metrics)
+    assert set(TEST_METRICS) | {"val/BLEU-4", "val/CIDEr-D", "val/CIDEr-D_best", "test/CIDEr-D", "test/ROUGE-L", "train/loss"} <= set(metrics)
     assert 0 <= metrics["test/grounding"] <= 1 and 0 < metrics["test/grounding_chance"] < 1
     predictions = json.loads((out / "predictions" / "test.json").read_text())
     assert len(predictions) == 16 and {"image_id", "caption"} == set(predictions[0])
@@ -46,7 +46,7 @@ def test_run_directory_holds_every_artefact(trained):
 def test_eval_reproduces_the_test_metrics_exactly(trained, make_cfg, tmp_path):
     out, metrics = trained
     cfg = make_cfg(f"ckpt_path={out}/checkpoints/best.ckpt", "trainer.enable_progress_bar=false",
-                   name="eval", out=tmp_path / "eval")
+                   "metrics=[BLEU,ROUGE-L,CIDEr-D]", name="eval", out=tmp_path / "eval")
     evaluated = evaluate(cfg)
     assert {k: evaluated[k] for k in TEST_METRICS} == {k: metrics[k] for k in TEST_METRICS}
     assert json.loads((tmp_path / "eval" / "predictions" / "test.json").read_text()) == json.loads(
@@ -56,8 +56,10 @@ def test_eval_reproduces_the_test_metrics_exactly(trained, make_cfg, tmp_path):
 def test_eval_on_the_val_split_with_beam_search_and_a_gallery(trained, make_cfg, tmp_path):
     out, _ = trained
     cfg = make_cfg(f"ckpt_path={out}/checkpoints/best.ckpt", "split=val", "trainer.enable_progress_bar=false",
-                   "decoding.method=beam", "decoding.beam_size=3", "gallery=4", name="eval", out=tmp_path / "eval")
-    assert set(evaluate(cfg)) == {*(f"val/BLEU-{k}" for k in range(1, 5)), "val/grounding", "val/grounding_chance"}
+                   "decoding.method=beam", "decoding.beam_size=3", "gallery=4", "metrics=[BLEU,CIDEr-D]",
+                   name="eval", out=tmp_path / "eval")
+    assert set(evaluate(cfg)) == {*(f"val/BLEU-{k}" for k in range(1, 5)), "val/CIDEr-D", "val/grounding",
+                                  "val/grounding_chance"}
     predictions = json.loads((tmp_path / "eval" / "predictions" / "val.json").read_text())
     page = (tmp_path / "eval" / "gallery.html").read_text()
     assert page.count('class="card"') == 4 and page.count("data:image/jpeg;base64,") == 4
@@ -90,7 +92,7 @@ def test_resumed_run_ends_with_the_same_test_metrics(make_cfg, tmp_path):
     shutil.rmtree(tmp_path / "killed" / "predictions", ignore_errors=True)
     resumed = train(make_cfg(*run, f"ckpt_path={last}", out=tmp_path / "killed"))
     assert {k: resumed[k] for k in TEST_METRICS} == {k: straight[k] for k in TEST_METRICS}
-    assert resumed["val/BLEU-4_best"] == straight["val/BLEU-4_best"]
+    assert resumed["val/CIDEr-D_best"] == straight["val/CIDEr-D_best"]
     assert resumed["train/loss"] == straight["train/loss"]  # the last step's loss
     assert straight["test/BLEU-1"] > 0.15  # learned something (untrained: about 0.1), not a degenerate match
 
@@ -103,3 +105,11 @@ def test_fast_dev_run_runs_the_whole_path_in_one_batch(make_cfg, tmp_path):
 def test_show_and_tell_has_no_grounding_metric(make_cfg, tmp_path):
     metrics = train(make_cfg("model/attention=none", "trainer.limit_train_batches=1", out=tmp_path / "st"))
     assert "test/BLEU-4" in metrics and "test/grounding" not in metrics
+
+
+def test_scst_phase_follows_cross_entropy(make_cfg, tmp_path):
+    metrics = train(make_cfg("model.scst.start_epoch=1", "model.scst.num_samples=2", "model.scst.baseline=mean",
+                             "trainer.max_epochs=2", "model.scheduled_sampling.start_epoch=0",
+                             "model.scheduled_sampling.increase_every=1", out=tmp_path / "scst"))
+    assert "train/scst_reward" in metrics and "train/scst_baseline" in metrics
+    assert metrics["val/CIDEr-D_best"] >= metrics["val/CIDEr-D"] - 1e-9

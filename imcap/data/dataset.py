@@ -74,6 +74,7 @@ class CaptionDataset(Dataset):
         item: dict[str, Any] = {
             "tokens": torch.tensor(self.tokens[i][j], dtype=torch.long),
             "references": self.references[i],
+            "raw_references": list(record.captions),  # as written, for the official metrics
             "image_id": record.image_id,
             "index": i,
             # object annotations (shapes demo) for attention grounding; None elsewhere
@@ -97,6 +98,7 @@ def collate(items: list[dict[str, Any]], pad_id: int = Vocabulary.pad_id) -> dic
         "tokens": tokens,
         "lengths": lengths,
         "references": [it["references"] for it in items],
+        "raw_references": [it["raw_references"] for it in items],
         "image_ids": [it["image_id"] for it in items],
         "index": torch.tensor([it["index"] for it in items]),
         "objects": [it.get("objects") for it in items],

@@ -50,6 +50,17 @@ def bleu_from_stats(correct: Sequence[float], guess: Sequence[float], testlen: f
     return scores
 
 
+def corpus_bleu(candidates: Sequence[str], references: Sequence[Sequence[str]], n: int = 4) -> list[float]:
+    """BLEU-1..n of a whole evaluated set of whitespace-tokenised captions."""
+    correct, guess, testlen, reflen = [0] * n, [0] * n, 0, 0
+    for candidate, refs in zip(candidates, references):
+        c, g, t, r = sentence_stats(candidate, refs, n)
+        correct = [a + b for a, b in zip(correct, c)]
+        guess = [a + b for a, b in zip(guess, g)]
+        testlen, reflen = testlen + t, reflen + r
+    return bleu_from_stats(correct, guess, testlen, reflen)
+
+
 class CorpusBLEU(Metric):
     """`update(candidates, references)` with whitespace-tokenised strings; `compute()` returns
     {"BLEU-1": ..., "BLEU-4": ...} on coco-caption's 0-1 scale."""

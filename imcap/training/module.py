@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -13,11 +14,14 @@ from hydra.utils import instantiate
 from torchmetrics import MaxMetric
 
 from imcap.data.vocab import Vocabulary
-from imcap.metrics import CorpusBLEU
+from imcap.metrics.cider import cider_d_scores, document_frequencies
+from imcap.metrics.coco import CaptionMetrics
 from imcap.metrics.grounding import GroundingRate
 from imcap.models.captioner import CHECKPOINT_KEY, Caption, build_captioner
 from imcap.models.search import Decoding
 from imcap.training.losses import caption_cross_entropy, doubly_stochastic_penalty
+from imcap.training.scheduled_sampling import ScheduledSampling, scheduled_sampling_forward
+from imcap.training.scst import SCST, scst_loss
 
 # A frozen encoder stays in eval mode on purpose (fixed BatchNorm statistics).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
@@ -46,6 +50,11 @@ class CaptionModule(pl.LightningModule):
         pretrained: bool = True,
         data_config: dict | None = None,
         eval_prefix: str = "test",
+        val_metrics: Sequence[str] = ("BLEU", "ROUGE-L", "CIDEr-D"),
+        test_metrics: Sequence[str] = ("BLEU", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE"),
+        monitor: str = "CIDEr-D",
+        scst: dict | None = None,
+        scheduled_sampling: dict | None = None,
     ):
         super().__init__()
         self.vocab = Vocabulary(vocab)
@@ -56,7 +65,12 @@ class CaptionModule(pl.LightningModule):
         self.decoding = Decoding(**(decoding or {}))
         self.captioner.decoding = self.decoding
         self.data_config = data_config  # stored in checkpoints so eval can rebuild the data
-        self.val_bleu, self.test_bleu = CorpusBLEU(), CorpusBLEU()
+        self.val_metrics = CaptionMetrics(list(val_metrics))
+        self.test_metrics = CaptionMetrics(list(test_metrics))  # METEOR/SPICE skipped with a note when unavailable
+        self.monitor = monitor  # logged as val/<monitor>_best; checkpoints select on val/<monitor>
+        self.scst = SCST(**(scst or {}))
+        self.scheduled_sampling = ScheduledSampling(**(scheduled_sampling or {}))
+        self._cider_frequencies = None  # document frequencies of the training captions (SCST reward)
         self.test_grounding = GroundingRate()
         self.val_best = MaxMetric()
         self.val_best.persistent(True)  # the best score survives a resume from checkpoint
@@ -74,7 +88,12 @@ class CaptionModule(pl.LightningModule):
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
         tokens = batch["tokens"]  # (B, L): <bos> w1 .. wn <eos> <pad>..
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        logits, weights = self.captioner(*self.features(batch), inputs)  # (B, T, V), (B, T, N)
+        grid, pooled = self.features(batch)
+        probability = self.scheduled_sampling.probability(self.current_epoch) if self.training else 0.0
+        if probability > 0:
+            logits, weights = scheduled_sampling_forward(self.captioner.decoder, grid, pooled, inputs, probability)
+        else:
+            logits, weights = self.captioner(grid, pooled, inputs)  # (B, T, V), (B, T, N)
         xe = caption_cross_entropy(logits, targets, self.vocab.pad_id, self.label_smoothing)
         out = {"loss": xe, "xe": xe}
         if weights is not None and self.attention_reg > 0:
@@ -94,9 +113,21 @@ class CaptionModule(pl.LightningModule):
         return self.captioner.to_captions(self.captioner.generate(*self.features(batch), self.decoding))
 
     # -- Lightning hooks ----------------------------------------------------------------------
+    def scst_reward(self, candidates: Sequence[str], references: Sequence[Sequence[str]]) -> torch.Tensor:
+        """CIDEr-D of each candidate, with document frequencies of the training captions."""
+        if self._cider_frequencies is None:
+            self._cider_frequencies = document_frequencies(self.trainer.datamodule.datasets["train"].references)
+        return torch.tensor(cider_d_scores(candidates, references, frequencies=self._cider_frequencies))
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        losses = self.loss(batch)
         bs = batch["tokens"].shape[0]
+        if self.scst.active(self.current_epoch):
+            losses = scst_loss(self.captioner.decoder, *self.features(batch), batch["references"], self.vocab,
+                               self.scst_reward, self.scst)
+            for name, value in losses.items():
+                self.log(f"train/scst_{name}" if name != "loss" else "train/loss", value, prog_bar=True, batch_size=bs)
+            return losses["loss"]
+        losses = self.loss(batch)
         for name, value in losses.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=bs)
         return losses["loss"]
@@ -104,16 +135,16 @@ class CaptionModule(pl.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         bs = batch["tokens"].shape[0]
         self.log("val/loss", self.loss(batch)["xe"], batch_size=bs, sync_dist=True)
-        self.val_bleu.update(self.decode(batch), batch["references"])
+        self.val_metrics.update(batch["image_ids"], self.decode(batch), batch["raw_references"])
 
     def on_validation_epoch_end(self) -> None:
-        scores = self.val_bleu.compute()
-        self.val_bleu.reset()
+        scores = self.val_metrics.compute()  # synced across ranks, each image once
+        self.val_metrics.reset()
         for name, value in scores.items():
-            self.log(f"val/{name}", value.float(), prog_bar=name == "BLEU-4")
-        if not self.trainer.sanity_checking:
-            self.val_best.update(scores["BLEU-4"].float())
-            self.log("val/BLEU-4_best", self.val_best.compute())
+            self.log(f"val/{name}", value.float(), prog_bar=name in ("BLEU-4", "CIDEr-D"))
+        if not self.trainer.sanity_checking and self.monitor in scores:
+            self.val_best.update(scores[self.monitor].float())
+            self.log(f"val/{self.monitor}_best", self.val_best.compute())
 
     def on_test_epoch_start(self) -> None:
         self.predictions = []
@@ -121,16 +152,18 @@ class CaptionModule(pl.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         generated = self.decode_captions(batch)
         captions = [c.text for c in generated]
-        self.test_bleu.update(captions, batch["references"])
-        self.predictions += [{"image_id": i, "caption": c} for i, c in zip(batch["image_ids"], captions)]
+        self.test_metrics.update(batch["image_ids"], captions, batch["raw_references"])
+        self.predictions += [{"image_id": i, "caption": c, "index": int(k)}
+                             for i, c, k in zip(batch["image_ids"], captions, batch["index"])]
         if generated and generated[0].attention is not None and any(batch.get("objects") or []):
             maps = torch.nn.utils.rnn.pad_sequence([c.attention for c in generated], batch_first=True)
             self.test_grounding.update([c.words for c in generated], maps, batch["objects"], batch["extents"])
 
     def on_test_epoch_end(self) -> None:
-        for name, value in self.test_bleu.compute().items():
+        for name, value in self.test_metrics.compute().items():
             self.log(f"{self.eval_prefix}/{name}", value.float())
-        self.test_bleu.reset()
+        self.test_metrics.reset()
+        self.predictions = gather_predictions(self.predictions)
         grounding = self.test_grounding.compute()
         if float(grounding["grounding_words"]) > 0:  # only datasets with object boxes
             for name in ("grounding", "grounding_chance"):
@@ -160,6 +193,17 @@ class CaptionModule(pl.LightningModule):
             "wandb_run_id": self.wandb_run_id,
             "format": 1,
         }
+
+
+def gather_predictions(predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Predictions of all ranks, each image once (DDP pads the last batch with repeats), in
+    dataset order, in COCO results format."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered: list[list[dict[str, Any]]] = [[] for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather_object(gathered, predictions)
+        predictions = [p for rank in gathered for p in rank]
+    unique = {p["index"]: p for p in predictions}
+    return [{"image_id": unique[k]["image_id"], "caption": unique[k]["caption"]} for k in sorted(unique)]
 
 
 def _partial(cfg: dict) -> partial:

@@ -7,6 +7,7 @@ from pycocoevalcap.bleu.bleu import Bleu
 
 from imcap.data.text import normalize
 from imcap.metrics import CorpusBLEU
+from imcap.metrics.bleu import corpus_bleu
 from tests.conftest import SHARED_DATA
 
 
@@ -35,6 +36,7 @@ EDGE_CASES = [
 @pytest.mark.parametrize("candidates,references", EDGE_CASES)
 def test_matches_coco_caption_on_edge_cases(candidates, references):
     assert ours(candidates, references) == pytest.approx(coco_bleu(candidates, references), abs=1e-9)
+    assert corpus_bleu(candidates, references) == pytest.approx(coco_bleu(candidates, references), abs=1e-9)
 
 
 @pytest.mark.realdata

@@ -1,0 +1,178 @@
+"""coco-caption's Java scorers (METEOR 1.5, SPICE 1.0), run from the jars inside pycocoevalcap.
+
+Free of torch on purpose, like the tokenizer: the score CLI starts METEOR's Java process (seconds
+to load its paraphrase table) before it loads torch. When a scorer cannot run here it says why
+once in the log (not once per validation epoch) and returns None; it never raises for that.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("imcap.metrics")
+_noted: set[str] = set()
+
+SPICE_CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+_METEOR_CHUNK = 256  # SCORE lines written before reading their answers (no pipe ever fills up)
+
+
+def note_once(key: str, message: str) -> None:
+    if key not in _noted:
+        _noted.add(key)
+        log.warning(message)
+
+
+def java_executable() -> str | None:
+    return shutil.which("java")
+
+
+def pycocoevalcap_dir() -> Path | None:
+    """The installed pycocoevalcap package, found without importing it."""
+    spec = importlib.util.find_spec("pycocoevalcap")  # a namespace package: no __init__.py
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return Path(locations[0]) if locations else None
+
+
+def spice_dir() -> Path | None:
+    package = pycocoevalcap_dir()
+    return package / "spice" if package is not None else None
+
+
+class MeteorScorer:
+    """METEOR 1.5 spoken to exactly as pycocoevalcap's `Meteor` does: one persistent
+    `java -jar meteor-1.5.jar - - -stdio -l en -norm`, started on first use (or by `start()`);
+    a `SCORE ||| refs ||| hypothesis` line per image returns its statistics, then one
+    `EVAL ||| stats ||| ...` line returns the per-image scores and the corpus score.
+    The process never travels with a pickled or copied scorer: the copy starts its own."""
+
+    def __init__(self, max_memory: str = "2G") -> None:
+        self.max_memory = max_memory
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    def available(self) -> bool:
+        """Whether METEOR can run here; if not, says why once (in the log) and returns False."""
+        if java_executable() is None:
+            note_once("meteor-java", "METEOR skipped: `java` is not on PATH (install a JRE to compute it)")
+            return False
+        package = pycocoevalcap_dir()
+        if package is None or not (package / "meteor" / "meteor-1.5.jar").is_file():
+            note_once("meteor-jar", "METEOR skipped: meteor-1.5.jar not found (pip install pycocoevalcap==1.2)")
+            return False
+        return True
+
+    def command(self) -> tuple[list[str], Path]:
+        """The command line and the folder it runs in (pycocoevalcap's, with the memory cap)."""
+        return ([java_executable() or "java", "-jar", f"-Xmx{self.max_memory}", "meteor-1.5.jar",
+                 "-", "-", "-stdio", "-l", "en", "-norm"], Path(pycocoevalcap_dir()) / "meteor")
+
+    def start(self) -> subprocess.Popen:
+        """The running process, started now if it is not (returns at once; Java loads on)."""
+        if self._proc is None or self._proc.poll() is not None:
+            cmd, cwd = self.command()
+            self._proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        return self._proc
+
+    def _readline(self, proc: subprocess.Popen) -> str:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the METEOR process exited (status {proc.poll()}); "
+                               f"try a larger max_memory than {self.max_memory}")
+        return line.decode("utf-8").strip()
+
+    def score(self, candidates: Sequence[str], references: Sequence[Sequence[str]]) -> float | None:
+        """Corpus METEOR of tokenised captions, or None when METEOR cannot run here."""
+        if not self.available():
+            return None
+        with self._lock:
+            proc = self.start()
+            stats = []
+            for begin in range(0, len(candidates), _METEOR_CHUNK):
+                lines = []
+                end = begin + _METEOR_CHUNK
+                for hyp, refs in zip(candidates[begin:end], references[begin:end]):
+                    hyp = hyp.replace("|||", "").replace("  ", " ")  # as pycocoevalcap does
+                    lines.append(" ||| ".join(("SCORE", " ||| ".join(refs), hyp)) + "\n")
+                proc.stdin.write("".join(lines).encode("utf-8"))
+                proc.stdin.flush()
+                stats.extend(self._readline(proc) for _ in lines)
+            proc.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode("utf-8"))
+            proc.stdin.flush()
+            for _ in stats:  # the per-image scores, unused
+                self._readline(proc)
+            return float(self._readline(proc))
+
+    def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.stdin.close()
+            proc.kill()
+            proc.wait()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        return {"max_memory": self.max_memory}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+
+class SpiceScorer:
+    """SPICE run as pycocoevalcap's `Spice` runs it (`-subset -silent`, the mean of each image's
+    "All" F-score), in a temporary folder. Optional: the jar also needs Stanford CoreNLP 3.6.0
+    in `spice/lib`, which pycocoevalcap downloads on first use and nothing here downloads.
+    Scene-graph parsing takes minutes per thousand captions and up to 8 GB."""
+
+    def __init__(self, max_memory: str = "8G") -> None:
+        self.max_memory = max_memory
+
+    def available(self) -> bool:
+        """Whether SPICE can run here; if not, says why once (in the log) and returns False."""
+        if java_executable() is None:
+            note_once("spice-java", "SPICE skipped: `java` is not on PATH")
+            return False
+        folder = spice_dir()
+        if folder is None or not all((folder / "lib" / jar).is_file() for jar in SPICE_CORENLP_JARS):
+            where = folder / "lib" if folder else "pycocoevalcap/spice/lib"
+            note_once("spice-corenlp", f"SPICE skipped: it needs Stanford CoreNLP 3.6.0 in {where} "
+                      f"({', '.join(SPICE_CORENLP_JARS)}), which is not installed")
+            return False
+        return True
+
+    def score(self, candidates: Sequence[str], references: Sequence[Sequence[str]]) -> float | None:
+        """Mean SPICE F-score of tokenised captions, or None when SPICE cannot run here."""
+        if not self.available():
+            return None
+        items = [{"image_id": i, "test": c, "refs": list(r)}
+                 for i, (c, r) in enumerate(zip(candidates, references))]
+        with tempfile.TemporaryDirectory(prefix="imcap-spice-") as tmp:
+            source, target = Path(tmp) / "in.json", Path(tmp) / "out.json"
+            source.write_text(json.dumps(items))
+            cmd = [java_executable(), "-jar", f"-Xmx{self.max_memory}", "spice-1.0.jar", str(source),
+                   "-cache", str(Path(tmp) / "cache"), "-out", str(target), "-subset", "-silent"]
+            run = subprocess.run(cmd, cwd=spice_dir(), capture_output=True, text=True)
+            if run.returncode != 0:
+                tail = run.stderr.strip().splitlines()[-1:] or ["no output"]
+                note_once("spice-failed", f"SPICE skipped: the jar failed ({tail[0]})")
+                return None
+            results = json.loads(target.read_text())
+        return sum(_as_float(r["scores"]["All"]["f"]) for r in results) / len(results)
+
+
+def _as_float(value: object) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan  # pycocoevalcap turns unparsable scores into NaN too

@@ -1,0 +1,178 @@
+"""Score caption predictions with the official COCO metrics:
+`python -m imcap.score --references REFS --predictions PREDS [--metrics BLEU CIDEr-D ...]`.
+
+REFS is a COCO captions file ({"annotations": [{"image_id", "caption"}, ...]}, with an optional
+"images" list) or a flat {"image_id": ["ref", ...]} object; PREDS is a COCO results file
+([{"image_id", "caption"}, ...]) with exactly one caption for every image of REFS. Prints one JSON
+object: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (and SPICE where it can run) on coco-caption's scales.
+
+Image ids are compared as text, so 42 and "42" are the same image: a flat REFS file can only have
+string keys, while COCO results files usually carry integers. Ids must be integers or strings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from imcap.errors import ImcapError
+from imcap.metrics.java import MeteorScorer
+
+METRICS = ("BLEU", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE")  # as imcap.metrics.coco.METRICS
+
+
+def load_json(path: Path, option: str) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ImcapError(f"{path}: no such file (given as {option})") from None
+    except UnicodeDecodeError:
+        raise ImcapError(f"{path}: not UTF-8 text; {option} needs a JSON file") from None
+    except OSError as exc:
+        raise ImcapError(f"{path}: cannot read it ({exc.strerror})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ImcapError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, "
+                         f"column {exc.colno})") from None
+
+
+def image_key(value: Any, path: Path, where: str) -> str:
+    """An image id as text (42 and "42" match); anything but an int or a string is an error."""
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return str(value)
+    raise ImcapError(f"{path}: {where}: image_id must be an integer or a string, got {value!r}")
+
+
+def _caption(value: Any, path: Path, where: str) -> str:
+    if not isinstance(value, str):
+        raise ImcapError(f"{path}: {where}: caption must be a string, got {value!r}")
+    return value
+
+
+def _entry(item: Any, path: Path, where: str) -> tuple[str, str]:
+    if not isinstance(item, dict) or "image_id" not in item or "caption" not in item:
+        raise ImcapError(f"{path}: {where} must be an object with image_id and caption, got {item!r:.80}")
+    return image_key(item["image_id"], path, where), _caption(item["caption"], path, where)
+
+
+def load_references(path: Path) -> dict[str, list[str]]:
+    """{image key: [reference captions]} from a COCO captions file or a flat mapping."""
+    data = load_json(path, "--references")
+    refs: dict[str, list[str]] = {}
+    if isinstance(data, dict) and "annotations" in data:
+        if not isinstance(data["annotations"], list):
+            raise ImcapError(f"{path}: 'annotations' must be a list of {{image_id, caption}} objects")
+        images = data.get("images")
+        if images is not None:
+            if not isinstance(images, list) or not all(isinstance(i, dict) and "id" in i for i in images):
+                raise ImcapError(f"{path}: 'images' must be a list of objects with an 'id'")
+            refs = {image_key(i["id"], path, "images"): [] for i in images}
+        for n, item in enumerate(data["annotations"]):
+            key, caption = _entry(item, path, f"annotations[{n}]")
+            if images is not None and key not in refs:
+                raise ImcapError(f"{path}: annotations[{n}] is for image {key}, which 'images' does not list")
+            refs.setdefault(key, []).append(caption)
+        empty = [k for k, v in refs.items() if not v]
+        if empty:
+            raise ImcapError(f"{path}: {len(empty)} images listed in 'images' have no caption "
+                             f"(e.g. {', '.join(empty[:3])}); every image needs a reference")
+    elif isinstance(data, dict):
+        for raw, captions in data.items():
+            if not isinstance(captions, list) or not captions:
+                raise ImcapError(f"{path}: image {raw}: expected a non-empty list of reference captions")
+            refs[image_key(raw, path, f"image {raw}")] = [
+                _caption(c, path, f"image {raw}") for c in captions]
+    else:
+        raise ImcapError(f"{path}: expected a COCO captions file ({{\"annotations\": [...]}}) "
+                         f"or an object {{image_id: [captions]}}, got a JSON {type(data).__name__}")
+    if not refs:
+        raise ImcapError(f"{path}: no reference captions")
+    return refs
+
+
+def load_predictions(path: Path, refs: dict[str, list[str]], refs_path: Path) -> dict[str, str]:
+    """{image key: predicted caption}, one for each image of `refs` and no other."""
+    data = load_json(path, "--predictions")
+    if not isinstance(data, list):
+        raise ImcapError(f"{path}: expected a COCO results list [{{image_id, caption}}, ...], "
+                         f"got a JSON {type(data).__name__}")
+    preds: dict[str, str] = {}
+    first: dict[str, int] = {}
+    for n, item in enumerate(data):
+        key, caption = _entry(item, path, f"entry {n}")
+        if key in preds:
+            raise ImcapError(f"{path}: image {key} has two predictions (entries {first[key]} and {n}); "
+                             "keep one caption per image")
+        preds[key], first[key] = caption, n
+    unknown = [k for k in preds if k not in refs]
+    if unknown:
+        raise ImcapError(f"{path}: {len(unknown)} predictions are for images that {refs_path} does "
+                         f"not have (e.g. {', '.join(unknown[:3])})")
+    missing = [k for k in refs if k not in preds]
+    if missing:
+        raise ImcapError(f"{path}: no prediction for {len(missing)} of the {len(refs)} images in "
+                         f"{refs_path} (e.g. {', '.join(missing[:3])})")
+    return preds
+
+
+def score(references: Path, predictions: Path, metrics: Sequence[str] = METRICS) -> dict[str, float]:
+    """The chosen metrics of `predictions` against `references`, as printed by the CLI."""
+    refs = load_references(references)
+    preds = load_predictions(predictions, refs, references)
+    meteor = MeteorScorer()
+    if "METEOR" in metrics and meteor.available():
+        meteor.start()  # Java reads its paraphrase table while torch loads
+    from imcap.metrics.coco import CaptionMetrics
+
+    metric = CaptionMetrics(metrics=metrics, meteor=meteor)
+    keys = list(refs)
+    metric.update(keys, [preds[k] for k in keys], [refs[k] for k in keys])
+    return {name: float(value) for name, value in metric.compute().items()}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m imcap.score", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--references", required=True, type=Path, metavar="REFS",
+                        help="COCO captions JSON or {image_id: [captions]}")
+    parser.add_argument("--predictions", required=True, type=Path, metavar="PREDS",
+                        help="COCO results JSON: [{image_id, caption}, ...]")
+    parser.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS),
+                        help="which metrics to compute (default: all; BLEU gives BLEU-1..4)")
+    return parser.parse_args(argv)
+
+
+def report_user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`error: <one line>` on stderr and exit status 2 for an ImcapError, as
+    imcap.cli.report_user_errors does, without loading Lightning and Hydra to say it."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ImcapError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+    return wrapper
+
+
+@report_user_errors
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="note: %(message)s")  # METEOR/SPICE skips
+    scores = score(args.references, args.predictions, args.metrics)
+    print(json.dumps(scores, indent=2))
+    return scores
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+from functools import partial
+
+import pytest
+import torch
+
+from imcap.data.vocab import Vocabulary
+from imcap.errors import ImcapError
+from imcap.models.attention import AdditiveAttention
+from imcap.models.decoders import LSTMDecoder
+from imcap.models.embeddings import LearnedEmbedding
+from imcap.training.scheduled_sampling import ScheduledSampling, scheduled_sampling_forward
+from imcap.training.scst import SCST, scst_loss
+
+VOCAB = Vocabulary(["<pad>", "<bos>", "<eos>", "<unk>", "red", "blue", "circle", "square"])
+
+
+def decoder() -> LSTMDecoder:
+    torch.manual_seed(0)
+    emb = LearnedEmbedding(VOCAB.itos, dim=16)
+    return LSTMDecoder(len(VOCAB), 12, emb, partial(AdditiveAttention, attention_dim=8), hidden_dim=24, dropout=0.0)
+
+
+def blue_reward(candidates, references):
+    """Share of words that are 'blue': a reward the policy can learn to maximise."""
+    return torch.tensor([c.split().count("blue") / max(1, len(c.split())) for c in candidates])
+
+
+@pytest.mark.parametrize("baseline", ["greedy", "mean"])
+def test_policy_gradient_raises_the_reward(baseline):
+    dec = decoder()
+    grid = torch.randn(8, 4, 12)
+    refs = [["a reference"]] * 8
+    config = SCST(start_epoch=0, baseline=baseline, num_samples=4, max_length=6)
+    optimizer = torch.optim.Adam(dec.parameters(), lr=1e-2)
+    rewards = []
+    for _ in range(40):
+        out = scst_loss(dec, grid, grid.mean(1), refs, VOCAB, blue_reward, config)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        rewards.append(float(out["reward"]))
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.3
+
+
+def test_baseline_carries_no_gradient_and_equal_rewards_give_zero_loss():
+    dec = decoder()
+    grid = torch.randn(3, 4, 12)
+    out = scst_loss(dec, grid, grid.mean(1), [["x"]] * 3, VOCAB, lambda c, r: torch.ones(len(c)),
+                    SCST(start_epoch=0, baseline="mean", num_samples=3))
+    assert float(out["loss"]) == 0.0 and float(out["baseline"]) == 1.0
+
+
+def test_scst_options_are_checked():
+    assert not SCST().active(100) and SCST(start_epoch=3).active(3) and not SCST(start_epoch=3).active(2)
+    with pytest.raises(ImcapError, match="baseline"):
+        SCST(baseline="median")
+    with pytest.raises(ImcapError, match="num_samples"):
+        SCST(baseline="mean", num_samples=1)
+
+
+def test_scheduled_sampling_schedule_and_zero_probability_path():
+    schedule = ScheduledSampling(start_epoch=2, increase_every=2, increase_prob=0.1, max_prob=0.25)
+    assert [schedule.probability(e) for e in range(9)] == [0, 0, 0, 0, 0.1, 0.1, 0.2, 0.2, 0.25]
+    assert ScheduledSampling().probability(50) == 0.0
+    dec = decoder().eval()
+    grid = torch.randn(2, 4, 12)
+    tokens = torch.randint(4, len(VOCAB), (2, 5))
+    with torch.no_grad():
+        expected, _ = dec(grid, grid.mean(1), tokens)
+        got, _ = scheduled_sampling_forward(dec, grid, grid.mean(1), tokens, 0.0)
+        torch.manual_seed(0)
+        mixed, _ = scheduled_sampling_forward(dec, grid, grid.mean(1), tokens, 1.0)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(mixed[:, 1:], expected[:, 1:])  # later inputs came from the model
+    torch.testing.assert_close(mixed[:, 0], expected[:, 0])  # the first input is always <bos>
