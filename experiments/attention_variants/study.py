@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[2] / "shared" / "data" / "flickr8k-1k"
 DATA = {
     "shapes": [],
-    "flickr8k-1k": ["data=flickr8k", f"data.source.root={SHARED}", "data.min_freq=3", "data.num_workers=0"],
+    "flickr8k-1k": ["data=flickr8k", "data.min_freq=3", "data.num_workers=0"],
 }
 METRICS = ("test/BLEU-4", "test/CIDEr-D", "test/grounding", "test/grounding_chance", "val/BLEU-4_best")
 
@@ -47,7 +47,8 @@ def run_pair(decoder: str, attention: str, args: argparse.Namespace, out: Path) 
     if (run_dir / "result.json").is_file():
         return json.loads((run_dir / "result.json").read_text())
     overrides = [
-        *DATA[args.data], f"model/decoder={decoder}", f"model/attention={attention}", f"seed={args.seed}",
+        *DATA[args.data], *([f"data.source.root={args.flickr_root}"] if args.data == "flickr8k-1k" else []),
+        f"model/decoder={decoder}", f"model/attention={attention}", f"seed={args.seed}",
         f"trainer.max_epochs={args.epochs}", f"trainer.accelerator={args.accelerator}",
         "callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
         *args.override,
@@ -112,10 +113,11 @@ def main() -> None:
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--out", default="logs/attention_variants", help="folder for the runs")
     parser.add_argument("--data-dir", default="data", help="datasets and feature cache")
+    parser.add_argument("--flickr-root", default=str(SHARED), help="the Kaggle-layout Flickr8k subset")
     parser.add_argument("override", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
-    if args.data == "flickr8k-1k" and not SHARED.is_dir():
-        sys.exit(f"error: {SHARED} not found")
+    if args.data == "flickr8k-1k" and not Path(args.flickr_root).is_dir():
+        sys.exit(f"error: {args.flickr_root} not found")
     pairs = valid_pairs() if args.pairs == "all" else [tuple(p.split("-", 1)) for p in args.pairs.split(",")]
     out = Path(args.out) / args.data
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.accelerator != "cpu" else "CPU"
