@@ -7,6 +7,7 @@ and are renamed into place when complete: an interrupted extraction resumes wher
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -68,6 +69,18 @@ def extract_features(
     final = cache_dir / f"{key}.npy"
     if final.is_file():
         return np.load(final, mmap_mode="r")
+    # One extractor at a time per cache entry: DDP ranks (and parallel runs) wait for the first
+    # and then read its file instead of writing the same partial file concurrently.
+    with open(cache_dir / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if final.is_file():
+            return np.load(final, mmap_mode="r")
+        return _extract(encoder, image_paths, transform, cache_dir, key, final, batch_size, num_workers,
+                        dtype, description)
+
+
+def _extract(encoder, image_paths, transform, cache_dir: Path, key: str, final: Path, batch_size: int,
+             num_workers: int, dtype: str, description: str) -> np.ndarray:
 
     partial = cache_dir / f"{key}.partial.npy"
     progress = cache_dir / f"{key}.progress.json"
