@@ -61,9 +61,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule.eval_split = cfg.split
 
     trainer = build_trainer(cfg, callbacks=[], loggers=[])
-    save_config(cfg, run_dir / "config.yaml")
     results = trainer.test(module, datamodule=datamodule)
     metrics = scalar_metrics(results[0] if results else {})
+    if not trainer.is_global_zero:  # DDP: rank 0 writes; every rank holds the gathered results
+        return metrics
+    save_config(cfg, run_dir / "config.yaml")
     write_json(run_dir / "metrics.json", metrics)
     write_json(run_dir / "predictions" / f"{cfg.split}.json", module.predictions)
     if cfg.get("gallery"):

@@ -112,11 +112,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         lg.log_hyperparams({**plain_config(cfg), **run_labels(cfg)})
         if isinstance(lg, WandbLogger):
             module.wandb_run_id = lg.version  # stored in checkpoints: a resume continues this run
-    save_config(cfg, run_dir / "config.yaml")
-    vocab.save(run_dir / "vocab.json")
     checkpoint_cb = trainer.checkpoint_callback
-    if checkpoint_cb is not None and checkpoint_cb.dirpath:
-        vocab.save(Path(checkpoint_cb.dirpath) / "vocab.json")
+    if trainer.is_global_zero:  # DDP child ranks run this script too
+        save_config(cfg, run_dir / "config.yaml")
+        vocab.save(run_dir / "vocab.json")
+        if checkpoint_cb is not None and checkpoint_cb.dirpath:
+            vocab.save(Path(checkpoint_cb.dirpath) / "vocab.json")
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     if trainer.interrupted:
@@ -129,8 +130,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log.warning("No best checkpoint was saved; testing the final weights")
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
         metrics.update(scalar_metrics(results[0] if results else {}))
-        write_json(run_dir / "predictions" / "test.json", module.predictions)
-    write_json(run_dir / "metrics.json", metrics)
+        if trainer.is_global_zero:
+            write_json(run_dir / "predictions" / "test.json", module.predictions)
+    if trainer.is_global_zero:
+        write_json(run_dir / "metrics.json", metrics)
     if any(isinstance(lg, WandbLogger) for lg in loggers):
         import wandb
 
