@@ -9,7 +9,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # `make train dataset=flickr8k` selects data=flickr8k; anything else goes through ARGS="...".
 DATA_ARG := $(if $(dataset),data=$(dataset),)
 
-.PHONY: help install assets train eval caption data data-stats features test test-fast lint clean
+.PHONY: help install assets train eval caption sweep compare bench data data-stats features test test-fast lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,6 +37,15 @@ eval:  ## evaluate a checkpoint: make eval ARGS="ckpt_path=logs/.../best.ckpt"
 
 caption:  ## caption images: make caption ARGS="ckpt_path=... 'images=[a.jpg,b.jpg]'"
 	$(PY) -m imcap.caption $(ARGS)
+
+sweep:  ## every attention variant, same seed and data, one W&B group: make sweep ARGS="logger=wandb"
+	$(PY) -m imcap.train -m hparams_search=attention_variants $(DATA_ARG) $(ARGS)
+
+compare:  ## table + curves of runs: make compare ARGS="logs/train/multiruns/<date>"
+	$(PY) -m imcap.compare $(ARGS)
+
+bench:  ## benchmarks -> bench.json: make bench ARGS="--quick"
+	$(PY) -m imcap.bench $(ARGS)
 
 data:  ## download + verify + extract a dataset: make data dataset=coco|flickr8k|flickr30k [ARGS="data.source.year=2017"]
 	$(if $(dataset),,$(error give dataset=NAME, e.g. make data dataset=flickr8k))

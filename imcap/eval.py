@@ -24,6 +24,7 @@ from imcap.cli import (
     write_json,
 )
 from imcap.data.vocab import Vocabulary
+from imcap.ddp import ddp_job
 from imcap.errors import ImcapError
 from imcap.models.captioner import CHECKPOINT_KEY, load_checkpoint, load_state
 from imcap.training.module import CaptionModule
@@ -81,7 +82,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    with ddp_job():
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

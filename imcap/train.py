@@ -29,6 +29,7 @@ from imcap.cli import (
     write_json,
 )
 from imcap.data.vocab import Vocabulary
+from imcap.ddp import ddp_job
 from imcap.errors import ImcapError
 from imcap.models.captioner import CHECKPOINT_KEY, COMPONENTS, load_checkpoint, load_state
 from imcap.training.module import CaptionModule
@@ -148,7 +149,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 @report_user_errors
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    with ddp_job():  # DDP child ranks run this job, not the whole sweep again
+        metrics = train(cfg)
     return metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
 
 

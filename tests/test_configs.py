@@ -79,3 +79,11 @@ def test_eval_and_caption_configs_compose(make_cfg):
     assert ev.data.source._target_.endswith("Flickr8kSource")
     cap = make_cfg("ckpt_path=x.ckpt", "images=[a.jpg]", name="caption")
     assert list(cap.images) == ["a.jpg"] and cap.output.endswith("captions.json")
+
+
+@pytest.mark.parametrize("launcher,target", [("slurm", "SlurmLauncher"), ("joblib", "JoblibLauncher")])
+def test_cluster_and_parallel_launchers_compose(make_cfg, launcher, target):
+    cfg = make_cfg(f"hydra/launcher={launcher}")
+    assert cfg.hydra.launcher._target_.endswith(target)
+    module, _, cls = cfg.hydra.launcher._target_.rpartition(".")
+    assert hasattr(importlib.import_module(module), cls)
