@@ -121,8 +121,10 @@ def main() -> None:
     pairs = valid_pairs() if args.pairs == "all" else [tuple(p.split("-", 1)) for p in args.pairs.split(",")]
     out = Path(args.out) / args.data
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.accelerator != "cpu" else "CPU"
-    results = [run_pair(d, a, args, out) for d, a in pairs]
-    write_report(results, args, device)
+    results = []
+    for decoder, attention in pairs:
+        results.append(run_pair(decoder, attention, args, out))
+        write_report(results, args, device)  # after every run: an interrupted study keeps its table
 
 
 if __name__ == "__main__":
