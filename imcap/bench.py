@@ -9,9 +9,15 @@ median of repeated runs after a warm-up):
   forward and backward, counted op by op by torch's FlopCounterMode) and fraction_of_gemm;
 - beam_search: images/s at beam 3 and 5, batch 32, max length 20 (untrained weights, so
   beams rarely end early: a worst case);
-- feature_extraction: JPEG files to grid features, images/s per encoder (channels_last);
+- feature_extraction: JPEG files to cached grid features through `extract_features` (what
+  training runs), images/s per encoder and precision;
 - epoch: wall time of one training epoch on ../shared/data/flickr8k-1k with cached features.
 Sections that need ../shared/data are skipped with a reason when it is absent.
+
+Models are composed from conf/ as training composes them (the optimiser too); `--override`
+adds Hydra overrides, e.g. `--override +model.optimizer.fused=true`. The machine's load average
+is recorded before and after: on a shared machine, compare numbers taken under similar load.
+`--smoke` runs tiny sizes to test the bench itself (its numbers mean nothing).
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -38,11 +46,33 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from imcap.cli import compose_config
 from imcap.data.vocab import Vocabulary
+from imcap.errors import ImcapError
 from imcap.models.captioner import build_decoder, valid_pairs
 from imcap.models.search import beam_search
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-1k"
 DTYPES = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Problem sizes; the defaults are the standard benchmark, SMOKE tests the bench itself."""
+
+    batch: int = 32
+    length: int = 20
+    vocab: int = 10_000
+    grids: tuple[tuple[int, int], ...] = ((49, 2048), (49, 1280))  # (cells, channels)
+    gemm: tuple[int, int] = (1024, 2048)  # quick, full
+    images: tuple[int, int] = (64, 256)  # quick, full
+    image_size: int = 224
+    overrides: tuple[str, ...] = ()  # model config overrides, e.g. smaller dims
+    encoders: tuple[str, ...] = ("mobilenet_v2", "resnet50", "mobilenet_v3_large")
+    repeats: dict[str, int] = field(default_factory=dict)  # per section, instead of the defaults
+
+
+SMOKE = Sizes(batch=2, length=3, vocab=40, grids=((4, 32),), gemm=(64, 64), images=(4, 4), image_size=32,
+              overrides=("model.decoder.hidden_dim=16", "model.embedding.dim=16", "++model.attention.attention_dim=16"),
+              encoders=("mobilenet_v2",), repeats={"all": 1})
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
@@ -60,6 +90,13 @@ def autocast(dtype: str):
     return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
 
 
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor()
     try:
@@ -70,25 +107,41 @@ def machine_info() -> dict[str, Any]:
         "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average": load_average(),  # 1, 5, 15 minutes, when the run started
     }
 
 
-def bench_gemm(quick: bool) -> list[dict[str, Any]]:
-    n = 1024 if quick else 2048
+def _repeats(sizes: Sizes, section: str, default: int) -> int:
+    return sizes.repeats.get(section, sizes.repeats.get("all", default))
+
+
+def bench_gemm(quick: bool, sizes: Sizes = Sizes()) -> list[dict[str, Any]]:
+    n = sizes.gemm[0] if quick else sizes.gemm[1]
     out = []
     for dtype in DTYPES:
         torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         a, b = torch.randn(n, n, dtype=torch_dtype), torch.randn(n, n, dtype=torch_dtype)
-        seconds = median_seconds(lambda: a @ b, repeats=3 if quick else 5)  # noqa: B023
+        seconds = median_seconds(lambda: a @ b, repeats=_repeats(sizes, "gemm", 10), warmup=2)  # noqa: B023
         out.append({"dtype": dtype, "n": n, "gflops_per_s": 2 * n**3 / seconds / 1e9})
     return out
 
 
-def compose_model(decoder: str, attention: str) -> dict[str, Any]:
-    """The model config of `model/decoder=decoder model/attention=attention` at default dims."""
-    cfg = compose_config("train", [f"model/decoder={decoder}", f"model/attention={attention}"],
+def compose_model(decoder: str, attention: str, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The model config of `model/decoder=decoder model/attention=attention` (default dims,
+    unless `overrides` say otherwise), optimiser included."""
+    cfg = compose_config("train", [f"model/decoder={decoder}", f"model/attention={attention}", *overrides],
                          Path(tempfile.gettempdir()))
     return OmegaConf.to_container(cfg.model, resolve=True)
+
+
+def build_optimizer(arch: dict[str, Any], module: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimiser training builds (model.optimizer, a partial), over `module`'s parameters."""
+    return instantiate(arch["optimizer"])(module.parameters())
+
+
+def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
+    flags = [k for k in ("fused", "foreach") if optimizer.defaults.get(k)]
+    return type(optimizer).__name__ + (f"({', '.join(flags)})" if flags else "")
 
 
 def train_step(decoder: torch.nn.Module, optimizer: torch.optim.Optimizer, grid: torch.Tensor,
@@ -102,18 +155,18 @@ def train_step(decoder: torch.nn.Module, optimizer: torch.optim.Optimizer, grid:
     optimizer.step()
 
 
-def bench_decoder_train(quick: bool, gemm: dict[str, float]) -> list[dict[str, Any]]:
-    B, T, V = 32, 20, 10_000
+def bench_decoder_train(quick: bool, gemm: dict[str, float], sizes: Sizes = Sizes()) -> list[dict[str, Any]]:
+    B, T, V = sizes.batch, sizes.length, sizes.vocab
     vocab = Vocabulary(["<pad>", "<bos>", "<eos>", "<unk>", *[f"w{i}" for i in range(V - 4)]])
     pairs = [("lstm", "additive")] if quick else valid_pairs()
-    grids = [(49, 2048)] if quick else [(49, 2048), (49, 1280)]
+    grids = sizes.grids[:1] if quick else sizes.grids
     out = []
     for decoder_name, attention_name in pairs:
-        arch = compose_model(decoder_name, attention_name)
+        arch = compose_model(decoder_name, attention_name, sizes.overrides)
         for n, c in grids:
             torch.manual_seed(0)
             decoder = build_decoder(arch, vocab, c).train()
-            optimizer = torch.optim.AdamW(decoder.parameters(), lr=1e-4)
+            optimizer = build_optimizer(arch, decoder)
             grid = torch.randn(B, n, c)
             tokens = torch.randint(4, V, (B, T + 1))
 
@@ -122,60 +175,62 @@ def bench_decoder_train(quick: bool, gemm: dict[str, float]) -> list[dict[str, A
             flops = counter.get_total_flops()
             for dtype in DTYPES:
                 seconds = median_seconds(partial(train_step, decoder, optimizer, grid, tokens, dtype),
-                                         repeats=3 if quick else 5)
+                                         repeats=_repeats(sizes, "decoder_train", 3 if quick else 5))
                 gflops = flops / seconds / 1e9
                 out.append({
                     "decoder": decoder_name, "attention": attention_name, "grid": f"{int(n**0.5)}x{int(n**0.5)}x{c}",
                     "dtype": dtype, "captions_per_s": B / seconds, "gflop_per_step": flops / 1e9,
                     "gflops_per_s": gflops, "fraction_of_gemm": gflops / gemm[dtype],
+                    "optimizer": optimizer_name(optimizer),
                 })
     return out
 
 
-def bench_beam_search(quick: bool) -> list[dict[str, Any]]:
-    B, V = 32, 10_000
+def bench_beam_search(quick: bool, sizes: Sizes = Sizes()) -> list[dict[str, Any]]:
+    B, V = sizes.batch, sizes.vocab
+    n, c = sizes.grids[0]
     vocab = Vocabulary(["<pad>", "<bos>", "<eos>", "<unk>", *[f"w{i}" for i in range(V - 4)]])
-    arch = compose_model("lstm", "additive")
+    arch = compose_model("lstm", "additive", sizes.overrides)
     torch.manual_seed(0)
-    decoder = build_decoder(arch, vocab, 2048).eval()
-    grid = torch.randn(B, 49, 2048)
+    decoder = build_decoder(arch, vocab, c).eval()
+    grid = torch.randn(B, n, c)
     out = []
     for beam in (3, 5):
         for dtype in DTYPES:
             def run() -> None:
                 with torch.no_grad(), autocast(dtype):  # noqa: B023
                     beam_search(decoder, grid, grid.mean(1), vocab.bos_id, vocab.eos_id, vocab.pad_id,
-                                beam_size=beam, max_length=20)  # noqa: B023
+                                beam_size=beam, max_length=sizes.length)  # noqa: B023
 
-            seconds = median_seconds(run, repeats=2 if quick else 3)
+            seconds = median_seconds(run, repeats=_repeats(sizes, "beam_search", 3))
             out.append({"decoder": "lstm", "attention": "additive", "beam_size": beam, "dtype": dtype,
                         "batch": B, "images_per_s": B / seconds})
     return out
 
 
-def bench_feature_extraction(quick: bool) -> list[dict[str, Any]] | str:
+def bench_feature_extraction(quick: bool, sizes: Sizes = Sizes()) -> list[dict[str, Any]] | str:
+    """JPEG files to a fresh feature cache with `extract_features`, as training's first run does
+    (decoding included; num_workers=0: a decoding thread per core, see imcap.data.features)."""
     if not SHARED.is_dir():
         return f"skipped: {SHARED} not found"
-    from imcap.data.features import ImageFiles
+    from imcap.data.features import extract_features
     from imcap.models.encoders import TorchvisionEncoder
 
-    paths = sorted(str(p) for p in (SHARED / "Images").glob("*.jpg"))[: 64 if quick else 256]
-    encoders = ["mobilenet_v2"] if quick else ["mobilenet_v2", "resnet50", "mobilenet_v3_large"]
+    paths = sorted(str(p) for p in (SHARED / "Images").glob("*.jpg"))[: sizes.images[0] if quick else sizes.images[1]]
+    encoders = sizes.encoders[:1] if quick else sizes.encoders
     out = []
     for name in encoders:
-        encoder = TorchvisionEncoder(name, weights=None, channels_last=True).eval()
-        loader_kwargs = {"batch_size": 32, "num_workers": 2}
+        encoder = TorchvisionEncoder(name, weights=None, channels_last=True)
+        transform = encoder.image_transform(sizes.image_size)
+        fingerprint = encoder.fingerprint(repr(transform))
         for dtype in DTYPES:
-            dataset = ImageFiles(paths, encoder.image_transform(224))
-            loader = torch.utils.data.DataLoader(dataset, **loader_kwargs)
-
             def run() -> None:
-                with torch.inference_mode(), autocast(dtype):  # noqa: B023
-                    for images in loader:  # noqa: B023
-                        encoder(images)  # noqa: B023
+                with tempfile.TemporaryDirectory() as tmp:  # a cache miss every time
+                    extract_features(encoder, paths, transform, tmp, fingerprint,  # noqa: B023
+                                     batch_size=32, num_workers=0, precision=dtype)  # noqa: B023
 
-            seconds = median_seconds(run, repeats=1 if quick else 2, warmup=1)
-            out.append({"encoder": name, "dtype": dtype, "images": len(paths), "image_size": 224,
+            seconds = median_seconds(run, repeats=_repeats(sizes, "feature_extraction", 3), warmup=1)
+            out.append({"encoder": name, "dtype": dtype, "images": len(paths), "image_size": sizes.image_size,
                         "images_per_s": len(paths) / seconds, "channels_last": True})
     return out
 
@@ -221,25 +276,31 @@ def bench_epoch() -> list[dict[str, Any]] | str:
 SECTIONS = ("gemm", "decoder_train", "beam_search", "feature_extraction", "epoch")
 
 
-def run(quick: bool, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
+def run(quick: bool, sections: tuple[str, ...] = SECTIONS, sizes: Sizes = Sizes()) -> dict[str, Any]:
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ImcapError(f"unknown bench section(s) {sorted(unknown)}; choose from {list(SECTIONS)}")
     torch.manual_seed(0)
     results: dict[str, Any] = {"machine": machine_info(), "quick": quick}
-    gemm = bench_gemm(quick)
+    gemm = bench_gemm(quick, sizes)
     results["gemm"] = gemm
     gemm_by_dtype = {g["dtype"]: g["gflops_per_s"] for g in gemm}
     if "decoder_train" in sections:
-        results["decoder_train"] = bench_decoder_train(quick, gemm_by_dtype)
+        results["decoder_train"] = bench_decoder_train(quick, gemm_by_dtype, sizes)
     if "beam_search" in sections:
-        results["beam_search"] = bench_beam_search(quick)
+        results["beam_search"] = bench_beam_search(quick, sizes)
     if "feature_extraction" in sections:
-        results["feature_extraction"] = bench_feature_extraction(quick)
+        results["feature_extraction"] = bench_feature_extraction(quick, sizes)
     if "epoch" in sections and not quick:
         results["epoch"] = bench_epoch()
+    results["load_average_after"] = load_average()
     return results
 
 
 def print_tables(results: dict[str, Any], console: Console) -> None:
     console.print(f"machine: {results['machine']}")
+    console.print(f"load average (1, 5, 15 min): {results['machine'].get('load_average')} at the start, "
+                  f"{results.get('load_average_after')} at the end")
     for section in ("gemm", *SECTIONS[1:]):
         rows = results.get(section)
         if not rows:
@@ -260,9 +321,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a subset that finishes in under a minute")
     parser.add_argument("--output", default="bench.json", help="where to write the JSON results")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a Hydra override for the benchmarked models, e.g. +model.optimizer.fused=true (repeatable)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, to test the bench itself")
     args = parser.parse_args(argv)
+    sizes = SMOKE if args.smoke else Sizes()
+    sizes = Sizes(**{**sizes.__dict__, "overrides": (*sizes.overrides, *args.override)})
     start = time.perf_counter()
-    results = run(args.quick, tuple(args.sections.split(",")))
+    results = run(args.quick, tuple(s for s in args.sections.split(",") if s), sizes)
+    results["overrides"] = list(args.override)
     results["wall_s"] = time.perf_counter() - start
     print_tables(results, Console(width=140))
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")

@@ -6,9 +6,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2 as T
 
 from imcap.errors import ImcapError
+
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def load_image(path: str) -> Image.Image:
@@ -22,11 +25,41 @@ def load_image(path: str) -> Image.Image:
         raise ImcapError(f"cannot read image {path}: {e}; replace or remove the file") from e
 
 
+def load_image_tensor(path: str) -> torch.Tensor:
+    """(3, H, W) uint8 RGB, the pixels of `PILToTensor()(load_image(path))`: colour JPEG files
+    are decoded by torchvision straight into a tensor (libjpeg-turbo, as in PIL, with the same
+    pixels; faster by the conversions it saves); anything else through PIL."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError as e:
+        raise ImcapError(f"image not found: {path}") from e
+    except OSError as e:
+        raise ImcapError(f"cannot read image {path}: {e}; replace or remove the file") from e
+    if data.startswith(JPEG_MAGIC):
+        try:
+            image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+            if image.shape[0] == 3:  # YCbCr (or RGB); grey and CMYK go through PIL's conversion below
+                return image
+        except RuntimeError:
+            pass  # PIL below gives the one-line error, or succeeds where torchvision did not
+    return T.PILToTensor()(load_image(path))
+
+
+def accepts_uint8_tensor(transform: Callable) -> bool:
+    """Whether `transform` (from `image_transform`) gives the same result for the uint8 tensor of
+    an image as for the PIL image: a v2 Compose whose first step is PILToTensor (v2 transforms
+    pass tensors through the steps meant for PIL images)."""
+    steps = getattr(transform, "transforms", None)
+    return isinstance(transform, T.Compose) and bool(steps) and isinstance(steps[0], T.PILToTensor)
+
+
 def image_transform(
     image_size: int, mean: Sequence[float], std: Sequence[float]
 ) -> Callable[[Image.Image], torch.Tensor]:
     """Resize the whole image to a square (no crop: captions describe all of it), normalise
-    with the encoder's own statistics."""
+    with the encoder's own statistics. Takes a PIL image or its (3, H, W) uint8 tensor; the
+    resize runs on uint8, before the conversion to float."""
     return T.Compose([
         T.PILToTensor(),
         T.Resize((image_size, image_size), antialias=True),

@@ -12,14 +12,17 @@ Each decoder lists the `model/attention` options it accepts in `ATTENTIONS`.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from imcap.errors import ImcapError
-from imcap.models.attention import AttentionCache, attention_kind
+from imcap.models.attention import AdditiveAttention, AttentionCache, attention_kind
 
 ALL_ATTENTIONS = ("none", "additive", "dot", "general", "scaled_dot", "multihead", "adaptive")
 
@@ -33,6 +36,18 @@ def require_attention(decoder: str, accepted: Sequence[str], attention: object) 
                          f"choose one of {list(accepted)}")
 
 
+def compute_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
+    """The dtype matrix products run in: autocast's where it is on, else `default`."""
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+    except (TypeError, AttributeError):  # torch < 2.4: per-device functions
+        cpu = device.type == "cpu"
+        if torch.is_autocast_cpu_enabled() if cpu else torch.is_autocast_enabled():
+            return torch.get_autocast_cpu_dtype() if cpu else torch.get_autocast_gpu_dtype()
+    return default
+
+
 def lstm_update(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One LSTM update from pre-activation gates (B, 4H), ordered i, f, g, o -> h, c."""
     i, f, g, o = gates.chunk(4, dim=-1)
@@ -43,6 +58,242 @@ def lstm_update(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, tor
 def visual_sentinel(gate: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Lu et al. 2017: s_t = sigmoid(W_x x_t + W_h h_{t-1}) * tanh(m_t). gate, c: (B, H)."""
     return torch.sigmoid(gate) * torch.tanh(c)
+
+
+# -- the Show-Attend-Tell fast path (lstm + additive) ----------------------------------------
+# The plain code is `LSTMDecoder._cell` with AdditiveAttention. The fast path computes the same
+# function with:
+# - the three products of h (hidden_proj, the attention's query_proj, the gate f_beta) as one
+#   matrix multiply; their weights are concatenated at run time, so parameter names (and old
+#   checkpoints) are unchanged;
+# - a backward written for the whole recurrence (`ShowAttendTellLoop`): per step only the two
+#   products that carry the gradient back through time; every weight gradient is one large
+#   product over all T*B rows after the loop instead of T thin ones (K=B) accumulated;
+# - the per-step weights reordered once per sequence into oneDNN's blocked layout (`Product`);
+# - tanh(u) = 2 sigmoid(2u) - 1 for the (B, N, A) attention energy, so the energy's tanh is
+#   never computed (PyTorch's CPU tanh is ~6x slower than its sigmoid) and its backward is one
+#   sigmoid_backward;
+# - weight products in the autocast dtype, weights cast once per sequence; attention (scores,
+#   softmax, context) and the LSTM cell in fp32 (16-bit batched matrix-vector products and
+#   elementwise ops are slower than fp32 ones on CPU, and less accurate).
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32."""
+    return t.float() if t.element_size() < 4 else t
+
+
+@functools.cache
+def _can_pack(dtype: torch.dtype) -> bool:
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return dtype == torch.float32 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _count_packed_flops() -> None:
+    """Teach FlopCounterMode (the bench's FLOP count) oneDNN's packed linear, as it knows mm."""
+    try:
+        from torch.utils.flop_counter import register_flop_formula
+
+        op = torch.ops.mkldnn._linear_pointwise
+    except (ImportError, AttributeError, RuntimeError):
+        return
+
+    @register_flop_formula(op)
+    def flops(x_shape, w_shape, *args, **kwargs) -> int:  # x (..., K), packed w (N, K)
+        return 2 * math.prod(x_shape) * w_shape[0]
+
+
+_count_packed_flops()
+
+
+class Product:
+    """x @ weight.T (+ bias) for a weight that many steps multiply by. On CPU the weight is
+    reordered once into oneDNN's blocked layout (as torch.compile's freezing does), which runs
+    these thin products (a batch of rows) up to 2x faster than `mm`; elsewhere, or under
+    autograd (the packed op has no derivative), plain `F.linear`."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, rows: int = 1):
+        self.weight, self.bias, self.packed = weight, bias, None
+        if weight.device.type == "cpu" and not torch.is_grad_enabled() and _can_pack(weight.dtype):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+ENERGY_CHUNK_BYTES = 1 << 20  # without autograd, the attention energy is made this much at a time
+
+
+class SATWeights(NamedTuple):
+    """The weights of one Show-Attend-Tell step."""
+
+    h_weight: torch.Tensor  # (4H + A + C', H): hidden_proj; attention.query_proj; gate (C' = 0 without)
+    h_bias: torch.Tensor | None  # (4H + A + C',): zeros, then the gate's bias (None without a gate)
+    context_weight: torch.Tensor  # (4H, C) context_proj
+    score_weight: torch.Tensor  # (A,) attention.score, at least fp32
+    score_bias: torch.Tensor  # (1,), at least fp32
+
+    def to(self, dtype: torch.dtype) -> SATWeights:
+        """Products' weights in `dtype`, the score's in at least fp32."""
+        h_bias = self.h_bias.to(dtype) if self.h_bias is not None else None
+        return SATWeights(self.h_weight.to(dtype), h_bias, self.context_weight.to(dtype),
+                          _wide(self.score_weight.to(dtype)), _wide(self.score_bias.to(dtype)))
+
+    def products(self, rows: int) -> tuple[Product, Product]:
+        """h -> [hidden_proj; query_proj; gate](h), gated context -> context_proj(gated context)."""
+        return Product(self.h_weight, self.h_bias, rows), Product(self.context_weight, None, rows)
+
+
+class SATStep(NamedTuple):
+    """One step's outputs and what its backward needs."""
+
+    h: torch.Tensor  # (B, H) new hidden state, compute dtype
+    c: torch.Tensor  # (B, H) new cell state, at least fp32
+    alpha: torch.Tensor  # (B, N) attention weights
+    h_prev: torch.Tensor  # (B, H) the input of the fused product
+    energy: torch.Tensor | None  # (B, N, A) sigmoid(2 (keys + W_q h)) = (tanh(keys + W_q h) + 1) / 2
+    context: torch.Tensor  # (B, C) sum_i alpha_i v_i
+    gate: torch.Tensor | None  # (B, C) sigmoid(f_beta(h)), None without a gate
+    gated: torch.Tensor  # (B, C) gate * context in the compute dtype, the input of context_proj
+    acts: tuple[torch.Tensor, ...]  # (B, H) x 4: sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)
+    c_prev: torch.Tensor  # (B, H)
+    tanh_c: torch.Tensor  # (B, H)
+
+
+def sat_step(w: SATWeights, products: tuple[Product, Product], x: torch.Tensor, h: torch.Tensor,
+             c: torch.Tensor, keys2: torch.Tensor, values: torch.Tensor, keep: bool = True) -> SATStep:
+    """One Show-Attend-Tell step. x: (B, 4H) the embedding part of the gates and h: (B, H) in
+    the compute dtype (that of w.h_weight); c: (B, H), keys2: (G, N, A) twice the projected
+    keys, values: (G, N, C), at least fp32; G = B, or G images with B/G hypotheses each
+    (consecutive rows), as beam search gets from `LSTMDecoder.expand_state`. Out of place
+    but for one sigmoid_ (which autograd allows there), so `step` can run it under autograd
+    too. keep=False (no autograd): the (B, N, A) energy may be made a few images at a time and
+    is not returned."""
+    (B, H4), (G, N, A) = x.shape, keys2.shape
+    H, K = H4 // 4, B // G  # K > 1: the rows are K hypotheses per image, keys and values one per image
+    h_product, context_product = products
+    fused = h_product(h)  # (B, 4H + A + C')
+    query = fused[:, 4 * H : 4 * H + A].reshape(G, K, 1, A)
+    # w . tanh(u) + b = 2 w . sigmoid(2u) + b - sum(w)
+    score_weight, score_bias = 2 * w.score_weight, w.score_bias - w.score_weight.sum()
+    if keep or torch.is_grad_enabled() or B * N * A * keys2.element_size() <= ENERGY_CHUNK_BYTES:
+        energy = torch.add(keys2.unsqueeze(1), query, alpha=2).sigmoid_().view(B, N, A)  # (B, N, A)
+        scores = energy @ score_weight + score_bias  # (B, N)
+    else:  # search: a few images at a time, so that the (B, N, A) energy never leaves the cache
+        energy, step = None, max(1, ENERGY_CHUNK_BYTES // (K * N * A * keys2.element_size()))
+        scores = torch.cat([(torch.add(k.unsqueeze(1), q, alpha=2).sigmoid_() @ score_weight).view(-1, N)
+                            for k, q in zip(keys2.split(step), query.split(step))]) + score_bias
+    alpha = torch.softmax(scores, dim=-1)
+    context = torch.bmm(alpha.view(G, K, N), values).view(B, -1)  # (B, C)
+    gate = torch.sigmoid(_wide(fused[:, 4 * H + A :])) if w.h_bias is not None else None
+    gated = (gate * context if gate is not None else context).to(h.dtype)
+    gates = _wide(context_product(gated) + (x + fused[:, : 4 * H]))  # (B, 4H)
+    i, f, g, o = gates.chunk(4, dim=-1)
+    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    c_new = f * c + i * g
+    tanh_c = torch.tanh(c_new)
+    h_new = (o * tanh_c).to(h.dtype)
+    return SATStep(h_new, c_new, alpha, h, energy, context, gate, gated, (i, f, g, o), c, tanh_c)
+
+
+class ShowAttendTellLoop(torch.autograd.Function):
+    """The teacher-forced recurrence as one autograd node: forward runs `sat_step` T times;
+    backward walks the steps in reverse with two weight products per step (d_gates @ W_c,
+    d_fused @ W_h) and then computes every weight gradient in one product over all T*B rows."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, keys2, values, h_weight, h_bias, context_weight, score_weight, score_bias,
+                dtype: torch.dtype, grad: bool):
+        # x: (B, T, 4H); h0, c0: (B, H); keys2: (B, N, A); values: (B, N, C) -> (B, T, H), (B, T, N)
+        # grad: whether autograd is on outside (inside forward it never is; needs_input_grad
+        # says which inputs require grad, even under no_grad)
+        keep = grad and any(ctx.needs_input_grad)
+        with torch.autocast(x.device.type, enabled=False):
+            w = SATWeights(h_weight, h_bias, context_weight, score_weight, score_bias).to(dtype)
+            keys2, values = _wide(keys2), _wide(values)
+            products = w.products(x.shape[0])
+            h, c, xs = h0.to(dtype), _wide(c0.to(dtype)), x.to(dtype)
+            steps, hs, alphas = [], [], []
+            for t in range(x.shape[1]):
+                s = sat_step(w, products, xs[:, t], h, c, keys2, values, keep)
+                h, c = s.h, s.c
+                hs.append(h)
+                alphas.append(s.alpha)
+                if keep:
+                    steps.append(s)
+        ctx.w, ctx.values, ctx.steps = w, values, steps
+        ctx.dtypes = (x.dtype, h0.dtype, c0.dtype, keys2.dtype, values.dtype, h_weight.dtype)
+        return torch.stack(hs, dim=1), torch.stack(alphas, dim=1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_hs, d_alphas):
+        w, values, steps, need = ctx.w, ctx.values, ctx.steps, ctx.needs_input_grad
+        x_dtype, h_dtype, c_dtype, keys_dtype, values_dtype, w_dtype = ctx.dtypes
+        tanh_backward, sigmoid_backward = torch.ops.aten.tanh_backward, torch.ops.aten.sigmoid_backward
+        with torch.autocast(values.device.type, enabled=False):
+            T, (B, H), (N, A) = len(steps), steps[0].c.shape, steps[0].energy.shape[1:]
+            wide, dtype = steps[0].c.dtype, w.h_weight.dtype
+            by_h, by_context = Product(w.h_weight.t(), None, B), Product(w.context_weight.t(), None, B)
+            d_fused = w.h_weight.new_empty(T, B, w.h_weight.shape[0])  # (T, B, 4H + A + C')
+            d_keys2 = values.new_zeros(B, N, A, dtype=wide)
+            d_score_w, d_score_b = values.new_zeros(A, dtype=wide), values.new_zeros(1, dtype=wide)
+            d_contexts = []
+            dh, dc = values.new_zeros(B, H, dtype=wide), values.new_zeros(B, H, dtype=wide)
+            for t in reversed(range(T)):
+                s = steps[t]
+                i, f, g, o = s.acts
+                if d_hs is not None:
+                    dh = dh + d_hs[:, t]
+                dc = dc + tanh_backward(dh * o, s.tanh_c)
+                d_gates = torch.cat([sigmoid_backward(dc * g, i), sigmoid_backward(dc * s.c_prev, f),
+                                     tanh_backward(dc * i, g), sigmoid_backward(dh * s.tanh_c, o)], dim=-1)
+                d_gates = d_gates.to(dtype)
+                d_fused[t, :, : 4 * H] = d_gates
+                dc = dc * f
+                d_context = _wide(by_context(d_gates))  # (B, C): d gated
+                if s.gate is not None:
+                    d_fused[t, :, 4 * H + A :] = sigmoid_backward(d_context * s.context, s.gate)
+                    d_context = d_context * s.gate
+                if need[4]:
+                    d_contexts.append(d_context)
+                d_alpha = torch.bmm(d_context.unsqueeze(1), values.transpose(1, 2)).squeeze(1)  # (B, N)
+                if d_alphas is not None:
+                    d_alpha = d_alpha + d_alphas[:, t]
+                d_scores = torch.ops.aten._softmax_backward_data(d_alpha, s.alpha, -1, s.alpha.dtype)
+                d_sum = d_scores.sum()  # zero up to rounding: softmax ignores a shift
+                d_score_w += 2 * torch.mv(s.energy.view(B * N, A).t(), d_scores.view(-1)) - d_sum
+                d_score_b += d_sum
+                d_z = sigmoid_backward(d_scores.unsqueeze(-1) * (2 * w.score_weight), s.energy)  # (B, N, A)
+                d_keys2 += d_z
+                d_fused[t, :, 4 * H : 4 * H + A] = 2 * d_z.sum(dim=1)
+                dh = _wide(by_h(d_fused[t]))  # (B, H)
+
+            flat = d_fused.view(T * B, -1)
+            d_x = d_fused[:, :, : 4 * H].transpose(0, 1).to(x_dtype) if need[0] else None
+            d_values = None
+            if need[4]:  # sum_t alpha_t^T d_context_t, one batched product
+                alphas = torch.stack([s.alpha for s in steps], dim=2)  # (B, N, T)
+                d_values = torch.bmm(alphas, torch.stack(d_contexts[::-1], dim=1)).to(values_dtype)
+            d_h_weight = d_h_bias = d_context_weight = None
+            if need[5]:
+                d_h_weight = (flat.t() @ torch.stack([s.h_prev for s in steps]).view(T * B, H)).to(w_dtype)
+            if need[6] and w.h_bias is not None:
+                d_h_bias = flat.sum(0).to(w_dtype)
+            if need[7]:
+                gated = torch.stack([s.gated for s in steps]).view(T * B, -1)
+                d_context_weight = (flat[:, : 4 * H].t() @ gated).to(w_dtype)
+        return (d_x, dh.to(h_dtype), dc.to(c_dtype), d_keys2.to(keys_dtype), d_values, d_h_weight, d_h_bias,
+                d_context_weight, d_score_w.to(w_dtype) if need[8] else None,
+                d_score_b.to(w_dtype) if need[9] else None, None, None)
 
 
 class LSTMState(NamedTuple):
@@ -60,7 +311,11 @@ class LSTMDecoder(nn.Module):
     h0, c0 come from the mean grid feature; each step the attention context, scaled by a gate
     sigmoid(f_beta(h)), joins the word embedding as LSTM input. Fast paths: the attention keys
     are projected once per sequence, the embedding half of the LSTM input projection runs for
-    all steps in one matrix multiply, and so does the output layer.
+    all steps in one matrix multiply, and so does the output layer. With `additive` attention
+    (Show, Attend and Tell proper) both `forward` and `step` run `sat_step`: the three products
+    of h in one matrix multiply, and in `forward` the recurrence's own backward
+    (`ShowAttendTellLoop`); `fast_path = False` selects the plain per-step code (`_cell`),
+    which the tests hold the fast path to.
 
     With `adaptive` attention the layout is Lu et al. 2017's instead: the LSTM input is the word
     and the global image feature v_g, attention comes after the LSTM step (query h_t, plus the
@@ -70,6 +325,7 @@ class LSTMDecoder(nn.Module):
     """
 
     ATTENTIONS = ALL_ATTENTIONS
+    fast_path = True  # False: always the plain per-step code (`_cell`)
 
     def __init__(
         self,
@@ -101,14 +357,68 @@ class LSTMDecoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.output = nn.Linear(hidden_dim, vocab_size)
         self.last_beta: torch.Tensor | None = None
+        self._sat_cache: tuple[tuple, tuple] | None = None  # step's weights, while they are unchanged
+
+    def __getstate__(self) -> dict:
+        # the kept step weights are derived (and oneDNN's packed tensors cannot be copied)
+        return {**super().__getstate__(), "_sat_cache": None}
+
+    @property
+    def _sat(self) -> bool:
+        """Whether the Show-Attend-Tell fast path applies (additive attention, no adaptive layout)."""
+        return (self.fast_path and type(self.attention) is AdditiveAttention
+                and self.hidden_proj.bias is None and self.attention.query_proj.bias is None)
+
+    def _sat_weights(self) -> SATWeights:
+        """hidden_proj, query_proj and gate weights stacked into one (4H + A + C', H) matrix."""
+        att = self.attention
+        h_weight, h_bias = [self.hidden_proj.weight, att.query_proj.weight], None
+        if self.gate is not None:
+            h_bias = torch.cat([self.gate.bias.new_zeros(sum(w.shape[0] for w in h_weight)), self.gate.bias])
+            h_weight.append(self.gate.weight)
+        return SATWeights(torch.cat(h_weight), h_bias, self.context_proj.weight, att.score.weight.view(-1),
+                          att.score.bias)
+
+    def _sat_step_weights(self, dtype: torch.dtype, rows: int) -> tuple[SATWeights, tuple[Product, ...]]:
+        """`step`'s weights in `dtype` and its four products (input projection, h, gated
+        context, output layer). Without autograd they are kept until a parameter changes (in
+        place or replaced)."""
+        key = None
+        if not torch.is_grad_enabled():
+            key = (dtype, *((p.data_ptr(), p._version) for p in self.parameters()))  # rows: a hint only
+            if self._sat_cache is not None and self._sat_cache[0] == key:
+                return self._sat_cache[1]
+        w = self._sat_weights().to(dtype)
+        inputs, output = (Product(m.weight.to(dtype), m.bias.to(dtype), rows) for m in (self.input_proj, self.output))
+        weights = (w, (inputs, *w.products(rows), output))
+        if key is not None:
+            self._sat_cache = (key, weights)
+        return weights
 
     def init_state(self, grid: torch.Tensor, pooled: torch.Tensor) -> LSTMState:
         # grid: (B, N, C), pooled: (B, C)
         cache = self.attention.precompute(grid) if self.attention is not None else None
+        if cache is not None and self._sat:  # what `sat_step` reads: fp32, keys doubled
+            cache = AttentionCache(_wide(cache.values), 2 * _wide(cache.keys))
         h, c = torch.tanh(self.init_h(pooled)), torch.tanh(self.init_c(pooled))
         if self.adaptive:
             return LSTMState(h, c, cache, self.image_proj(pooled), pooled.new_zeros(pooled.shape[0]))
         return LSTMState(h, c, cache)
+
+    def expand_state(self, state: LSTMState, beams: int) -> LSTMState:
+        """The state of `beams` hypotheses per image, rows image by image (for beam search).
+        With the fast path the attention cache stays one per image, shared by its hypotheses
+        (`step` passes it through untouched, so search never reorders it): each step then reads
+        the grid once per image instead of once per hypothesis."""
+        index = torch.arange(state.h.shape[0], device=state.h.device).repeat_interleave(beams)
+
+        def rows(x: torch.Tensor | None) -> torch.Tensor | None:
+            return x.index_select(0, index) if x is not None else None
+
+        cache = state.cache
+        if cache is not None and not self._sat:
+            cache = AttentionCache(*(rows(x) for x in cache))
+        return LSTMState(rows(state.h), rows(state.c), cache, rows(state.image), rows(state.beta))
 
     def _cell(self, x: torch.Tensor, state: LSTMState) -> tuple[LSTMState, torch.Tensor | None, torch.Tensor]:
         # x: (B, 4H) or (B, 5H), the embedding part of the input projection for this step;
@@ -134,7 +444,16 @@ class LSTMDecoder(nn.Module):
         self, state: LSTMState, prev_tokens: torch.Tensor
     ) -> tuple[torch.Tensor, LSTMState, torch.Tensor | None]:
         """One decoding step: prev_tokens (B,) -> logits (B, V), new state, weights (B, N)."""
-        state, weights, out = self._cell(self.input_proj(self.embedding(prev_tokens)), state)
+        if self._sat:
+            dtype = compute_dtype(prev_tokens.device, self.output.weight.dtype)
+            w, (inputs, *products, output) = self._sat_step_weights(dtype, prev_tokens.shape[0])
+            with torch.autocast(prev_tokens.device.type, enabled=False):
+                x = inputs(self.embedding(prev_tokens).to(dtype))
+                s = sat_step(w, products, x, state.h.to(dtype), _wide(state.c.to(dtype)), state.cache.keys,
+                             state.cache.values, keep=False)
+                return output(self.dropout(s.h)), LSTMState(s.h, s.c, state.cache), s.alpha
+        x = self.input_proj(self.embedding(prev_tokens))
+        state, weights, out = self._cell(x, state)
         return self.output(self.dropout(out)), state, weights
 
     def forward(
@@ -143,6 +462,12 @@ class LSTMDecoder(nn.Module):
         """Teacher forcing: tokens (B, T) inputs -> logits (B, T, V), weights (B, T, N) or None."""
         x = self.input_proj(self.embedding(tokens))  # (B, T, 4H), one matmul for all steps
         state = self.init_state(grid, pooled)
+        if self._sat and tokens.shape[1] > 0:
+            dtype = compute_dtype(x.device, self.output.weight.dtype)
+            hs, weights = ShowAttendTellLoop.apply(x, state.h, state.c, state.cache.keys, state.cache.values,
+                                                   *self._sat_weights(), dtype, torch.is_grad_enabled())
+            self.last_beta = None
+            return self.output(self.dropout(hs)), weights  # (B, T, V), one matmul
         outs, ws, betas = [], [], []
         for t in range(tokens.shape[1]):
             state, weights, out = self._cell(x[:, t], state)

@@ -45,7 +45,8 @@ class Decoding:
 
 def _forbid_specials(logp: torch.Tensor, bos_id: int, pad_id: int) -> torch.Tensor:
     """<pad> and <bos> are never generated (in place; returns logp)."""
-    logp[:, [bos_id, pad_id]] = float("-inf")
+    logp[:, bos_id] = float("-inf")
+    logp[:, pad_id] = float("-inf")
     return logp
 
 
@@ -112,6 +113,12 @@ def _block_repeated_trigrams(logp: torch.Tensor, history: torch.Tensor) -> None:
     logp[rows, history[rows, js + 2]] = float("-inf")
 
 
+def _leaves(state: Any) -> list[torch.Tensor]:
+    leaves: list[torch.Tensor] = []
+    map_state(state, lambda x: leaves.append(x) or x)
+    return leaves
+
+
 @torch.no_grad()
 def beam_search(
     decoder: nn.Module,
@@ -129,57 +136,94 @@ def beam_search(
     """Beam search over the whole batch x beam at once (no per-image Python loops).
 
     Every step scores all B*K hypotheses in one `decoder.step`, takes the top K of K*V
-    continuations per image, and reorders state, history and attention with one gather.
-    Finished hypotheses stay in the beam with a frozen score (they may only extend by <pad>).
+    continuations per image, and reorders the state with one gather per leaf. Finished
+    hypotheses stay in the beam with a frozen score (they may only extend by <pad>).
     `min_length` forbids <eos> before that many words; the best hypothesis per image is chosen
     by score / ((5 + length) / 6) ** length_penalty. beam_size=1 gives exactly greedy search.
+
+    Work per step stays O(1) in the step count: the initial state is computed once per image
+    and copied to its K beams (by the decoder's `expand_state(state, K)` where it has one: it
+    may keep leaves per image, e.g. the attention cache, if its `step` passes them through);
+    a state leaf that `step` passes through unchanged (the very tensor it got, e.g. projected
+    attention keys) is the same in all K beams of an image, so it is never reordered; tokens
+    and attention maps are not reordered each step either: each step keeps back-pointers (the
+    source hypothesis of each new one), followed once at the end. The one host sync per step
+    is the `finished.all()` check.
     """
     B, K = grid.shape[0], beam_size
     device = grid.device
     expand = torch.arange(B, device=device).repeat_interleave(K)  # (B*K,) image of each row
-    state = decoder.init_state(grid.index_select(0, expand), pooled.index_select(0, expand))
+    # the first step runs once per image (all K beams start the same), then the state is copied
+    state = decoder.init_state(grid, pooled)
+    logits, state, weights = decoder.step(state, torch.full((B,), bos_id, dtype=torch.long, device=device))
+    logits = logits.index_select(0, expand)
+    weights = weights.index_select(0, expand) if weights is not None else None
+    if hasattr(decoder, "expand_state"):  # a decoder may keep per-image leaves unexpanded
+        state = decoder.expand_state(state, K)
+    else:
+        state = map_state(state, partial(torch.index_select, dim=0, index=expand))
+    # the same for an image's beams while passed through (values keep them alive: ids stay unique)
+    shared = {id(x): x for x in _leaves(state)}
     scores = torch.full((B, K), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first
-    prev = torch.full((B * K,), bos_id, dtype=torch.long, device=device)
     finished = torch.zeros(B * K, dtype=torch.bool, device=device)
     lengths = torch.zeros(B * K, dtype=torch.long, device=device)  # words + <eos>
-    history = torch.empty(B * K, 0, dtype=torch.long, device=device)
-    maps: torch.Tensor | None = None  # (B*K, t, N)
+    history = torch.empty(B * K, 0, dtype=torch.long, device=device)  # only for trigram blocking
     offsets = (torch.arange(B, device=device) * K).unsqueeze(1)  # (B, 1)
+    sources, tokens, maps = [], [], []  # per step: (B*K,) back-pointers, (B*K,) tokens, (B*K, N)
+    prev: torch.Tensor | None = None  # the tokens the next step reads (the first step is done)
+
+    def reorder(x: torch.Tensor) -> torch.Tensor:
+        return x if id(x) in shared else x.index_select(0, rows)
 
     for t in range(max_length):
-        logits, state, weights = decoder.step(state, prev)
+        if prev is not None:
+            logits, state, weights = decoder.step(state, prev)
         logp = _forbid_specials(torch.log_softmax(logits.float(), dim=-1), bos_id, pad_id)  # (B*K, V)
         V = logp.shape[-1]
         if t < min_length:
             logp[:, eos_id] = float("-inf")
         if block_trigrams:
             _block_repeated_trigrams(logp, history)
+        # an image's best K continuations are among the best K of each of its hypotheses: select
+        # per hypothesis first (so the scores are added to B*K*K values, not B*K*V)
+        best_logp, best_token = logp.topk(min(K, V), dim=-1)  # (B*K, K)
+        candidates = scores.view(-1, 1) + best_logp
         # a finished hypothesis continues only with <pad>, at no cost
-        logp[finished] = float("-inf")
-        logp[finished, pad_id] = 0.0
-        candidates = (scores.view(B * K, 1) + logp).view(B, K * V)
-        scores, flat = candidates.topk(K, dim=-1)  # (B, K)
-        rows = (offsets + flat // V).view(-1)  # (B*K,) source hypothesis of each new one
-        token = (flat % V).view(-1)
+        candidates.masked_fill_(finished.unsqueeze(1), float("-inf"))
+        candidates[:, 0] = torch.where(finished, scores.view(-1), candidates[:, 0])
+        best_token[:, 0].masked_fill_(finished, pad_id)
+        scores, flat = candidates.view(B, -1).topk(K, dim=-1)  # (B, K)
+        width = best_logp.shape[-1]
+        rows = (offsets + flat // width).view(-1)  # (B*K,) source hypothesis of each new one
+        token = best_token.view(-1).index_select(0, rows * width + (flat % width).view(-1))
 
-        state = map_state(state, partial(torch.index_select, dim=0, index=rows))
+        state = map_state(state, reorder)
         finished = finished.index_select(0, rows)
         lengths = lengths.index_select(0, rows) + (~finished).long()
-        history = torch.cat([history.index_select(0, rows), token.unsqueeze(1)], dim=1)
+        if block_trigrams:
+            history = torch.cat([history.index_select(0, rows), token.unsqueeze(1)], dim=1)
+        sources.append(rows)
+        tokens.append(token)
         if weights is not None:
-            step_maps = weights.index_select(0, rows).unsqueeze(1)
-            maps = step_maps if maps is None else torch.cat([maps.index_select(0, rows), step_maps], 1)
+            maps.append(weights)
         finished = finished | (token == eos_id)
         prev = token
         if bool(finished.all()):
             break
 
     normalised = scores / ((5.0 + lengths.view(B, K).float()) / 6.0) ** length_penalty
-    best = normalised.argmax(dim=-1) + offsets.squeeze(1)  # (B,)
-    tokens = history.index_select(0, best)
-    attention = maps.index_select(0, best) if maps is not None else None
-    return SearchResult(tokens, scores.view(-1).index_select(0, best), attention)
+    best = normalised.argmax(dim=-1) + offsets.squeeze(1)  # (B,) row of the best final hypothesis
+    final_scores = scores.view(-1).index_select(0, best)
+    # follow the back-pointers from the last step to the first
+    path, path_maps, row = [], [], best
+    for t in reversed(range(len(tokens))):
+        path.append(tokens[t].index_select(0, row))
+        row = sources[t].index_select(0, row)  # the hypothesis that step t extended
+        if maps:
+            path_maps.append(maps[t].index_select(0, row))  # its attention when it chose the token
+    attention = torch.stack(path_maps[::-1], dim=1) if maps else None
+    return SearchResult(torch.stack(path[::-1], dim=1), final_scores, attention)
 
 
 @torch.no_grad()

@@ -66,3 +66,89 @@ def test_interrupted_extraction_resumes_without_redoing_finished_batches(tmp_pat
     resumed = extract_features(encoder, images, transform, tmp_path, encoder.fingerprint(), batch_size=1)
     assert calls["n"] - 100 == 10 - 8  # 8 images were flushed before the crash
     np.testing.assert_array_equal(np.array(resumed), reference)
+
+
+# -- the fast extraction path ------------------------------------------------------------------
+def test_the_fp32_cache_key_is_the_one_caches_were_written_under(images):
+    """Adding `precision` left fp32 keys as they were: existing caches are still found."""
+    import hashlib
+    import os
+
+    h = hashlib.sha256(b"fingerprint")
+    h.update(b"float16")
+    for p in images:
+        st = os.stat(p)
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    assert features_mod.cache_key("fingerprint", images, "float16") == h.hexdigest()[:20]
+    assert features_mod.cache_key("fingerprint", images, "float16", "bf16") != h.hexdigest()[:20]
+
+
+def test_bf16_features_are_cached_apart_and_close_to_fp32(tmp_path, images, encoder):
+    transform = encoder.image_transform(64)
+    fp32 = extract_features(encoder, images, transform, tmp_path, encoder.fingerprint(), batch_size=4)
+    bf16 = extract_features(encoder, images, transform, tmp_path, encoder.fingerprint(), batch_size=4, precision="bf16")
+    assert len(list(tmp_path.glob("*.npy"))) == 2 and bf16.shape == fp32.shape
+    scale = np.abs(fp32).max()
+    np.testing.assert_allclose(bf16.astype(np.float32), fp32.astype(np.float32), atol=0.05 * scale)
+    assert next(encoder.parameters()).dtype == torch.float32  # the encoder itself is left alone
+
+
+def test_unknown_precision_is_refused(tmp_path, images, encoder):
+    from imcap.errors import ImcapError
+
+    with pytest.raises(ImcapError, match="precision 'fp16' is unknown"):
+        extract_features(encoder, images, encoder.image_transform(64), tmp_path, "x", precision="fp16")
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18", "efficientnet_lite0", "mobilenet_v3_large"])
+def test_the_inference_copy_computes_what_the_encoder_does(name):
+    """BatchNorm folded into the convolutions, activations fused into them: the same features."""
+    torch.manual_seed(0)
+    encoder = TorchvisionEncoder(name, weights=None)
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        for m in encoder.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    keys = list(encoder.state_dict())
+    fast = features_mod.inference_encoder(encoder)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert list(encoder.state_dict()) == keys  # the encoder itself is untouched
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want, got = encoder.eval()(x)[0], fast(x)[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_images_decode_to_the_same_pixels_as_pil(tmp_path, images):
+    from PIL import Image
+    from torchvision.transforms import v2 as T
+
+    from imcap.data.images import load_image_tensor
+
+    with Image.open(images[0]) as im:
+        rgb = im.convert("RGB")
+    rgb.save(tmp_path / "rgb.jpg", quality=90)
+    rgb.convert("L").save(tmp_path / "grey.jpg")
+    rgb.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    rgb.save(tmp_path / "image.png")
+    for name in ("rgb.jpg", "grey.jpg", "cmyk.jpg", "image.png"):
+        path = str(tmp_path / name)
+        assert torch.equal(load_image_tensor(path), T.PILToTensor()(features_mod.load_image(path))), name
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    from imcap.errors import ImcapError
+
+    with pytest.raises(ImcapError, match="cannot read image"):
+        load_image_tensor(str(tmp_path / "broken.jpg"))
+    with pytest.raises(ImcapError, match="image not found"):
+        load_image_tensor(str(tmp_path / "missing.jpg"))
+
+
+def test_decoding_threads_and_worker_processes_give_the_same_features(tmp_path, images, encoder):
+    transform = encoder.image_transform(64)
+    threads = extract_features(encoder, images, transform, tmp_path / "threads", encoder.fingerprint(), batch_size=3)
+    workers = extract_features(encoder, images, transform, tmp_path / "workers", encoder.fingerprint(), batch_size=3,
+                               num_workers=1)
+    np.testing.assert_array_equal(np.asarray(threads), np.asarray(workers))

@@ -9,7 +9,8 @@ import torch
 from imcap.models.attention import AdditiveAttention
 from imcap.models.decoders import LSTMDecoder
 from imcap.models.embeddings import LearnedEmbedding
-from imcap.models.search import beam_search, greedy_search, sample
+from imcap.models.search import SearchResult, beam_search, greedy_search, sample
+from tests.models import zoo
 
 BOS, EOS, PAD = 1, 2, 0
 C, N = 12, 4
@@ -124,3 +125,84 @@ def test_sampling_truncation_and_seeding():
     assert torch.equal(a.tokens, b.tokens)
     hot = sample(dec, grid, pooled, BOS, EOS, PAD, 10, temperature=5.0, generator=torch.Generator().manual_seed(1))
     assert not torch.equal(hot.tokens[:, :3], greedy.tokens[:, :3])
+
+
+# -- the fast search against the plain one ---------------------------------------------------
+@torch.no_grad()
+def plain_beam_search(decoder, grid, pooled, bos_id, eos_id, pad_id, beam_size=3, max_length=20, min_length=1,
+                      length_penalty=0.0, block_trigrams=False) -> SearchResult:
+    """Beam search as first written: the state expanded before `init_state`, every leaf, the
+    token history and the attention maps reordered every step."""
+    from imcap.models.search import _block_repeated_trigrams, map_state
+
+    B, K = grid.shape[0], beam_size
+    expand = torch.arange(B).repeat_interleave(K)
+    state = decoder.init_state(grid.index_select(0, expand), pooled.index_select(0, expand))
+    scores = torch.full((B, K), float("-inf"))
+    scores[:, 0] = 0.0
+    prev = torch.full((B * K,), bos_id, dtype=torch.long)
+    finished = torch.zeros(B * K, dtype=torch.bool)
+    lengths = torch.zeros(B * K, dtype=torch.long)
+    history = torch.empty(B * K, 0, dtype=torch.long)
+    maps = None
+    offsets = (torch.arange(B) * K).unsqueeze(1)
+    for t in range(max_length):
+        logits, state, weights = decoder.step(state, prev)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        logp[:, [bos_id, pad_id]] = float("-inf")
+        V = logp.shape[-1]
+        if t < min_length:
+            logp[:, eos_id] = float("-inf")
+        if block_trigrams:
+            _block_repeated_trigrams(logp, history)
+        logp[finished] = float("-inf")
+        logp[finished, pad_id] = 0.0
+        scores, flat = (scores.view(B * K, 1) + logp).view(B, K * V).topk(K, dim=-1)
+        rows = (offsets + flat // V).view(-1)
+        token = (flat % V).view(-1)
+        state = map_state(state, lambda x: x.index_select(0, rows))  # noqa: B023
+        finished = finished.index_select(0, rows)
+        lengths = lengths.index_select(0, rows) + (~finished).long()
+        history = torch.cat([history.index_select(0, rows), token.unsqueeze(1)], dim=1)
+        if weights is not None:
+            step_maps = weights.index_select(0, rows).unsqueeze(1)
+            maps = step_maps if maps is None else torch.cat([maps.index_select(0, rows), step_maps], 1)
+        finished = finished | (token == eos_id)
+        prev = token
+        if bool(finished.all()):
+            break
+    normalised = scores / ((5.0 + lengths.view(B, K).float()) / 6.0) ** length_penalty
+    best = normalised.argmax(dim=-1) + offsets.squeeze(1)
+    attention = maps.index_select(0, best) if maps is not None else None
+    return SearchResult(history.index_select(0, best), scores.view(-1).index_select(0, best), attention)
+
+
+OPTIONS = {
+    "plain": {},
+    "penalty_min_length": {"length_penalty": 1.0, "min_length": 3},
+    "trigrams": {"block_trigrams": True},
+}
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=list(OPTIONS))
+@pytest.mark.parametrize("pair", zoo.PAIRS, ids=zoo.pair_id)
+def test_beam_search_equals_the_plain_search_for_every_decoder(pair, options, one_thread):
+    """Shared per-image state, leaves passed through unreordered and back-pointers give the
+    same captions, scores and attention maps as reordering everything every step."""
+    dec = zoo.make_decoder(*pair).double()  # fp64: no near-ties that rounding could break apart
+    with torch.no_grad():
+        dec.output.weight.mul_(4.0)  # sharper distributions: beams diverge, some end early
+        dec.output.bias[EOS] += 1.5
+    grid, pooled, _ = zoo.inputs(batch=4)
+    grid, pooled = grid.double(), pooled.double()
+    kwargs = {"beam_size": 3, "max_length": 9, **OPTIONS[options]}
+    fast = beam_search(dec, grid, pooled, BOS, EOS, PAD, **kwargs)
+    plain = plain_beam_search(dec, grid, pooled, BOS, EOS, PAD, **kwargs)
+    assert torch.equal(fast.tokens, plain.tokens)
+    torch.testing.assert_close(fast.scores, plain.scores, rtol=1e-5, atol=1e-5)
+    if plain.attention is None:
+        assert fast.attention is None
+    else:
+        torch.testing.assert_close(fast.attention, plain.attention, rtol=1e-9, atol=1e-12)
+    if options == "plain" and pair == ("lstm", "additive"):
+        assert (fast.tokens == EOS).any() and (fast.tokens == PAD).any()  # some beams did end early

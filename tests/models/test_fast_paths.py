@@ -1,0 +1,234 @@
+"""The Show-Attend-Tell fast path (lstm + additive) against the plain per-step code it replaces:
+same logits, attention and gradients (fp64 to rounding, fp32 and bf16 within their precision),
+in teacher forcing, step by step, under autograd, for beam search's shared attention cache,
+with the energy made in chunks, and with the step weights kept between calls."""
+
+from __future__ import annotations
+
+import copy
+import io
+from functools import partial
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from imcap.models import decoders
+from imcap.models.attention import AdditiveAttention
+from imcap.models.decoders import LSTMDecoder, Product
+from imcap.models.embeddings import LearnedEmbedding
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+V, C, N, B, T, H, A = 30, 24, 9, 3, 7, 32, 20
+
+
+def make(gate: bool = True, dtype: torch.dtype = torch.float32, dropout: float = 0.0) -> LSTMDecoder:
+    torch.manual_seed(0)
+    emb = LearnedEmbedding([str(i) for i in range(V)], dim=16)
+    att = partial(AdditiveAttention, attention_dim=A)
+    return LSTMDecoder(V, C, emb, att, hidden_dim=H, dropout=dropout, gate=gate).to(dtype).eval()
+
+
+def data(dtype: torch.dtype = torch.float32, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, N, C, generator=g, dtype=dtype), torch.randint(0, V, (B, T), generator=g)
+
+
+def run(dec: LSTMDecoder, grid: torch.Tensor, tokens: torch.Tensor, fast: bool, autocast: bool = False):
+    """Logits, attention, parameter gradients and the grid's gradient of a loss that uses both
+    outputs (as the doubly stochastic attention penalty does)."""
+    dec.fast_path = fast
+    dec.zero_grad()
+    grid = grid.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits, weights = dec(grid, grid.mean(1), tokens)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens.roll(-1, 1).flatten())
+        loss = loss + ((1 - weights.float().sum(1)) ** 2).mean()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in dec.named_parameters()}
+    return logits.detach(), weights.detach(), grads, grid.grad
+
+
+@pytest.mark.parametrize("gate", [True, False], ids=["gate", "no_gate"])
+def test_teacher_forcing_matches_the_plain_code_in_fp64(gate):
+    dec = make(gate, torch.float64)
+    grid, tokens = data(torch.float64)
+    fast, plain = run(dec, grid, tokens, True), run(dec, grid, tokens, False)
+    torch.testing.assert_close(fast[0], plain[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast[1], plain[1], rtol=1e-12, atol=1e-12)
+    assert fast[2].keys() == plain[2].keys()
+    for name in plain[2]:
+        torch.testing.assert_close(fast[2][name], plain[2][name], rtol=1e-10, atol=1e-12, msg=name)
+    torch.testing.assert_close(fast[3], plain[3], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("gate", [True, False], ids=["gate", "no_gate"])
+def test_teacher_forcing_matches_the_plain_code_in_fp32(gate):
+    dec = make(gate)
+    grid, tokens = data()
+    fast, plain = run(dec, grid, tokens, True), run(dec, grid, tokens, False)
+    torch.testing.assert_close(fast[0], plain[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast[1], plain[1], rtol=1e-5, atol=1e-6)
+    for name in plain[2]:
+        scale = plain[2][name].abs().max().item()
+        torch.testing.assert_close(fast[2][name], plain[2][name], rtol=1e-4, atol=1e-5 * max(scale, 1.0), msg=name)
+    torch.testing.assert_close(fast[3], plain[3], rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_matches_the_plain_code_within_bf16_precision():
+    dec = make()
+    grid, tokens = data()
+    fast, plain = run(dec, grid, tokens, True, autocast=True), run(dec, grid, tokens, False, autocast=True)
+    exact = run(dec, grid, tokens, False)
+    assert fast[0].dtype == plain[0].dtype == torch.bfloat16
+    torch.testing.assert_close(fast[0].float(), exact[0], rtol=0, atol=0.05)
+    torch.testing.assert_close(fast[1].float(), exact[1], rtol=0, atol=0.01)
+    for name in exact[2]:  # no worse than autocast's plain code, relative to the fp32 gradient
+        err_fast = (fast[2][name] - exact[2][name]).norm() / exact[2][name].norm().clamp_min(1e-12)
+        err_plain = (plain[2][name] - exact[2][name]).norm() / exact[2][name].norm().clamp_min(1e-12)
+        assert err_fast < max(2 * err_plain, 0.05), name
+
+
+def test_step_reproduces_teacher_forcing_under_autocast():
+    dec = make()
+    grid, tokens = data()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, weights = dec(grid, grid.mean(1), tokens)
+        state = dec.init_state(grid, grid.mean(1))
+        for t in range(T):
+            step_logits, state, step_weights = dec.step(state, tokens[:, t])
+            torch.testing.assert_close(step_logits.float(), logits[:, t].float(), rtol=0, atol=0.05)
+            torch.testing.assert_close(step_weights, weights[:, t], rtol=0, atol=0.01)
+
+
+def test_step_under_autograd_gives_the_plain_gradients():
+    """Scheduled sampling differentiates through `step`."""
+    dec = make()
+    grid, tokens = data()
+    results = []
+    for fast in (True, False):
+        dec.fast_path = fast
+        dec.zero_grad()
+        state = dec.init_state(grid, grid.mean(1))
+        total = 0
+        for t in range(T):
+            logits, state, weights = dec.step(state, tokens[:, t])
+            total = total + logits.logsumexp(-1).sum() + weights[:, 0].sum()
+        total.backward()
+        results.append((total.detach(), {n: p.grad.clone() for n, p in dec.named_parameters()}))
+    (fast_total, fast_grads), (plain_total, plain_grads) = results
+    torch.testing.assert_close(fast_total, plain_total, rtol=1e-5, atol=1e-5)
+    for name in plain_grads:
+        torch.testing.assert_close(fast_grads[name], plain_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_energy_made_in_chunks_changes_nothing(monkeypatch):
+    """Without autograd `step` makes the attention energy a few images at a time once it is
+    large; teacher forcing keeps it whole for its backward."""
+    dec = make()
+    grid, tokens = data()
+    with torch.no_grad():
+        whole = [dec.step(dec.init_state(grid, grid.mean(1)), tokens[:, 0])]
+    monkeypatch.setattr(decoders, "ENERGY_CHUNK_BYTES", N * A * 4)  # one image per chunk
+    with torch.no_grad():
+        chunked = [dec.step(dec.init_state(grid, grid.mean(1)), tokens[:, 0])]
+    torch.testing.assert_close(chunked[0][0], whole[0][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(chunked[0][2], whole[0][2], rtol=1e-6, atol=1e-7)
+    fast, plain = run(dec, grid, tokens, True), run(dec, grid, tokens, False)
+    torch.testing.assert_close(fast[0], plain[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast[2]["context_proj.weight"], plain[2]["context_proj.weight"], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # validation: nothing kept for a backward, so chunks here too
+        dec.fast_path = True
+        logits, weights = dec(grid, grid.mean(1), tokens)
+    torch.testing.assert_close(logits, plain[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weights, plain[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [None, N * A * 4 * 2], ids=["whole", "chunked"])
+def test_a_cache_shared_by_each_images_beams_gives_the_expanded_result(chunk, monkeypatch):
+    """expand_state keeps keys and values once per image; step then attends per image."""
+    if chunk:
+        monkeypatch.setattr(decoders, "ENERGY_CHUNK_BYTES", chunk)
+    dec, beams = make(), 4
+    grid, tokens = data()
+    with torch.no_grad():
+        state = dec.init_state(grid, grid.mean(1))
+        shared = dec.expand_state(state, beams)
+        index = torch.arange(B).repeat_interleave(beams)
+        expanded = type(state)(*(x.index_select(0, index) if isinstance(x, torch.Tensor) else x for x in state))
+        expanded = expanded._replace(cache=type(state.cache)(*(x.index_select(0, index) for x in state.cache)))
+        assert shared.cache.keys.shape[0] == B and shared.h.shape[0] == B * beams
+        prev = torch.randint(0, V, (B * beams,))
+        for _ in range(3):
+            a, shared, wa = dec.step(shared, prev)
+            b, expanded, wb = dec.step(expanded, prev)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(wa, wb, rtol=1e-5, atol=1e-7)
+            prev = a.argmax(-1)
+
+
+def test_step_weights_are_kept_until_a_parameter_changes():
+    dec = make()
+    grid, tokens = data()
+
+    def step_logits() -> torch.Tensor:
+        with torch.no_grad():
+            return dec.step(dec.init_state(grid, grid.mean(1)), tokens[:, 0])[0]
+
+    first = step_logits()
+    kept = dec._sat_cache
+    assert torch.equal(step_logits(), first) and dec._sat_cache is kept
+    opt = torch.optim.SGD(dec.parameters(), lr=0.1)
+    run(dec, grid, tokens, True)
+    opt.step()  # in place: the kept weights are stale now
+    dec.fast_path = True
+    updated = step_logits()
+    dec.fast_path = False
+    torch.testing.assert_close(updated, step_logits(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(updated, first)
+    fresh = make()
+    dec.fast_path = fresh.fast_path = True
+    dec.load_state_dict(fresh.state_dict())  # copied in place
+    torch.testing.assert_close(step_logits(), first)
+
+
+def test_decoders_with_kept_weights_copy_and_save():
+    dec = make()
+    grid, tokens = data()
+    with torch.no_grad():
+        dec.step(dec.init_state(grid, grid.mean(1)), tokens[:, 0])
+    assert dec._sat_cache is not None
+    clone = copy.deepcopy(dec)
+    assert clone._sat_cache is None
+    torch.save(dec, io.BytesIO())
+    torch.testing.assert_close(clone(grid, grid.mean(1), tokens)[0], dec(grid, grid.mean(1), tokens)[0])
+
+
+def test_checkpoints_of_the_plain_code_load_into_the_fast_path():
+    plain = make()
+    plain.fast_path = False
+    buffer = io.BytesIO()
+    torch.save(plain.state_dict(), buffer)
+    torch.manual_seed(5)
+    fast = LSTMDecoder(V, C, LearnedEmbedding([str(i) for i in range(V)], dim=16),
+                       partial(AdditiveAttention, attention_dim=A), hidden_dim=H, dropout=0.0).eval()
+    buffer.seek(0)
+    fast.load_state_dict(torch.load(buffer, weights_only=True))
+    grid, tokens = data()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(grid, grid.mean(1), tokens)[0], plain(grid, grid.mean(1), tokens)[0],
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_product_equals_linear_and_is_counted_as_a_matrix_product(dtype):
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(40, 24, dtype=dtype), torch.randn(40, dtype=dtype), torch.randn(6, 24, dtype=dtype)
+    with torch.no_grad():
+        product = Product(weight, bias, rows=6)
+        with FlopCounterMode(display=False) as counter:
+            y = product(x)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, weight, bias), **tol)
+    assert counter.get_total_flops() == 2 * 6 * 24 * 40
+    assert Product(weight.requires_grad_(), bias, rows=6).packed is None  # under autograd: plain linear

@@ -1,0 +1,76 @@
+"""`python -m imcap.bench` runs end to end at tiny sizes (--smoke) and writes the JSON the
+README and experiments read. Its numbers are not checked: speed belongs in the bench."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from imcap import bench
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread; several OpenMP threads on a shared CPU mostly wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def jpegs(tmp_path, monkeypatch):
+    """A stand-in for ../shared/data/flickr8k-1k: four small JPEG files."""
+    root = tmp_path / "flickr8k-1k"
+    (root / "Images").mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(4):
+        pixels = torch.randint(0, 256, (40, 50, 3), dtype=torch.uint8, generator=g).numpy()
+        Image.fromarray(pixels).save(root / "Images" / f"{i}.jpg")
+    monkeypatch.setattr(bench, "SHARED", root)
+    return root
+
+
+def test_quick_smoke_run_writes_every_section(tmp_path, jpegs, one_thread):
+    out = tmp_path / "bench.json"
+    bench.main(["--quick", "--smoke", "--output", str(out), "--override", "+model.optimizer.fused=true"])
+    results = json.loads(out.read_text())
+    assert results["quick"] is True and results["overrides"] == ["+model.optimizer.fused=true"]
+    machine = results["machine"]
+    assert {"cpu", "cores", "torch_threads", "torch", "load_average"} <= machine.keys()
+    assert "load_average_after" in results and results["wall_s"] > 0
+    assert [g["dtype"] for g in results["gemm"]] == ["fp32", "bf16"]
+
+    train = results["decoder_train"]
+    assert [(r["decoder"], r["attention"], r["dtype"]) for r in train] == [("lstm", "additive", "fp32"),
+                                                                        ("lstm", "additive", "bf16")]
+    for row in train:
+        assert row["captions_per_s"] > 0 and row["gflop_per_step"] > 0 and row["fraction_of_gemm"] > 0
+        assert row["optimizer"] == "AdamW(fused)"  # the override reached the optimiser
+    assert len({r["gflop_per_step"] for r in train}) == 1  # counted once, in fp32
+
+    beams = results["beam_search"]
+    assert [(r["beam_size"], r["dtype"]) for r in beams] == [(3, "fp32"), (3, "bf16"), (5, "fp32"), (5, "bf16")]
+    assert all(r["images_per_s"] > 0 for r in beams)
+
+    features = results["feature_extraction"]
+    assert [(r["encoder"], r["dtype"], r["images"]) for r in features] == [("mobilenet_v2", "fp32", 4),
+                                                                           ("mobilenet_v2", "bf16", 4)]
+    assert "epoch" not in results  # not in --quick
+
+
+def test_sections_needing_the_shared_data_are_skipped_without_it(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setattr(bench, "SHARED", tmp_path / "absent")
+    results = bench.run(True, ("gemm", "feature_extraction"), bench.SMOKE)
+    assert results["feature_extraction"].startswith("skipped:")
+    assert "decoder_train" not in results and "beam_search" not in results
+
+
+def test_unknown_sections_are_refused():
+    from imcap.errors import ImcapError
+
+    with pytest.raises(ImcapError, match="unknown bench section"):
+        bench.run(True, ("gemm", "decoder"), bench.SMOKE)
