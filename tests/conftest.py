@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import DictConfig
 
 from imcap.cli import compose_config  # noqa: F401  (tests import it from here)
@@ -33,6 +34,15 @@ TINY = [
     "trainer.enable_model_summary=false",
     "model.test_metrics=[BLEU,ROUGE-L,CIDEr-D]",  # METEOR's Java start (7 s) is tested in tests/metrics
 ]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread; several OpenMP threads on a shared CPU mostly wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

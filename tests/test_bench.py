@@ -13,15 +13,6 @@ from imcap import bench
 
 
 @pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one thread; several OpenMP threads on a shared CPU mostly wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
 def jpegs(tmp_path, monkeypatch):
     """A stand-in for ../shared/data/flickr8k-1k: four small JPEG files."""
     root = tmp_path / "flickr8k-1k"
