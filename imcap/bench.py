@@ -23,6 +23,7 @@ is recorded before and after: on a shared machine, compare numbers taken under s
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -68,11 +69,12 @@ class Sizes:
     overrides: tuple[str, ...] = ()  # model config overrides, e.g. smaller dims
     encoders: tuple[str, ...] = ("mobilenet_v2", "resnet50", "mobilenet_v3_large")
     repeats: dict[str, int] = field(default_factory=dict)  # per section, instead of the defaults
+    smoke: bool = False  # the epoch section uses the model overrides and image size too
 
 
 SMOKE = Sizes(batch=2, length=3, vocab=40, grids=((4, 32),), gemm=(64, 64), images=(4, 4), image_size=32,
               overrides=("model.decoder.hidden_dim=16", "model.embedding.dim=16", "++model.attention.attention_dim=16"),
-              encoders=("mobilenet_v2",), repeats={"all": 1})
+              encoders=("mobilenet_v2",), repeats={"all": 1}, smoke=True)
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
@@ -249,27 +251,35 @@ class EpochTimer(pl.Callback):
         EpochTimer.captions.append(len(trainer.train_dataloader.sampler))
 
 
-def bench_epoch() -> list[dict[str, Any]] | str:
+def epoch_overrides(root: Path, cache_dir: Path, precision: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """One epoch of the default flickr8k experiment on `root`, no logger, test or early stop."""
+    return [*extra,
+        "data=flickr8k", f"data.source.root={root}", f"data.cache_dir={cache_dir}",
+        "data.num_workers=0", "trainer.max_epochs=1", f"trainer.precision={precision}", "test=false",
+        "~logger", "callbacks.progress_bar=null", "callbacks.early_stopping=null",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        "+callbacks.timer._target_=imcap.bench.EpochTimer",
+    ]
+
+
+def bench_epoch(sizes: Sizes = Sizes()) -> list[dict[str, Any]] | str:
     """One epoch of the default captioner on the real Flickr8k subset with cached features."""
     if not SHARED.is_dir():
         return f"skipped: {SHARED} not found"
+    extra = (*sizes.overrides, f"data.image_size={sizes.image_size}", "data.min_freq=1") if sizes.smoke else ()
     from imcap.train import train
 
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for dtype, precision in (("fp32", "32-true"), ("bf16", "bf16-mixed")):
-            EpochTimer.seconds, EpochTimer.captions = [], []
-            cfg = compose_config("train", [
-                "data=flickr8k", f"data.source.root={SHARED}", f"data.cache_dir={tmp}/features",
-                "data.num_workers=0", "trainer.max_epochs=1", f"trainer.precision={precision}", "test=false",
-                "logger=null", "callbacks.progress_bar=null", "callbacks.early_stopping=null",
-                "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-                "+callbacks.timer._target_=imcap.bench.EpochTimer",
-            ], Path(tmp) / dtype, Path(tmp) / "data")
+            # the class Hydra instantiates: imcap.bench's, not __main__'s under `python -m imcap.bench`
+            timer = importlib.import_module("imcap.bench").EpochTimer
+            timer.seconds, timer.captions = [], []
+            cfg = compose_config("train", epoch_overrides(SHARED, Path(tmp) / "features", precision, extra),
+                                 Path(tmp) / dtype, Path(tmp) / "data")
             train(cfg)  # features are extracted before the epoch starts and are cached for the next dtype
-            out.append({"data": "flickr8k-1k", "dtype": dtype, "epoch_s": EpochTimer.seconds[0],
-                        "train_captions": EpochTimer.captions[0],
-                        "captions_per_s": EpochTimer.captions[0] / EpochTimer.seconds[0]})
+            out.append({"data": "flickr8k-1k", "dtype": dtype, "epoch_s": timer.seconds[0],
+                        "train_captions": timer.captions[0], "captions_per_s": timer.captions[0] / timer.seconds[0]})
     return out
 
 
@@ -292,7 +302,7 @@ def run(quick: bool, sections: tuple[str, ...] = SECTIONS, sizes: Sizes = Sizes(
     if "feature_extraction" in sections:
         results["feature_extraction"] = bench_feature_extraction(quick, sizes)
     if "epoch" in sections and not quick:
-        results["epoch"] = bench_epoch()
+        results["epoch"] = bench_epoch(sizes)
     results["load_average_after"] = load_average()
     return results
 

@@ -53,6 +53,22 @@ def test_quick_smoke_run_writes_every_section(tmp_path, jpegs, one_thread):
     assert "epoch" not in results  # not in --quick
 
 
+@pytest.mark.slow
+def test_epoch_section_trains_one_epoch_of_the_flickr8k_experiment(tmp_path, jpegs, one_thread):
+    names = [f"{i}.jpg" for i in range(4)]
+    for i in range(4, 10):  # enough images for a train/val/test split
+        Image.open(jpegs / "Images" / "0.jpg").save(jpegs / "Images" / f"{i}.jpg")
+        names.append(f"{i}.jpg")
+    rows = [f"{n},a dog runs on the grass number {k}" for n in names for k in range(5)]
+    (jpegs / "captions.txt").write_text("image,caption\n" + "\n".join(rows) + "\n")
+    results = bench.run(False, ("gemm", "epoch"), bench.SMOKE)
+    epochs = results["epoch"]
+    assert [e["dtype"] for e in epochs] == ["fp32", "bf16"]
+    for e in epochs:
+        assert e["data"] == "flickr8k-1k" and e["epoch_s"] > 0
+        assert e["train_captions"] % 5 == 0 and 5 <= e["train_captions"] < 50  # all 5 captions of each train image
+
+
 def test_sections_needing_the_shared_data_are_skipped_without_it(tmp_path, monkeypatch, one_thread):
     monkeypatch.setattr(bench, "SHARED", tmp_path / "absent")
     results = bench.run(True, ("gemm", "feature_extraction"), bench.SMOKE)

@@ -89,7 +89,9 @@ class CaptionDataset(Dataset):
 
 
 def collate(items: list[dict[str, Any]], pad_id: int = Vocabulary.pad_id) -> dict[str, Any]:
-    """Pad tokens to the longest in the batch; keep every reference per image."""
+    """Pad tokens to the longest in the batch; keep every reference per image. Items are
+    sorted longest caption first, the order decoders skip padding in (`imcap.models.packing`)."""
+    items = sorted(items, key=lambda it: -len(it["tokens"]))  # stable: ties keep their order
     lengths = torch.tensor([len(it["tokens"]) for it in items])
     tokens = torch.full((len(items), int(lengths.max())), pad_id, dtype=torch.long)  # (B, L)
     for b, it in enumerate(items):

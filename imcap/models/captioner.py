@@ -140,9 +140,11 @@ class Captioner(nn.Module):
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder(images)  # (B, N, C), (B, C)
 
-    def forward(self, grid: torch.Tensor, pooled: torch.Tensor, tokens: torch.Tensor):
-        """Teacher-forced logits (B, T, V) and attention (B, T, N) for input tokens (B, T)."""
-        return self.decoder(grid, pooled, tokens)
+    def forward(self, grid: torch.Tensor, pooled: torch.Tensor, tokens: torch.Tensor,
+                lengths: torch.Tensor | None = None):
+        """Teacher-forced logits (B, T, V) and attention (B, T, N) for input tokens (B, T);
+        lengths (B,): positions per row that carry a target (no compute spent on the rest)."""
+        return self.decoder(grid, pooled, tokens, lengths)
 
     def generate(self, grid: torch.Tensor, pooled: torch.Tensor, decoding: Decoding | None = None) -> SearchResult:
         """Captions for grid features (B, N, C) with greedy decoding or beam search."""

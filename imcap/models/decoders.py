@@ -13,6 +13,7 @@ Each decoder lists the `model/attention` options it accepts in `ATTENTIONS`.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -23,6 +24,7 @@ from torch import nn
 
 from imcap.errors import ImcapError
 from imcap.models.attention import AdditiveAttention, AttentionCache, attention_kind
+from imcap.models.packing import first_rows, on_valid, pack, stack_steps
 
 ALL_ATTENTIONS = ("none", "additive", "dot", "general", "scaled_dot", "multihead", "adaptive")
 
@@ -207,31 +209,39 @@ def sat_step(w: SATWeights, products: tuple[Product, Product], x: torch.Tensor, 
 class ShowAttendTellLoop(torch.autograd.Function):
     """The teacher-forced recurrence as one autograd node: forward runs `sat_step` T times;
     backward walks the steps in reverse with two weight products per step (d_gates @ W_c,
-    d_fused @ W_h) and then computes every weight gradient in one product over all T*B rows."""
+    d_fused @ W_h) and then computes every weight gradient in one product over all valid
+    rows. Rows are sorted longest first and step t runs on the first batch_sizes[t] only
+    (`imcap.models.packing`): no compute on padding; outputs there are zeros."""
 
     @staticmethod
     def forward(ctx, x, h0, c0, keys2, values, h_weight, h_bias, context_weight, score_weight, score_bias,
-                dtype: torch.dtype, grad: bool):
+                dtype: torch.dtype, grad: bool, batch_sizes: tuple[int, ...]):
         # x: (B, T, 4H); h0, c0: (B, H); keys2: (B, N, A); values: (B, N, C) -> (B, T, H), (B, T, N)
         # grad: whether autograd is on outside (inside forward it never is; needs_input_grad
         # says which inputs require grad, even under no_grad)
         keep = grad and any(ctx.needs_input_grad)
+        (B, T, _), N = x.shape, keys2.shape[1]
         with torch.autocast(x.device.type, enabled=False):
             w = SATWeights(h_weight, h_bias, context_weight, score_weight, score_bias).to(dtype)
             keys2, values = _wide(keys2), _wide(values)
-            products = w.products(x.shape[0])
+            products = w.products(B)
             h, c, xs = h0.to(dtype), _wide(c0.to(dtype)), x.to(dtype)
-            steps, hs, alphas = [], [], []
-            for t in range(x.shape[1]):
-                s = sat_step(w, products, xs[:, t], h, c, keys2, values, keep)
+            hs, alphas = h.new_zeros(B, T, h.shape[1]), values.new_zeros(B, T, N)
+            steps = []
+            for t, b in enumerate(batch_sizes):
+                if b == 0:
+                    break
+                h, c = h[:b], c[:b]  # the rows still running (views)
+                s = sat_step(w, products, xs[:b, t], h, c, keys2[:b], values[:b], keep)
                 h, c = s.h, s.c
-                hs.append(h)
-                alphas.append(s.alpha)
+                hs[:b, t] = h
+                alphas[:b, t] = s.alpha
                 if keep:
                     steps.append(s)
-        ctx.w, ctx.values, ctx.steps = w, values, steps
+        ctx.w, ctx.values, ctx.steps, ctx.alphas = w, values, steps, alphas
         ctx.dtypes = (x.dtype, h0.dtype, c0.dtype, keys2.dtype, values.dtype, h_weight.dtype)
-        return torch.stack(hs, dim=1), torch.stack(alphas, dim=1)
+        ctx.shape = (B, T)
+        return hs, alphas
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -240,60 +250,71 @@ class ShowAttendTellLoop(torch.autograd.Function):
         x_dtype, h_dtype, c_dtype, keys_dtype, values_dtype, w_dtype = ctx.dtypes
         tanh_backward, sigmoid_backward = torch.ops.aten.tanh_backward, torch.ops.aten.sigmoid_backward
         with torch.autocast(values.device.type, enabled=False):
-            T, (B, H), (N, A) = len(steps), steps[0].c.shape, steps[0].energy.shape[1:]
+            (B, T_in), T, H, (N, A) = ctx.shape, len(steps), steps[0].c.shape[1], steps[0].energy.shape[1:]
             wide, dtype = steps[0].c.dtype, w.h_weight.dtype
+            sizes = [s.c.shape[0] for s in steps]  # rows per step, non-increasing
+            starts = [0, *itertools.accumulate(sizes)]  # step t's rows in the packed (sum b_t, .) tensors
             by_h, by_context = Product(w.h_weight.t(), None, B), Product(w.context_weight.t(), None, B)
-            d_fused = w.h_weight.new_empty(T, B, w.h_weight.shape[0])  # (T, B, 4H + A + C')
+            d_fused = w.h_weight.new_empty(starts[-1], w.h_weight.shape[0])  # (sum b_t, 4H + A + C')
             d_keys2 = values.new_zeros(B, N, A, dtype=wide)
             d_score_w, d_score_b = values.new_zeros(A, dtype=wide), values.new_zeros(1, dtype=wide)
-            d_contexts = []
-            dh, dc = values.new_zeros(B, H, dtype=wide), values.new_zeros(B, H, dtype=wide)
+            d_contexts = values.new_zeros(B, T_in, values.shape[2], dtype=wide) if need[4] else None
+            dh, dc = values.new_zeros(0, H, dtype=wide), values.new_zeros(0, H, dtype=wide)
             for t in reversed(range(T)):
-                s = steps[t]
+                s, b, rows = steps[t], sizes[t], slice(starts[t], starts[t + 1])
+                if dh.shape[0] < b:  # rows that ended at this step: nothing flowed back into them yet
+                    dh, dc = (F.pad(v, (0, 0, 0, b - v.shape[0])) for v in (dh, dc))
                 i, f, g, o = s.acts
                 if d_hs is not None:
-                    dh = dh + d_hs[:, t]
+                    dh = dh + d_hs[:b, t]
                 dc = dc + tanh_backward(dh * o, s.tanh_c)
                 d_gates = torch.cat([sigmoid_backward(dc * g, i), sigmoid_backward(dc * s.c_prev, f),
                                      tanh_backward(dc * i, g), sigmoid_backward(dh * s.tanh_c, o)], dim=-1)
                 d_gates = d_gates.to(dtype)
-                d_fused[t, :, : 4 * H] = d_gates
+                d_fused[rows, : 4 * H] = d_gates
                 dc = dc * f
-                d_context = _wide(by_context(d_gates))  # (B, C): d gated
+                d_context = _wide(by_context(d_gates))  # (b, C): d gated
                 if s.gate is not None:
-                    d_fused[t, :, 4 * H + A :] = sigmoid_backward(d_context * s.context, s.gate)
+                    d_fused[rows, 4 * H + A :] = sigmoid_backward(d_context * s.context, s.gate)
                     d_context = d_context * s.gate
-                if need[4]:
-                    d_contexts.append(d_context)
-                d_alpha = torch.bmm(d_context.unsqueeze(1), values.transpose(1, 2)).squeeze(1)  # (B, N)
+                if d_contexts is not None:
+                    d_contexts[:b, t] = d_context
+                d_alpha = torch.bmm(d_context.unsqueeze(1), values[:b].transpose(1, 2)).squeeze(1)  # (b, N)
                 if d_alphas is not None:
-                    d_alpha = d_alpha + d_alphas[:, t]
+                    d_alpha = d_alpha + d_alphas[:b, t]
                 d_scores = torch.ops.aten._softmax_backward_data(d_alpha, s.alpha, -1, s.alpha.dtype)
                 d_sum = d_scores.sum()  # zero up to rounding: softmax ignores a shift
-                d_score_w += 2 * torch.mv(s.energy.view(B * N, A).t(), d_scores.view(-1)) - d_sum
+                d_score_w += 2 * torch.mv(s.energy.view(b * N, A).t(), d_scores.view(-1)) - d_sum
                 d_score_b += d_sum
-                d_z = sigmoid_backward(d_scores.unsqueeze(-1) * (2 * w.score_weight), s.energy)  # (B, N, A)
-                d_keys2 += d_z
-                d_fused[t, :, 4 * H : 4 * H + A] = 2 * d_z.sum(dim=1)
-                dh = _wide(by_h(d_fused[t]))  # (B, H)
+                d_z = sigmoid_backward(d_scores.unsqueeze(-1) * (2 * w.score_weight), s.energy)  # (b, N, A)
+                d_keys2[:b] += d_z
+                d_fused[rows, 4 * H : 4 * H + A] = 2 * d_z.sum(dim=1)
+                dh = _wide(by_h(d_fused[rows]))  # (b, H)
+            if dh.shape[0] < B:  # rows with no valid position at all
+                dh, dc = (F.pad(v, (0, 0, 0, B - v.shape[0])) for v in (dh, dc))
 
-            flat = d_fused.view(T * B, -1)
-            d_x = d_fused[:, :, : 4 * H].transpose(0, 1).to(x_dtype) if need[0] else None
+            d_x = None
+            if need[0]:
+                if sizes == [B] * T_in:  # no padding: the packed rows are (T, B) already
+                    d_x = d_fused[:, : 4 * H].view(T, B, 4 * H).transpose(0, 1)
+                else:
+                    d_x = d_fused.new_zeros(B, T_in, 4 * H)
+                    for t, b in enumerate(sizes):
+                        d_x[:b, t] = d_fused[starts[t] : starts[t + 1], : 4 * H]
+                d_x = d_x.to(x_dtype)
             d_values = None
             if need[4]:  # sum_t alpha_t^T d_context_t, one batched product
-                alphas = torch.stack([s.alpha for s in steps], dim=2)  # (B, N, T)
-                d_values = torch.bmm(alphas, torch.stack(d_contexts[::-1], dim=1)).to(values_dtype)
+                d_values = torch.bmm(ctx.alphas.transpose(1, 2), d_contexts).to(values_dtype)
             d_h_weight = d_h_bias = d_context_weight = None
             if need[5]:
-                d_h_weight = (flat.t() @ torch.stack([s.h_prev for s in steps]).view(T * B, H)).to(w_dtype)
+                d_h_weight = (d_fused.t() @ torch.cat([s.h_prev for s in steps])).to(w_dtype)
             if need[6] and w.h_bias is not None:
-                d_h_bias = flat.sum(0).to(w_dtype)
+                d_h_bias = d_fused.sum(0).to(w_dtype)
             if need[7]:
-                gated = torch.stack([s.gated for s in steps]).view(T * B, -1)
-                d_context_weight = (flat[:, : 4 * H].t() @ gated).to(w_dtype)
+                d_context_weight = (d_fused[:, : 4 * H].t() @ torch.cat([s.gated for s in steps])).to(w_dtype)
         return (d_x, dh.to(h_dtype), dc.to(c_dtype), d_keys2.to(keys_dtype), d_values, d_h_weight, d_h_bias,
                 d_context_weight, d_score_w.to(w_dtype) if need[8] else None,
-                d_score_b.to(w_dtype) if need[9] else None, None, None)
+                d_score_b.to(w_dtype) if need[9] else None, None, None, None)
 
 
 class LSTMState(NamedTuple):
@@ -457,23 +478,33 @@ class LSTMDecoder(nn.Module):
         return self.output(self.dropout(out)), state, weights
 
     def forward(
-        self, grid: torch.Tensor, pooled: torch.Tensor, tokens: torch.Tensor
+        self, grid: torch.Tensor, pooled: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Teacher forcing: tokens (B, T) inputs -> logits (B, T, V), weights (B, T, N) or None."""
-        x = self.input_proj(self.embedding(tokens))  # (B, T, 4H), one matmul for all steps
+        """Teacher forcing: tokens (B, T) inputs -> logits (B, T, V), weights (B, T, N) or None.
+        lengths (B,): how many leading positions of each row carry a target; no compute is
+        spent on the rest, where logits and weights are zeros (None: every position)."""
+        packing = pack(lengths, *tokens.shape, tokens.device)
+        grid, pooled, tokens = packing.sort(grid), packing.sort(pooled), packing.sort(tokens)
+        x = on_valid(self.embedding(tokens), packing.valid, self.input_proj)  # (B, T, 4H), one matmul for all steps
         state = self.init_state(grid, pooled)
+        readout = lambda h: self.output(self.dropout(h))  # noqa: E731
         if self._sat and tokens.shape[1] > 0:
             dtype = compute_dtype(x.device, self.output.weight.dtype)
             hs, weights = ShowAttendTellLoop.apply(x, state.h, state.c, state.cache.keys, state.cache.values,
-                                                   *self._sat_weights(), dtype, torch.is_grad_enabled())
+                                                   *self._sat_weights(), dtype, torch.is_grad_enabled(),
+                                                   packing.batch_sizes)
             self.last_beta = None
-            return self.output(self.dropout(hs)), weights  # (B, T, V), one matmul
+            return packing.unsort(on_valid(hs, packing.valid, readout)), packing.unsort(weights)  # (B, T, V), one matmul
         outs, ws, betas = [], [], []
-        for t in range(tokens.shape[1]):
-            state, weights, out = self._cell(x[:, t], state)
+        for t, b in enumerate(packing.batch_sizes):
+            if b == 0:
+                break
+            state, weights, out = self._cell(x[:b, t], first_rows(state, b))
             outs.append(out)
             ws.append(weights)
             betas.append(state.beta)
-        logits = self.output(self.dropout(torch.stack(outs, dim=1)))  # (B, T, V), one matmul
-        self.last_beta = torch.stack(betas, dim=1).detach() if self.adaptive else None  # (B, T)
-        return logits, (torch.stack(ws, dim=1) if self.attention is not None else None)
+        B, T = tokens.shape
+        logits = on_valid(stack_steps(outs, B, T), packing.valid, readout)  # (B, T, V), one matmul
+        self.last_beta = packing.unsort(stack_steps(betas, B, T)).detach() if self.adaptive else None  # (B, T)
+        weights = packing.unsort(stack_steps(ws, B, T)) if self.attention is not None else None
+        return packing.unsort(logits), weights

@@ -22,6 +22,7 @@ from torch import nn
 
 from imcap.models.attention import AttentionCache
 from imcap.models.decoders import ALL_ATTENTIONS, lstm_update, require_attention, visual_sentinel
+from imcap.models.packing import first_rows, on_valid, pack, stack_steps
 
 
 class TopDownState(NamedTuple):
@@ -96,17 +97,25 @@ class TopDownDecoder(nn.Module):
         return self.output(self.dropout(state.h2)), state, weights
 
     def forward(
-        self, grid: torch.Tensor, pooled: torch.Tensor, tokens: torch.Tensor
+        self, grid: torch.Tensor, pooled: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher forcing: tokens (B, T) inputs -> logits (B, T, V), weights (B, T, N)."""
-        x = self.word_proj(self.embedding(tokens))  # (B, T, 4H), one matmul for all steps
+        """Teacher forcing: tokens (B, T) inputs -> logits (B, T, V), weights (B, T, N).
+        lengths (B,): how many leading positions of each row carry a target; no compute is
+        spent on the rest, where logits and weights are zeros (None: every position)."""
+        packing = pack(lengths, *tokens.shape, tokens.device)
+        grid, pooled, tokens = packing.sort(grid), packing.sort(pooled), packing.sort(tokens)
+        x = on_valid(self.embedding(tokens), packing.valid, self.word_proj)  # (B, T, 4H), one matmul for all steps
         state = self.init_state(grid, pooled)
         hs, ws, betas = [], [], []
-        for t in range(tokens.shape[1]):
-            state, weights = self._cell(x[:, t], state)
+        for t, b in enumerate(packing.batch_sizes):
+            if b == 0:
+                break
+            state, weights = self._cell(x[:b, t], first_rows(state, b))
             hs.append(state.h2)
             ws.append(weights)
             betas.append(state.beta)
-        logits = self.output(self.dropout(torch.stack(hs, dim=1)))  # (B, T, V), one matmul
-        self.last_beta = torch.stack(betas, dim=1).detach() if self.adaptive else None  # (B, T)
-        return logits, torch.stack(ws, dim=1)
+        B, T = tokens.shape
+        readout = lambda h: self.output(self.dropout(h))  # noqa: E731
+        logits = on_valid(stack_steps(hs, B, T), packing.valid, readout)  # (B, T, V), one matmul
+        self.last_beta = packing.unsort(stack_steps(betas, B, T)).detach() if self.adaptive else None  # (B, T)
+        return packing.unsort(logits), packing.unsort(stack_steps(ws, B, T))

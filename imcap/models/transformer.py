@@ -25,6 +25,7 @@ from torch import nn
 from imcap.errors import ImcapError
 from imcap.models.attention import AttentionCache
 from imcap.models.decoders import require_attention
+from imcap.models.packing import on_valid, valid_mask
 
 POSITIONS = ("sinusoidal", "learned")
 
@@ -169,11 +170,16 @@ class TransformerDecoder(nn.Module):
         return logits, TransformerState(tuple(keys), tuple(values), state.memory), weights.squeeze(1)
 
     def forward(
-        self, grid: torch.Tensor, pooled: torch.Tensor, tokens: torch.Tensor
+        self, grid: torch.Tensor, pooled: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher forcing: tokens (B, T) inputs -> logits (B, T, V), weights (B, T, N)."""
+        """Teacher forcing: tokens (B, T) inputs -> logits (B, T, V), weights (B, T, N).
+        lengths (B,): how many leading positions of each row carry a target; the layers run
+        on all T at once (causal: padding never reaches a valid position), the output layer
+        only on valid positions; logits and weights are zeros elsewhere (None: every position)."""
+        valid = valid_mask(lengths, tokens.shape[1])  # (B, T) or None
         state = self.init_state(grid, pooled)
         x = self._embed(tokens, start=0)  # (B, T, D)
         for layer, memory in zip(self.layers, state.memory):
             x, _, weights = layer(x, memory, None)  # causal self-attention over all T at once
-        return self.output(self.ln_f(x)), weights  # (B, T, V), last layer's (B, T, N)
+        logits = on_valid(x, valid, lambda h: self.output(self.ln_f(h)))  # (B, T, V)
+        return logits, weights if valid is None else weights * valid.unsqueeze(-1)  # last layer's (B, T, N)

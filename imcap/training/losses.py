@@ -9,9 +9,10 @@ import torch.nn.functional as F
 def caption_cross_entropy(
     logits: torch.Tensor, targets: torch.Tensor, pad_id: int, label_smoothing: float = 0.0
 ) -> torch.Tensor:
-    """Mean token cross-entropy over non-pad targets. logits (B, T, V), targets (B, T)."""
-    return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=pad_id,
-                           label_smoothing=label_smoothing)
+    """Mean token cross-entropy over non-pad targets. logits (B, T, V), targets (B, T).
+    Only the valid positions are read (the decoders leave zeros at the others)."""
+    valid = targets != pad_id  # (B, T)
+    return F.cross_entropy(logits[valid], targets[valid], label_smoothing=label_smoothing)
 
 
 def doubly_stochastic_penalty(weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

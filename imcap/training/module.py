@@ -93,7 +93,8 @@ class CaptionModule(pl.LightningModule):
         if probability > 0:
             logits, weights = scheduled_sampling_forward(self.captioner.decoder, grid, pooled, inputs, probability)
         else:
-            logits, weights = self.captioner(grid, pooled, inputs)  # (B, T, V), (B, T, N)
+            lengths = (targets != self.vocab.pad_id).sum(dim=1)  # (B,) no compute on padding
+            logits, weights = self.captioner(grid, pooled, inputs, lengths)  # (B, T, V), (B, T, N)
         xe = caption_cross_entropy(logits, targets, self.vocab.pad_id, self.label_smoothing)
         out = {"loss": xe, "xe": xe}
         if weights is not None and self.attention_reg > 0:

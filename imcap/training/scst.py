@@ -60,9 +60,9 @@ def scst_loss(
     samples = sample(decoder, g, p, *ids, max_length=config.max_length,
                      temperature=config.temperature).tokens  # (B*K, L), no graph
     inputs = torch.cat([torch.full_like(samples[:, :1], vocab.bos_id), samples[:, :-1]], dim=1)
-    logits, _ = decoder(g, p, inputs)  # (B*K, L, V), with graph
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(2, samples.unsqueeze(2)).squeeze(2)
     mask = (samples != vocab.pad_id).float()  # words and <eos>; <pad> after it
+    logits, _ = decoder(g, p, inputs, mask.sum(1).long())  # (B*K, L, V), with graph; none on padding
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(2, samples.unsqueeze(2)).squeeze(2)
 
     refs = [references[i] for i in expand.tolist()]
     rewards = reward_fn([vocab.decode_text(s) for s in samples.tolist()], refs).to(logp)  # (B*K,)

@@ -32,16 +32,19 @@ def test_items_carry_all_normalised_references_and_cached_grid():
     assert item["image_id"] == 1
 
 
-def test_collate_pads_to_the_longest_caption_and_keeps_lengths():
+def test_collate_pads_to_the_longest_caption_sorts_longest_first_and_keeps_lengths():
     ds = _dataset(per_caption=True)
-    batch = collate([ds[0], ds[2]])
-    lengths = [len(ds[0]["tokens"]), len(ds[2]["tokens"])]
+    short, long = ds[0], ds[2]
+    assert len(short["tokens"]) < len(long["tokens"])
+    batch = collate([short, long])  # the decoders' packing wants the longest first
+    lengths = [len(long["tokens"]), len(short["tokens"])]
     assert batch["tokens"].shape == (2, max(lengths))
     assert batch["lengths"].tolist() == lengths
-    assert (batch["tokens"][0, lengths[0]:] == Vocabulary.pad_id).all()
+    assert (batch["tokens"][1, lengths[1]:] == Vocabulary.pad_id).all()
     assert batch["tokens"][:, 0].eq(Vocabulary.bos_id).all()
     assert batch["grid"].shape == (2, 4, 3)
-    assert batch["references"][1] == ["a blue square left of a red circle"]
+    assert batch["references"][0] == ["a blue square left of a red circle"]  # every field follows its item
+    assert batch["image_ids"] == [long["image_id"], short["image_id"]]
 
 
 def test_long_captions_are_truncated_but_keep_eos():

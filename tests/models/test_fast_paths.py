@@ -34,14 +34,15 @@ def data(dtype: torch.dtype = torch.float32, seed: int = 1) -> tuple[torch.Tenso
     return torch.randn(B, N, C, generator=g, dtype=dtype), torch.randint(0, V, (B, T), generator=g)
 
 
-def run(dec: LSTMDecoder, grid: torch.Tensor, tokens: torch.Tensor, fast: bool, autocast: bool = False):
+def run(dec: LSTMDecoder, grid: torch.Tensor, tokens: torch.Tensor, fast: bool, autocast: bool = False,
+        lengths: torch.Tensor | None = None):
     """Logits, attention, parameter gradients and the grid's gradient of a loss that uses both
     outputs (as the doubly stochastic attention penalty does)."""
     dec.fast_path = fast
     dec.zero_grad()
     grid = grid.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        logits, weights = dec(grid, grid.mean(1), tokens)
+        logits, weights = dec(grid, grid.mean(1), tokens, lengths)
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens.roll(-1, 1).flatten())
         loss = loss + ((1 - weights.float().sum(1)) ** 2).mean()
     loss.backward()
@@ -57,6 +58,22 @@ def test_teacher_forcing_matches_the_plain_code_in_fp64(gate):
     torch.testing.assert_close(fast[0], plain[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fast[1], plain[1], rtol=1e-12, atol=1e-12)
     assert fast[2].keys() == plain[2].keys()
+    for name in plain[2]:
+        torch.testing.assert_close(fast[2][name], plain[2][name], rtol=1e-10, atol=1e-12, msg=name)
+    torch.testing.assert_close(fast[3], plain[3], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("lengths", [[4, 7, 1], [7, 5, 5], [0, 3, 2]], ids=["unsorted", "sorted", "empty_row"])
+def test_teacher_forcing_on_padded_rows_matches_the_plain_code_in_fp64(lengths):
+    """With lengths, both paths skip the padding (and sort the rows themselves)."""
+    dec = make(True, torch.float64)
+    grid, tokens = data(torch.float64)
+    lengths = torch.tensor(lengths)
+    fast, plain = run(dec, grid, tokens, True, lengths=lengths), run(dec, grid, tokens, False, lengths=lengths)
+    valid = torch.arange(T) < lengths.unsqueeze(1)  # (B, T)
+    assert (fast[0][~valid] == 0).all() and (fast[1][~valid] == 0).all()
+    torch.testing.assert_close(fast[0], plain[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast[1], plain[1], rtol=1e-12, atol=1e-12)
     for name in plain[2]:
         torch.testing.assert_close(fast[2][name], plain[2][name], rtol=1e-10, atol=1e-12, msg=name)
     torch.testing.assert_close(fast[3], plain[3], rtol=1e-10, atol=1e-12)
