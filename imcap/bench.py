@@ -15,7 +15,7 @@ median of repeated runs after a warm-up):
 Sections that need ../shared/data are skipped with a reason when it is absent.
 
 Models are composed from conf/ as training composes them (the optimiser too); `--override`
-adds Hydra overrides, e.g. `--override +model.optimizer.fused=true`. The machine's load average
+adds Hydra overrides, e.g. `--override model.optimizer.fused=false`. The machine's load average
 is recorded before and after: on a shared machine, compare numbers taken under similar load.
 `--smoke` runs tiny sizes to test the bench itself (its numbers mean nothing).
 """
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default="bench.json", help="where to write the JSON results")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="a Hydra override for the benchmarked models, e.g. +model.optimizer.fused=true (repeatable)")
+                        help="a Hydra override for the benchmarked models, e.g. model.optimizer.fused=false (repeatable)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to test the bench itself")
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else Sizes()

@@ -37,7 +37,7 @@ from imcap.training.module import CaptionModule
 log = logging.getLogger("imcap.train")
 
 MODULE_OPTIONS = ("optimizer", "scheduler", "encoder_lr", "label_smoothing", "attention_reg", "decoding",
-                  "val_metrics", "test_metrics", "monitor", "scst", "scheduled_sampling")
+                  "val_metrics", "test_metrics", "monitor", "scst", "scheduled_sampling", "compile")
 
 
 def build_module(cfg: DictConfig, vocab: Vocabulary) -> CaptionModule:

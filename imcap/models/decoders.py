@@ -126,7 +126,7 @@ class Product:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
+        if self.packed is not None and not torch.compiler.is_compiling():
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
@@ -215,7 +215,7 @@ class ShowAttendTellLoop(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, c0, keys2, values, h_weight, h_bias, context_weight, score_weight, score_bias,
-                dtype: torch.dtype, grad: bool, batch_sizes: tuple[int, ...]):
+                dtype: torch.dtype, grad: bool, batch_sizes: tuple[int, ...], step: Callable = sat_step):
         # x: (B, T, 4H); h0, c0: (B, H); keys2: (B, N, A); values: (B, N, C) -> (B, T, H), (B, T, N)
         # grad: whether autograd is on outside (inside forward it never is; needs_input_grad
         # says which inputs require grad, even under no_grad)
@@ -232,7 +232,7 @@ class ShowAttendTellLoop(torch.autograd.Function):
                 if b == 0:
                     break
                 h, c = h[:b], c[:b]  # the rows still running (views)
-                s = sat_step(w, products, xs[:b, t], h, c, keys2[:b], values[:b], keep)
+                s = step(w, products, xs[:b, t], h, c, keys2[:b], values[:b], keep)
                 h, c = s.h, s.c
                 hs[:b, t] = h
                 alphas[:b, t] = s.alpha
@@ -314,7 +314,7 @@ class ShowAttendTellLoop(torch.autograd.Function):
                 d_context_weight = (d_fused[:, : 4 * H].t() @ torch.cat([s.gated for s in steps])).to(w_dtype)
         return (d_x, dh.to(h_dtype), dc.to(c_dtype), d_keys2.to(keys_dtype), d_values, d_h_weight, d_h_bias,
                 d_context_weight, d_score_w.to(w_dtype) if need[8] else None,
-                d_score_b.to(w_dtype) if need[9] else None, None, None, None)
+                d_score_b.to(w_dtype) if need[9] else None, None, None, None, None)
 
 
 class LSTMState(NamedTuple):
@@ -379,10 +379,22 @@ class LSTMDecoder(nn.Module):
         self.output = nn.Linear(hidden_dim, vocab_size)
         self.last_beta: torch.Tensor | None = None
         self._sat_cache: tuple[tuple, tuple] | None = None  # step's weights, while they are unchanged
+        self._sat_step: Callable[..., SATStep] = sat_step
 
     def __getstate__(self) -> dict:
-        # the kept step weights are derived (and oneDNN's packed tensors cannot be copied)
-        return {**super().__getstate__(), "_sat_cache": None}
+        # the kept step weights are derived (and oneDNN's packed tensors cannot be copied);
+        # compiled steps are rebuilt by compile_steps
+        state = {**super().__getstate__(), "_sat_cache": None, "_sat_step": sat_step}
+        state.pop("_cell", None)
+        return state
+
+    def compile_steps(self, **options) -> None:
+        """torch.compile the recurrent step (`sat_step` or `_cell`), one graph for every step
+        and batch size (rows drop out as captions end): the elementwise work of the attention
+        and the LSTM cell fuses into a few loops. The hand-written backward stays eager."""
+        options = {"dynamic": True, **options}
+        self._sat_step = torch.compile(sat_step, **options)
+        self._cell = torch.compile(self._cell, **options)
 
     @property
     def _sat(self) -> bool:
@@ -470,7 +482,7 @@ class LSTMDecoder(nn.Module):
             w, (inputs, *products, output) = self._sat_step_weights(dtype, prev_tokens.shape[0])
             with torch.autocast(prev_tokens.device.type, enabled=False):
                 x = inputs(self.embedding(prev_tokens).to(dtype))
-                s = sat_step(w, products, x, state.h.to(dtype), _wide(state.c.to(dtype)), state.cache.keys,
+                s = self._sat_step(w, products, x, state.h.to(dtype), _wide(state.c.to(dtype)), state.cache.keys,
                              state.cache.values, keep=False)
                 return output(self.dropout(s.h)), LSTMState(s.h, s.c, state.cache), s.alpha
         x = self.input_proj(self.embedding(prev_tokens))
@@ -492,7 +504,7 @@ class LSTMDecoder(nn.Module):
             dtype = compute_dtype(x.device, self.output.weight.dtype)
             hs, weights = ShowAttendTellLoop.apply(x, state.h, state.c, state.cache.keys, state.cache.values,
                                                    *self._sat_weights(), dtype, torch.is_grad_enabled(),
-                                                   packing.batch_sizes)
+                                                   packing.batch_sizes, self._sat_step)
             self.last_beta = None
             return packing.unsort(on_valid(hs, packing.valid, readout)), packing.unsort(weights)  # (B, T, V), one matmul
         outs, ws, betas = [], [], []

@@ -67,6 +67,16 @@ class TopDownDecoder(nn.Module):
         self.output = nn.Linear(hidden_dim, vocab_size)
         self.last_beta: torch.Tensor | None = None
 
+    def compile_steps(self, **options) -> None:
+        """torch.compile `_cell`, one graph for every step and batch size (rows drop out as
+        captions end)."""
+        self._cell = torch.compile(self._cell, **{"dynamic": True, **options})
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__().copy()
+        state.pop("_cell", None)  # a compiled step; compile_steps rebuilds it
+        return state
+
     def init_state(self, grid: torch.Tensor, pooled: torch.Tensor) -> TopDownState:
         # grid: (B, N, C), pooled: (B, C)
         zeros = pooled.new_zeros(pooled.shape[0], self.hidden_dim)

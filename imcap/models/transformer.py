@@ -148,6 +148,11 @@ class TransformerDecoder(nn.Module):
                              f"{self.max_length}; raise it or use model.decoder.positions=sinusoidal")
         return self.drop(x + self.position_table(torch.arange(start, start + T, device=x.device)))
 
+    def compile_steps(self, **options) -> None:
+        """torch.compile the teacher-forced forward in place (all positions at once, any
+        length: dynamic shapes); search's `step` stays eager."""
+        self.compile(**{"dynamic": True, **options})
+
     def init_state(self, grid: torch.Tensor, pooled: torch.Tensor) -> TransformerState:
         # grid: (B, N, C); pooled is not used (the layers attend to every cell)
         memory = self.memory_proj(grid)  # (B, N, D)

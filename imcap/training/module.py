@@ -55,6 +55,7 @@ class CaptionModule(pl.LightningModule):
         monitor: str = "CIDEr-D",
         scst: dict | None = None,
         scheduled_sampling: dict | None = None,
+        compile: bool | dict = False,
     ):
         super().__init__()
         self.vocab = Vocabulary(vocab)
@@ -77,6 +78,13 @@ class CaptionModule(pl.LightningModule):
         self.eval_prefix = eval_prefix  # metric prefix of the test loop: test/BLEU-4 or val/BLEU-4
         self.predictions: list[dict[str, Any]] = []  # test predictions, COCO results format
         self.wandb_run_id: str | None = None  # set by train.py when logging to W&B
+        self.compile_options = ({} if compile is True else dict(compile)) if compile else None
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.compile_options is not None:
+            # in place: parameter names (and checkpoints) stay as they are; each decoder
+            # compiles its hot path (the recurrent step, or the transformer's forward)
+            self.captioner.decoder.compile_steps(**self.compile_options)
 
     # -- forward pieces -----------------------------------------------------------------------
     def features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,6 +191,22 @@ class CaptionModule(pl.LightningModule):
             return optimizer
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": _partial(self.scheduler_cfg)(optimizer), "interval": "epoch"}}
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Trainer's gradient_clip_val, also with a fused optimiser under mixed precision (which
+        Lightning refuses outright, since with a GradScaler it leaves such an optimiser's
+        gradients scaled until the step: they are unscaled here first; bf16 has no scaler)."""
+        if not gradient_clip_val:
+            return
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scaler.unscale_(optimizer)  # its step then sees the gradients as unscaled
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {

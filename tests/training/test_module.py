@@ -1,3 +1,5 @@
+import pytest
+import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
@@ -44,3 +46,56 @@ def test_checkpoint_stores_what_rebuilds_the_model(make_cfg):
     assert meta["vocab"][4:] == ["a", "circle", "red"]
     assert meta["architecture"]["decoder"]["hidden_dim"] == 64
     assert meta["data"]["source"]["num_images"] == OmegaConf.to_container(cfg.data.source.num_images)
+
+
+class _GradientNorms(pl.Callback):
+    """Gradient norms as the optimiser step saw them (clipped), and the optimiser."""
+
+    def __init__(self):
+        self.norms, self.fused = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        self.fused.append(bool(trainer.optimizers[0].defaults.get("fused")))
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_gradients_are_clipped_with_the_default_fused_optimiser(make_cfg, precision, one_thread):
+    """Lightning refuses gradient clipping for fused optimisers under mixed precision; the
+    module clips itself."""
+    from hydra.utils import instantiate
+
+    cfg = make_cfg()
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    module = build_module(cfg, dm.build_vocab())
+    dm.attach_encoder(module.captioner.encoder)
+    norms = _GradientNorms()
+    trainer = pl.Trainer(max_steps=2, precision=precision, gradient_clip_val=1e-3, callbacks=[norms], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+    assert norms.fused == [True, True]
+    assert all(n <= 1e-3 * (1 + 1e-3) for n in norms.norms), norms.norms
+
+
+@pytest.mark.slow
+def test_model_compile_compiles_the_decoders_steps_for_training_only(make_cfg, one_thread):
+    from hydra.utils import instantiate
+
+    cfg = make_cfg("model.compile=true", "model.decoder.dropout=0.0")
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    module = build_module(cfg, dm.build_vocab())
+    dm.attach_encoder(module.captioner.encoder)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    eager = module.loss(batch)["loss"]
+    module.setup("validate")
+    assert not hasattr(module.captioner.decoder._sat_step, "_torchdynamo_orig_callable")  # eager outside fit
+    module.setup("fit")
+    assert hasattr(module.captioner.decoder._sat_step, "_torchdynamo_orig_callable")
+    compiled = module.loss(batch)["loss"]
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
