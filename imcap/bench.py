@@ -50,6 +50,7 @@ from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
 from imcap.models.captioner import build_decoder, valid_pairs
 from imcap.models.search import beam_search
+from imcap.training.losses import caption_cross_entropy
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-1k"
 DTYPES = ("fp32", "bf16")
@@ -148,10 +149,10 @@ def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
 
 def train_step(decoder: torch.nn.Module, optimizer: torch.optim.Optimizer, grid: torch.Tensor,
                tokens: torch.Tensor, dtype: str) -> None:
-    """Teacher-forced forward, cross-entropy, backward and an optimiser step."""
+    """Teacher-forced forward, training's cross-entropy, backward and an optimiser step."""
     with autocast(dtype):
         logits, _ = decoder(grid, grid.mean(1), tokens[:, :-1])  # (B, T, V)
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        loss = caption_cross_entropy(logits, tokens[:, 1:], Vocabulary.pad_id)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
