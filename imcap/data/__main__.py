@@ -16,7 +16,8 @@ stats     images and captions per split, vocabulary size at `data.min_freq` (tra
           (`model.embedding`'s boolean `found` mask, (V,); "n/a" for embeddings without one,
           such as `learned`). `--json` prints the same numbers as one JSON object.
 features  extracts the grid-feature cache of every split ahead of training, with the encoder and
-          transform training would use (JPEGs decode in `data.num_workers` DataLoader workers),
+          transform training would use (JPEGs decode in `data.num_workers` DataLoader workers; auto:
+          a decoding thread per core),
           and prints images/s per split; splits already cached are reported as such.
 
 Configs are composed from conf/train.yaml as for `python -m imcap.train`, so the same overrides

@@ -1,0 +1,46 @@
+"""CaptionDataModule's loader settings: `auto` picks what measured fastest for the mode."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from imcap.data.datamodule import CaptionDataModule
+from imcap.errors import ImcapError
+
+
+def _dm(trainable: bool, **kwargs) -> CaptionDataModule:
+    dm = CaptionDataModule(source=None, **kwargs)
+    dm.attach_encoder(SimpleNamespace(trainable=trainable))
+    return dm
+
+
+def test_auto_reads_cached_features_in_process():
+    assert _dm(trainable=False).loader_workers() == 0
+
+
+def test_auto_decodes_images_in_a_worker_per_core_when_the_encoder_trains(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert _dm(trainable=True).loader_workers() == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert _dm(trainable=True).loader_workers() == 8
+
+
+def test_explicit_settings_are_kept():
+    dm = _dm(trainable=False, num_workers=3, pin_memory=True)
+    assert dm.loader_workers() == 3 and dm.pin() is True
+
+
+def test_auto_pins_memory_only_for_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _dm(trainable=False).pin() is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _dm(trainable=False).pin() is True
+
+
+@pytest.mark.parametrize("option,value", [("num_workers", -1), ("num_workers", "many"), ("pin_memory", "yes")])
+def test_bad_loader_settings_name_the_option(option, value):
+    with pytest.raises(ImcapError, match=rf"data.{option}=.*use auto or"):
+        CaptionDataModule(source=None, **{option: value})
