@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from imcap.data.dataset import CaptionDataset, EpochSeededSampler, collate
-from imcap.data.features import extract_features
+from imcap.data.features import PRECISIONS, extract_features
 from imcap.data.records import SPLITS, CaptionRecord
 from imcap.data.sources import CaptionSource
 from imcap.data.text import tokenize
@@ -46,11 +46,14 @@ class CaptionDataModule(pl.LightningDataModule):
         captions_per_image: int | None = None,
         features: str = "auto",
         cache_dir: str | None = None,
+        feature_precision: str = "fp32",
         seed: int = 0,
     ):
         super().__init__()
         if features not in FEATURE_MODES:
             raise ImcapError(f"data.features={features!r}; choose one of {FEATURE_MODES}")
+        if feature_precision not in PRECISIONS:
+            raise ImcapError(f"data.feature_precision={feature_precision!r}; choose one of {list(PRECISIONS)}")
         for name, value in (("num_workers", num_workers), ("pin_memory", pin_memory)):
             kind = int if name == "num_workers" else bool
             if value != "auto" and not (isinstance(value, kind) and (kind is bool or value >= 0)):
@@ -66,6 +69,7 @@ class CaptionDataModule(pl.LightningDataModule):
         self.captions_per_image = captions_per_image
         self.features = features
         self.cache_dir = cache_dir
+        self.feature_precision = feature_precision  # what the encoder computes the cache in
         self.seed = seed
         self.vocab: Vocabulary | None = None
         self.encoder = None
@@ -128,7 +132,7 @@ class CaptionDataModule(pl.LightningDataModule):
                 self.encoder, [r.image_path for r in records], transform, cache_dir,
                 fingerprint=self.encoder.fingerprint(transform_desc=repr(transform)),
                 batch_size=self.eval_batch_size, num_workers=0 if self.num_workers == "auto" else self.num_workers,
-                description=split,
+                description=split, precision=self.feature_precision,
             )}
         dataset = CaptionDataset(records, self.vocab, per_caption=split == "train",
                                  max_length=self.max_caption_length, **kwargs)

@@ -44,3 +44,29 @@ def test_auto_pins_memory_only_for_a_gpu(monkeypatch):
 def test_bad_loader_settings_name_the_option(option, value):
     with pytest.raises(ImcapError, match=rf"data.{option}=.*use auto or"):
         CaptionDataModule(source=None, **{option: value})
+
+
+def test_feature_precision_reaches_the_extraction(monkeypatch, tmp_path):
+    from imcap.data import datamodule
+    from imcap.data.records import CaptionRecord
+    from imcap.data.vocab import Vocabulary
+
+    seen = {}
+
+    def fake_extract(encoder, paths, transform, cache_dir, fingerprint, **kwargs):
+        seen.update(kwargs)
+        return torch.zeros(len(paths), 2, 3).numpy()
+
+    monkeypatch.setattr(datamodule, "extract_features", fake_extract)
+    source = SimpleNamespace(name="toy", records=lambda: [CaptionRecord("a", str(tmp_path / "a.jpg"), ("a dog",), "train")])
+    dm = CaptionDataModule(source=source, feature_precision="bf16", cache_dir=str(tmp_path))
+    dm.attach_encoder(SimpleNamespace(trainable=False, image_transform=lambda size: None,
+                                      fingerprint=lambda transform_desc: "f"))
+    dm.build_vocab(Vocabulary(["<pad>", "<bos>", "<eos>", "<unk>", "a", "dog"]))
+    dm._dataset("train")  # the train split alone: the fake source has no val images
+    assert seen["precision"] == "bf16"
+
+
+def test_unknown_feature_precision_names_the_option():
+    with pytest.raises(ImcapError, match=r"data.feature_precision='fp8'; choose one of \['fp32', 'bf16'\]"):
+        CaptionDataModule(source=None, feature_precision="fp8")
