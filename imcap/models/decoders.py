@@ -414,8 +414,10 @@ class LSTMDecoder(nn.Module):
 
     def _sat_step_weights(self, dtype: torch.dtype, rows: int) -> tuple[SATWeights, tuple[Product, ...]]:
         """`step`'s weights in `dtype` and its four products (input projection, h, gated
-        context, output layer). Without autograd they are kept until a parameter changes (in
-        place or replaced)."""
+        context, output layer). Without autograd they are kept for the steps of one sequence:
+        `init_state` drops them (an optimiser may have changed the parameters in between, and
+        fused optimisers do so without bumping their version counters), as does a parameter
+        that is replaced or changed in place."""
         key = None
         if not torch.is_grad_enabled():
             key = (dtype, *((p.data_ptr(), p._version) for p in self.parameters()))  # rows: a hint only
@@ -430,6 +432,7 @@ class LSTMDecoder(nn.Module):
 
     def init_state(self, grid: torch.Tensor, pooled: torch.Tensor) -> LSTMState:
         # grid: (B, N, C), pooled: (B, C)
+        self._sat_cache = None  # a new sequence: step weights are rebuilt from the parameters
         cache = self.attention.precompute(grid) if self.attention is not None else None
         if cache is not None and self._sat:  # what `sat_step` reads: fp32, keys doubled
             cache = AttentionCache(_wide(cache.values), 2 * _wide(cache.keys))
