@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from imcap.caption import caption_images
@@ -40,6 +41,8 @@ def test_run_directory_holds_every_artefact(trained):
     vocab = Vocabulary.load(out / "vocab.json")
     assert Vocabulary.load(out / "checkpoints" / "vocab.json") == vocab and "circle" in vocab.stoi
     assert OmegaConf.load(out / "config.yaml").trainer.max_epochs == 2
+    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 1  # the newest epoch, whether or not it was the best
     assert (out / "csv" / "metrics.csv").is_file()
 
 
@@ -64,6 +67,17 @@ def test_eval_on_the_val_split_with_beam_search_and_a_gallery(trained, make_cfg,
     page = (tmp_path / "eval" / "gallery.html").read_text()
     assert page.count('class="card"') == 4 and page.count("data:image/jpeg;base64,") == 4
     assert all(p["caption"] in page for p in predictions[:4])
+
+
+def test_validation_scores_the_weights_of_that_epoch(trained, make_cfg, tmp_path):
+    """The last epoch's val metrics are those of last.ckpt: validation decodes with the current
+    weights (fused AdamW updates them without bumping version counters)."""
+    out, metrics = trained
+    cfg = make_cfg(f"ckpt_path={out}/checkpoints/last.ckpt", "split=val", "trainer.enable_progress_bar=false",
+                   "metrics=[BLEU,ROUGE-L,CIDEr-D]", name="eval", out=tmp_path / "eval")
+    evaluated = evaluate(cfg)
+    for key in ("val/BLEU-4", "val/CIDEr-D"):
+        assert evaluated[key] == pytest.approx(metrics[key], rel=1e-6), key
 
 
 def test_captioner_loads_without_lightning_and_captions_files(trained, make_cfg, tmp_path):
