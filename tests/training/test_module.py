@@ -99,3 +99,39 @@ def test_model_compile_compiles_the_decoders_steps_for_training_only(make_cfg, o
     compiled = module.loss(batch)["loss"]
     compiled.backward()
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_clipping_under_a_grad_scaler_unscales_a_fused_optimisers_gradients_first(make_cfg):
+    """16-mixed (GPU): Lightning leaves a fused optimiser's gradients scaled until its step;
+    the module unscales them before clipping, and the scaler's step then applies them once.
+    Run here with torch's CPU GradScaler, against clipping the true gradients by hand."""
+    from types import SimpleNamespace
+
+    from imcap.data.vocab import Vocabulary
+
+    module = build_module(make_cfg(), Vocabulary.build([["a", "red", "circle"]]))
+    params = [p for p in module.captioner.decoder.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    grads = [torch.randn_like(p) for p in params]
+    clip = 1e-2
+
+    def step(scaler):
+        for p, p0 in zip(params, start):
+            p.data.copy_(p0)
+        optimizer = torch.optim.AdamW(params, lr=1e-2, fused=True)
+        scale = scaler.scale(torch.tensor(1.0)).item() if scaler else 1.0  # what a scaled loss's gradients carry
+        for p, g in zip(params, grads):
+            p.grad = g * scale
+        if scaler:
+            module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler))
+            module.configure_gradient_clipping(optimizer, clip, "norm")
+            scaler.step(optimizer)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+            optimizer.step()
+        return [p.detach().clone() for p in params]
+
+    scaled = step(torch.amp.GradScaler("cpu", init_scale=1024.0))
+    reference = step(None)
+    for got, want in zip(scaled, reference):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
