@@ -15,6 +15,7 @@ from pathlib import Path
 
 from imcap.data.records import CaptionRecord
 from imcap.data.sources.karpathy import read_karpathy
+from imcap.data.sources.policy import MISSING_IMAGES, check_choice, keep_existing
 from imcap.data.sources.splits import split_of
 from imcap.errors import ImcapError
 
@@ -49,9 +50,8 @@ class CocoSource:
         self.root = Path(root)
         if int(year) not in (2014, 2017):
             raise ImcapError(f"data.source.year={year}; choose 2014 or 2017")
-        if missing_images not in ("error", "skip"):
-            raise ImcapError(f"data.source.missing_images={missing_images!r}; use 'error' or 'skip'")
-        self.year, self.restval_to, self.missing_images = int(year), restval_to, missing_images
+        self.year, self.restval_to = int(year), restval_to
+        self.missing_images = check_choice(missing_images, MISSING_IMAGES, "data.source.missing_images")
 
     def _official(self, part: str) -> Path:
         return self.root / "annotations" / f"captions_{part}{self.year}.json"
@@ -78,10 +78,4 @@ class CocoSource:
                 for record, exists in read_official(path, self.root / f"{part}{self.year}"):
                     split = "train" if part == "train" else split_of(str(record.image_id), {"val": 1, "test": 1})
                     pairs.append((CaptionRecord(record.image_id, record.image_path, record.captions, split), exists))
-        missing = [r.image_path for r, exists in pairs if not exists]
-        if missing and self.missing_images == "error":
-            raise ImcapError(f"{len(missing)} COCO images are missing (first: {missing[0]}); add them or set "
-                             "data.source.missing_images=skip")
-        if missing:
-            log.warning("Skipped %d of %d COCO images that are missing (first: %s)", len(missing), len(pairs), missing[0])
-        return [r for r, exists in pairs if exists]
+        return keep_existing(pairs, self.missing_images, "COCO", None)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from imcap.data.records import CaptionRecord
 from imcap.data.sources.karpathy import read_karpathy
+from imcap.data.sources.policy import MISSING_IMAGES, check_choice
 from imcap.data.sources.splits import split_of
 from imcap.errors import ImcapError
 
@@ -76,9 +77,7 @@ class Flickr8kSource:
         self.root = Path(root)
         self.split_ratios = dict(split_ratios or {"train": 0.8, "val": 0.1, "test": 0.1})
         self.split_seed = split_seed
-        if missing_images not in ("error", "skip"):
-            raise ImcapError(f"data.source.missing_images={missing_images!r}; use 'error' or 'skip'")
-        self.missing_images = missing_images
+        self.missing_images = check_choice(missing_images, MISSING_IMAGES, "data.source.missing_images")
 
     def _layout(self) -> tuple[dict[str, list[str]], Path, Path]:
         if (self.root / KARPATHY).is_file():

@@ -21,16 +21,18 @@ def check_choice(value: str, choices: Sequence[str], option: str) -> str:
 
 
 def keep_existing(
-    pairs: Sequence[tuple[CaptionRecord, bool]], policy: str, dataset: str, where: str
+    pairs: Sequence[tuple[CaptionRecord, bool]], policy: str, dataset: str, where: str | None
 ) -> list[CaptionRecord]:
-    """Apply `data.source.missing_images` to (record, image file exists) pairs."""
+    """Apply `data.source.missing_images` to (record, image file exists) pairs; `where` names
+    the file that lists the images (None: several files, not named)."""
     missing = [r.image_path for r, exists in pairs if not exists]
+    named = f" named in {where}" if where is not None else ""
     if missing and policy == "error":
         raise ImcapError(
-            f"{len(missing)} {dataset} images named in {where} are missing (first: {missing[0]}); "
+            f"{len(missing)} {dataset} images{named} are missing (first: {missing[0]}); "
             "add them or set data.source.missing_images=skip"
         )
     if missing:
-        log.warning("Skipped %d of %d %s images named in %s that are missing (first: %s)",
-                    len(missing), len(pairs), dataset, where, missing[0])
+        log.warning("Skipped %d of %d %s images%s that are missing (first: %s)",
+                    len(missing), len(pairs), dataset, named, missing[0])
     return [r for r, exists in pairs if exists]
