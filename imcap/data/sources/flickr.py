@@ -118,7 +118,7 @@ class Flickr8kSource:
         captions, image_dir, captions_path = self._layout()
         if captions_path.name == KARPATHY:
             pairs = read_karpathy(captions_path, image_dir)
-            return self._keep_existing([r for r, _ in pairs], [Path(r.image_path).name for r, ok in pairs if not ok],
+            return self._keep_existing([r for r, ok in pairs if ok], [Path(r.image_path).name for r, ok in pairs if not ok],
                                        image_dir, captions_path)
         official = self._official_splits()
         records, missing, unlisted = [], [], 0
@@ -138,7 +138,8 @@ class Flickr8kSource:
 
     def _keep_existing(self, records: list[CaptionRecord], missing: list[str], image_dir: Path,
                        captions_path: Path) -> list[CaptionRecord]:
-        """Apply the missing-image policy: a clear error, or skip and report the count."""
+        """Apply the missing-image policy to the records of the images found and the names of
+        those missing: a clear error, or skip and report the count."""
         if not missing:
             return records
         if self.missing_images == "error":
@@ -148,4 +149,4 @@ class Flickr8kSource:
             )
         log.warning("Skipped %d of %d Flickr8k images missing from %s (first: %s)",
                     len(missing), len(records) + len(missing), image_dir, missing[0])
-        return [r for r in records if Path(r.image_path).is_file()]
+        return records

@@ -55,6 +55,18 @@ def test_karpathy_flickr8k_file_is_read(tmp_path):
     assert (record.split, record.captions) == ("test", ("a dog",))
 
 
+def test_karpathy_flickr8k_skips_missing_images_and_counts_them_once(tmp_path, caplog):
+    _image(tmp_path / "Flicker8k_Dataset" / "a.jpg")
+    entries = [{"filename": name, "imgid": i, "split": "train", "sentences": [{"raw": "a dog"}]}
+               for i, name in enumerate(["a.jpg", "b.jpg"])]
+    (tmp_path / "dataset_flickr8k.json").write_text(json.dumps({"images": entries}))
+    with pytest.raises(ImcapError, match="1 images .* missing .*b.jpg"):
+        Flickr8kSource(str(tmp_path)).records()
+    records = Flickr8kSource(str(tmp_path), missing_images="skip").records()
+    assert [r.image_path.rsplit("/", 1)[-1] for r in records] == ["a.jpg"]
+    assert "Skipped 1 of 2 Flickr8k images" in caplog.text
+
+
 def test_missing_images_and_bad_files_are_user_errors(tmp_path):
     _official(tmp_path, "train", [1, 2])
     (tmp_path / "train2014" / "COCO_train2014_000000000002.jpg").unlink()
