@@ -38,9 +38,8 @@ def test_shapes_and_weights_form_a_distribution(pair):
     torch.testing.assert_close(weights.sum(-1), torch.ones(B, T))
 
 
-@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
-def test_step_by_step_decoding_reproduces_teacher_forced_logits(pair):
-    dec = make_decoder(*pair)
+def assert_steps_reproduce_teacher_forcing(dec) -> None:
+    """`step` one token at a time gives the logits and weights of the teacher-forced forward."""
     grid, pooled, tokens = inputs()
     with torch.no_grad():
         logits, weights = dec(grid, pooled, tokens)
@@ -52,6 +51,11 @@ def test_step_by_step_decoding_reproduces_teacher_forced_logits(pair):
                 torch.testing.assert_close(step_weights, weights[:, t], rtol=1e-5, atol=1e-6)
             else:
                 assert step_weights is None
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_step_by_step_decoding_reproduces_teacher_forced_logits(pair):
+    assert_steps_reproduce_teacher_forcing(make_decoder(*pair))
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
@@ -217,11 +221,4 @@ def test_valid_pairs_build_from_configs(pair):
 
 
 def test_transformer_with_learned_positions_decodes_incrementally():
-    dec = make_decoder("transformer", "additive", positions="learned", max_length=T)
-    grid, pooled, tokens = inputs()
-    with torch.no_grad():
-        logits, _ = dec(grid, pooled, tokens)
-        state = dec.init_state(grid, pooled)
-        for t in range(T):
-            step_logits, state, _ = dec.step(state, tokens[:, t])
-            torch.testing.assert_close(step_logits, logits[:, t], rtol=1e-5, atol=1e-5)
+    assert_steps_reproduce_teacher_forcing(make_decoder("transformer", "additive", positions="learned", max_length=T))
