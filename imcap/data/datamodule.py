@@ -54,10 +54,10 @@ class CaptionDataModule(pl.LightningDataModule):
             raise ImcapError(f"data.features={features!r}; choose one of {FEATURE_MODES}")
         if feature_precision not in PRECISIONS:
             raise ImcapError(f"data.feature_precision={feature_precision!r}; choose one of {list(PRECISIONS)}")
-        for name, value in (("num_workers", num_workers), ("pin_memory", pin_memory)):
-            kind = int if name == "num_workers" else bool
-            if value != "auto" and not (isinstance(value, kind) and (kind is bool or value >= 0)):
-                raise ImcapError(f"data.{name}={value!r}; use auto or a {'count >= 0' if kind is int else 'bool'}")
+        if num_workers != "auto" and not (isinstance(num_workers, int) and num_workers >= 0):
+            raise ImcapError(f"data.num_workers={num_workers!r}; use auto or a count >= 0")
+        if pin_memory != "auto" and not isinstance(pin_memory, bool):
+            raise ImcapError(f"data.pin_memory={pin_memory!r}; use auto or a bool")
         self.source = source
         self.image_size = image_size
         self.batch_size = batch_size
