@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from imcap.errors import ImcapError
+from imcap.registry import register
 
 
 class AttentionCache(NamedTuple):
@@ -67,6 +68,7 @@ class Attention(nn.Module):
         return context, weights
 
 
+@register("attention", "additive")
 class AdditiveAttention(Attention):
     """Bahdanau attention, the soft attention of Show, Attend and Tell:
     e_i = w^T tanh(W_k k_i + W_q q),  alpha = softmax(e),  context = sum_i alpha_i v_i."""
@@ -87,6 +89,7 @@ class AdditiveAttention(Attention):
         return self.score(energy).squeeze(-1)  # (B, T, N)
 
 
+@register("attention", "dot")
 class DotAttention(Attention):
     """Luong's dot score e_i = q . k_i, computed in a space of `attention_dim` dims.
 
@@ -117,6 +120,7 @@ class DotAttention(Attention):
         return torch.bmm(q, cache.keys.transpose(1, 2)) * self.scale  # (B, T, N)
 
 
+@register("attention", "general")
 class GeneralAttention(DotAttention):
     """Luong's general score e_i = q^T W_a k_i; W_a k_i is precomputed once per sequence."""
 
@@ -124,6 +128,7 @@ class GeneralAttention(DotAttention):
     always_project_keys = True
 
 
+@register("attention", "scaled_dot")
 class ScaledDotAttention(DotAttention):
     """Scaled dot-product attention (Vaswani et al. 2017), one head:
     e_i = (W_q q) . (W_k k_i) / sqrt(attention_dim); the context averages the raw features."""
@@ -132,6 +137,7 @@ class ScaledDotAttention(DotAttention):
     scaled = True
 
 
+@register("attention", "multihead")
 class MultiHeadAttention(Attention):
     """Multi-head scaled dot-product attention (Vaswani et al. 2017) over the grid.
 
@@ -174,6 +180,7 @@ class MultiHeadAttention(Attention):
         return context, weights
 
 
+@register("attention", "adaptive")
 class AdaptiveAttention(Attention):
     """Adaptive attention with a visual sentinel (Lu et al. 2017, "Knowing when to look").
 

@@ -1,0 +1,80 @@
+"""The component registry: names live on their classes, and lists are derived from it."""
+
+from __future__ import annotations
+
+import pytest
+
+from imcap import registry
+from imcap.errors import ImcapError
+
+
+@pytest.fixture
+def scratch_attention():
+    """Register throwaway attention names and remove them again afterwards."""
+    added: list[str] = []
+
+    def add(name: str, cls: type) -> type:
+        added.append(name)
+        return registry.register("attention", name)(cls)
+
+    yield add
+    for name in added:
+        registry._registry["attention"].pop(name, None)
+
+
+def test_a_registered_class_is_found_by_name_and_knows_its_name(scratch_attention):
+    class Mine:
+        pass
+
+    scratch_attention("mine_for_test", Mine)
+    assert registry.get("attention", "mine_for_test") is Mine
+    assert registry.name_of(Mine) == "mine_for_test" and registry.name_of(Mine()) == "mine_for_test"
+    assert "mine_for_test" in registry.names("attention", "mine_*")
+    assert registry.allowed_targets()[registry.target_of(Mine)] == ("attention", "mine_for_test")
+
+
+def test_a_subclass_does_not_inherit_its_parents_name(scratch_attention):
+    class Parent:
+        pass
+
+    class Child(Parent):
+        pass
+
+    scratch_attention("parent_for_test", Parent)
+    assert registry.name_of(Child) is None
+    assert registry.target_of(Child) not in registry.allowed_targets()
+
+
+def test_a_second_class_under_a_taken_name_is_refused(scratch_attention):
+    class First:
+        pass
+
+    class Second:
+        pass
+
+    scratch_attention("taken_for_test", First)
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register("attention", "taken_for_test")(Second)
+
+
+def test_an_unknown_name_is_a_one_line_error_listing_the_choices():
+    with pytest.raises(ImcapError, match=r"unknown attention 'nope'; choose one of \[.*'additive'"):
+        registry.get("attention", "nope")
+
+
+def test_an_unknown_kind_is_refused():
+    with pytest.raises(ValueError, match="unknown component kind"):
+        registry.register("optimizer", "x")
+
+
+def test_builtin_components_register_on_import():
+    assert {"additive", "dot", "multihead", "adaptive"} <= set(registry.names("attention"))
+
+
+def test_a_missing_component_module_is_a_user_error_and_a_broken_one_keeps_its_traceback(tmp_path, monkeypatch):
+    with pytest.raises(ImcapError, match="'no_such_module_xyz' cannot be imported"):
+        registry.import_components(["no_such_module_xyz"])
+    (tmp_path / "broken_components_xyz.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError):
+        registry.import_components(["broken_components_xyz"])
