@@ -15,3 +15,18 @@ class CrashAtEpoch(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.current_epoch == self.epoch:
             raise RuntimeError(f"simulated crash at the start of epoch {self.epoch}")
+
+
+def write_untrained_checkpoint(cfg, path) -> dict:
+    """An imcap checkpoint of the (untrained) model a composed train config describes, written
+    the way training writes one; returns it. For tests that need a checkpoint but no training."""
+    import torch
+
+    from imcap.data.vocab import SPECIALS, Vocabulary
+    from imcap.train import build_module
+
+    module = build_module(cfg, Vocabulary([*SPECIALS, "a", "red", "circle", "square"]))
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return checkpoint

@@ -18,12 +18,14 @@ from imcap.data.sources import CaptionSource
 from imcap.data.text import tokenize
 from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
+from imcap.registry import register
 
 log = logging.getLogger(__name__)
 
 FEATURE_MODES = ("auto", "cached", "none")
 
 
+@register("datamodule", "caption")
 class CaptionDataModule(pl.LightningDataModule):
     """Builds the vocabulary from the train split only and serves padded caption batches.
 

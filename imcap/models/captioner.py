@@ -28,6 +28,7 @@ from imcap.models.decoders import LSTMDecoder
 from imcap.models.search import Decoding, SearchResult, generate
 from imcap.models.topdown import TopDownDecoder
 from imcap.models.transformer import TransformerDecoder
+from imcap.stored_config import check_stored_config
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "imcap"  # where a checkpoint keeps what rebuilds the model: config + vocab
@@ -200,8 +201,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as e:  # truncated zip, pickle garbage, wrong file type
         raise ImcapError(f"checkpoint {path} is corrupt or not a torch checkpoint ({type(e).__name__}); "
                          "use another checkpoint, e.g. checkpoints/last.ckpt") from e
-    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint or "state_dict" not in checkpoint:
+    if (not isinstance(checkpoint, dict) or not isinstance(checkpoint.get(CHECKPOINT_KEY), dict)
+            or "state_dict" not in checkpoint):
         raise ImcapError(f"checkpoint {path} was not written by imcap training (no model config or vocabulary)")
+    # before anything is imported or built from it: the stored config names components, not code
+    check_stored_config(checkpoint[CHECKPOINT_KEY], f"checkpoint {path}")
     return checkpoint
 
 

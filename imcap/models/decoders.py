@@ -25,6 +25,7 @@ from torch import nn
 from imcap.errors import ImcapError
 from imcap.models.attention import AdditiveAttention, AttentionCache, attention_kind
 from imcap.models.packing import first_rows, on_valid, pack, stack_steps
+from imcap.registry import register
 
 ALL_ATTENTIONS = ("none", "additive", "dot", "general", "scaled_dot", "multihead", "adaptive")
 
@@ -325,6 +326,7 @@ class LSTMState(NamedTuple):
     beta: torch.Tensor | None = None  # (B,) adaptive: the sentinel's share at the last step
 
 
+@register("decoder", "lstm")
 class LSTMDecoder(nn.Module):
     """Show, Attend and Tell decoder (Xu et al. 2015); with `attention=None`, Show and Tell
     (Vinyals et al. 2015), where the image enters only through the initial state.

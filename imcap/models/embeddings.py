@@ -10,10 +10,12 @@ from torch import nn
 
 from imcap.data.vocab import Vocabulary
 from imcap.data.wordvectors import load_word_vectors
+from imcap.registry import register
 
 log = logging.getLogger(__name__)
 
 
+@register("embedding", "learned")
 class LearnedEmbedding(nn.Embedding):
     """A trainable embedding table; `<pad>` maps to a zero vector."""
 
@@ -22,6 +24,7 @@ class LearnedEmbedding(nn.Embedding):
         self.dim = dim
 
 
+@register("embedding", "glove")
 class GloveEmbedding(nn.Module):
     """Pretrained word vectors (GloVe or word2vec text, or the packaged GloVe 6B-50d).
 

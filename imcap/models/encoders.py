@@ -28,6 +28,7 @@ from torch import nn
 
 from imcap.data.images import image_transform
 from imcap.errors import ImcapError
+from imcap.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,7 @@ def _load_pretrained(name: str, weights: str) -> tuple[dict, tuple[float, ...], 
         ) from e
 
 
+@register("encoder", "torchvision")
 class TorchvisionEncoder(nn.Module):
     """A torchvision backbone as a captioning encoder.
 

@@ -23,6 +23,7 @@ from torch import nn
 from imcap.models.attention import AttentionCache
 from imcap.models.decoders import ALL_ATTENTIONS, lstm_update, require_attention, visual_sentinel
 from imcap.models.packing import first_rows, on_valid, pack, stack_steps
+from imcap.registry import register
 
 
 class TopDownState(NamedTuple):
@@ -35,6 +36,7 @@ class TopDownState(NamedTuple):
     beta: torch.Tensor | None  # (B,) adaptive: the sentinel's share at the last step
 
 
+@register("decoder", "topdown")
 class TopDownDecoder(nn.Module):
     """Anderson et al. 2018's captioning decoder over the grid features (the "top-down" half;
     the grid plays the bottom-up regions). States start at zero, as in the paper."""

@@ -26,6 +26,7 @@ from imcap.errors import ImcapError
 from imcap.models.attention import AttentionCache
 from imcap.models.decoders import require_attention
 from imcap.models.packing import on_valid, valid_mask
+from imcap.registry import register
 
 POSITIONS = ("sinusoidal", "learned")
 
@@ -91,6 +92,7 @@ class TransformerLayer(nn.Module):
         return x, kv, weights
 
 
+@register("decoder", "transformer")
 class TransformerDecoder(nn.Module):
     """N pre-LN transformer layers over the word embeddings, cross-attending to the grid.
 

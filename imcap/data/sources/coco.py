@@ -18,6 +18,7 @@ from imcap.data.sources.karpathy import read_karpathy
 from imcap.data.sources.policy import MISSING_IMAGES, check_choice, keep_existing
 from imcap.data.sources.splits import split_of
 from imcap.errors import ImcapError
+from imcap.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ def read_official(path: Path, image_dir: Path) -> list[tuple[CaptionRecord, bool
     ]
 
 
+@register("source", "coco")
 class CocoSource:
     """COCO caption records; `missing_images`: `error` or `skip` (counted and reported)."""
 

@@ -28,6 +28,7 @@ from imcap.data.records import SPLITS, CaptionRecord
 from imcap.data.sources.policy import MISSING_IMAGES, check_choice, keep_existing
 from imcap.data.sources.splits import split_of
 from imcap.errors import ImcapError
+from imcap.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ def read_jsonl(path: Path, rows: _Rows) -> bool:
     return bool(has_split)
 
 
+@register("source", "custom")
 class CustomSource:
     """Records from a captions file or an image folder with `.txt` sidecars (module docstring);
     `missing_images`: `error` (default) or `skip` (counted and reported)."""

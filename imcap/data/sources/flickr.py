@@ -20,6 +20,7 @@ from imcap.data.sources.karpathy import read_karpathy
 from imcap.data.sources.policy import MISSING_IMAGES, check_choice
 from imcap.data.sources.splits import split_of
 from imcap.errors import ImcapError
+from imcap.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def read_kaggle_captions(path: Path) -> dict[str, list[str]]:
     return captions
 
 
+@register("source", "flickr8k")
 class Flickr8kSource:
     """Flickr8k records; `missing_images`: `error` (default) or `skip` (counted and reported)."""
 

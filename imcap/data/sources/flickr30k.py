@@ -30,6 +30,7 @@ from imcap.data.sources.karpathy import read_karpathy
 from imcap.data.sources.policy import MISSING_IMAGES, check_choice, keep_existing
 from imcap.data.sources.splits import split_of
 from imcap.errors import ImcapError
+from imcap.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ def read_kaggle_results(path: Path, bad_rows: str = "repair") -> dict[str, list[
     return captions
 
 
+@register("source", "flickr30k")
 class Flickr30kSource:
     """Flickr30k records; `missing_images`: `error` or `skip`; `bad_rows` (Kaggle CSV):
     `repair`, `skip` or `error` (see the module docstring). Skipped data is counted and reported."""

@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 
 from imcap.data.records import SPLITS, CaptionRecord
 from imcap.errors import ImcapError
+from imcap.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ def captions_for(shapes: list[Shape]) -> tuple[str, ...]:
     )
 
 
+@register("source", "shapes")
 class ShapesSource:
     """Procedural demo dataset; `num_images` per split, images `image_size` pixels square."""
 
