@@ -10,11 +10,10 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from imcap.cli import decoding_with_overrides, report_user_errors, write_json
+from imcap.cli import decoding_with_overrides, hydra_entry, write_json
 from imcap.data.images import load_image
 from imcap.errors import ImcapError
 from imcap.models.captioner import Caption, Captioner
@@ -69,8 +68,7 @@ def caption_images(cfg: DictConfig) -> list[tuple[Path, Caption]]:
     return results
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="caption")
-@report_user_errors
+@hydra_entry("caption")
 def main(cfg: DictConfig) -> None:
     caption_images(cfg)
 

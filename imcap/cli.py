@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import os
+import re
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import hydra
 import pytorch_lightning as pl
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -23,23 +27,20 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def _user_error(exc: BaseException) -> ImcapError | None:
-    """The ImcapError behind `exc` (Hydra wraps errors raised while instantiating)."""
-    seen = exc
-    while seen is not None:
-        if isinstance(seen, ImcapError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    if isinstance(exc, InstantiationException):  # e.g. a wrong argument name in a config
-        lines = str(exc).strip().splitlines()
-        where = next((ln.strip() for ln in lines if ln.strip().startswith("full_key:")), "")
-        cause = exc.__cause__
-        reason = f"{type(cause).__name__}: {cause}" if cause else " ".join(lines[1:2])
-        return ImcapError(f"{lines[0].rstrip(':')} ({where}): {reason}")
-    return None
+    """The ImcapError that `exc` is, or that Hydra wrapped while instantiating; None for a bug.
+
+    Only the explicit cause of Hydra's InstantiationException is followed: an exception raised
+    while an ImcapError was being handled (its `__context__`) is a bug, not that error.
+    """
+    seen: BaseException | None = exc
+    while isinstance(seen, InstantiationException):
+        seen = seen.__cause__
+    return seen if isinstance(seen, ImcapError) else None
 
 
 def report_user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn user mistakes into `error: <one line>` on stderr and exit status 2."""
+    """Turn user mistakes (ImcapError) into `error: <one line>` on stderr and exit status 2;
+    anything else is a bug: its full traceback, exit status 1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -47,12 +48,94 @@ def report_user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except Exception as exc:
             user = _user_error(exc)
-            if user is None:
-                raise
+            if user is None:  # a bug: the whole traceback (Hydra would print one line for
+                # an error inside a constructor it builds), exit status 1
+                traceback.print_exc()
+                raise SystemExit(1) from None
             print(f"error: {user}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
 
     return wrapper
+
+
+class _HeldStderr:
+    """sys.stderr that holds what is written until released, then writes through.
+
+    Hydra prints a bad override or a missing config option over several lines and exits 1
+    before the task starts; held back, that text becomes one `error:` line with status 2.
+    """
+
+    def __init__(self, real: Any):
+        self.real, self.held, self.holding = real, io.StringIO(), True
+
+    def write(self, text: str) -> int:
+        return (self.held if self.holding else self.real).write(text)
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, ...: the real stream's
+        return getattr(self.real, name)
+
+    def release(self) -> None:
+        self.holding = False
+        self.real.write(self.held.getvalue())
+
+    def one_line(self) -> str | None:
+        """Hydra's message as one line; None if what was held is a traceback (a bug)."""
+        text = self.held.getvalue()
+        if "Traceback" in text:
+            return None
+        parts = []
+        text = text.split("Config search path:")[0]  # where Hydra looked: not the user's concern
+        for paragraph in re.split(r"\n\s*\n", text):
+            lines = [ln.strip() for ln in paragraph.splitlines()
+                     if ln.strip() and not ln.strip().startswith("object_type=")]
+            if not lines or lines[0].startswith("Set the environment variable"):
+                continue
+            if lines[0].endswith(":"):  # a heading and its list: "Available options in 'x': a, b"
+                parts.append(f"{lines[0]} {', '.join(lines[1:])}")
+            else:
+                parts.append("; ".join(ln.rstrip(".") for ln in lines))
+        return "; ".join(parts) or None
+
+
+def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
+    """`@hydra.main` on conf/<config_name>.yaml with imcap's error policy: a user error (an
+    ImcapError, an unknown option or config choice) is one `error:` line and exit status 2; a
+    bug keeps its traceback (exit status 1)."""
+
+    def decorate(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+        stderr: _HeldStderr | None = None
+
+        @functools.wraps(task)
+        def run_task(cfg: DictConfig) -> Any:
+            if stderr is not None and stderr.holding:
+                stderr.release()  # the config composed: from here on everything shows as it comes
+            return report_user_errors(task)(cfg)
+
+        hydra_main = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(run_task)
+
+        @functools.wraps(task)
+        def main() -> Any:
+            nonlocal stderr
+            real = sys.stderr
+            stderr = _HeldStderr(real)
+            sys.stderr = stderr
+            try:
+                return hydra_main()
+            except SystemExit as exc:
+                message = stderr.one_line() if stderr.holding and exc.code == 1 else None
+                if message is None:
+                    raise
+                stderr.holding = False  # Hydra refused the command line or a config file: one line
+                print(f"error: {message}", file=real, flush=True)
+                raise SystemExit(2) from None
+            finally:
+                sys.stderr = real
+                if stderr.holding:
+                    stderr.release()
+
+        return main
+
+    return decorate
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:

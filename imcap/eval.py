@@ -11,14 +11,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from imcap.cli import (
     build_trainer,
     decoding_with_overrides,
-    report_user_errors,
+    hydra_entry,
     save_config,
     scalar_metrics,
     write_json,
@@ -79,8 +78,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
-@report_user_errors
+@hydra_entry("eval")
 def main(cfg: DictConfig) -> None:
     with ddp_job():
         evaluate(cfg)

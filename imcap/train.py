@@ -10,20 +10,20 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import WandbLogger
 
 from imcap.cli import (
     build_trainer,
     configure_wandb_mode,
+    hydra_entry,
     instantiate_group,
     plain_config,
-    report_user_errors,
     save_config,
     scalar_metrics,
     write_json,
@@ -107,6 +107,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     configure_wandb(cfg, resume)
     callbacks = instantiate_group(cfg.get("callbacks"))
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar callback then
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = instantiate_group(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
     for lg in loggers:
@@ -146,8 +148,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-@report_user_errors
+@hydra_entry("train")
 def main(cfg: DictConfig) -> float | None:
     with ddp_job():  # DDP child ranks run this job, not the whole sweep again
         metrics = train(cfg)

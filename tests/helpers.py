@@ -30,3 +30,22 @@ def write_untrained_checkpoint(cfg, path) -> dict:
     module.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, path)
     return checkpoint
+
+
+class BugInConstructor(pl.Callback):
+    """A callback whose constructor has a bug: it must surface with its traceback."""
+
+    def __init__(self):
+        raise ZeroDivisionError("a bug in a Hydra-built constructor")
+
+
+class BugWhileHandlingUserError(pl.Callback):
+    """A bug raised while an ImcapError is being handled: it is the bug that must surface."""
+
+    def __init__(self):
+        from imcap.errors import ImcapError
+
+        try:
+            raise ImcapError("a user error that was handled")
+        except ImcapError:
+            {}["missing"]  # the bug

@@ -34,11 +34,26 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
 def test_unknown_option_names_it(tmp_path):
     result = module("train", "model.decoder.hiden_dim=3", cwd=tmp_path)
     assert_one_line_error(result, "hiden_dim")
+    assert result.returncode == 2  # as for every user error (README)
+    assert result.stderr.splitlines() == [
+        "error: Could not override 'model.decoder.hiden_dim'; To append to your config use "
+        "+model.decoder.hiden_dim=3; Key 'hiden_dim' is not in struct; full_key: model.decoder.hiden_dim"]
 
 
 def test_unknown_group_option_lists_the_choices(tmp_path):
     result = module("train", "model/attention=bogus", cwd=tmp_path)
-    assert_one_line_error(result, "bogus", "additive")
+    assert_one_line_error(result, "bogus", "additive, dot")
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize(("bug", "shown"), [("BugInConstructor", "ZeroDivisionError: a bug in a Hydra-built"),
+                                            ("BugWhileHandlingUserError", "KeyError: 'missing'")])
+def test_a_bug_in_a_constructor_keeps_its_traceback(bug, shown, tmp_path):
+    result = run(sys.executable, "-m", "imcap.train", *TINY, f"+callbacks.bug._target_=tests.helpers.{bug}",
+                 cwd=tmp_path, env={"PYTHONPATH": str(ROOT)})
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and shown in result.stderr, result.stderr[-3000:]
+    assert "error: " not in result.stderr
 
 
 def test_missing_data_root_says_what_to_place_where(tmp_path):

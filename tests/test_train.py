@@ -127,3 +127,9 @@ def test_scst_phase_follows_cross_entropy(make_cfg, tmp_path):
                              "model.scheduled_sampling.increase_every=1", out=tmp_path / "scst"))
     assert "train/scst_reward" in metrics and "train/scst_baseline" in metrics
     assert metrics["val/CIDEr-D_best"] >= metrics["val/CIDEr-D"] - 1e-9
+
+
+def test_the_progress_bar_can_be_switched_off(make_cfg, tmp_path):
+    rich = "callbacks.progress_bar={_target_:pytorch_lightning.callbacks.RichProgressBar}"  # as in the defaults
+    metrics = train(make_cfg("debug=fast_dev_run", rich, "trainer.enable_progress_bar=false", out=tmp_path / "quiet"))
+    assert "train/loss" in metrics
