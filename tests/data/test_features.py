@@ -69,8 +69,7 @@ def test_interrupted_extraction_resumes_without_redoing_finished_batches(tmp_pat
 
 
 # -- the fast extraction path ------------------------------------------------------------------
-def test_the_fp32_cache_key_is_the_one_caches_were_written_under(images):
-    """Adding `precision` left fp32 keys as they were: existing caches are still found."""
+def test_the_cache_key_hashes_path_size_mtime_and_content_and_only_bf16_adds_precision(images):
     import hashlib
     import os
 
@@ -78,7 +77,8 @@ def test_the_fp32_cache_key_is_the_one_caches_were_written_under(images):
     h.update(b"float16")
     for p in images:
         st = os.stat(p)
-        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        content = hashlib.sha256(open(p, "rb").read()).hexdigest()  # small files are hashed whole
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0{content}\n".encode())
     assert features_mod.cache_key("fingerprint", images, "float16") == h.hexdigest()[:20]
     assert features_mod.cache_key("fingerprint", images, "float16", "bf16") != h.hexdigest()[:20]
 
