@@ -11,8 +11,11 @@ For each archive, below the dataset root, `prepare` does:
 2. else download it into `downloads/<name>.part` with a progress bar, resuming a partial file
    with an HTTP Range request and retrying a dropped connection from where it stopped;
 3. check size and sha256, extract it (zip or tar) after refusing absolute paths, `..`, members
-   inside symlinks, and symlinks or hardlinks that point out of the target folder; write the
-   marker, then delete the archive (`keep_archives=True` keeps it).
+   inside symlinks, symlinks or hardlinks that point out of the target folder (resolved through
+   the archive's other links, as the file system would), FIFOs and devices, members that expand
+   more than `MAX_RATIO` times (a zip bomb), and contents larger than the free disk space; write
+   the marker, then delete the archive (`keep_archives=True` keeps it). A disk that fills up
+   anyway is a one-line error, and the archive is extracted again on the next run.
 A file already in `downloads/` is verified and extracted without a download, which is how
 archives behind a sign-up (the Flickr30k images) are brought in by hand.
 
@@ -56,6 +59,13 @@ BASE_URL_ENV = "IMCAP_DOWNLOAD_BASE_URL"
 TIMEOUT_ENV = "IMCAP_DOWNLOAD_TIMEOUT"
 DOWNLOADS = "downloads"
 CHUNK = 1 << 20
+# Expansion refused as a zip bomb: a member, or the whole archive, more than MAX_RATIO times its
+# compressed size, once above RATIO_FREE_BYTES (small files, e.g. blank text, may compress
+# better). Real datasets stay far below it: JPEG zips ~1x, JSON annotations ~10x.
+MAX_RATIO = 200
+RATIO_FREE_BYTES = 1 << 20
+MAX_LINK_HOPS = 40  # as the kernel's symlink limit (ELOOP)
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @dataclass(frozen=True)
@@ -367,6 +377,65 @@ def _check_not_through_links(plan: Sequence[PurePosixPath], links: set[PurePosix
                                  f"{parent.as_posix()!r}; refusing to extract this archive")
 
 
+def _resolve(parts: Sequence[str], links: dict[PurePosixPath, str]) -> PurePosixPath | None:
+    """Where `parts` (relative to the extraction folder) leads once the archive's own symlinks
+    are followed, as the file system will after extraction; None if it leaves the folder."""
+    stack: list[str] = []
+    todo, hops = list(parts), 0
+    while todo:
+        part = todo.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not stack:
+                return None
+            stack.pop()
+            continue
+        stack.append(part)
+        target = links.get(PurePosixPath(*stack))
+        if target is not None:
+            hops += 1
+            if hops > MAX_LINK_HOPS or target.startswith("/") or re.match(r"^[A-Za-z]:", target):
+                return None
+            stack.pop()
+            todo = target.split("/") + todo
+    return PurePosixPath(*stack)
+
+
+def _check_link_chains(links: dict[PurePosixPath, str], archive: Path) -> None:
+    """Each symlink followed through the others (`sub/y -> ..` then `x -> sub/y/..`) must stay
+    inside the extraction folder."""
+    for rel, target in links.items():
+        if _resolve([*rel.parent.parts, *target.replace("\\", "/").split("/")], links) is None:
+            raise ImcapError(f"{archive}: symlink {rel.as_posix()!r} -> {target!r} leads outside the folder it "
+                             "extracts to through the archive's other links; refusing to extract this archive")
+
+
+def _check_sizes(sizes: Sequence[tuple[str, int, int | None]], archive: Path, dest: Path) -> None:
+    """(name, size, compressed size or None) of the members to write: refuse a zip bomb and
+    contents that cannot fit on the disk, before anything is written."""
+    for name, size, packed in sizes:
+        if packed is not None and size > RATIO_FREE_BYTES and size > MAX_RATIO * max(packed, 1):
+            raise ImcapError(f"{archive}: member {name!r} expands {size / max(packed, 1):.0f}x ({size:,} bytes "
+                             f"from {packed:,}), more than {MAX_RATIO}x (a zip bomb?); refusing to extract "
+                             "this archive")
+    total = sum(size for _, size, _ in sizes)
+    packed_total = archive.stat().st_size
+    if total > RATIO_FREE_BYTES and total > MAX_RATIO * max(packed_total, 1):
+        raise ImcapError(f"{archive}: its contents expand {total / max(packed_total, 1):.0f}x ({total:,} bytes "
+                         f"from {packed_total:,}), more than {MAX_RATIO}x (a zip bomb?); refusing to extract "
+                         "this archive")
+    free = shutil.disk_usage(dest).free
+    if total > free:
+        raise ImcapError(f"{archive} needs {total / 2**20:,.1f} MiB in {dest}, which has {free / 2**20:,.1f} MiB "
+                         "free; free some space or choose another data.source.root")
+
+
+def _write_error(e: OSError, archive: Path, out: Path) -> ImcapError:
+    return ImcapError(f"cannot extract {archive} into {out.parent} ({e.strerror}); free some space or choose "
+                      "another data.source.root, then re-run")
+
+
 class _OnDisk:
     """Checks that folders already on disk do not lead out of `dest` (e.g. an old symlink)."""
 
@@ -406,7 +475,10 @@ def _extract_zip(path: Path, dest: Path, members: Sequence[str], bar: tqdm) -> l
                 links[rel] = target
             plan.append((info, rel))
         _check_not_through_links([rel for _, rel in plan], set(links), path)
+        _check_link_chains(links, path)
         _check_members(members, [rel for _, rel in plan], path)
+        _check_sizes([(i.filename, i.file_size, i.compress_size) for i, rel in plan
+                      if not i.is_dir() and rel not in links], path, dest)
         bar.reset(total=len(plan))
         disk, files = _OnDisk(dest, path), []
         for info, rel in plan:
@@ -418,8 +490,14 @@ def _extract_zip(path: Path, dest: Path, members: Sequence[str], bar: tqdm) -> l
                 os.symlink(links[rel], out)
             else:
                 out.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(out, "wb") as dst:
-                    shutil.copyfileobj(src, dst, CHUNK)
+                try:
+                    with zf.open(info) as src, open(out, "wb") as dst:
+                        shutil.copyfileobj(src, dst, CHUNK)
+                except OSError as e:
+                    if e.errno not in WRITE_ERRORS:
+                        raise
+                    out.unlink(missing_ok=True)
+                    raise _write_error(e, path, out) from e
                 files.append(rel)
             bar.update()
         return files
@@ -427,14 +505,14 @@ def _extract_zip(path: Path, dest: Path, members: Sequence[str], bar: tqdm) -> l
 
 def _extract_tar(path: Path, dest: Path, members: Sequence[str], bar: tqdm) -> list[PurePosixPath]:
     with tarfile.open(path) as tf:
-        plan, links = [], set()
+        plan, links = [], {}
         for info in tf.getmembers():
             rel = _pick(_member_path(info.name, path), members)
             if rel is None or (members and not info.isfile()) or rel == PurePosixPath("."):
                 continue
             if info.issym():
                 _check_link(rel, info.linkname, path)
-                links.add(rel)
+                links[rel] = info.linkname
             elif info.islnk():
                 _check_link(rel, info.linkname, path, hard=True)
             elif not (info.isfile() or info.isdir()):
@@ -442,8 +520,10 @@ def _extract_tar(path: Path, dest: Path, members: Sequence[str], bar: tqdm) -> l
                                  "this archive")
             info.name = rel.as_posix()
             plan.append(info)
-        _check_not_through_links([PurePosixPath(i.name) for i in plan], links, path)
+        _check_not_through_links([PurePosixPath(i.name) for i in plan], set(links), path)
+        _check_link_chains(links, path)
         _check_members(members, [PurePosixPath(i.name) for i in plan], path)
+        _check_sizes([(i.name, i.size, None) for i in plan if i.isfile()], path, dest)
         bar.reset(total=len(plan))
         disk = _OnDisk(dest, path)
         # Python's own "data" filter (3.11.4+) re-checks every member as it is written
@@ -454,6 +534,11 @@ def _extract_tar(path: Path, dest: Path, members: Sequence[str], bar: tqdm) -> l
                 tf.extract(info, dest, **safety)
             except tarfile.TarError as e:
                 raise ImcapError(f"{path}: refusing member {info.name!r} ({e})") from e
+            except OSError as e:
+                if e.errno not in WRITE_ERRORS:
+                    raise
+                (dest / info.name).unlink(missing_ok=True)
+                raise _write_error(e, path, dest / info.name) from e
             bar.update()
         return [PurePosixPath(i.name) for i in plan if i.isfile() or i.islnk()]
 
