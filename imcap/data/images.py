@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
 
 import torch
@@ -14,13 +15,32 @@ from imcap.errors import ImcapError
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
+def _too_large(path: str, e: Exception) -> ImcapError:
+    return ImcapError(f"image {path} is too large to decode safely ({e}); shrink it or remove it")
+
+
 def load_image(path: str) -> Image.Image:
-    """RGB image, or a one-line error naming the file."""
+    """RGB image, or a one-line error naming the file (also for one over PIL's pixel limit,
+    `PIL.Image.MAX_IMAGE_PIXELS`, which PIL checks from the header before decoding)."""
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
     except FileNotFoundError as e:
         raise ImcapError(f"image not found: {path}") from e
+    except Image.DecompressionBombError as e:
+        raise _too_large(path, e) from e
+    except (UnidentifiedImageError, OSError) as e:
+        raise ImcapError(f"cannot read image {path}: {e}; replace or remove the file") from e
+
+
+def _check_jpeg_header(path: str, data: bytes) -> None:
+    """PIL's pixel limit, from the JPEG header alone (PIL stops reading at the first scan), before
+    torchvision allocates H x W x 3 bytes: a 60000 x 60000 header would ask for 10 GB."""
+    try:
+        with Image.open(io.BytesIO(data)):
+            pass
+    except Image.DecompressionBombError as e:
+        raise _too_large(path, e) from e
     except (UnidentifiedImageError, OSError) as e:
         raise ImcapError(f"cannot read image {path}: {e}; replace or remove the file") from e
 
@@ -37,6 +57,7 @@ def load_image_tensor(path: str) -> torch.Tensor:
     except OSError as e:
         raise ImcapError(f"cannot read image {path}: {e}; replace or remove the file") from e
     if data.startswith(JPEG_MAGIC):
+        _check_jpeg_header(path, data)
         try:
             image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
             if image.shape[0] == 3:  # YCbCr (or RGB); grey and CMYK go through PIL's conversion below

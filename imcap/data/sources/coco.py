@@ -15,7 +15,7 @@ from pathlib import Path
 
 from imcap.data.records import CaptionRecord
 from imcap.data.sources.karpathy import read_karpathy
-from imcap.data.sources.policy import MISSING_IMAGES, check_choice, keep_existing
+from imcap.data.sources.policy import MISSING_IMAGES, check_choice, inside_root, keep_existing
 from imcap.data.sources.splits import split_of
 from imcap.errors import ImcapError
 from imcap.registry import register
@@ -36,6 +36,8 @@ def read_official(path: Path, image_dir: Path) -> list[tuple[CaptionRecord, bool
     unknown = set(captions) - set(files)
     if unknown:
         raise ImcapError(f"{path}: {len(unknown)} annotations name image ids missing from 'images' (e.g. {min(unknown)})")
+    for i in sorted(captions):  # a file name leading out of the image folder is never read
+        inside_root(image_dir, str(files[i]), f"{path}: image id {i}", follow_symlinks=False)
     return [
         (CaptionRecord(i, str(image_dir / files[i]), tuple(captions[i]), ""), (image_dir / files[i]).is_file())
         for i in sorted(captions)

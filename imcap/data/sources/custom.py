@@ -25,7 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from imcap.data.records import SPLITS, CaptionRecord
-from imcap.data.sources.policy import MISSING_IMAGES, check_choice, keep_existing
+from imcap.data.sources.policy import MISSING_IMAGES, check_choice, inside_root, keep_existing
 from imcap.data.sources.splits import split_of
 from imcap.errors import ImcapError
 from imcap.registry import register
@@ -39,18 +39,6 @@ SPLIT_ALIASES = {**{s: s for s in SPLITS}, "dev": "val", "valid": "val", "valida
 
 def _column(name: str) -> str:
     return re.sub(r"\s+", "", str(name)).lower()
-
-
-def inside_root(root: Path, name: str, where: str) -> Path:
-    """`name` resolved against `root` (symlinks followed); an error if that leaves `root`."""
-    real_root = root.resolve()
-    real = (root / name).resolve()  # an absolute `name` replaces root
-    if not real.is_relative_to(real_root):
-        raise ImcapError(
-            f"{where}: image {name!r} resolves to {real}, outside data.source.root={root}; "
-            "move it under the root (no absolute paths elsewhere, '..' or symlinks leading out)"
-        )
-    return real
 
 
 class _Rows:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from imcap.data.records import CaptionRecord
 from imcap.data.sources.karpathy import read_karpathy
-from imcap.data.sources.policy import MISSING_IMAGES, check_choice
+from imcap.data.sources.policy import MISSING_IMAGES, check_choice, inside_root
 from imcap.data.sources.splits import split_of
 from imcap.errors import ImcapError
 from imcap.registry import register
@@ -43,6 +43,7 @@ def read_official_tokens(path: Path) -> dict[str, list[str]]:
             image, hash_sign, _ = key.partition("#")
             if not sep or not hash_sign or not image or not caption.strip():
                 raise ImcapError(f"{path}:{lineno}: expected '<image>#<n>\\t<caption>', got {line.strip()[:60]!r}")
+            inside_root(Path(), image, f"{path}:{lineno}", follow_symlinks=False)  # checked before any read
             captions[image].append(caption.strip())
     return captions
 
@@ -59,6 +60,7 @@ def read_kaggle_captions(path: Path) -> dict[str, list[str]]:
                 continue
             if len(row) != 2 or not row[0].strip() or not row[1].strip():
                 raise ImcapError(f"{path}:{reader.line_num}: expected 'image,caption' (quote captions with commas), got {row!r}")
+            inside_root(Path(), row[0].strip(), f"{path}:{reader.line_num}", follow_symlinks=False)
             captions[row[0].strip()].append(row[1].strip())
     return captions
 

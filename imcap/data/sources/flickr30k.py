@@ -27,7 +27,7 @@ from pathlib import Path
 from imcap.data.records import CaptionRecord
 from imcap.data.sources.flickr import read_official_tokens
 from imcap.data.sources.karpathy import read_karpathy
-from imcap.data.sources.policy import MISSING_IMAGES, check_choice, keep_existing
+from imcap.data.sources.policy import MISSING_IMAGES, check_choice, inside_root, keep_existing
 from imcap.data.sources.splits import split_of
 from imcap.errors import ImcapError
 from imcap.registry import register
@@ -93,6 +93,7 @@ def read_kaggle_results(path: Path, bad_rows: str = "repair") -> dict[str, list[
                     problem, fix = "the comment is merged into the comment_number column", \
                         "data.source.bad_rows=repair (or skip)"
                 raise ImcapError(f"{path}:{lineno}: {problem} ({line.strip()[:60]!r}); fix the line or set {fix}")
+            inside_root(Path(), image, f"{path}:{lineno}", follow_symlinks=False)
             captions[image].append(caption)
     if repaired:
         log.warning("Repaired %d rows of %s whose comment was merged into the comment_number column "

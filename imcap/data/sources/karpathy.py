@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from imcap.data.records import CaptionRecord
+from imcap.data.sources.policy import inside_root
 from imcap.errors import ImcapError
 
 
@@ -23,7 +24,8 @@ def read_karpathy(path: Path, image_dir: Path, restval_to: str = "train") -> lis
     for k, item in enumerate(images):
         try:
             split = {"restval": restval_to}.get(item["split"], item["split"])
-            file = image_dir / item.get("filepath", "") / item["filename"]
+            name = str(Path(item.get("filepath", "")) / item["filename"])
+            file = inside_root(image_dir, name, f"{path}: image entry {k}", follow_symlinks=False)
             captions = tuple(s["raw"].strip() for s in item["sentences"])
             image_id = item.get("cocoid", item.get("imgid", item["filename"]))
         except (KeyError, TypeError) as e:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 from imcap.data.records import CaptionRecord
 from imcap.errors import ImcapError
@@ -36,3 +38,23 @@ def keep_existing(
         log.warning("Skipped %d of %d %s images%s that are missing (first: %s)",
                     len(missing), len(pairs), dataset, named, missing[0])
     return [r for r, exists in pairs if exists]
+
+
+def inside_root(root: Path, name: str, where: str, follow_symlinks: bool = True) -> Path:
+    """`name` resolved against `root`; an error naming `where` if that leaves `root` (an absolute
+    path elsewhere, `..`). With `follow_symlinks` (your own data: `custom`), symlinks are
+    followed and one leading out is refused too; without (the public datasets' readers, whose
+    image folders are often links to a bigger disk) only the path as written is checked."""
+    if follow_symlinks:
+        real = (root / name).resolve()  # an absolute `name` replaces root
+        outside = not real.is_relative_to(root.resolve())
+    else:
+        rel = os.path.normpath(name)
+        real = root / rel
+        outside = os.path.isabs(rel) or rel == ".." or rel.startswith("../")
+    if outside:
+        raise ImcapError(
+            f"{where}: image {name!r} resolves to {real}, outside data.source.root={root}; "
+            "move it under the root (no absolute paths elsewhere, '..' or symlinks leading out)"
+        )
+    return real
