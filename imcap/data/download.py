@@ -181,7 +181,7 @@ def installed(root: Path, archive: Archive) -> str | None:
     downloads = root / DOWNLOADS
     marker = _marker(downloads, archive)
     try:
-        done = json.loads(marker.read_text()) if marker.is_file() else None
+        done = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
     except (OSError, ValueError):  # a damaged marker: prepare again
         done = None
     if done is not None:
@@ -622,7 +622,7 @@ def prepare(
         _marker(downloads, archive).write_text(json.dumps({
             "url": archive.source(base_url), "sha256": archive.sha256,
             "files": {f: (root / f).stat().st_size for f in relative},
-        }))
+        }), encoding="utf-8")
         _flag(downloads, archive).unlink()
         if not keep_archives:
             path.unlink()

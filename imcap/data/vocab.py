@@ -64,11 +64,11 @@ class Vocabulary:
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps({"itos": self.itos}, indent=0, ensure_ascii=False))
+        Path(path).write_text(json.dumps({"itos": self.itos}, indent=0, ensure_ascii=False), encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:
         try:
-            return cls(json.loads(Path(path).read_text())["itos"])
+            return cls(json.loads(Path(path).read_text(encoding="utf-8"))["itos"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ImcapError(f"cannot read vocabulary {path}: {e}; expected JSON {{'itos': [...]}}") from e

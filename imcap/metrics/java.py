@@ -159,7 +159,7 @@ class SpiceScorer:
                  for i, (c, r) in enumerate(zip(candidates, references))]
         with tempfile.TemporaryDirectory(prefix="imcap-spice-") as tmp:
             source, target = Path(tmp) / "in.json", Path(tmp) / "out.json"
-            source.write_text(json.dumps(items))
+            source.write_text(json.dumps(items), encoding="utf-8")
             cmd = [java_executable(), "-jar", f"-Xmx{self.max_memory}", "spice-1.0.jar", str(source),
                    "-cache", str(Path(tmp) / "cache"), "-out", str(target), "-subset", "-silent"]
             run = subprocess.run(cmd, cwd=spice_dir(), capture_output=True, text=True)
@@ -167,7 +167,7 @@ class SpiceScorer:
                 tail = run.stderr.strip().splitlines()[-1:] or ["no output"]
                 note_once("spice-failed", f"SPICE skipped: the jar failed ({tail[0]})")
                 return None
-            results = json.loads(target.read_text())
+            results = json.loads(target.read_text(encoding="utf-8"))
         return sum(_as_float(r["scores"]["All"]["f"]) for r in results) / len(results)
 
 

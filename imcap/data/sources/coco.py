@@ -8,7 +8,6 @@ Auto-detected under `root`:
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -17,6 +16,7 @@ from imcap.data.records import CaptionRecord
 from imcap.data.sources.karpathy import read_karpathy
 from imcap.data.sources.policy import MISSING_IMAGES, check_choice, inside_root, keep_existing
 from imcap.data.sources.splits import split_of
+from imcap.data.textfile import load_json, require_str
 from imcap.errors import ImcapError
 from imcap.registry import register
 
@@ -25,13 +25,15 @@ log = logging.getLogger(__name__)
 
 def read_official(path: Path, image_dir: Path) -> list[tuple[CaptionRecord, bool]]:
     """Records from one official captions file; split is left empty for the caller."""
+    data = load_json(path)
     try:
-        data = json.loads(path.read_text())
-        files = {im["id"]: im["file_name"] for im in data["images"]}
+        files = {im["id"]: require_str(im["file_name"], f"{path}: image id {im['id']}", "file_name")
+                 for im in data["images"]}
         captions: dict[int, list[str]] = defaultdict(list)
-        for ann in data["annotations"]:
-            captions[ann["image_id"]].append(ann["caption"].strip())
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        for k, ann in enumerate(data["annotations"]):
+            caption = require_str(ann["caption"], f"{path}: annotation {k} (image id {ann['image_id']})", "caption")
+            captions[ann["image_id"]].append(caption.strip())
+    except (KeyError, TypeError) as e:
         raise ImcapError(f"{path}: not a COCO captions file ({type(e).__name__}: {e})") from e
     unknown = set(captions) - set(files)
     if unknown:

@@ -16,7 +16,6 @@ layout. Image paths resolve against `root` and must stay inside it: absolute pat
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 from imcap.data.records import SPLITS, CaptionRecord
 from imcap.data.sources.policy import MISSING_IMAGES, check_choice, inside_root, keep_existing
 from imcap.data.sources.splits import split_of
+from imcap.data.textfile import csv_rows, read_text
 from imcap.errors import ImcapError
 from imcap.registry import register
 
@@ -68,55 +68,53 @@ class _Rows:
 
 def read_table(path: Path, delimiter: str, rows: _Rows) -> bool:
     """CSV/TSV rows into `rows`; whether the file has a split column."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        header = [_column(h) for h in next(reader, [])]
-        missing = [c for c in ("image", "caption") if c not in header]
-        if missing:
-            raise ImcapError(f"{path}:1: no {' or '.join(repr(c) for c in missing)} column (header: "
-                             f"{header}); name the columns image, caption[, split]")
-        at = {name: header.index(name) for name in ("image", "caption", "split") if name in header}
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) != len(header):
-                raise ImcapError(f"{where}: {len(row)} cells for {len(header)} columns; quote cells "
-                                 "that contain the delimiter")
-            split = row[at["split"]].strip() if "split" in at else None
-            if split == "":
-                raise ImcapError(f"{where}: empty split cell; fill in train, val or test (or drop the column)")
-            rows.add(row[at["image"]].strip(), row[at["caption"]].strip(), split, where)
+    rows_of_file = csv_rows(path, delimiter)
+    header = [_column(h) for h in next(rows_of_file, (1, []))[1]]
+    missing = [c for c in ("image", "caption") if c not in header]
+    if missing:
+        raise ImcapError(f"{path}:1: no {' or '.join(repr(c) for c in missing)} column (header: "
+                         f"{header}); name the columns image, caption[, split]")
+    at = {name: header.index(name) for name in ("image", "caption", "split") if name in header}
+    for line_num, row in rows_of_file:
+        where = f"{path}:{line_num}"
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            raise ImcapError(f"{where}: {len(row)} cells for {len(header)} columns; quote cells "
+                             "that contain the delimiter")
+        split = row[at["split"]].strip() if "split" in at else None
+        if split == "":
+            raise ImcapError(f"{where}: empty split cell; fill in train, val or test (or drop the column)")
+        rows.add(row[at["image"]].strip(), row[at["caption"]].strip(), split, where)
     return "split" in at
 
 
 def read_jsonl(path: Path, rows: _Rows) -> bool:
     """JSON Lines objects into `rows`; whether the objects carry a split (then all must)."""
     has_split: bool | None = None
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            if not line.strip():
-                continue
-            try:
-                item = {_column(k): v for k, v in json.loads(line).items()}
-            except (ValueError, AttributeError) as e:
-                raise ImcapError(f"{where}: not a JSON object ({e}); write one object per line") from e
-            if has_split is None:
-                has_split = "split" in item
-            if has_split != ("split" in item):
-                raise ImcapError(f"{where}: {'no' if has_split else 'a'} split key, unlike line 1's object; "
-                                 "give every line a split or none")
-            captions = item.get("caption")
-            captions = [captions] if isinstance(captions, str) or captions is None else captions
-            if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
-                raise ImcapError(f"{where}: 'caption' must be a string or a list of strings")
-            image = item.get("image")
-            if not isinstance(image, str):
-                raise ImcapError(f"{where}: 'image' must be a path string relative to data.source.root")
-            for caption in captions or [""]:
-                rows.add(image.strip(), (caption or "").strip(),
-                         str(item["split"]) if has_split else None, where)
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        where = f"{path}:{lineno}"
+        if not line.strip():
+            continue
+        try:
+            item = {_column(k): v for k, v in json.loads(line).items()}
+        except (ValueError, AttributeError) as e:
+            raise ImcapError(f"{where}: not a JSON object ({e}); write one object per line") from e
+        if has_split is None:
+            has_split = "split" in item
+        if has_split != ("split" in item):
+            raise ImcapError(f"{where}: {'no' if has_split else 'a'} split key, unlike line 1's object; "
+                             "give every line a split or none")
+        captions = item.get("caption")
+        captions = [captions] if isinstance(captions, str) or captions is None else captions
+        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+            raise ImcapError(f"{where}: 'caption' must be a string or a list of strings")
+        image = item.get("image")
+        if not isinstance(image, str):
+            raise ImcapError(f"{where}: 'image' must be a path string relative to data.source.root")
+        for caption in captions or [""]:
+            rows.add(image.strip(), (caption or "").strip(),
+                     str(item["split"]) if has_split else None, where)
     return bool(has_split)
 
 
@@ -204,7 +202,7 @@ class CustomSource:
             lines = []
             if sidecar in sidecars:
                 inside_root(self.root, str(sidecar.relative_to(self.root)), str(sidecar))
-                lines = [ln.strip() for ln in sidecar.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
+                lines = [ln.strip() for ln in read_text(sidecar).splitlines() if ln.strip()]
             if not lines:
                 uncaptioned.append(image)
             for caption in lines:

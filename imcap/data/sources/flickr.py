@@ -10,7 +10,6 @@ Without split files, images are split deterministically by a hash of their name.
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -19,6 +18,7 @@ from imcap.data.records import CaptionRecord
 from imcap.data.sources.karpathy import read_karpathy
 from imcap.data.sources.policy import MISSING_IMAGES, check_choice, inside_root
 from imcap.data.sources.splits import split_of
+from imcap.data.textfile import csv_rows, read_text
 from imcap.errors import ImcapError
 from imcap.registry import register
 
@@ -35,33 +35,31 @@ KARPATHY = "dataset_flickr8k.json"
 
 def read_official_tokens(path: Path) -> dict[str, list[str]]:
     captions: dict[str, list[str]] = defaultdict(list)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            key, sep, caption = line.rstrip("\n").partition("\t")
-            image, hash_sign, _ = key.partition("#")
-            if not sep or not hash_sign or not image or not caption.strip():
-                raise ImcapError(f"{path}:{lineno}: expected '<image>#<n>\\t<caption>', got {line.strip()[:60]!r}")
-            inside_root(Path(), image, f"{path}:{lineno}", follow_symlinks=False)  # checked before any read
-            captions[image].append(caption.strip())
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        key, sep, caption = line.rstrip("\r").partition("\t")
+        image, hash_sign, _ = key.partition("#")
+        if not sep or not hash_sign or not image or not caption.strip():
+            raise ImcapError(f"{path}:{lineno}: expected '<image>#<n>\\t<caption>', got {line.strip()[:60]!r}")
+        inside_root(Path(), image, f"{path}:{lineno}", follow_symlinks=False)  # checked before any read
+        captions[image].append(caption.strip())
     return captions
 
 
 def read_kaggle_captions(path: Path) -> dict[str, list[str]]:
     captions: dict[str, list[str]] = defaultdict(list)
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        header = [h.strip().lower() for h in next(reader, [])]
-        if header[:2] != ["image", "caption"]:
-            raise ImcapError(f"{path}:1: expected the header 'image,caption', got {','.join(header)!r}")
-        for row in reader:
-            if not row or not any(cell.strip() for cell in row):
-                continue
-            if len(row) != 2 or not row[0].strip() or not row[1].strip():
-                raise ImcapError(f"{path}:{reader.line_num}: expected 'image,caption' (quote captions with commas), got {row!r}")
-            inside_root(Path(), row[0].strip(), f"{path}:{reader.line_num}", follow_symlinks=False)
-            captions[row[0].strip()].append(row[1].strip())
+    rows = csv_rows(path)
+    header = [h.strip().lower() for h in next(rows, (1, []))[1]]
+    if header[:2] != ["image", "caption"]:
+        raise ImcapError(f"{path}:1: expected the header 'image,caption', got {','.join(header)!r}")
+    for line_num, row in rows:
+        if not row or not any(cell.strip() for cell in row):
+            continue
+        if len(row) != 2 or not row[0].strip() or not row[1].strip():
+            raise ImcapError(f"{path}:{line_num}: expected 'image,caption' (quote captions with commas), got {row!r}")
+        inside_root(Path(), row[0].strip(), f"{path}:{line_num}", follow_symlinks=False)
+        captions[row[0].strip()].append(row[1].strip())
     return captions
 
 
@@ -114,7 +112,7 @@ class Flickr8kSource:
         for split, name in OFFICIAL_SPLITS.items():
             path = self.root / name
             if path.is_file():
-                for line in path.read_text().split():
+                for line in read_text(path).split():
                     split_of_image[line.strip()] = split
         return split_of_image
 

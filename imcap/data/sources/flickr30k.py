@@ -79,6 +79,9 @@ def read_kaggle_results(path: Path, bad_rows: str = "repair") -> dict[str, list[
                     raise ImcapError(f"{path}:1: expected the header 'image_name| comment_number| comment', "
                                      f"got {line[:80]!r}")
                 continue
+            if "\0" in line:
+                raise ImcapError(f"{path}:{lineno}: a NUL byte; the file is binary or damaged: remove the byte "
+                                 "or re-export the file as text")
             if not line.strip():
                 continue
             image, caption, problem = _parse_row(line)

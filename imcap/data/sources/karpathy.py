@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from imcap.data.records import CaptionRecord
 from imcap.data.sources.policy import inside_root
+from imcap.data.textfile import load_json, require_str
 from imcap.errors import ImcapError
 
 
@@ -17,16 +17,19 @@ def read_karpathy(path: Path, image_dir: Path, restval_to: str = "train") -> lis
     `restval` images join `restval_to` (train by default, as in the Karpathy split papers).
     """
     try:
-        images = json.loads(path.read_text())["images"]
-    except (OSError, ValueError, KeyError) as e:
+        images = load_json(path)["images"]
+    except (KeyError, TypeError) as e:
         raise ImcapError(f"{path}: not a Karpathy split file ({e}); expected {{'images': [...]}}") from e
     out = []
     for k, item in enumerate(images):
         try:
             split = {"restval": restval_to}.get(item["split"], item["split"])
-            name = str(Path(item.get("filepath", "")) / item["filename"])
-            file = inside_root(image_dir, name, f"{path}: image entry {k}", follow_symlinks=False)
-            captions = tuple(s["raw"].strip() for s in item["sentences"])
+            where = f"{path}: image entry {k}"
+            name = str(Path(require_str(item.get("filepath", ""), where, "filepath"))
+                       / require_str(item["filename"], where, "filename"))
+            file = inside_root(image_dir, name, where, follow_symlinks=False)
+            captions = tuple(require_str(s["raw"], f"{path}: image entry {k}, sentence {j}", "raw").strip()
+                             for j, s in enumerate(item["sentences"]))
             image_id = item.get("cocoid", item.get("imgid", item["filename"]))
         except (KeyError, TypeError) as e:
             raise ImcapError(f"{path}: image entry {k} lacks {e}; is this a Karpathy split file?") from e

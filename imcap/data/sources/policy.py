@@ -45,6 +45,8 @@ def inside_root(root: Path, name: str, where: str, follow_symlinks: bool = True)
     path elsewhere, `..`). With `follow_symlinks` (your own data: `custom`), symlinks are
     followed and one leading out is refused too; without (the public datasets' readers, whose
     image folders are often links to a bigger disk) only the path as written is checked."""
+    if "\0" in name:
+        raise ImcapError(f"{where}: image {name!r} contains a NUL byte; fix the name")
     if follow_symlinks:
         real = (root / name).resolve()  # an absolute `name` replaces root
         outside = not real.is_relative_to(root.resolve())

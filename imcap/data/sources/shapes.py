@@ -217,7 +217,7 @@ class ShapesSource:
                         ],
                     })
                     image_id += 1
-            (tmp / "annotations.json").write_text(json.dumps({"images": annotations}))
+            (tmp / "annotations.json").write_text(json.dumps({"images": annotations}), encoding="utf-8")
             try:
                 os.rename(tmp, self.folder)
             except OSError:
@@ -230,7 +230,7 @@ class ShapesSource:
         path = self.folder / "annotations.json"
         if not path.is_file():
             raise ImcapError(f"shapes dataset missing at {path}; call prepare() first (training does)")
-        images = json.loads(path.read_text())["images"]
+        images = json.loads(path.read_text(encoding="utf-8"))["images"]
         return [
             CaptionRecord(
                 image_id=item["image_id"],
