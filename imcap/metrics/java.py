@@ -3,6 +3,9 @@
 Free of torch on purpose, like the tokenizer: the score CLI starts METEOR's Java process (seconds
 to load its paraphrase table) before it loads torch. When a scorer cannot run here it says why
 once in the log (not once per validation epoch) and returns None; it never raises for that.
+METEOR's process is read with a timeout and every answer is checked: when it hangs, exits or
+answers out of step, the process is stopped (never reused with unread output), the failure is
+logged and that score is None; the next call starts a fresh process.
 """
 
 from __future__ import annotations
@@ -11,10 +14,13 @@ import importlib.util
 import json
 import logging
 import math
+import os
+import select
 import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +29,7 @@ _noted: set[str] = set()
 
 SPICE_CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 _METEOR_CHUNK = 256  # SCORE lines written before reading their answers (no pipe ever fills up)
+_PIPE_BUF = 4096  # a write this small into a pipe that select() calls writable does not block
 
 
 def note_once(key: str, message: str) -> None:
@@ -47,6 +54,62 @@ def spice_dir() -> Path | None:
     return package / "spice" if package is not None else None
 
 
+class MeteorFailure(Exception):
+    """METEOR's process hung, exited or answered out of step."""
+
+
+def _numbers(line: str, what: str) -> str:
+    """`line` if it is the space-separated numbers METEOR answers with."""
+    try:
+        if not [float(x) for x in line.split()]:
+            raise ValueError
+    except ValueError:
+        raise MeteorFailure(f"it answered {line[:60]!r} where {what} was expected") from None
+    return line
+
+
+class _Pipe:
+    """Lines to and from a process, each write and each answer bounded by `timeout` seconds.
+    Reads go straight to the file descriptor: no buffer but this one can hide unread output."""
+
+    def __init__(self, proc: subprocess.Popen, timeout: float):
+        self.proc, self.timeout, self.buffer = proc, timeout, b""
+        self.out, self.inp = proc.stdout.fileno(), proc.stdin.fileno()
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if not select.select([], [self.inp], [], self.timeout)[1]:
+                raise MeteorFailure(f"it read nothing for {self.timeout:g} s")
+            try:
+                view = view[os.write(self.inp, view[:_PIPE_BUF]):]
+            except BrokenPipeError:
+                raise MeteorFailure(self._exited()) from None
+
+    def readline(self) -> str:
+        deadline = time.monotonic() + self.timeout
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.out], [], [], left)[0]:
+                raise MeteorFailure(f"no answer within {self.timeout:g} s")
+            block = os.read(self.out, 65536)
+            if not block:
+                raise MeteorFailure(self._exited())
+            self.buffer += block
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.decode("utf-8", "replace").strip()
+
+    def pending(self) -> bool:
+        return bool(self.buffer) or bool(select.select([self.out], [], [], 0)[0])
+
+    def _exited(self) -> str:
+        try:
+            status = self.proc.wait(1)
+        except subprocess.TimeoutExpired:
+            status = None
+        return f"the process exited (status {status}); if it ran out of memory, try a larger max_memory"
+
+
 class MeteorScorer:
     """METEOR 1.5 spoken to exactly as pycocoevalcap's `Meteor` does: one persistent
     `java -jar meteor-1.5.jar - - -stdio -l en -norm`, started on first use (or by `start()`);
@@ -54,8 +117,9 @@ class MeteorScorer:
     `EVAL ||| stats ||| ...` line returns the per-image scores and the corpus score.
     The process never travels with a pickled or copied scorer: the copy starts its own."""
 
-    def __init__(self, max_memory: str = "2G") -> None:
+    def __init__(self, max_memory: str = "2G", timeout: float = 300.0) -> None:
         self.max_memory = max_memory
+        self.timeout = timeout  # seconds for each answer (the first waits for Java to load: ~7 s here)
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
 
@@ -83,34 +147,38 @@ class MeteorScorer:
                                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         return self._proc
 
-    def _readline(self, proc: subprocess.Popen) -> str:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the METEOR process exited (status {proc.poll()}); "
-                               f"try a larger max_memory than {self.max_memory}")
-        return line.decode("utf-8").strip()
-
     def score(self, candidates: Sequence[str], references: Sequence[Sequence[str]]) -> float | None:
-        """Corpus METEOR of tokenised captions, or None when METEOR cannot run here."""
+        """Corpus METEOR of tokenised captions, or None when METEOR cannot run here or failed
+        (logged; its process is stopped and the next call starts a fresh one)."""
         if not self.available():
             return None
         with self._lock:
-            proc = self.start()
-            stats = []
-            for begin in range(0, len(candidates), _METEOR_CHUNK):
-                lines = []
-                end = begin + _METEOR_CHUNK
-                for hyp, refs in zip(candidates[begin:end], references[begin:end]):
-                    hyp = hyp.replace("|||", "").replace("  ", " ")  # as pycocoevalcap does
-                    lines.append(" ||| ".join(("SCORE", " ||| ".join(refs), hyp)) + "\n")
-                proc.stdin.write("".join(lines).encode("utf-8"))
-                proc.stdin.flush()
-                stats.extend(self._readline(proc) for _ in lines)
-            proc.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode("utf-8"))
-            proc.stdin.flush()
-            for _ in stats:  # the per-image scores, unused
-                self._readline(proc)
-            return float(self._readline(proc))
+            try:
+                return self._score(self.start(), candidates, references)
+            except MeteorFailure as e:
+                log.warning("METEOR skipped for these %d captions: %s; its process was stopped and restarts "
+                            "on the next call", len(candidates), e)
+                self.close()
+                return None
+
+    def _score(self, proc: subprocess.Popen, candidates: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+        pipe = _Pipe(proc, self.timeout)
+        stats = []
+        for begin in range(0, len(candidates), _METEOR_CHUNK):
+            lines = []
+            end = begin + _METEOR_CHUNK
+            for hyp, refs in zip(candidates[begin:end], references[begin:end]):
+                hyp = hyp.replace("|||", "").replace("  ", " ")  # as pycocoevalcap does
+                lines.append(" ||| ".join(("SCORE", " ||| ".join(refs), hyp)) + "\n")
+            pipe.write("".join(lines).encode("utf-8"))
+            stats.extend(_numbers(pipe.readline(), "statistics") for _ in lines)
+        pipe.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode("utf-8"))
+        for _ in stats:  # the per-image scores, unused
+            _numbers(pipe.readline(), "a score")
+        value = float(_numbers(pipe.readline(), "a score"))
+        if pipe.pending():
+            raise MeteorFailure("it wrote more answers than it was asked for")
+        return value
 
     def close(self) -> None:
         proc, self._proc = self._proc, None
@@ -123,7 +191,7 @@ class MeteorScorer:
         self.close()
 
     def __getstate__(self) -> dict:
-        return {"max_memory": self.max_memory}
+        return {"max_memory": self.max_memory, "timeout": self.timeout}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)

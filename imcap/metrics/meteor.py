@@ -16,9 +16,9 @@ class Meteor(CaptionCorpusMetric):
     """`compute()` returns {"METEOR": ...} on coco-caption's 0-1 scale (corpus METEOR over the
     distinct images), or {} where Java cannot run."""
 
-    def __init__(self, tokenize: bool = True, max_memory: str = "2G", **kwargs: Any) -> None:
+    def __init__(self, tokenize: bool = True, max_memory: str = "2G", timeout: float = 300.0, **kwargs: Any) -> None:
         super().__init__(tokenize=tokenize, **kwargs)
-        self.scorer = MeteorScorer(max_memory)
+        self.scorer = MeteorScorer(max_memory, timeout)
 
     def score(self, candidates: list[str], references: list[list[str]]) -> dict[str, float]:
         value = self.scorer.score(candidates, references)
