@@ -72,7 +72,7 @@ def content_fingerprint(path: str) -> str:
     """sha256 of the file's bytes (files up to 1 MiB, as most photos are), or of its size and
     its first, middle and last 64 KiB: catches an image rewritten with its size and mtime kept
     (`cp -p`, `rsync -t`). Measured on the 1,000 Flickr8k photos (140 MB, page cache warm): 0.1 s
-    against 0.003 s for stat alone."""
+    for the whole key on an idle machine (0.45 s at load 20), against 0.003 s for stat alone."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
