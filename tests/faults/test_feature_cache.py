@@ -216,11 +216,13 @@ SHAPES_TINY = ["data=shapes", "data.source.num_images={train:12,val:4,test:4}", 
                "model.encoder.weights=null", "data.eval_batch_size=4"]
 
 
-def features_cli(tmp_path, fsize_limit=None):
+def features_cli(tmp_path, fsize_limit=None, cache_dir=None, train_images=12):
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
 
-    return subprocess.run([sys.executable, "-m", "imcap.data", "features", *SHAPES_TINY],
+    args = [a.replace("train:12", f"train:{train_images}") for a in SHAPES_TINY]
+    args += [f"data.cache_dir={cache_dir}"] if cache_dir else []
+    return subprocess.run([sys.executable, "-m", "imcap.data", "features", *args],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           preexec_fn=limit if fsize_limit else None,
                           env={**os.environ, "IMCAP_ROOT": str(tmp_path), "IMCAP_DATA_DIR": str(tmp_path / "data")})
@@ -241,3 +243,52 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_a_later_run_would_reuse(tmp_
     ok = features_cli(tmp_path)
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert sorted(np.load(p).shape[0] for p in cache.glob("*.npy")) == [4, 4, 12]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 256 KiB tmpfs (a disk that really fills up); skipped where mounting is not allowed."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.decode(errors='replace').strip()[:80]})")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+FULL_DISK_DRIVER = textwrap.dedent("""
+    import shutil, sys
+    import torch
+    from imcap.data import features
+    from imcap.errors import ImcapError
+    from imcap.models.encoders import TorchvisionEncoder
+
+    lie, cache, *images = sys.argv[1:]
+    if lie == "lie":  # as if the space went after the free-space check
+        real = shutil.disk_usage
+        shutil.disk_usage = lambda p: real(p)._replace(free=1 << 40)
+    torch.manual_seed(0)
+    encoder = TorchvisionEncoder("resnet18", weights=None)
+    try:
+        features.extract_features(encoder, images, encoder.image_transform(64), cache, encoder.fingerprint())
+    except ImcapError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+""")
+
+
+@pytest.mark.slow
+def test_a_really_full_disk_is_one_line_not_a_sigbus(tmp_path, small_tmpfs):
+    """Before the fix a full tmpfs killed extraction with SIGBUS (status 135) and left a partial
+    file. The free-space check catches it up front; when the space goes after the check, the
+    blocks reserved before the memory map do."""
+    images = make_images(tmp_path / "many", n=80)  # 80 x 4 x 512 x 2 bytes = 320 KiB
+    driver = tmp_path / "driver.py"
+    driver.write_text(FULL_DISK_DRIVER, encoding="utf-8")
+    for lie, message in (("truth", "which has 0.2 MiB free; free some space"), ("lie", "No space left on device")):
+        run = subprocess.run([sys.executable, str(driver), lie, str(small_tmpfs / lie), *images], capture_output=True,
+                             text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert run.returncode == 2 and message in run.stderr, run.stderr[-2000:]
+        assert "Traceback" not in run.stderr
+    assert not list(small_tmpfs.rglob("*.partial.npy")) and not list(small_tmpfs.rglob("*.progress.json"))
