@@ -45,7 +45,7 @@ def decoder_params(run_dir: Path, decoder: str, attention: str, feature_dim: int
 def run_pair(decoder: str, attention: str, args: argparse.Namespace, out: Path) -> dict:
     run_dir = out / f"{decoder}-{attention}"
     if (run_dir / "result.json").is_file():
-        return json.loads((run_dir / "result.json").read_text())
+        return json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
     overrides = [
         *DATA[args.data], *([f"data.source.root={args.flickr_root}"] if args.data == "flickr8k-1k" else []),
         f"model/decoder={decoder}", f"model/attention={attention}", f"seed={args.seed}",
@@ -62,7 +62,7 @@ def run_pair(decoder: str, attention: str, args: argparse.Namespace, out: Path) 
         "wall_s": time.perf_counter() - start,
         **{m: metrics.get(m) for m in METRICS},
     }
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     return result
 
 
@@ -71,7 +71,7 @@ def fmt(value, digits: int = 3) -> str:
 
 
 def write_report(results: list[dict], args: argparse.Namespace, device: str) -> None:
-    (HERE / f"results-{args.data}.json").write_text(json.dumps(results, indent=2))
+    (HERE / f"results-{args.data}.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     lines = [
         "| decoder | attention | decoder params | test BLEU-4 | test CIDEr-D | grounding (chance) | train captions/s |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -83,7 +83,7 @@ def write_report(results: list[dict], args: argparse.Namespace, device: str) -> 
     table = "\n".join(lines)
     (HERE / f"table-{args.data}.md").write_text(
         f"Data: {args.data}; {args.epochs} epochs; seed {args.seed}; device: {device}; "
-        f"overrides: {' '.join(args.override) or 'none'}.\n\n{table}\n")
+        f"overrides: {' '.join(args.override) or 'none'}.\n\n{table}\n", encoding="utf-8")
     print(table)
 
     import matplotlib

@@ -166,5 +166,6 @@ def text_io_without_encoding(path: Path) -> list[str]:
 
 
 def test_every_text_file_imcap_opens_names_its_encoding():
-    found = [hit for path in sorted((ROOT / "imcap").rglob("*.py")) for hit in text_io_without_encoding(path)]
+    sources = [*(ROOT / "imcap").rglob("*.py"), *(ROOT / "experiments").rglob("*.py")]
+    found = [hit for path in sorted(sources) for hit in text_io_without_encoding(path)]
     assert found == []
