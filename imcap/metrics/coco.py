@@ -17,16 +17,20 @@ from imcap.metrics.bleu import corpus_bleu
 from imcap.metrics.cider import cider_d
 from imcap.metrics.corpus import CaptionCorpusMetric
 from imcap.metrics.java import MeteorScorer, SpiceScorer
+from imcap.metrics.nltk_bleu import nltk_bleu4
 from imcap.metrics.rouge import rouge_l
 
 METRICS = ("BLEU", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE")
-KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE")
+# not coco-caption's: nltk's corpus BLEU-4 as tutorial code reports it (imcap.metrics.nltk_bleu)
+EXTRAS = ("BLEU_nltk",)
+KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE", "BLEU-4_nltk")
 
 
 class CaptionMetrics(CaptionCorpusMetric):
     """`update(image_ids, candidates, references)`; `compute()` returns
     {"BLEU-1".."BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE"} for the chosen `metrics`
-    ("BLEU" gives the four BLEU keys), on coco-caption's scales. A repeated image id (DDP
+    ("BLEU" gives the four BLEU keys), on coco-caption's scales; "BLEU_nltk" adds
+    "BLEU-4_nltk", nltk's corpus BLEU-4 as tutorials report it. A repeated image id (DDP
     padding) counts once. `meteor` may be a scorer whose Java process was started earlier.
     """
 
@@ -35,10 +39,10 @@ class CaptionMetrics(CaptionCorpusMetric):
                  meteor: MeteorScorer | None = None, **kwargs: Any) -> None:
         super().__init__(tokenize=tokenize, **kwargs)
         metrics = [metrics] if isinstance(metrics, str) else list(metrics)
-        unknown = [m for m in metrics if m not in METRICS]
+        unknown = [m for m in metrics if m not in METRICS + EXTRAS]
         if unknown or not metrics:
-            raise ImcapError(f"metrics={metrics}: choose one or more of {', '.join(METRICS)}")
-        self.metrics = tuple(m for m in METRICS if m in metrics)
+            raise ImcapError(f"metrics={metrics}: choose one or more of {', '.join(METRICS + EXTRAS)}")
+        self.metrics = tuple(m for m in METRICS + EXTRAS if m in metrics)
         self.meteor = (meteor or MeteorScorer(meteor_memory)) if "METEOR" in self.metrics else None
         self.spice = SpiceScorer(spice_memory) if "SPICE" in self.metrics else None
 
@@ -54,4 +58,6 @@ class CaptionMetrics(CaptionCorpusMetric):
             scores["CIDEr-D"] = cider_d(candidates, references)
         if self.spice is not None:
             scores["SPICE"] = self.spice.score(candidates, references)
+        if "BLEU_nltk" in self.metrics:
+            scores["BLEU-4_nltk"] = nltk_bleu4(candidates, references)
         return {k: v for k, v in scores.items() if v is not None}
