@@ -6,7 +6,6 @@ import functools
 import io
 import json
 import logging
-import os
 import re
 import sys
 import traceback
@@ -143,14 +142,6 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
     return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
-
-
-def configure_wandb_mode(cfg: DictConfig) -> None:
-    """W&B never prompts: without an API key it runs offline into the run directory."""
-    uses_wandb = any("Wandb" in str(c.get("_target_", "")) for c in (cfg.get("logger") or {}).values())
-    if uses_wandb and not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
-        os.environ["WANDB_MODE"] = "offline"
-        log.info("WANDB_API_KEY is not set: W&B runs offline (sync later with `wandb sync`)")
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[Any]) -> pl.Trainer:

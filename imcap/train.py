@@ -11,16 +11,13 @@ import logging
 from pathlib import Path
 
 import pytorch_lightning as pl
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import WandbLogger
 
 from imcap.cli import (
     build_trainer,
-    configure_wandb_mode,
     hydra_entry,
     instantiate_group,
     plain_config,
@@ -32,6 +29,7 @@ from imcap.data.vocab import Vocabulary
 from imcap.ddp import ddp_job
 from imcap.errors import ImcapError
 from imcap.models.captioner import CHECKPOINT_KEY, COMPONENTS, load_checkpoint, load_state
+from imcap.tracking import configure_wandb, configure_wandb_mode, define_metrics, run_labels
 from imcap.training.module import CaptionModule
 
 log = logging.getLogger("imcap.train")
@@ -51,45 +49,6 @@ def build_module(cfg: DictConfig, vocab: Vocabulary) -> CaptionModule:
     )
 
 
-def run_labels(cfg: DictConfig) -> dict[str, str]:
-    """Short names of the components, for W&B tags and config fields."""
-    def name(node, default: str = "none") -> str:
-        target = (node or {}).get("_target_") or ""
-        return target.rsplit(".", 1)[-1].removesuffix("Source").removesuffix("Decoder").removesuffix("Attention").lower() or default
-
-    return {
-        "dataset": name(cfg.data.get("source")),
-        "encoder": str(cfg.model.encoder.get("name", name(cfg.model.encoder))),
-        "decoder": name(cfg.model.decoder),
-        "attention": name(cfg.model.get("attention")),
-    }
-
-
-def configure_wandb(cfg: DictConfig, resume: dict | None) -> None:
-    """Group, tags and run id of a W&B logger, derived from the run: a multirun lands in one
-    group (its sweep folder); a resumed run continues the W&B run stored in its checkpoint."""
-    for node in (cfg.get("logger") or {}).values():
-        if "WandbLogger" not in str(node.get("_target_", "")):
-            continue
-        with open_dict(node):
-            if not node.get("group"):
-                node.group = sweep_group() or cfg.task_name
-            node.tags = sorted({*(node.get("tags") or []), *run_labels(cfg).values()})
-            run_id = (resume or {}).get(CHECKPOINT_KEY, {}).get("wandb_run_id")
-            if run_id:
-                node.id, node.resume = run_id, "allow"
-
-
-def sweep_group() -> str | None:
-    try:
-        hydra_cfg = HydraConfig.get()
-    except ValueError:  # composed without Hydra's runtime (tests, notebooks)
-        return None
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        return Path(hydra_cfg.sweep.dir).name
-    return None
-
-
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then test the best checkpoint; returns the flat metrics also written to metrics.json."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -105,7 +64,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         load_state(module, resume["state_dict"], cfg.ckpt_path)
     datamodule.attach_encoder(module.captioner.encoder)
 
-    configure_wandb(cfg, resume)
+    configure_wandb(cfg, (resume or {}).get(CHECKPOINT_KEY, {}).get("wandb_run_id"))
     callbacks = instantiate_group(cfg.get("callbacks"))
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar callback then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
@@ -114,6 +73,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for lg in loggers:
         lg.log_hyperparams({**plain_config(cfg), **run_labels(cfg)})
         if isinstance(lg, WandbLogger):
+            define_metrics(lg.experiment, module.monitor)
             module.wandb_run_id = lg.version  # stored in checkpoints: a resume continues this run
     checkpoint_cb = trainer.checkpoint_callback
     if trainer.is_global_zero:  # DDP child ranks run this script too
