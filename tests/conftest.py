@@ -51,6 +51,19 @@ def data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, data_dir) -> Path:
+    """One tiny trained run per session (shapes, one epoch, tested): its directory holds
+    checkpoints/best.ckpt, metrics.json and predictions/test.json. Scores nltk's BLEU too."""
+    from imcap.train import train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    metrics = [o for o in TINY if o.startswith("model.test_metrics")]
+    train(compose_config("train", [*[o for o in TINY if o not in metrics],
+                                   "model.test_metrics=[BLEU,BLEU_nltk,CIDEr-D]"], out, data_dir))
+    return out
+
+
 @pytest.fixture
 def make_cfg(tmp_path, data_dir):
     def make(*overrides: str, name: str = "train", tiny: bool = True, out: Path | None = None) -> DictConfig:

@@ -84,10 +84,10 @@ def no_credentials_env(tmp_path: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_sweep_without_credentials_logs_offline_runs_for_the_dashboards(tmp_path):
-    overrides = [o for o in TINY if "attention_dim" not in o] + ["++model.attention.attention_dim=32"]
+    overrides = [o for o in TINY if "attention_dim" not in o and "max_epochs" not in o]
     result = subprocess.run(
         [sys.executable, "-m", "imcap.train", "-m", "logger=wandb", "model/attention=additive,none", "seed=3",
-         "trainer.max_epochs=2", *overrides],
+         "trainer.max_epochs=2", "++model.attention.attention_dim=32", *overrides],
         cwd=tmp_path, env={**no_credentials_env(tmp_path), "IMCAP_ROOT": str(tmp_path)},
         capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL,  # never prompts for a key
     )

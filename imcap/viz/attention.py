@@ -26,6 +26,15 @@ def attention_heatmap(weights: torch.Tensor, size: tuple[int, int]) -> np.ndarra
     return (up / up.max().clamp_min(1e-12)).numpy()
 
 
+def attention_overlay(image: Image.Image, weights: torch.Tensor, alpha: float = 0.5) -> Image.Image:
+    """One word's attention as a jet heat map blended over the image (the figure's panel,
+    without matplotlib's axes; for interactive use)."""
+    image = image.convert("RGB")
+    heat = attention_heatmap(weights, (image.height, image.width))  # (H, W) in [0, 1]
+    colours = (plt.get_cmap("jet")(heat)[..., :3] * 255).astype(np.uint8)  # (H, W, 3)
+    return Image.blend(image, Image.fromarray(colours), alpha)
+
+
 def caption_attention_figure(
     image: Image.Image, words: list[str], attention: torch.Tensor, columns: int = 5
 ) -> plt.Figure:

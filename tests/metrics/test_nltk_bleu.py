@@ -3,6 +3,8 @@ distinct from (and named apart from) coco-caption's BLEU-4."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from nltk.translate.bleu_score import corpus_bleu
 
@@ -57,3 +59,23 @@ def test_function_takes_whitespace_tokens():
 def test_unknown_metric_names_the_extra_option():
     with pytest.raises(ImcapError, match="BLEU_nltk"):
         CaptionMetrics(metrics=["BLEU-nltk"])
+
+
+@pytest.mark.slow
+def test_selected_in_test_metrics_a_training_run_reports_it(trained_run):
+    """model.test_metrics=[BLEU,BLEU_nltk,...]: metrics.json gains test/BLEU-4_nltk, equal to
+    nltk's corpus_bleu over the run's own test predictions and references."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from imcap.metrics.tokenizer import tokenize
+
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    predictions = json.loads((trained_run / "predictions" / "test.json").read_text())
+    source = instantiate(OmegaConf.load(trained_run / "config.yaml").data.source)
+    references = {str(r.image_id): r.captions for r in source.records() if r.split == "test"}
+    assert len(predictions) == len(references) > 0
+    expected = corpus_bleu([[tokenize(c).split() for c in references[str(p["image_id"])]] for p in predictions],
+                           [tokenize(p["caption"]).split() for p in predictions])
+    assert metrics["test/BLEU-4_nltk"] == pytest.approx(expected, abs=1e-9)
+    assert "test/BLEU-4" in metrics and "val/BLEU-4_nltk" not in metrics  # val keeps its own list
