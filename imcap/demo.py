@@ -15,13 +15,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from PIL import Image
 
 from imcap.caption import expand_images
-from imcap.cli import report_user_errors
+from imcap.cli import hydra_entry
 from imcap.errors import ImcapError
 from imcap.models.captioner import CHECKPOINT_KEY, Caption, Captioner, load_checkpoint
 from imcap.viz.attention import attention_overlay
@@ -130,7 +129,8 @@ def build_app(captioner: Captioner, examples: list[Path]) -> Any:
         state = gr.State()
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="pil", sources=["upload", "clipboard"], label="photo", elem_id="photo")
+                image = gr.Image(type="pil", sources=["upload", "clipboard"], label="photo", elem_id="photo",
+                                 height=300)
                 beam = gr.Slider(1, MAX_BEAM, value=default.beam_size if default.method == "beam" else 1, step=1,
                                  label="beam size (1: greedy)")
                 length = gr.Slider(1, MAX_LENGTH, value=default.max_length, step=1, label="maximum length (words)")
@@ -140,7 +140,8 @@ def build_app(captioner: Captioner, examples: list[Path]) -> Any:
             with gr.Column():
                 text = gr.Textbox(label="caption", interactive=False, elem_id="caption")
                 word = gr.Radio([], label="word", elem_id="words", visible=has_attention)
-                heat = gr.Image(label="attention", interactive=False, elem_id="attention", visible=has_attention)
+                heat = gr.Image(label="attention", interactive=False, elem_id="attention", visible=has_attention,
+                                height=300)
         outputs = [text, word, heat, state]
         button.click(caption, [image, beam, length], outputs, api_name="caption")
         image.upload(caption, [image, beam, length], outputs, api_name=False)
@@ -163,8 +164,7 @@ def launch(cfg: DictConfig) -> None:
                theme=theme, allowed_paths=[str(p.parent) for p in examples], quiet=False)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="demo")
-@report_user_errors
+@hydra_entry("demo")
 def main(cfg: DictConfig) -> None:
     launch(cfg)
 

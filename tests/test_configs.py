@@ -15,7 +15,7 @@ from imcap.models.captioner import COMPONENTS, build_captioner
 from imcap.models.encoders import _resolve_weights
 from tests.conftest import CONF
 
-TOP_LEVEL = {"train.yaml", "eval.yaml", "caption.yaml"}
+TOP_LEVEL = {"train.yaml", "eval.yaml", "caption.yaml", "demo.yaml"}
 
 
 def group_options() -> list[tuple[str, str]]:
@@ -79,6 +79,8 @@ def test_eval_and_caption_configs_compose(make_cfg):
     assert ev.data.source._target_.endswith("Flickr8kSource")
     cap = make_cfg("ckpt_path=x.ckpt", "images=[a.jpg]", name="caption")
     assert list(cap.images) == ["a.jpg"] and cap.output.endswith("captions.json")
+    demo = make_cfg(name="demo")  # serves the newest run, on this machine only
+    assert demo.ckpt_path is None and demo.host == "127.0.0.1" and demo.paths.log_dir.endswith("logs")
 
 
 @pytest.mark.parametrize("launcher,target", [("slurm", "SlurmLauncher"), ("joblib", "JoblibLauncher")])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from imcap.demo import load_model, example_images
+from imcap.demo import example_images, load_model
 from imcap.models.search import Decoding
 from tests.conftest import ROOT
 
