@@ -29,6 +29,7 @@ log = logging.getLogger("imcap.demo")
 # set before gradio is imported: it reads them at import time
 OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 MAX_BEAM, MAX_LENGTH = 10, 50
+DISPLAY_SIZE = 256  # the attention overlay's shorter side is at least this many pixels
 
 
 def load_model(path: str | Path, device: str = "cpu") -> Captioner:
@@ -93,6 +94,9 @@ class Demo:
         """The image under word `index`'s attention (None for a model without attention)."""
         if caption.attention is None or not 0 <= index < len(caption.words):
             return None
+        scale = -(-DISPLAY_SIZE // min(image.size))  # small images (the shapes demo) shown larger
+        if scale > 1:
+            image = image.resize((image.width * scale, image.height * scale), Image.BILINEAR)
         return attention_overlay(image, caption.attention[index])
 
 
