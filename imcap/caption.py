@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from imcap.cli import decoding_with_overrides, hydra_entry, write_json
+from imcap.cli import decoding_with_overrides, hydra_entry
 from imcap.data.images import load_image
 from imcap.errors import ImcapError
+from imcap.files import write_json
 from imcap.models.captioner import Caption, Captioner
 from imcap.models.search import Decoding
 
@@ -51,21 +52,32 @@ def caption_images(cfg: DictConfig) -> list[tuple[Path, Caption]]:
     for path, cap in results:
         print(f"{path}\t{cap.text}", flush=True)
     out = Path(cfg.output)
-    write_json(out, [{"image": str(p), "caption": c.text} for p, c in results])
-    log.info("Wrote %s", out)
-    if cfg.attention_plots:
-        if captions and captions[0].attention is None:
-            log.warning("This model has no attention (model/attention=none): no attention plots")
-        else:
+    plots = cfg.attention_plots and bool(captions) and captions[0].attention is not None
+    if cfg.attention_plots and not plots:
+        log.warning("This model has no attention (model/attention=none): no attention plots")
+    plot_dir = out.parent / "attention"
+    plot_names = plot_file_names(paths)
+    written = []
+    for (path, cap), name in zip(results, plot_names):
+        entry = {"image": str(path), "caption": cap.text}
+        if plots and cap.words:
             from imcap.viz.attention import plot_caption_attention
 
-            plot_dir = out.parent / "attention"
-            for path, cap in results:
-                if cap.words:
-                    plot_caption_attention(load_image(str(path)), cap.words, cap.attention,
-                                           plot_dir / f"{path.stem}.png")
-            log.info("Wrote attention plots to %s", plot_dir)
+            plot_caption_attention(load_image(str(path)), cap.words, cap.attention, plot_dir / name)
+            entry["attention_plot"] = str(plot_dir / name)
+        written.append(entry)
+    if plots:
+        log.info("Wrote attention plots to %s", plot_dir)
+    write_json(out, written)
+    log.info("Wrote %s", out)
     return results
+
+
+def plot_file_names(paths: list[Path]) -> list[str]:
+    """One file name per image, unique even when images in different folders share a name
+    (a/x.jpg and b/x.jpg): `<position>-<stem>.png`, in the order of the captions."""
+    width = len(str(len(paths)))
+    return [f"{i:0{width}d}-{p.stem}.png" for i, p in enumerate(paths, 1)]
 
 
 @hydra_entry("caption")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import logging
 import re
 import sys
@@ -20,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from imcap.errors import ImcapError
+from imcap.files import write_text
 
 log = logging.getLogger("imcap")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -148,11 +148,6 @@ def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[A
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """Flat {name: float} from Lightning's metric dicts, sorted by name."""
     return {k: float(v) for k, v in sorted(metrics.items())}
@@ -165,8 +160,7 @@ def plain_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(plain_config(cfg)), path)
+    write_text(path, OmegaConf.to_yaml(OmegaConf.create(plain_config(cfg))))
 
 
 def decoding_with_overrides(stored: dict[str, Any] | None, overrides: DictConfig | None) -> dict[str, Any]:

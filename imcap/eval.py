@@ -20,11 +20,11 @@ from imcap.cli import (
     hydra_entry,
     save_config,
     scalar_metrics,
-    write_json,
 )
 from imcap.data.vocab import Vocabulary
 from imcap.ddp import ddp_job
 from imcap.errors import ImcapError
+from imcap.files import write_json
 from imcap.models.captioner import CHECKPOINT_KEY, load_checkpoint, load_state
 from imcap.training.module import CaptionModule
 from imcap.viz.gallery import write_gallery

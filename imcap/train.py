@@ -23,11 +23,11 @@ from imcap.cli import (
     plain_config,
     save_config,
     scalar_metrics,
-    write_json,
 )
 from imcap.data.vocab import Vocabulary
 from imcap.ddp import ddp_job
 from imcap.errors import ImcapError
+from imcap.files import write_json
 from imcap.models.captioner import CHECKPOINT_KEY, COMPONENTS, load_checkpoint, load_state
 from imcap.tracking import configure_wandb, configure_wandb_mode, define_metrics, run_labels
 from imcap.training.module import CaptionModule

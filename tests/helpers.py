@@ -19,13 +19,18 @@ class CrashAtEpoch(pl.Callback):
 
 def write_untrained_checkpoint(cfg, path) -> dict:
     """An imcap checkpoint of the (untrained) model a composed train config describes, written
-    the way training writes one; returns it. For tests that need a checkpoint but no training."""
+    the way training writes one; returns it. For tests that need a checkpoint but no training;
+    its captions repeat the word "a"."""
     import torch
 
     from imcap.data.vocab import SPECIALS, Vocabulary
     from imcap.train import build_module
 
-    module = build_module(cfg, Vocabulary([*SPECIALS, "a", "red", "circle", "square"]))
+    torch.manual_seed(0)  # the same untrained weights every time
+    vocab = Vocabulary([*SPECIALS, "a", "red", "circle", "square"])
+    module = build_module(cfg, vocab)
+    with torch.no_grad():  # it says "a a a ...": captions with words, whatever the weights
+        module.captioner.decoder.output.bias[vocab.stoi["a"]] += 100.0
     checkpoint = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, path)
@@ -49,3 +54,41 @@ class BugWhileHandlingUserError(pl.Callback):
             raise ImcapError("a user error that was handled")
         except ImcapError:
             {}["missing"]  # the bug
+
+
+class PauseAt(pl.Callback):
+    """Stops the run in the middle of `epoch` (before batch `batch`) and waits there to be killed:
+    writes `marker` so that a test knows when to send SIGKILL."""
+
+    def __init__(self, epoch: int, batch: int, marker: str):
+        self.epoch, self.batch, self.marker = epoch, batch, marker
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            import signal
+            from pathlib import Path
+
+            Path(self.marker).write_text("paused")
+            while True:
+                signal.pause()  # until the test's SIGKILL
+
+
+class DieWritingCheckpointAt(pl.Callback):
+    """The kernel kills the run while it writes the checkpoint of `epoch`: from that epoch's
+    validation on, no file may grow past half the size of last.ckpt, and SIGXFSZ (which
+    Python ignores) gets its default action back: termination, mid-write."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch != self.epoch or trainer.sanity_checking:
+            return
+        import os
+        import resource
+        import signal
+
+        size = os.path.getsize(os.path.join(trainer.checkpoint_callback.dirpath, "last.ckpt"))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, resource.RLIM_INFINITY))
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from imcap.errors import ImcapError
+from imcap.files import write_json
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
@@ -63,8 +64,7 @@ class Vocabulary:
         return " ".join(self.decode(ids))
 
     def save(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps({"itos": self.itos}, indent=0, ensure_ascii=False), encoding="utf-8")
+        write_json(path, {"itos": self.itos}, indent=0)
 
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:

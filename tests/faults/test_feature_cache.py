@@ -3,7 +3,6 @@ disk, an image rewritten with its size and mtime kept, another process holding t
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import resource

@@ -39,3 +39,37 @@ def test_last_checkpoint_is_the_newest_epoch_even_when_it_is_not_the_best(make_c
 
     assert epoch("best.ckpt") == 0
     assert epoch("last.ckpt") == 2  # resuming continues from here
+
+
+def fit_worsening(cfg, max_epochs: int, ckpt_path=None) -> pl.Trainer:
+    callbacks = [instantiate(cfg.callbacks[k]) for k in ("model_checkpoint", "last_checkpoint")]
+    loader = DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=2)
+    trainer = pl.Trainer(max_epochs=max_epochs, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0,
+                         plugins=[instantiate(p) for p in cfg.trainer.plugins])
+    trainer.fit(_Worsening(), loader, loader, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_a_resume_into_another_directory_keeps_the_best_checkpoint_and_score(make_cfg, tmp_path):
+    fit_worsening(make_cfg(out=tmp_path / "first"), max_epochs=2)
+    resumed = fit_worsening(make_cfg(out=tmp_path / "second"), max_epochs=3,
+                            ckpt_path=tmp_path / "first" / "checkpoints" / "last.ckpt")
+    best = tmp_path / "second" / "checkpoints" / "best.ckpt"
+    assert resumed.checkpoint_callback.best_model_path == str(best)
+    assert resumed.checkpoint_callback.best_model_score == 1.0  # epoch 0's, not epoch 2's 1/3
+    assert torch.load(best, map_location="cpu", weights_only=False)["epoch"] == 0
+
+
+def test_checkpoints_are_written_beside_their_target_and_renamed(make_cfg, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "systemtmp"))  # where Lightning would stage them
+    (tmp_path / "systemtmp").mkdir()
+    replaced = []
+    real_replace = __import__("os").replace
+    monkeypatch.setattr("os.replace", lambda a, b: (replaced.append((str(a), str(b))), real_replace(a, b)))
+    fit_worsening(make_cfg(out=tmp_path), max_epochs=1)
+    last = str(tmp_path / "checkpoints" / "last.ckpt")
+    assert (last + ".tmp", last) in replaced
+    assert not list((tmp_path / "systemtmp").iterdir())

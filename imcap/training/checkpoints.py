@@ -1,0 +1,72 @@
+"""How checkpoints are written and carried across a resume.
+
+- `AtomicCheckpointIO`: every checkpoint is written to `<name>.tmp` beside its target and moved
+  over it (imcap.files.write_atomic). Lightning's own writer stages the file in the system temp
+  directory and, when that is another filesystem, copies it over the target: a kill during the
+  copy leaves a truncated `last.ckpt`, and any kill leaves a checkpoint-sized file in /tmp.
+- `RunCheckpoint`: a ModelCheckpoint that keeps the best checkpoint when a run resumes into a
+  new run directory (`python -m imcap.train ckpt_path=.../last.ckpt` from anywhere). Lightning
+  drops the best score when the directory changes, so the first epoch after the resume would
+  overwrite best.ckpt whatever its score; here the best checkpoint so far is copied into the
+  new directory and its score carried across.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from imcap.files import write_atomic
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Torch checkpoints written atomically: a reader sees the old file or the new one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        write_atomic(path, lambda f: torch.save(checkpoint, f))
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose best checkpoint and score survive a resume into another directory."""
+
+    def _generate_state_key(self, **kwargs: Any) -> str:
+        # the key ModelCheckpoint uses: checkpoints written with either class resume with either
+        return f"ModelCheckpoint{kwargs!r}"
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old_dir = state_dict.get("dirpath")
+        if self.dirpath is None or not old_dir or Path(old_dir) == Path(self.dirpath) or self.monitor is None:
+            return super().load_state_dict(state_dict)
+        best = state_dict.get("best_model_path") or ""
+        if not best or not Path(best).is_file():
+            log.warning("The best checkpoint of the resumed run (%s) is gone: best.ckpt holds the best "
+                        "epoch from the resume on", best or "none saved")
+            return super().load_state_dict(state_dict)
+
+        def moved(path: str | None) -> str:
+            return str(Path(self.dirpath) / Path(path).name) if path else ""
+
+        kept = {p: score for p, score in (state_dict.get("best_k_models") or {}).items() if Path(p).is_file()}
+        for path in {best, *kept}:
+            with open(path, "rb") as source:
+                write_atomic(moved(path), lambda f, source=source: shutil.copyfileobj(source, f))
+        log.info("Resuming into %s: the best checkpoint so far (%s, %s = %s) is carried across",
+                 self.dirpath, best, self.monitor, state_dict.get("best_model_score"))
+        super().load_state_dict({
+            **state_dict,
+            "dirpath": self.dirpath,
+            "best_model_path": moved(best),
+            "kth_best_model_path": moved(state_dict.get("kth_best_model_path")),
+            "best_k_models": {moved(p): score for p, score in kept.items()},
+            "last_model_path": "",  # the last checkpoint of this directory is written anew
+        })
