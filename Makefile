@@ -9,7 +9,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # `make train dataset=flickr8k` selects data=flickr8k; anything else goes through ARGS="...".
 DATA_ARG := $(if $(dataset),data=$(dataset),)
 
-.PHONY: help install assets train eval caption demo sweep compare bench data data-stats features test test-fast lint clean
+.PHONY: help install assets train eval caption demo export sweep compare bench data data-stats features test test-fast lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ caption:  ## caption images: make caption ARGS="ckpt_path=... 'images=[a.jpg,b.j
 
 demo:  ## web demo on http://127.0.0.1:7860 of the newest run, or ARGS="ckpt_path=.../best.ckpt"
 	$(PY) -m imcap.demo $(ARGS)
+
+export:  ## a checkpoint as a shareable folder (safetensors + JSON): make export ARGS="ckpt_path=... out=DIR"
+	$(PY) -m imcap.export $(ARGS)
 
 sweep:  ## every attention variant, same seed and data, one W&B group: make sweep ARGS="logger=wandb"
 	$(PY) -m imcap.train -m hparams_search=attention_variants $(DATA_ARG) $(ARGS)

@@ -1,5 +1,8 @@
 """Caption new images: `python -m imcap.caption ckpt_path=... 'images=[a.jpg,b.jpg]'`.
 
+`ckpt_path` is a training checkpoint (.ckpt), a folder written by `python -m imcap.export`, or
+the Hugging Face Hub repo id of such a folder.
+
 Prints `<image>\\t<caption>` per image and writes them as JSON; `attention_plots=true` also
 writes one figure per image with a heat map per generated word. `images` may name folders.
 """
@@ -45,7 +48,7 @@ def caption_images(cfg: DictConfig) -> list[tuple[Path, Caption]]:
     images = cfg.images
     paths = expand_images(list(images) if isinstance(images, ListConfig) else str(images))
     device = torch.device(cfg.device)
-    captioner = Captioner.from_checkpoint(cfg.ckpt_path, map_location=device).to(device)
+    captioner = Captioner.load(cfg.ckpt_path, map_location=device).to(device)  # .ckpt, folder or repo id
     decoding = Decoding(**decoding_with_overrides(asdict(captioner.decoding), cfg.get("decoding")))
     captions = captioner.caption(paths, decoding, batch_size=cfg.batch_size)
     results = list(zip(paths, captions))

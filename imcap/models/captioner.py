@@ -190,6 +190,28 @@ class Captioner(nn.Module):
         captioner.decoding = Decoding(**meta.get("decoding", {}))
         return captioner.eval()
 
+    def save_pretrained(self, folder: str | Path, data: dict | None = None,
+                        metrics: dict[str, float] | None = None) -> Path:
+        """Write weights (safetensors), config.json, vocab.json and a model card to `folder`:
+        shareable without pickle (huggingface_hub's ModelHubMixin layout)."""
+        from imcap.models.hub import save_pretrained
+
+        return save_pretrained(self, folder, data, metrics)
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, map_location: str = "cpu", revision: str | None = None) -> Captioner:
+        """A captioner from a folder written by `save_pretrained`, or a Hugging Face Hub repo id."""
+        from imcap.models.hub import load_pretrained
+
+        return load_pretrained(source, map_location, revision)
+
+    @classmethod
+    def load(cls, source: str | Path, map_location: str = "cpu") -> Captioner:
+        """From a training checkpoint (a file), or a pretrained folder or Hub repo id."""
+        if Path(source).is_file() or Path(source).suffix == ".ckpt":
+            return cls.from_checkpoint(source, map_location)
+        return cls.from_pretrained(source, str(map_location))
+
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """A training checkpoint, or a one-line error saying why it cannot be used."""

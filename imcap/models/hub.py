@@ -1,0 +1,145 @@
+"""A captioner as a folder of weights and JSON, shareable without pickle (huggingface_hub's
+ModelHubMixin layout):
+
+    model.safetensors   the captioner's weights (encoder included)
+    config.json         the architecture (registered components only), image size, decoding
+    vocab.json          the vocabulary, {"itos": [...]}
+    README.md           a model card: components, training data, test metrics when known
+
+`save_pretrained` writes such a folder; `load_pretrained` reads one, or downloads it from the
+Hugging Face Hub by repo id (`owner/name`) with `snapshot_download`. A config.json is checked
+like a checkpoint's stored config before anything is built from it (imcap.stored_config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from imcap.data.vocab import Vocabulary
+from imcap.errors import ImcapError
+from imcap.files import write_json, write_text
+from imcap.registry import allowed_targets
+from imcap.stored_config import check_stored_config
+
+if TYPE_CHECKING:
+    from imcap.models.captioner import Captioner
+
+WEIGHTS, CONFIG, VOCAB, CARD = "model.safetensors", "config.json", "vocab.json", "README.md"
+FORMAT = 1
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def save_pretrained(captioner: Captioner, folder: str | Path, data: dict | None = None,
+                    metrics: dict[str, float] | None = None) -> Path:
+    """Write `captioner` as a folder; `data` (the training data config) and `metrics` (test
+    metrics) go into the model card when given."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"imcap_format": FORMAT, "architecture": captioner.architecture,
+              "image_size": captioner.image_size, "decoding": asdict(captioner.decoding)}
+    check_stored_config(config, f"the model's own config ({folder / CONFIG})")  # never share what we would refuse
+    tmp = folder / (WEIGHTS + ".tmp")  # safetensors writes by file name: a temporary one, then renamed
+    save_model(captioner, str(tmp))  # tensors shared between modules are stored once
+    os.replace(tmp, folder / WEIGHTS)
+    write_json(folder / CONFIG, config)
+    captioner.vocab.save(folder / VOCAB)
+    write_text(folder / CARD, model_card(config, len(captioner.vocab), data, metrics))
+    return folder
+
+
+def load_pretrained(source: str | Path, map_location: str = "cpu", revision: str | None = None) -> Captioner:
+    """A captioner from a folder written by `save_pretrained`, or from a Hub repo id."""
+    from safetensors.torch import load_model
+
+    from imcap.models.captioner import build_captioner
+    from imcap.models.search import Decoding
+
+    folder = resolve_folder(source, revision)
+    missing = [name for name in (WEIGHTS, CONFIG, VOCAB) if not (folder / name).is_file()]
+    if missing:
+        raise ImcapError(f"{folder} is not an imcap model folder: {', '.join(missing)} missing; "
+                         "write one with `python -m imcap.export ckpt_path=... out=DIR`")
+    try:
+        config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ImcapError(f"cannot read {folder / CONFIG}: {e}; export the model again") from e
+    origin = f"model config {folder / CONFIG}"
+    if not isinstance(config, dict) or not isinstance(config.get("architecture"), dict):
+        raise ImcapError(f"{origin} has no architecture; export the model again")
+    check_stored_config(config, origin)  # before anything is imported or built from it
+    captioner = build_captioner(config["architecture"], Vocabulary.load(folder / VOCAB),
+                                int(config.get("image_size", 224)), pretrained=False)
+    try:
+        load_model(captioner, str(folder / WEIGHTS), strict=True, device=str(map_location))
+    except Exception as e:  # wrong keys or shapes, a damaged file
+        raise ImcapError(f"{folder / WEIGHTS} does not fit {origin} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); export the model again") from e
+    captioner.decoding = Decoding(**config.get("decoding", {}))
+    return captioner.eval()
+
+
+def resolve_folder(source: str | Path, revision: str | None = None) -> Path:
+    """`source` itself if it is a folder; else a Hub repo id, downloaded (or found in the cache)."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    if path.exists() or not _REPO_ID.match(str(source)):
+        raise ImcapError(f"model not found: {source}; pass a .ckpt file, a folder written by "
+                         "`python -m imcap.export`, or a Hugging Face Hub repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(source), revision=revision, etag_timeout=5,
+                                      allow_patterns=[WEIGHTS, CONFIG, VOCAB, CARD], library_name="imcap"))
+    except Exception as e:  # offline, unknown repo, no access: say what to place where
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ImcapError(
+            f"cannot download model {source!r} from the Hugging Face Hub ({type(e).__name__}: {reason}); "
+            f"without network, fetch it elsewhere (`huggingface-cli download {source} --local-dir DIR`) and "
+            f"pass the folder DIR holding {CONFIG}, {WEIGHTS} and {VOCAB}") from e
+
+
+def model_card(config: dict, vocab_size: int, data: dict | None, metrics: dict[str, float] | None) -> str:
+    """README.md for the folder: Hub metadata, components, training data, test metrics."""
+    names = allowed_targets()
+
+    def component(node: Any) -> str:
+        target = (node or {}).get("_target_") if isinstance(node, dict) else None
+        return "none" if not target else "=".join(names.get(target, ("?", target))[1:])
+
+    arch = config["architecture"]
+    lines = ["---", "library_name: imcap", "tags:", "- image-captioning", "- imcap", "---", "",
+             "# imcap captioner", "",
+             "| component | choice |", "| --- | --- |"]
+    for kind in ("encoder", "decoder", "attention", "embedding"):
+        choice = component(arch.get(kind))
+        if kind == "encoder" and isinstance(arch.get(kind), dict) and arch[kind].get("name"):
+            choice = f"{choice} ({arch[kind]['name']})"
+        lines.append(f"| {kind} | {choice} |")
+    lines += [f"| vocabulary | {vocab_size} words |", f"| image size | {config['image_size']} |",
+              f"| decoding | {config['decoding'].get('method')} |", "", "## Training data", ""]
+    if data:
+        source = data.get("source") or {}
+        lines.append(f"Dataset: {component(source)}" + "".join(
+            f", {k}={v}" for k, v in source.items() if k in ("root", "year", "num_images")))
+    else:
+        lines.append("Not recorded.")
+    lines += ["", "## Test metrics", ""]
+    if metrics:
+        lines += ["| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()) if k.startswith("test/")]
+    else:
+        lines.append("Not recorded.")
+    lines += ["", "## Use", "", "```python", "from imcap.models.captioner import Captioner",
+              "captioner = Captioner.from_pretrained(\"<this folder or owner/name>\")",
+              "print(captioner.caption([\"photo.jpg\"])[0].text)", "```", "",
+              "or `python -m imcap.caption ckpt_path=<this folder> 'images=[photo.jpg]'`.", ""]
+    return "\n".join(lines)

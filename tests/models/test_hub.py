@@ -1,0 +1,90 @@
+"""The weights-and-JSON folder: a round trip captions identically; a config.json naming code,
+or a repo id without network, is one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from imcap.errors import ImcapError
+from imcap.models.captioner import Captioner
+from imcap.registry import allowed_targets
+from tests.conftest import ROOT
+from tests.helpers import write_untrained_checkpoint
+
+
+@pytest.fixture
+def captioner(make_cfg, tmp_path) -> Captioner:
+    write_untrained_checkpoint(make_cfg(out=tmp_path / "train"), tmp_path / "model.ckpt")
+    return Captioner.from_checkpoint(tmp_path / "model.ckpt")
+
+
+@pytest.fixture
+def images(tmp_path) -> list:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(3)]
+
+
+def test_a_round_trip_gives_the_same_weights_and_captions(captioner, images, tmp_path):
+    folder = captioner.save_pretrained(tmp_path / "shared", metrics={"test/BLEU-4": 0.25, "val/loss": 1.0})
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors", "vocab.json"]
+    config = json.loads((folder / "config.json").read_text())
+    targets = [node["_target_"] for node in config["architecture"].values() if node.get("_target_")]
+    assert targets and all(t in allowed_targets() for t in targets)
+    assert "| test/BLEU-4 | 0.2500 |" in (folder / "README.md").read_text()
+    assert len(load_file(folder / "model.safetensors")) > 0  # plain tensors, no pickle
+
+    loaded = Captioner.from_pretrained(folder)
+    ours, theirs = captioner.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert [c.text for c in loaded.caption(images)] == [c.text for c in captioner.caption(images)]
+    assert loaded.decoding == captioner.decoding and loaded.vocab == captioner.vocab
+
+
+@pytest.mark.parametrize(("where", "value"), [
+    ("decoder", {"_target_": "torch.save", "_args_": ["x", "victim"]}),
+    ("dropout", {"_target_": "numpy.save"}),
+])
+def test_a_config_json_naming_code_is_refused(captioner, tmp_path, where, value):
+    folder = captioner.save_pretrained(tmp_path / "shared")
+    config = json.loads((folder / "config.json").read_text())
+    if where == "decoder":
+        config["architecture"]["decoder"] = value
+    else:
+        config["architecture"]["decoder"]["dropout"] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ImcapError, match=r"model config .*config.json is refused: architecture\.decoder"):
+        Captioner.from_pretrained(folder)
+    assert not (tmp_path / "victim").exists() and not os.path.exists("victim")
+
+
+def test_a_folder_without_weights_says_how_to_make_one(captioner, tmp_path):
+    folder = captioner.save_pretrained(tmp_path / "shared")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ImcapError, match="model.safetensors missing; write one with `python -m imcap.export"):
+        Captioner.from_pretrained(folder)
+
+
+def test_a_repo_id_without_network_is_one_line_naming_what_to_place_where(tmp_path):
+    with socket.socket() as s:  # a local port nobody listens on: the Hub is unreachable
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf"),
+           "IMCAP_ROOT": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "imcap.caption", "ckpt_path=someone/captioner",
+                             f"images=[{ROOT / 'experiments' / 'attention_variants' / 'example-attention.png'}]"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: cannot download model 'someone/captioner' from the Hugging Face Hub")
+    assert "huggingface-cli download someone/captioner --local-dir DIR" in line
+    assert "config.json, model.safetensors and vocab.json" in line
