@@ -15,7 +15,7 @@ from imcap.models.captioner import COMPONENTS, build_captioner
 from imcap.models.encoders import _resolve_weights
 from tests.conftest import CONF
 
-TOP_LEVEL = {"train.yaml", "eval.yaml", "caption.yaml", "demo.yaml"}
+TOP_LEVEL = {"train.yaml", "eval.yaml", "caption.yaml", "demo.yaml", "export.yaml"}
 
 
 def group_options() -> list[tuple[str, str]]:
@@ -81,6 +81,8 @@ def test_eval_and_caption_configs_compose(make_cfg):
     assert list(cap.images) == ["a.jpg"] and cap.output.endswith("captions.json")
     demo = make_cfg(name="demo")  # serves the newest run, on this machine only
     assert demo.ckpt_path is None and demo.host == "127.0.0.1" and demo.paths.log_dir.endswith("logs")
+    exported = make_cfg("ckpt_path=x.ckpt", "out=shared", name="export")
+    assert exported.out == "shared"
 
 
 @pytest.mark.parametrize("launcher,target", [("slurm", "SlurmLauncher"), ("joblib", "JoblibLauncher")])
