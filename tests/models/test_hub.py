@@ -19,7 +19,7 @@ from imcap.errors import ImcapError
 from imcap.models.captioner import Captioner
 from imcap.registry import allowed_targets
 from tests.conftest import ROOT
-from tests.helpers import write_untrained_checkpoint
+from tests.helpers import serve_hub_repo, write_untrained_checkpoint
 
 
 @pytest.fixture
@@ -74,6 +74,7 @@ def test_a_folder_without_weights_says_how_to_make_one(captioner, tmp_path):
         Captioner.from_pretrained(folder)
 
 
+@pytest.mark.slow
 def test_a_repo_id_without_network_is_one_line_naming_what_to_place_where(tmp_path):
     with socket.socket() as s:  # a local port nobody listens on: the Hub is unreachable
         s.bind(("127.0.0.1", 0))
@@ -88,3 +89,23 @@ def test_a_repo_id_without_network_is_one_line_naming_what_to_place_where(tmp_pa
     assert line.startswith("error: cannot download model 'someone/captioner' from the Hugging Face Hub")
     assert "huggingface-cli download someone/captioner --local-dir DIR" in line
     assert "config.json, model.safetensors and vocab.json" in line
+
+
+@pytest.mark.slow
+def test_a_repo_id_is_downloaded_from_the_hub_and_captions_like_the_folder(captioner, images, tmp_path):
+    folder = captioner.save_pretrained(tmp_path / "shared")
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"{i}.png")
+    server = serve_hub_repo(folder, "someone/captioner")
+    try:
+        env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+               "HF_HOME": str(tmp_path / "hf"), "IMCAP_ROOT": str(tmp_path)}
+        result = subprocess.run([sys.executable, "-m", "imcap.caption", "ckpt_path=someone/captioner",
+                                 f"images=[{tmp_path}/0.png,{tmp_path}/1.png,{tmp_path}/2.png]"],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        server.shutdown()
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = captioner.caption([tmp_path / f"{i}.png" for i in range(3)])
+    assert result.stdout.splitlines() == [f"{tmp_path}/{i}.png\t{c.text}" for i, c in enumerate(expected)]
+    assert list((tmp_path / "hf" / "hub").glob("models--someone--captioner/snapshots/*/model.safetensors"))
