@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from imcap.errors import ImcapError
 from imcap.metrics.coco import KEYS as METRIC_KEYS
+from imcap.registry import allowed_targets
 
 log = logging.getLogger("imcap")
 
@@ -81,15 +82,19 @@ def _hydra() -> DictConfig | None:
 
 def run_labels(cfg: DictConfig) -> dict[str, str]:
     """The Hydra choice of each component group (`attention: additive`), or, without Hydra's
-    runtime, the class name the config builds."""
+    runtime, the registered name of the component the config builds."""
     hydra_cfg = _hydra()
     choices = dict(hydra_cfg.runtime.choices) if hydra_cfg is not None else {}
     nodes = {"dataset": cfg.data.get("source"), "encoder": cfg.model.encoder, "decoder": cfg.model.decoder,
              "attention": cfg.model.get("attention"), "embedding": cfg.model.get("embedding")}
 
     def from_target(node: Any) -> str:
-        target = (node or {}).get("_target_") or ""
-        return target.rsplit(".", 1)[-1].lower() or "none"
+        target = (node or {}).get("_target_")
+        if not target:
+            return "none"
+        if node.get("name"):  # one encoder class serves many backbones, named in the config
+            return str(node.name)
+        return allowed_targets().get(target, ("", target.rsplit(".", 1)[-1].lower()))[1]
 
     return {key: str(choices.get(group) or from_target(nodes[key])) for key, group in CHOICE_KEYS.items()}
 

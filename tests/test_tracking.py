@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict, read_write
 
-from imcap.tracking import sweep_run_name
+from imcap.tracking import run_labels, sweep_run_name
 from imcap.train import train
 from tests.conftest import ROOT, TINY
 
@@ -138,6 +138,15 @@ def test_run_name_lists_what_the_sweep_varies(make_cfg, tmp_path):
         cfg.hydra.mode = RunMode.RUN
     HydraConfig().set_config(cfg)
     assert sweep_run_name() is None  # a single run keeps W&B's own name
+
+
+def test_choices_are_the_config_keys_with_or_without_hydra_runtime(make_cfg):
+    cfg = make_cfg("data=flickr8k", "model/encoder=resnet18", "model/attention=none", tiny=False)
+    expected = {"dataset": "flickr8k", "encoder": "resnet18", "decoder": "lstm", "attention": "none",
+                "embedding": "learned"}
+    assert run_labels(cfg) == expected
+    HydraConfig.instance().cfg = None  # composed in a notebook: the registry names the components
+    assert run_labels(cfg) == expected
 
 
 CHOOSE_MODE = """
