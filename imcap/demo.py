@@ -32,16 +32,10 @@ MAX_BEAM, MAX_LENGTH = 10, 50
 DISPLAY_SIZE = 256  # the attention overlay's shorter side is at least this many pixels
 
 
-def load_model(path: str | Path, device: str = "cpu") -> Captioner:
-    """A captioner from a training checkpoint, or from a folder written by `save_pretrained`."""
-    path = Path(path)
-    if path.is_dir():
-        from_pretrained = getattr(Captioner, "from_pretrained", None)
-        if from_pretrained is None:
-            raise ImcapError(f"{path} is a folder; this imcap reads only training checkpoints here: "
-                             "pass ckpt_path=.../checkpoints/best.ckpt")
-        return from_pretrained(path).to(device).eval()
-    return Captioner.from_checkpoint(path, map_location=device).to(device).eval()
+def load_model(source: str | Path, device: str = "cpu") -> Captioner:
+    """A captioner from a training checkpoint, a folder written by `save_pretrained` (or
+    `python -m imcap.export`), or a Hugging Face Hub repo id."""
+    return Captioner.load(source, map_location=device).to(device).eval()
 
 
 def newest_checkpoint(log_dir: str | Path) -> Path:
@@ -55,13 +49,14 @@ def newest_checkpoint(log_dir: str | Path) -> Path:
 
 
 def example_images(ckpt_path: str | Path, count: int) -> list[Path]:
-    """The first `count` test images of the data a checkpoint was trained on ([] with one log
-    line when that data is not on this machine)."""
+    """The first `count` test images of the data a training checkpoint was trained on ([] with
+    one log line for a model folder, or when that data is not on this machine)."""
     from hydra.utils import instantiate
 
     path = Path(ckpt_path)
-    if path.is_dir():
-        log.info("No example images: %s is a model folder without its data; pass examples=FOLDER", path)
+    if not path.is_file():
+        log.info("No example images: %s is a model folder or repo id, which names no data; "
+                 "pass examples=FOLDER", ckpt_path)
         return []
     data = (load_checkpoint(path)[CHECKPOINT_KEY].get("data") or {}).get("source")
     if not data:

@@ -86,6 +86,13 @@ def test_examples_are_test_images_of_the_training_data(trained_run):
     assert all(str(p).startswith(str(Path(config.split("root: ")[1].split()[0]))) for p in images)
 
 
+def test_a_pretrained_folder_is_served_like_its_checkpoint(trained_run, photo, tmp_path):
+    checkpoint = load_model(f"{trained_run}/checkpoints/best.ckpt")
+    folder = checkpoint.save_pretrained(tmp_path / "model")  # what `python -m imcap.export` writes
+    assert load_model(folder).caption([photo])[0].text == checkpoint.caption([photo])[0].text
+    assert example_images(folder, 3) == []  # a folder names no data: examples=FOLDER then
+
+
 def test_gradio_client_captions_with_the_chosen_decoding(demo_server, trained_run, photo):
     from gradio_client import Client, handle_file
 
