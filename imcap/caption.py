@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from imcap.cli import decoding_with_overrides, hydra_entry
+from imcap.config import decoding_with_overrides
 from imcap.data.images import load_image
+from imcap.entry import hydra_entry
 from imcap.errors import ImcapError
 from imcap.files import write_json
 from imcap.models.captioner import Caption, Captioner

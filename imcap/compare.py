@@ -19,8 +19,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from imcap.cli import report_user_errors
-from imcap.errors import ImcapError
+from imcap.errors import ImcapError, report_user_errors
 
 SKIP_KEYS = ("paths.", "hydra.", "tags")  # differ between any two runs, say nothing about the method
 

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
 
 class ImcapError(Exception):
     """A problem the user can fix (bad path, bad format, unknown option, missing weights).
@@ -19,3 +25,37 @@ class ImcapError(Exception):
             last = text.rstrip().rsplit("\n", 1)[-1]
             args = (last.split(": ", 1)[1] if ": " in last else last,)
         super().__init__(*args)
+
+def user_error(exc: BaseException) -> ImcapError | None:
+    """The ImcapError that `exc` is, or that Hydra wrapped while instantiating; None for a bug.
+
+    Only the explicit cause of Hydra's InstantiationException is followed: an exception raised
+    while an ImcapError was being handled (its `__context__`) is a bug, not that error.
+    """
+    # looked up, not imported: an entry point that never loaded Hydra (imcap.score) meets none of its errors
+    hydra_errors = sys.modules.get("hydra.errors")
+    wrapper = hydra_errors.InstantiationException if hydra_errors is not None else ()
+    seen: BaseException | None = exc
+    while wrapper and isinstance(seen, wrapper):
+        seen = seen.__cause__
+    return seen if isinstance(seen, ImcapError) else None
+
+
+def report_user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn user mistakes (ImcapError) into `error: <one line>` on stderr and exit status 2;
+    anything else is a bug: its full traceback, exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            user = user_error(exc)
+            if user is None:  # a bug: the whole traceback (Hydra would print one line for
+                # an error inside a constructor it builds), exit status 1
+                traceback.print_exc()
+                raise SystemExit(1) from None
+            print(f"error: {user}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+    return wrapper

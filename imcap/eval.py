@@ -14,18 +14,14 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from imcap.cli import (
-    build_trainer,
-    decoding_with_overrides,
-    hydra_entry,
-    save_config,
-    scalar_metrics,
-)
+from imcap.config import decoding_with_overrides, save_config
 from imcap.data.vocab import Vocabulary
 from imcap.ddp import ddp_job
+from imcap.entry import hydra_entry
 from imcap.errors import ImcapError
 from imcap.files import write_json
 from imcap.models.captioner import CHECKPOINT_KEY, load_checkpoint, load_state
+from imcap.runtime import build_trainer, scalar_metrics
 from imcap.training.module import CaptionModule
 from imcap.viz.gallery import write_gallery
 

@@ -13,15 +13,13 @@ string keys, while COCO results files usually carry integers. Ids must be intege
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from imcap.errors import ImcapError
+from imcap.errors import ImcapError, report_user_errors
 from imcap.metrics.java import MeteorScorer
 
 METRICS = ("BLEU", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE")  # as imcap.metrics.coco.METRICS
@@ -148,21 +146,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS),
                         help="which metrics to compute (default: all; BLEU gives BLEU-1..4)")
     return parser.parse_args(argv)
-
-
-def report_user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`error: <one line>` on stderr and exit status 2 for an ImcapError, as
-    imcap.cli.report_user_errors does, without loading Lightning and Hydra to say it."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except ImcapError as exc:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
-
-    return wrapper
 
 
 @report_user_errors

@@ -16,19 +16,18 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import WandbLogger
 
-from imcap.cli import (
-    build_trainer,
-    hydra_entry,
-    instantiate_group,
-    plain_config,
-    save_config,
-    scalar_metrics,
-)
+from imcap.config import plain_config, save_config
 from imcap.data.vocab import Vocabulary
 from imcap.ddp import ddp_job
+from imcap.entry import hydra_entry
 from imcap.errors import ImcapError
 from imcap.files import write_json
 from imcap.models.captioner import CHECKPOINT_KEY, COMPONENTS, load_checkpoint, load_state
+from imcap.runtime import (
+    build_trainer,
+    instantiate_group,
+    scalar_metrics,
+)
 from imcap.tracking import configure_wandb, configure_wandb_mode, define_metrics, run_labels
 from imcap.training.module import CaptionModule
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from imcap.cli import compose_config  # noqa: F401  (tests import it from here)
+from imcap.config import compose_config
 
 os.environ.setdefault("WANDB_MODE", "offline")  # tests never need a W&B key
 os.environ.setdefault("WANDB_SILENT", "true")

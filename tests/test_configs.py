@@ -9,10 +9,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from imcap.cli import instantiate_group
 from imcap.data.vocab import Vocabulary
 from imcap.models.captioner import COMPONENTS, build_captioner
 from imcap.models.encoders import _resolve_weights
+from imcap.runtime import instantiate_group
 from tests.conftest import CONF
 
 TOP_LEVEL = {"train.yaml", "eval.yaml", "caption.yaml", "demo.yaml", "export.yaml"}

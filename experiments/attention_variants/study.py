@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from imcap.cli import compose_config
+from imcap.config import compose_config
 from imcap.data.vocab import Vocabulary
 from imcap.models.captioner import build_decoder, valid_pairs
 from imcap.train import train

@@ -31,7 +31,6 @@ import argparse
 import errno
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -39,39 +38,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
+from imcap.config import compose_config
 from imcap.data import download
 from imcap.data.records import SPLITS
 from imcap.data.text import tokenize
 from imcap.data.vocab import SPECIALS
-from imcap.errors import ImcapError
+from imcap.errors import ImcapError, report_user_errors
 
 log = logging.getLogger("imcap.data")
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 PERCENTILES = (50, 90, 99)
-
-
-def compose_config(overrides: Sequence[str]) -> DictConfig:
-    """conf/train.yaml with `overrides`, resolvable as under `@hydra.main` (nothing is written)."""
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name="data"):
-            cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as e:  # data=bogus, a misspelt key, bad syntax
-        raise ImcapError(" ".join(str(e).split("Config search path")[0].split())) from e
-    with open_dict(cfg):
-        cfg.hydra.runtime.cwd = os.getcwd()
-        cfg.hydra.runtime.output_dir = os.getcwd()
-    HydraConfig().set_config(cfg)
-    return cfg
 
 
 def _data_name(cfg: DictConfig) -> str:
@@ -81,7 +60,7 @@ def _data_name(cfg: DictConfig) -> str:
 # -- prepare --------------------------------------------------------------------------------------
 def run_prepare(name: str, overrides: Sequence[str], keep_archives: bool = False,
                 base_url: str | None = None) -> list[str]:
-    cfg = compose_config([f"data={name}", *overrides])
+    cfg = compose_config("train", [f"data={name}", *overrides])
     source = instantiate(cfg.data.source)
     if name in download.NOTHING_TO_DOWNLOAD:
         note = download.NOTHING_TO_DOWNLOAD[name]
@@ -253,32 +232,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@report_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; a user mistake prints `error: <one line>` and exits with status 2."""
-    try:
-        return _run(argv)
-    except ImcapError as e:  # handled here so that `prepare` never imports Lightning (imcap.cli does)
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    except Exception as exc:  # e.g. an ImcapError inside Hydra's InstantiationException
-        from imcap.cli import report_user_errors
-
-        return report_user_errors(_reraise)(exc)
-
-
-def _reraise(exc: BaseException) -> int:
-    raise exc
-
-
-def _run(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "prepare":
         print("\n".join(run_prepare(args.name, args.overrides, args.keep_archives, args.base_url)))
     elif args.command == "stats":
-        stats = collect_stats(compose_config(args.overrides))
+        stats = collect_stats(compose_config("train", args.overrides))
         print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     else:
-        cfg = compose_config(args.overrides)
+        cfg = compose_config("train", args.overrides)
         print(format_features(extract_all(cfg), str(cfg.model.encoder.get("name", "the encoder"))))
     return 0
 

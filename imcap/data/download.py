@@ -51,6 +51,7 @@ from urllib.parse import urlsplit
 
 from tqdm.auto import tqdm
 
+from imcap.checksums import sha256_file, sha256_of
 from imcap.errors import ImcapError
 
 log = logging.getLogger(__name__)
@@ -159,14 +160,6 @@ def archives_for(name: str, year: int | None = None) -> tuple[Archive, ...]:
     return REGISTRY[key]
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # -- what is already there ----------------------------------------------------------------------
 def _marker(downloads: Path, archive: Archive) -> Path:
     return downloads / f"{archive.filename}.done.json"
@@ -239,11 +232,8 @@ class _Transfer:
     def __init__(self, url: str, part: Path, timeout: float, bar: tqdm):
         self.url, self.part, self.timeout, self.bar = url, part, timeout, bar
         self.done = part.stat().st_size if part.is_file() else 0
-        self.digest = hashlib.sha256()
-        if self.done:  # resuming: the hash covers the bytes already there
-            with open(part, "rb") as f:
-                while block := f.read(CHUNK):
-                    self.digest.update(block)
+        # resuming: the hash covers the bytes already there
+        self.digest = sha256_of(part) if self.done else hashlib.sha256()
 
     def restart(self) -> None:
         self.done, self.digest = 0, hashlib.sha256()

