@@ -6,14 +6,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-# `make train dataset=flickr8k` selects data=flickr8k; anything else goes through ARGS="...".
-DATA_ARG := $(if $(dataset),data=$(dataset),)
+# `make train dataset=coco root=/data/coco` selects data=coco with data.root=/data/coco;
+# anything else goes through ARGS="...".
+DATA_ARG := $(if $(dataset),data=$(dataset),) $(if $(root),data.root=$(root),)
 
 .PHONY: help install assets train eval caption demo export sweep compare bench data data-stats features test test-fast lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
-	@echo '  overrides: make train dataset=flickr8k ARGS="model/attention=none trainer.max_epochs=5"'
+	@echo '  overrides: make train dataset=flickr8k [root=DIR] ARGS="model/attention=none trainer.max_epochs=5"'
 
 install: $(VENV)/.installed assets  ## create .venv, install torch + imcap[dev], provision offline weights
 
@@ -29,7 +30,7 @@ $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 assets: | $(VENV)/.installed  ## offline MobileNetV2 + EfficientNet-Lite0 ImageNet weights + GloVe 6B-50d (sha256-checked)
 	$(PY) -m imcap.assets install
 
-train:  ## train the default experiment (shapes demo); dataset=NAME, ARGS="hydra overrides"
+train:  ## train the default experiment (shapes demo); dataset=NAME, root=DIR, ARGS="hydra overrides"
 	$(PY) -m imcap.train $(DATA_ARG) $(ARGS)
 
 eval:  ## evaluate a checkpoint: make eval ARGS="ckpt_path=logs/.../best.ckpt"
@@ -53,9 +54,9 @@ compare:  ## table + curves of runs: make compare ARGS="logs/train/multiruns/<da
 bench:  ## benchmarks -> bench.json: make bench ARGS="--quick"
 	$(PY) -m imcap.bench $(ARGS)
 
-data:  ## download + verify + extract a dataset: make data dataset=coco|flickr8k|flickr30k [ARGS="data.source.year=2017"]
+data:  ## download + verify + extract a dataset: make data dataset=coco|flickr8k|flickr30k [root=DIR] [ARGS="data.source.year=2017"]
 	$(if $(dataset),,$(error give dataset=NAME, e.g. make data dataset=flickr8k))
-	$(PY) -m imcap.data prepare $(dataset) $(ARGS)
+	$(PY) -m imcap.data prepare $(dataset) $(if $(root),data.root=$(root),) $(ARGS)
 
 data-stats:  ## splits, vocabulary, caption lengths, embedding coverage: make data-stats dataset=flickr8k
 	$(PY) -m imcap.data stats $(DATA_ARG) $(ARGS)

@@ -255,7 +255,7 @@ class EpochTimer(pl.Callback):
 def epoch_overrides(root: Path, cache_dir: Path, precision: str, extra: tuple[str, ...] = ()) -> list[str]:
     """One epoch of the default flickr8k experiment on `root`, no logger, test or early stop."""
     return [*extra,
-        "data=flickr8k", f"data.source.root={root}", f"data.cache_dir={cache_dir}",
+        "data=flickr8k", f"data.root={root}", f"data.cache_dir={cache_dir}",
         "trainer.max_epochs=1", f"trainer.precision={precision}", "test=false",
         "~logger", "callbacks.progress_bar=null", "callbacks.early_stopping=null",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",

@@ -38,7 +38,7 @@ BUILTIN_MODULES = (
     "imcap.models.transformer",
     "imcap.data.sources.coco",
     "imcap.data.sources.custom",
-    "imcap.data.sources.flickr",
+    "imcap.data.sources.flickr8k",
     "imcap.data.sources.flickr30k",
     "imcap.data.sources.shapes",
     "imcap.data.datamodule",

@@ -19,10 +19,11 @@ TOP_LEVEL = {"train.yaml", "eval.yaml", "caption.yaml", "demo.yaml", "export.yam
 
 
 def group_options() -> list[tuple[str, str]]:
+    """Every (group, option) of conf/; base files (`_name.yaml`), which options extend, are none."""
     options = []
     for path in sorted(CONF.rglob("*.yaml")):
         rel = path.relative_to(CONF)
-        if len(rel.parts) > 1:
+        if len(rel.parts) > 1 and not path.stem.startswith("_"):
             options.append(("/".join(rel.parts[:-1]), path.stem))
     return options
 

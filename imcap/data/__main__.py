@@ -1,10 +1,10 @@
 """Dataset tools: `python -m imcap.data COMMAND [options] [hydra overrides]`.
 
     python -m imcap.data prepare NAME [--keep-archives] [--base-url URL] [overrides]
-    python -m imcap.data stats [--json] [data=NAME] [data.source.root=DIR] [model/embedding=...]
+    python -m imcap.data stats [--json] [data=NAME] [data.root=DIR] [model/embedding=...]
     python -m imcap.data features [data=NAME] [model/encoder=...] [data.cache_dir=DIR]
 
-prepare   downloads the public archives of `data=NAME` into its `data.source.root` with a progress
+prepare   downloads the public archives of `data=NAME` into its `data.root` with a progress
           bar, resumes partial downloads, checks size and sha256, extracts safely and is
           idempotent (see imcap/data/download.py, which holds the archive registry). Offline it
           fails at once, naming the files to fetch by hand and where to put them.
@@ -66,10 +66,10 @@ def run_prepare(name: str, overrides: Sequence[str], keep_archives: bool = False
         note = download.NOTHING_TO_DOWNLOAD[name]
         if name == "custom":
             return [f"{note}: put a captions file (CSV/TSV/JSONL: image, caption[, split]) or images "
-                    f"with .txt sidecars under data.source.root={source.root}"]
+                    f"with .txt sidecars under data.root={source.root}"]
         source.prepare()
         return [f"{note}: {len(source.records())} images ready under {source.root}"]
-    archives = download.archives_for(name, cfg.data.source.get("year"))
+    archives = download.archives_for(name, getattr(source, "year", None))  # COCO: as requested or found
     lines = download.prepare(source.root, archives, name, base_url=base_url, keep_archives=keep_archives)
     source.prepare()  # the reader finds the layout it expects
     return [*lines, f"{name} is ready in {source.root}"]
@@ -223,7 +223,7 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("name", help="a conf/data option: coco, flickr8k, flickr30k, shapes, custom")
     prep.add_argument("--keep-archives", action="store_true", help="keep the archives after extracting")
     prep.add_argument("--base-url", help=f"fetch archives from this mirror (also ${download.BASE_URL_ENV})")
-    prep.add_argument("overrides", nargs="*", help="hydra overrides, e.g. data.source.root=DIR")
+    prep.add_argument("overrides", nargs="*", help="hydra overrides, e.g. data.root=DIR")
     stats = sub.add_parser("stats", help="split, vocabulary, length and embedding-coverage statistics")
     stats.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     stats.add_argument("overrides", nargs="*", help="hydra overrides, e.g. data=flickr8k")

@@ -18,7 +18,7 @@ from imcap.data.sources import CaptionSource
 from imcap.data.text import tokenize
 from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
-from imcap.registry import register
+from imcap.registry import name_of, register
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class CaptionDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
         feature_precision: str = "fp32",
         seed: int = 0,
+        root: str | None = None,
     ):
         super().__init__()
         if features not in FEATURE_MODES:
@@ -61,6 +62,7 @@ class CaptionDataModule(pl.LightningDataModule):
         if pin_memory != "auto" and not isinstance(pin_memory, bool):
             raise ImcapError(f"data.pin_memory={pin_memory!r}; use auto or a bool")
         self.source = source
+        self.root = root  # conf: data.root, which the source reads (named in logs and errors)
         self.image_size = image_size
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -79,6 +81,15 @@ class CaptionDataModule(pl.LightningDataModule):
         self.datasets: dict[str, CaptionDataset] = {}
         self.eval_split = "test"  # the split the test loop runs on (imcap.eval split=val)
 
+    @property
+    def source_name(self) -> str:
+        """The source's registered name (its conf/data option), else its class name."""
+        return name_of(self.source) or type(self.source).__name__
+
+    @property
+    def _under_root(self) -> str:
+        return f" under data.root={self.root}" if self.root else ""
+
     # -- records and vocabulary -------------------------------------------------------------
     def prepare_data(self) -> None:
         self.source.prepare()
@@ -92,9 +103,9 @@ class CaptionDataModule(pl.LightningDataModule):
                     raise ImcapError(f"record {r.image_id} has split {r.split!r}; expected one of {SPLITS}")
                 by_split[r.split].append(r)
             if not by_split["train"]:
-                raise ImcapError(f"data source {self.source.name!r} has no training images")
+                raise ImcapError(f"data source {self.source_name!r} has no training images{self._under_root}")
             counts = ", ".join(f"{s}={len(v)}" for s, v in by_split.items())
-            log.info("Data %s: %s images", self.source.name, counts)
+            log.info("Data %s%s: %s images", self.source_name, self._under_root, counts)
             self._records = by_split
         return self._records
 
@@ -125,7 +136,7 @@ class CaptionDataModule(pl.LightningDataModule):
             raise RuntimeError("call build_vocab() and attach_encoder() before setup()")
         records = self.records[split]
         if not records:
-            raise ImcapError(f"data source {self.source.name!r} has no {split} images")
+            raise ImcapError(f"data source {self.source_name!r} has no {split} images{self._under_root}")
         transform = self.encoder.image_transform(self.image_size)
         kwargs: dict = {"transform": transform}
         if self._use_cached_features():

@@ -52,6 +52,7 @@ from urllib.parse import urlsplit
 from tqdm.auto import tqdm
 
 from imcap.checksums import sha256_file, sha256_of
+from imcap.data.sources import coco, flickr8k, flickr30k
 from imcap.errors import ImcapError
 
 log = logging.getLogger(__name__)
@@ -97,48 +98,50 @@ def _karpathy(member: str) -> Archive:
 _COCO = "http://images.cocodataset.org"
 _FLICKR8K = "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k"
 
+
+def _coco_annotations(year: int, size: int, sha256: str) -> Archive:
+    name = f"annotations_trainval{year}.zip"
+    return Archive(name, f"{_COCO}/annotations/{name}", size, sha256,
+                   present=(coco.annotation_file("train", year),))
+
+
+def _coco_images(part: str, year: int, size: int, sha256: str) -> Archive:
+    folder = coco.image_folder(part, year)  # the zip holds that folder
+    return Archive(f"{folder}.zip", f"{_COCO}/zips/{folder}.zip", size, sha256, present=(folder,))
+
+
 # Sizes and sha256 of the COCO zips as served by images.cocodataset.org (COCO publishes no
 # checksums; these are the values torchvision's dataset code and many independent downloads
 # record). Small files first, so that a wrong setup fails before the big downloads.
 REGISTRY: dict[str, tuple[Archive, ...]] = {
     "coco2014": (
-        _karpathy("dataset_coco.json"),
-        Archive("annotations_trainval2014.zip", f"{_COCO}/annotations/annotations_trainval2014.zip",
-                252_872_794, "031296bbc80c45a1d1f76bf9a90ead27e94e99ec629208449507a4917a3bf009",
-                present=("annotations/captions_train2014.json",)),
-        Archive("val2014.zip", f"{_COCO}/zips/val2014.zip",
-                6_645_013_297, "fe9be816052049c34717e077d9e34aa60814a55679f804cd043e3cbee3b9fde0",
-                present=("val2014",)),
-        Archive("train2014.zip", f"{_COCO}/zips/train2014.zip",
-                13_510_573_713, "ede4087e640bddba550e090eae701092534b554b42b05ac33f0300b984b31775",
-                present=("train2014",)),
+        _karpathy(coco.KARPATHY),
+        _coco_annotations(2014, 252_872_794, "031296bbc80c45a1d1f76bf9a90ead27e94e99ec629208449507a4917a3bf009"),
+        _coco_images("val", 2014, 6_645_013_297, "fe9be816052049c34717e077d9e34aa60814a55679f804cd043e3cbee3b9fde0"),
+        _coco_images("train", 2014, 13_510_573_713,
+                     "ede4087e640bddba550e090eae701092534b554b42b05ac33f0300b984b31775"),
     ),
     "coco2017": (  # Karpathy's split names 2014 files, so it is not fetched for 2017
-        Archive("annotations_trainval2017.zip", f"{_COCO}/annotations/annotations_trainval2017.zip",
-                252_907_541, "113a836d90195ee1f884e704da6304dfaaecff1f023f49b6ca93c4aaae470268",
-                present=("annotations/captions_train2017.json",)),
-        Archive("val2017.zip", f"{_COCO}/zips/val2017.zip",
-                815_585_330, "4f7e2ccb2866ec5041993c9cf2a952bbed69647b115d0f74da7ce8f4bef82f05",
-                present=("val2017",)),
-        Archive("train2017.zip", f"{_COCO}/zips/train2017.zip",
-                19_336_861_798, "69a8bb58ea5f8f99d24875f21416de2e9ded3178e903f1f7603e283b9e06d929",
-                present=("train2017",)),
+        _coco_annotations(2017, 252_907_541, "113a836d90195ee1f884e704da6304dfaaecff1f023f49b6ca93c4aaae470268"),
+        _coco_images("val", 2017, 815_585_330, "4f7e2ccb2866ec5041993c9cf2a952bbed69647b115d0f74da7ce8f4bef82f05"),
+        _coco_images("train", 2017, 19_336_861_798,
+                     "69a8bb58ea5f8f99d24875f21416de2e9ded3178e903f1f7603e283b9e06d929"),
     ),
     "flickr8k": (
-        _karpathy("dataset_flickr8k.json"),
+        _karpathy(flickr8k.KARPATHY),
         # Jason Brownlee's public copy of the official distribution (token file, split files,
         # Flicker8k_Dataset/); sizes and sha256 are not recorded here: not checked.
         # Kaggle's copy (captions.txt, Images/) counts as present too
         Archive("Flickr8k_text.zip", f"{_FLICKR8K}/Flickr8k_text.zip",
-                present=("Flickr8k.token.txt", "captions.txt")),
+                present=(flickr8k.OFFICIAL_TOKENS, flickr8k.KAGGLE_CAPTIONS)),
         Archive("Flickr8k_Dataset.zip", f"{_FLICKR8K}/Flickr8k_Dataset.zip",
-                present=("Flicker8k_Dataset", "Images")),
+                present=(flickr8k.OFFICIAL_IMAGES, flickr8k.KAGGLE_IMAGES)),
     ),
     "flickr30k": (
-        _karpathy("dataset_flickr30k.json"),
+        _karpathy(flickr30k.KARPATHY),
         # Behind a sign-up; the Kaggle zip has unknown size and sha256 (not checked).
         Archive("flickr-image-dataset.zip", None,
-                present=("flickr30k_images", "flickr30k-images"),
+                present=flickr30k.IMAGE_DIRS[1:],  # the Kaggle zip's folder, the official tarball's
                 manual="`kaggle datasets download hsankesara/flickr-image-dataset` (Kaggle account), "
                        "or extract the official flickr30k-images.tar.gz (form at "
                        "https://shannon.cs.illinois.edu/DenotationGraph/) into the root"),
@@ -156,7 +159,7 @@ def archives_for(name: str, year: int | None = None) -> tuple[Archive, ...]:
     if key not in REGISTRY:
         raise ImcapError(f"no download recipe for data={name}; choose one of "
                          f"{sorted({k.rstrip('0123456789') for k in REGISTRY} | set(NOTHING_TO_DOWNLOAD))} "
-                         "or place its files under data.source.root by hand")
+                         "or place its files under data.root by hand")
     return REGISTRY[key]
 
 
@@ -301,7 +304,7 @@ def download(url: str, path: Path, size: int | None = None, timeout: float = 10.
             except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short
                 if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
                     raise ImcapError(f"cannot write {part} ({e.strerror}); free some space or choose "
-                                     "another data.source.root") from e
+                                     "another data.root") from e
                 reason = f"{type(e).__name__}: {e}"
             stalled = 0 if transfer.done > before else stalled + 1
             log.info("Download of %s interrupted (%s); resuming from byte %d", path.name, reason, transfer.done)
@@ -597,7 +600,7 @@ def prepare(
             downloads.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ImcapError(f"cannot write in {root} ({e.strerror}); pass a writable "
-                             "data.source.root=DIR") from e
+                             "data.root=DIR") from e
     for archive in todo:
         path = downloads / archive.filename
         sha256 = None

@@ -115,7 +115,7 @@ def test_prepare_shapes_generates_and_custom_has_nothing_to_download(env, capsys
     assert "shapes is generated locally, not downloaded: 20 images ready" in capsys.readouterr().out
     assert main(["prepare", "custom"]) == 0
     out = capsys.readouterr().out
-    assert "custom has nothing to download" in out and f"data.source.root={env / 'data' / 'custom'}" in out
+    assert "custom has nothing to download" in out and f"data.root={env / 'data' / 'custom'}" in out
 
 
 def test_stats_table_and_embedding_coverage_from_the_found_mask(env, capsys):
@@ -148,8 +148,8 @@ def test_user_mistakes_are_one_line_errors(env, capsys):
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1
     assert "bogus" in err and "flickr30k" in err and "custom" in err
     with pytest.raises(SystemExit):
-        main(["stats", "data=flickr30k", f"data.source.root={env}/nowhere"])
-    assert f"error: data.source.root={env}/nowhere does not exist" in capsys.readouterr().err
+        main(["stats", "data=flickr30k", f"data.root={env}/nowhere"])
+    assert f"error: data.root={env}/nowhere does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["features", *SHAPES_TINY, "model.encoder.weights=null", "model.encoder.finetune=all"])
     assert "error: nothing to cache" in capsys.readouterr().err
@@ -170,7 +170,7 @@ def test_features_extracts_every_split_once(env, capsys):
 
 @pytest.mark.realdata
 def test_stats_on_the_real_flickr8k_subset(env, capsys):
-    assert main(["stats", "--json", "data=flickr8k", f"data.source.root={FLICKR_1K}"]) == 0
+    assert main(["stats", "--json", "data=flickr8k", f"data.root={FLICKR_1K}"]) == 0
     stats = json.loads(capsys.readouterr().out)
     with open(FLICKR_1K / "captions.txt", newline="") as f:
         rows = list(csv.reader(f))[1:]

@@ -2,6 +2,8 @@
 
 A source has two methods: `prepare()` makes the data exist locally (generate, or check what
 the user placed) and `records()` reads it. Nothing outside this package knows file formats.
+Each source registers itself under the name of its conf/data option:
+`@register("source", "coco")` (see imcap/registry.py).
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ from imcap.data.records import CaptionRecord
 
 
 class CaptionSource(Protocol):
-    name: str
-
     def prepare(self) -> None: ...
 
     def records(self) -> list[CaptionRecord]: ...

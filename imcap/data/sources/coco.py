@@ -4,6 +4,8 @@ Auto-detected under `root`:
 - Karpathy: `dataset_coco.json` with images in `train2014/` and `val2014/` (restval joins train);
 - official: `annotations/captions_{train,val}{year}.json` with `{train,val}{year}/`. The official
   val set is split deterministically in half (by image id) into val and test.
+`year` null (the default) takes the one year whose files are there (the Karpathy file counts as
+2014, whose images it names) and asks for `data.source.year` when both are.
 """
 
 from __future__ import annotations
@@ -14,13 +16,33 @@ from pathlib import Path
 
 from imcap.data.records import CaptionRecord
 from imcap.data.sources.karpathy import read_karpathy
-from imcap.data.sources.policy import MISSING_IMAGES, check_choice, inside_root, keep_existing
+from imcap.data.sources.policy import (
+    MISSING_IMAGES,
+    check_choice,
+    fetch_command,
+    inside_root,
+    keep_existing,
+    missing_root,
+)
 from imcap.data.sources.splits import split_of
 from imcap.data.textfile import load_json, require_str
 from imcap.errors import ImcapError
 from imcap.registry import register
 
 log = logging.getLogger(__name__)
+
+YEARS = (2014, 2017)
+KARPATHY = "dataset_coco.json"  # Karpathy's split of the 2014 images
+
+
+def annotation_file(part: str, year: int) -> str:
+    """The official captions file of `part` (train | val), relative to the root."""
+    return f"annotations/captions_{part}{year}.json"
+
+
+def image_folder(part: str, year: int) -> str:
+    """The folder of `part`'s images (train | val), relative to the root; also its zip's name."""
+    return f"{part}{year}"
 
 
 def read_official(path: Path, image_dir: Path) -> list[tuple[CaptionRecord, bool]]:
@@ -48,40 +70,58 @@ def read_official(path: Path, image_dir: Path) -> list[tuple[CaptionRecord, bool
 
 @register("source", "coco")
 class CocoSource:
-    """COCO caption records; `missing_images`: `error` or `skip` (counted and reported)."""
+    """COCO caption records; `year`: 2014, 2017 or null (found on disk); `missing_images`:
+    `error` or `skip` (counted and reported)."""
 
-    name = "coco"
-
-    def __init__(self, root: str, year: int = 2014, restval_to: str = "train", missing_images: str = "error"):
+    def __init__(self, root: str, year: int | None = None, restval_to: str = "train",
+                 missing_images: str = "error"):
         self.root = Path(root)
-        if int(year) not in (2014, 2017):
-            raise ImcapError(f"data.source.year={year}; choose 2014 or 2017")
-        self.year, self.restval_to = int(year), restval_to
+        if year is not None and int(year) not in YEARS:
+            raise ImcapError(f"data.source.year={year}; choose 2014 or 2017 (or null: the year found under data.root)")
+        self.requested_year = int(year) if year is not None else None
+        self.restval_to = restval_to
         self.missing_images = check_choice(missing_images, MISSING_IMAGES, "data.source.missing_images")
 
-    def _official(self, part: str) -> Path:
-        return self.root / "annotations" / f"captions_{part}{self.year}.json"
+    def _years_present(self) -> list[int]:
+        return [y for y in YEARS if (self.root / annotation_file("train", y)).is_file()
+                or (y == 2014 and (self.root / KARPATHY).is_file())]
+
+    @property
+    def year(self) -> int:
+        """The year read: as requested, else the only one under the root (2014 when none is)."""
+        if self.requested_year is not None:
+            return self.requested_year
+        present = self._years_present()
+        if len(present) > 1:
+            raise ImcapError(f"COCO {' and '.join(map(str, present))} are both under data.root={self.root}; "
+                             "choose one with data.source.year=2014 or data.source.year=2017")
+        return present[0] if present else 2014
+
+    def _fetch(self) -> str:
+        return fetch_command("coco", self.root, *([f"data.source.year={self.year}"] if self.year != 2014 else []))
 
     def prepare(self) -> None:
         if not self.root.is_dir():
-            raise ImcapError(f"data.source.root={self.root} does not exist: download MS COCO there "
-                             f"(annotations/captions_train{self.year}.json, train{self.year}/, val{self.year}/)")
-        if not (self.root / "dataset_coco.json").is_file() and not self._official("train").is_file():
-            raise ImcapError(f"no COCO captions under data.source.root={self.root}: place dataset_coco.json "
-                             f"(Karpathy) or annotations/captions_train{self.year}.json there")
+            raise missing_root(self.root, "MS COCO", self._fetch())
+        year = self.year
+        expected = [annotation_file("train", year), *([KARPATHY] if year == 2014 else [])]
+        if not any((self.root / name).is_file() for name in expected):
+            raise ImcapError(f"no COCO {year} captions under data.root={self.root}: place "
+                             f"{' or '.join(expected)} there, or fetch them with `{self._fetch()}`")
 
     def records(self) -> list[CaptionRecord]:
         self.prepare()
-        karpathy = self.root / "dataset_coco.json"
-        if karpathy.is_file():
+        year = self.year
+        karpathy = self.root / KARPATHY
+        if karpathy.is_file() and year == 2014:
             pairs = read_karpathy(karpathy, self.root, self.restval_to)
         else:
             pairs = []
             for part in ("train", "val"):
-                path = self._official(part)
+                path = self.root / annotation_file(part, year)
                 if not path.is_file():
                     continue
-                for record, exists in read_official(path, self.root / f"{part}{self.year}"):
+                for record, exists in read_official(path, self.root / image_folder(part, year)):
                     split = "train" if part == "train" else split_of(str(record.image_id), {"val": 1, "test": 1})
                     pairs.append((CaptionRecord(record.image_id, record.image_path, record.captions, split), exists))
         return keep_existing(pairs, self.missing_images, "COCO", None)

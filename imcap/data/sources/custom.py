@@ -51,7 +51,7 @@ class _Rows:
 
     def add(self, image: str, caption: str, split: str | None, where: str) -> None:
         if not image:
-            raise ImcapError(f"{where}: empty image cell; give the image path relative to data.source.root")
+            raise ImcapError(f"{where}: empty image cell; give the image path relative to data.root")
         if not caption:
             raise ImcapError(f"{where}: empty caption for {image!r}; fill it in or delete the row")
         path = inside_root(self.root, image, where)
@@ -111,7 +111,7 @@ def read_jsonl(path: Path, rows: _Rows) -> bool:
             raise ImcapError(f"{where}: 'caption' must be a string or a list of strings")
         image = item.get("image")
         if not isinstance(image, str):
-            raise ImcapError(f"{where}: 'image' must be a path string relative to data.source.root")
+            raise ImcapError(f"{where}: 'image' must be a path string relative to data.root")
         for caption in captions or [""]:
             rows.add(image.strip(), (caption or "").strip(),
                      str(item["split"]) if has_split else None, where)
@@ -122,8 +122,6 @@ def read_jsonl(path: Path, rows: _Rows) -> bool:
 class CustomSource:
     """Records from a captions file or an image folder with `.txt` sidecars (module docstring);
     `missing_images`: `error` (default) or `skip` (counted and reported)."""
-
-    name = "custom"
 
     def __init__(
         self,
@@ -157,8 +155,8 @@ class CustomSource:
 
     def prepare(self) -> None:
         if not self.root.is_dir():
-            raise ImcapError(f"data.source.root={self.root} does not exist: put your images and captions "
-                             "there, or pass data.source.root=/path/to/your/data")
+            raise ImcapError(f"data.root={self.root} does not exist: put your images and captions there, "
+                             "or set data.root=DIR to where they are")
         self.captions_file()
 
     def records(self) -> list[CaptionRecord]:
@@ -218,7 +216,7 @@ class CustomSource:
             log.warning("Skipped %d .txt sidecars under %s that have no image beside them (first: %s)",
                         len(orphans), self.root, orphans[0])
         if not rows.captions:
-            raise ImcapError(f"no captioned images under data.source.root={self.root}: add a captions.csv "
+            raise ImcapError(f"no captioned images under data.root={self.root}: add a captions.csv "
                              "(image,caption) or a .txt sidecar with one caption per line beside each image")
         return keep_existing(self._pairs(rows), self.missing_images, "custom", str(self.root))
 
@@ -234,7 +232,7 @@ class CustomSource:
         for folder, dirs, files in os.walk(self.root, followlinks=True):
             real = Path(folder).resolve()
             if not real.is_relative_to(real_root):
-                raise ImcapError(f"{folder} is a symlink to {real}, outside data.source.root={self.root}; "
+                raise ImcapError(f"{folder} is a symlink to {real}, outside data.root={self.root}; "
                                  "copy the images under the root instead")
             if real in seen:  # a symlink loop
                 dirs[:] = []

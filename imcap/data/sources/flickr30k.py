@@ -25,9 +25,16 @@ from dataclasses import replace
 from pathlib import Path
 
 from imcap.data.records import CaptionRecord
-from imcap.data.sources.flickr import read_official_tokens
+from imcap.data.sources.flickr8k import read_official_tokens
 from imcap.data.sources.karpathy import read_karpathy
-from imcap.data.sources.policy import MISSING_IMAGES, check_choice, inside_root, keep_existing
+from imcap.data.sources.policy import (
+    MISSING_IMAGES,
+    check_choice,
+    fetch_command,
+    inside_root,
+    keep_existing,
+    missing_root,
+)
 from imcap.data.sources.splits import split_of
 from imcap.errors import ImcapError
 from imcap.registry import register
@@ -112,8 +119,6 @@ class Flickr30kSource:
     """Flickr30k records; `missing_images`: `error` or `skip`; `bad_rows` (Kaggle CSV):
     `repair`, `skip` or `error` (see the module docstring). Skipped data is counted and reported."""
 
-    name = "flickr30k"
-
     def __init__(
         self,
         root: str,
@@ -133,9 +138,9 @@ class Flickr30kSource:
             if (self.root / name).is_file():
                 return self.root / name
         raise ImcapError(
-            f"no Flickr30k captions under data.source.root={self.root}: place {KARPATHY} (Karpathy), "
+            f"no Flickr30k captions under data.root={self.root}: place {KARPATHY} (Karpathy), "
             f"{OFFICIAL_TOKENS} (official) or results.csv (Kaggle) there with the images in "
-            "flickr30k_images/, or run `python -m imcap.data prepare flickr30k`"
+            f"flickr30k_images/, or fetch them with `{fetch_command('flickr30k', self.root)}`"
         )
 
     def _image_dir(self, first_image: str | None) -> Path:
@@ -148,10 +153,7 @@ class Flickr30kSource:
 
     def prepare(self) -> None:
         if not self.root.is_dir():
-            raise ImcapError(
-                f"data.source.root={self.root} does not exist: run `python -m imcap.data prepare flickr30k`, "
-                "or pass data.source.root=/path/to/flickr30k"
-            )
+            raise missing_root(self.root, "Flickr30k", fetch_command("flickr30k", self.root))
         self._captions_file()
 
     def records(self) -> list[CaptionRecord]:

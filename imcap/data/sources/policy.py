@@ -1,4 +1,5 @@
-"""What readers do with data they cannot use as is: stop with a clear error, or skip and report."""
+"""What readers do with data they cannot use as is: stop with a clear error, or skip and report;
+and what they say when the data is not there at all."""
 
 from __future__ import annotations
 
@@ -56,7 +57,19 @@ def inside_root(root: Path, name: str, where: str, follow_symlinks: bool = True)
         outside = os.path.isabs(rel) or rel == ".." or rel.startswith("../")
     if outside:
         raise ImcapError(
-            f"{where}: image {name!r} resolves to {real}, outside data.source.root={root}; "
+            f"{where}: image {name!r} resolves to {real}, outside data.root={root}; "
             "move it under the root (no absolute paths elsewhere, '..' or symlinks leading out)"
         )
     return real
+
+
+def fetch_command(dataset: str, root: Path, *overrides: str) -> str:
+    """The command that downloads `data=dataset` into `root` (imcap/data/download.py's recipes)."""
+    extra = f' ARGS="{" ".join(overrides)}"' if overrides else ""
+    return f"make data dataset={dataset} root={root}{extra}"
+
+
+def missing_root(root: Path, title: str, fetch: str) -> ImcapError:
+    """The one-line error for a data root that does not exist; `fetch`: how to fill it."""
+    return ImcapError(f"data.root={root} does not exist: fetch {title} there with `{fetch}`, "
+                      "or set data.root=DIR to where your copy is")

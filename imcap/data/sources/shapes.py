@@ -155,8 +155,6 @@ def captions_for(shapes: list[Shape]) -> tuple[str, ...]:
 class ShapesSource:
     """Procedural demo dataset; `num_images` per split, images `image_size` pixels square."""
 
-    name = "shapes"
-
     def __init__(
         self,
         root: str,
@@ -166,7 +164,7 @@ class ShapesSource:
         seed: int = 0,
     ):
         self.root = Path(root)
-        self.num_images = dict(num_images or {"train": 3000, "val": 250, "test": 250})
+        self.num_images = dict(num_images or {"train": 2000, "val": 250, "test": 250})
         unknown = set(self.num_images) - set(SPLITS)
         if unknown:
             raise ImcapError(f"data.source.num_images has unknown splits {sorted(unknown)}; use {SPLITS}")

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from imcap.data.sources.coco import CocoSource
-from imcap.data.sources.flickr import Flickr8kSource
+from imcap.data.sources.flickr8k import Flickr8kSource
 from imcap.errors import ImcapError
 
 
@@ -13,14 +13,14 @@ def _image(path):
     Image.new("RGB", (8, 8)).save(path)
 
 
-def _official(root, part, ids):
-    images = [{"id": i, "file_name": f"COCO_{part}2014_{i:012d}.jpg"} for i in ids]
+def _official(root, part, ids, year=2014):
+    images = [{"id": i, "file_name": f"COCO_{part}{year}_{i:012d}.jpg"} for i in ids]
     anns = [{"id": 10 * i + k, "image_id": i, "caption": f"caption {k} of {i} "} for i in ids for k in range(5)]
-    path = root / "annotations" / f"captions_{part}2014.json"
+    path = root / "annotations" / f"captions_{part}{year}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"images": images, "annotations": anns}))
     for im in images:
-        _image(root / f"{part}2014" / im["file_name"])
+        _image(root / f"{part}{year}" / im["file_name"])
 
 
 def test_official_files_train_and_val_split_in_half(tmp_path):
@@ -60,7 +60,7 @@ def test_karpathy_flickr8k_skips_missing_images_and_counts_them_once(tmp_path, c
     entries = [{"filename": name, "imgid": i, "split": "train", "sentences": [{"raw": "a dog"}]}
                for i, name in enumerate(["a.jpg", "b.jpg"])]
     (tmp_path / "dataset_flickr8k.json").write_text(json.dumps({"images": entries}))
-    with pytest.raises(ImcapError, match="1 images .* missing .*b.jpg"):
+    with pytest.raises(ImcapError, match="1 Flickr8k images .* missing .*b.jpg"):
         Flickr8kSource(str(tmp_path)).records()
     records = Flickr8kSource(str(tmp_path), missing_images="skip").records()
     assert [r.image_path.rsplit("/", 1)[-1] for r in records] == ["a.jpg"]
@@ -78,3 +78,40 @@ def test_missing_images_and_bad_files_are_user_errors(tmp_path):
         CocoSource(str(tmp_path)).records()
     with pytest.raises(ImcapError, match="does not exist"):
         CocoSource(str(tmp_path / "none")).prepare()
+
+
+def test_the_year_on_disk_is_read_without_being_named(tmp_path):
+    _official(tmp_path, "train", [1, 2], year=2017)
+    _official(tmp_path, "val", [100, 101], year=2017)
+    source = CocoSource(str(tmp_path))
+    assert source.year == 2017
+    assert all("train2017/" in r.image_path or "val2017/" in r.image_path for r in source.records())
+    assert len(source.records()) == 4
+
+
+def test_both_years_on_disk_ask_for_one_in_one_line(tmp_path):
+    _official(tmp_path, "train", [1], year=2014)
+    _official(tmp_path, "train", [2], year=2017)
+    with pytest.raises(ImcapError, match=r"^COCO 2014 and 2017 are both under data.root=.*; choose one with "
+                                         r"data.source.year=2014 or data.source.year=2017$"):
+        CocoSource(str(tmp_path)).records()
+    (record,) = CocoSource(str(tmp_path), year=2017).records()  # naming the year settles it
+    assert record.image_id == 2
+
+
+def test_the_karpathy_file_counts_as_2014(tmp_path):
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": []}))
+    assert CocoSource(str(tmp_path)).year == 2014
+    _official(tmp_path, "train", [2], year=2017)
+    with pytest.raises(ImcapError, match="COCO 2014 and 2017 are both under"):
+        CocoSource(str(tmp_path)).prepare()
+
+
+def test_a_missing_root_or_year_names_the_command_that_fetches_it(tmp_path):
+    with pytest.raises(ImcapError, match=rf"data.root={tmp_path}/none does not exist: .*"
+                                         rf"`make data dataset=coco root={tmp_path}/none`"):
+        CocoSource(str(tmp_path / "none")).prepare()
+    _official(tmp_path, "train", [1], year=2014)
+    with pytest.raises(ImcapError, match=r"no COCO 2017 captions .*annotations/captions_train2017.json.*"
+                                         r'`make data dataset=coco root=.* ARGS="data.source.year=2017"`'):
+        CocoSource(str(tmp_path), year=2017).prepare()

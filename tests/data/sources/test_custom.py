@@ -75,7 +75,7 @@ def test_paths_leaving_the_root_are_refused(tmp_path):
     os.symlink(outside / "secret.jpg", root / "link.jpg")
     for image in ("../outside/secret.jpg", str(outside / "secret.jpg"), "link.jpg", "sub/../../outside/secret.jpg"):
         (root / "captions.csv").write_text(f"image,caption\nok.jpg,fine\n{image},x\n")
-        with pytest.raises(ImcapError, match=r"captions.csv:3: image .* outside data.source.root"):
+        with pytest.raises(ImcapError, match=r"captions.csv:3: image .* outside data.root"):
             CustomSource(str(root)).records()
     # inside the root, absolute paths and '..' that stay inside are fine
     (root / "captions.csv").write_text(f"image,caption\n{root / 'ok.jpg'},fine\nsub/../ok.jpg,also\n")
@@ -121,12 +121,12 @@ def test_sidecar_without_image_and_escaping_symlink(tmp_path, caplog):
     _image(outside / "z.jpg")
     (outside / "z.txt").write_text("z\n")
     os.symlink(outside, tmp_path / "linked")
-    with pytest.raises(ImcapError, match="linked is a symlink to .* outside data.source.root"):
+    with pytest.raises(ImcapError, match="linked is a symlink to .* outside data.root"):
         CustomSource(str(tmp_path), missing_images="skip").records()
 
 
 def test_configuration_mistakes(tmp_path):
-    with pytest.raises(ImcapError, match="data.source.root=.*does not exist"):
+    with pytest.raises(ImcapError, match="data.root=.*does not exist"):
         CustomSource(str(tmp_path / "nope")).records()
     with pytest.raises(ImcapError, match="data.source.captions=c.xlsx: unknown format"):
         CustomSource(str(tmp_path), captions="c.xlsx").records()

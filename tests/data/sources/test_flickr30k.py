@@ -102,7 +102,7 @@ def test_missing_images_error_or_are_skipped_and_counted(tmp_path, caplog):
 
 
 def test_missing_root_or_captions_say_what_to_place(tmp_path):
-    with pytest.raises(ImcapError, match="data.source.root=.*does not exist.*prepare flickr30k"):
+    with pytest.raises(ImcapError, match="data.root=.*does not exist.*`make data dataset=flickr30k root="):
         Flickr30kSource(str(tmp_path / "nope")).records()
     with pytest.raises(ImcapError, match="no Flickr30k captions.*results.csv"):
         Flickr30kSource(str(tmp_path)).records()

@@ -1,7 +1,7 @@
 import pytest
 from PIL import Image
 
-from imcap.data.sources.flickr import Flickr8kSource
+from imcap.data.sources.flickr8k import Flickr8kSource
 from imcap.errors import ImcapError
 from tests.conftest import FLICKR_1K
 
@@ -36,7 +36,7 @@ def test_official_layout_uses_split_files(tmp_path):
 
 
 def test_missing_root_names_the_option(tmp_path):
-    with pytest.raises(ImcapError, match="data.source.root=.*does not exist"):
+    with pytest.raises(ImcapError, match="data.root=.*does not exist.*`make data dataset=flickr8k root="):
         Flickr8kSource(str(tmp_path / "nope")).prepare()
 
 
@@ -49,7 +49,7 @@ def test_malformed_token_line_names_file_and_line(tmp_path):
 def test_missing_images_error_or_are_skipped_and_counted(tmp_path, caplog):
     _image(tmp_path / "Images" / "a.jpg")
     (tmp_path / "captions.txt").write_text("image,caption\na.jpg,x\nb.jpg,y\n")
-    with pytest.raises(ImcapError, match="1 images .* missing"):
+    with pytest.raises(ImcapError, match="1 Flickr8k images .* missing"):
         Flickr8kSource(str(tmp_path)).records()
     records = Flickr8kSource(str(tmp_path), missing_images="skip").records()
     assert [r.image_id for r in records] == ["a.jpg"]

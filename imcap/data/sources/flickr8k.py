@@ -16,7 +16,14 @@ from pathlib import Path
 
 from imcap.data.records import CaptionRecord
 from imcap.data.sources.karpathy import read_karpathy
-from imcap.data.sources.policy import MISSING_IMAGES, check_choice, inside_root
+from imcap.data.sources.policy import (
+    MISSING_IMAGES,
+    check_choice,
+    fetch_command,
+    inside_root,
+    keep_existing,
+    missing_root,
+)
 from imcap.data.sources.splits import split_of
 from imcap.data.textfile import csv_rows, read_text
 from imcap.errors import ImcapError
@@ -67,8 +74,6 @@ def read_kaggle_captions(path: Path) -> dict[str, list[str]]:
 class Flickr8kSource:
     """Flickr8k records; `missing_images`: `error` (default) or `skip` (counted and reported)."""
 
-    name = "flickr8k"
-
     def __init__(
         self,
         root: str,
@@ -91,8 +96,9 @@ class Flickr8kSource:
             path = self.root / KAGGLE_CAPTIONS
             return read_kaggle_captions(path), self.root / KAGGLE_IMAGES, path
         raise ImcapError(
-            f"no Flickr8k captions under data.source.root={self.root}: place {OFFICIAL_TOKENS} with "
-            f"{OFFICIAL_IMAGES}/ (official) or {KAGGLE_CAPTIONS} with {KAGGLE_IMAGES}/ (Kaggle) there"
+            f"no Flickr8k captions under data.root={self.root}: place {OFFICIAL_TOKENS} with "
+            f"{OFFICIAL_IMAGES}/ (official) or {KAGGLE_CAPTIONS} with {KAGGLE_IMAGES}/ (Kaggle) there, "
+            f"or fetch them with `{fetch_command('flickr8k', self.root)}`"
         )
 
     def _image_dir(self) -> Path:
@@ -101,10 +107,7 @@ class Flickr8kSource:
 
     def prepare(self) -> None:
         if not self.root.is_dir():
-            raise ImcapError(
-                f"data.source.root={self.root} does not exist: download Flickr8k and place it there, "
-                "or pass data.source.root=/path/to/flickr8k"
-            )
+            raise missing_root(self.root, "Flickr8k", fetch_command("flickr8k", self.root))
         self._layout()
 
     def _official_splits(self) -> dict[str, str]:
@@ -120,35 +123,16 @@ class Flickr8kSource:
         captions, image_dir, captions_path = self._layout()
         if captions_path.name == KARPATHY:
             pairs = read_karpathy(captions_path, image_dir)
-            return self._keep_existing([r for r, ok in pairs if ok], [Path(r.image_path).name for r, ok in pairs if not ok],
-                                       image_dir, captions_path)
-        official = self._official_splits()
-        records, missing, unlisted = [], [], 0
-        for image in sorted(captions):
-            path = image_dir / image
-            if not path.is_file():
-                missing.append(image)
-                continue
-            split = official.get(image) if official else split_of(image, self.split_ratios, self.split_seed)
-            if split is None:  # the official split files leave some images out on purpose
-                unlisted += 1
-                continue
-            records.append(CaptionRecord(image, str(path), tuple(captions[image]), split))
-        if unlisted:
-            log.info("%d Flickr8k images are in no official split file and were left out", unlisted)
-        return self._keep_existing(records, missing, image_dir, captions_path)
-
-    def _keep_existing(self, records: list[CaptionRecord], missing: list[str], image_dir: Path,
-                       captions_path: Path) -> list[CaptionRecord]:
-        """Apply the missing-image policy to the records of the images found and the names of
-        those missing: a clear error, or skip and report the count."""
-        if not missing:
-            return records
-        if self.missing_images == "error":
-            raise ImcapError(
-                f"{len(missing)} images named in {captions_path} are missing from {image_dir} "
-                f"(first: {missing[0]}); add them or set data.source.missing_images=skip"
-            )
-        log.warning("Skipped %d of %d Flickr8k images missing from %s (first: %s)",
-                    len(missing), len(records) + len(missing), image_dir, missing[0])
-        return records
+        else:
+            official = self._official_splits()
+            pairs, unlisted = [], 0
+            for image in sorted(captions):
+                split = official.get(image) if official else split_of(image, self.split_ratios, self.split_seed)
+                if split is None:  # the official split files leave some images out on purpose
+                    unlisted += 1
+                    continue
+                path = image_dir / image
+                pairs.append((CaptionRecord(image, str(path), tuple(captions[image]), split), path.is_file()))
+            if unlisted:
+                log.info("%d Flickr8k images are in no official split file and were left out", unlisted)
+        return keep_existing(pairs, self.missing_images, "Flickr8k", str(captions_path))
