@@ -1,9 +1,10 @@
 """Evaluate a checkpoint: `python -m imcap.eval ckpt_path=... [data=NAME] [split=test|val]`.
 
 Rebuilds model and vocabulary from the checkpoint alone and, without `data=...`, the data it
-was trained on; decodes the split greedily and reports corpus BLEU. Writes metrics.json and
-predictions/<split>.json into its own run directory. The metrics equal the ones the training
-run reported for the same checkpoint.
+was trained on; decodes the split as the checkpoint was trained to (greedy or beam search; the
+`decoding.*` overrides change that) and reports the coco-caption metrics in `metrics`. Writes
+metrics.json and predictions/<split>.json into its own run directory. With the same decoding,
+the metrics equal the ones the training run reported for the same checkpoint.
 """
 
 from __future__ import annotations

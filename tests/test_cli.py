@@ -57,9 +57,10 @@ def test_a_bug_in_a_constructor_keeps_its_traceback(bug, shown, tmp_path):
 
 
 def test_missing_data_root_says_what_to_place_where(tmp_path):
-    result = module("train", "data=flickr8k", f"data.source.root={tmp_path}/nowhere", cwd=tmp_path)
+    result = module("train", "data=flickr8k", f"data.root={tmp_path}/nowhere", cwd=tmp_path)
     assert result.returncode == 2
-    assert_one_line_error(result, f"error: data.source.root={tmp_path}/nowhere does not exist")
+    assert_one_line_error(result, f"error: data.root={tmp_path}/nowhere does not exist",
+                          f"`make data dataset=flickr8k root={tmp_path}/nowhere`")
     assert len(result.stderr.strip().splitlines()) == 1
 
 

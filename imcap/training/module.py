@@ -29,7 +29,9 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*
 
 
 class CaptionModule(pl.LightningModule):
-    """Teacher-forced cross-entropy training; greedy decoding + corpus BLEU for val and test.
+    """Teacher-forced cross-entropy (then optionally SCST) training; val and test decode with
+    `decoding` (greedy or beam search) and score with the coco-caption metrics named in
+    `val_metrics` / `test_metrics`.
 
     `architecture` holds the encoder/decoder/attention/embedding configs and is stored in every
     checkpoint together with the vocabulary, so a checkpoint alone rebuilds the model.
