@@ -1,4 +1,4 @@
-"""Shared fixtures: composed configs for tiny, fast runs; real-data paths; offline W&B."""
+"""Shared fixtures: composed configs for tiny, fast runs, one trained tiny run; offline W&B."""
 
 from __future__ import annotations
 
@@ -10,30 +10,11 @@ import torch
 from omegaconf import DictConfig
 
 from imcap.config import compose_config
+from tests.helpers.paths import FLICKR_1K
+from tests.helpers.runs import TINY
 
 os.environ.setdefault("WANDB_MODE", "offline")  # tests never need a W&B key
 os.environ.setdefault("WANDB_SILENT", "true")
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-SHARED_DATA = ROOT.parent / "shared" / "data"
-FLICKR_1K = SHARED_DATA / "flickr8k-1k"
-
-# A model and dataset small enough for a CPU epoch in a second or two.
-TINY = [
-    "data.source.num_images={train:48,val:16,test:16}",
-    "data.source.image_size=64",
-    "data.batch_size=16",
-    "data.eval_batch_size=16",
-    "model.decoder.hidden_dim=64",
-    "++model.attention.attention_dim=32",
-    "model.embedding.dim=32",
-    "trainer.max_epochs=1",
-    "callbacks.progress_bar=null",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "model.test_metrics=[BLEU,ROUGE-L,CIDEr-D]",  # METEOR's Java start (7 s) is tested in tests/metrics
-]
 
 
 @pytest.fixture
@@ -52,16 +33,23 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, data_dir) -> Path:
-    """One tiny trained run per session (shapes, one epoch, tested): its directory holds
-    checkpoints/best.ckpt, metrics.json and predictions/test.json. Scores nltk's BLEU too."""
+def trained(tmp_path_factory, data_dir) -> tuple[Path, dict[str, float]]:
+    """One tiny two-epoch training run (run directory, metrics), shared by every test that needs
+    a trained model: its directory holds checkpoints/{best,last}.ckpt, metrics.json, config.yaml
+    and predictions/test.json. Scores nltk's BLEU too."""
     from imcap.train import train
 
     out = tmp_path_factory.mktemp("trained") / "run"
-    metrics = [o for o in TINY if o.startswith("model.test_metrics")]
-    train(compose_config("train", [*[o for o in TINY if o not in metrics],
-                                   "model.test_metrics=[BLEU,BLEU_nltk,CIDEr-D]"], out, data_dir))
-    return out
+    tiny = [o for o in TINY if not o.startswith("model.test_metrics")]
+    cfg = compose_config("train", [*tiny, "model.test_metrics=[BLEU,BLEU_nltk,ROUGE-L,CIDEr-D]",
+                                   "trainer.max_epochs=2"], out, data_dir)
+    return out, train(cfg)
+
+
+@pytest.fixture(scope="session")
+def trained_run(trained) -> Path:
+    """The directory of the `trained` run."""
+    return trained[0]
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from imcap.data.vocab import Vocabulary
 from imcap.models.captioner import COMPONENTS, build_captioner
 from imcap.models.encoders import _resolve_weights
 from imcap.runtime import instantiate_group
-from tests.conftest import CONF
+from tests.helpers.paths import CONF
 
 TOP_LEVEL = {"train.yaml", "eval.yaml", "caption.yaml", "demo.yaml", "export.yaml"}
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from imcap.models.captioner import Captioner
 from tests.conftest import ROOT
-from tests.helpers import write_untrained_checkpoint
+from tests.helpers.checkpoints import write_untrained_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import sys
 import optuna
 import pytest
 
-from tests.conftest import TINY
+from tests.helpers.runs import TINY
 
 pytestmark = pytest.mark.slow
 

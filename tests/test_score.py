@@ -9,8 +9,8 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from imcap.score import main, score
-from tests.conftest import ROOT
-from tests.metrics.coco_reference import coco_meteor, requires_java
+from tests.helpers.coco_reference import coco_meteor, requires_java
+from tests.helpers.paths import ROOT
 
 REFERENCES = {
     1: ["A black dog is running across the grass.", "A dog runs on a green lawn!", "The black dog sprints."],

@@ -1,4 +1,5 @@
-"""End-to-end training, evaluation, resume and captioning on the tiny shapes set."""
+"""`imcap.train` end to end on the tiny shapes set: artefacts, resume, debug runs, SCST; and
+`make train` as the README shows it."""
 
 from __future__ import annotations
 
@@ -9,24 +10,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from imcap.caption import caption_images
 from imcap.data.vocab import Vocabulary
-from imcap.eval import evaluate
-from imcap.models.captioner import Captioner
 from imcap.train import train
+from tests.helpers.paths import ROOT
+from tests.helpers.runs import TINY, assert_one_line_error, module, run
 
 pytestmark = pytest.mark.slow
 TEST_METRICS = [f"test/BLEU-{k}" for k in range(1, 5)]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_dir):
-    """One tiny two-epoch run shared by the tests below."""
-    from tests.conftest import TINY, compose_config
-
-    out = tmp_path_factory.mktemp("trained")
-    cfg = compose_config("train", [*TINY, "trainer.max_epochs=2"], out, data_dir)
-    return out, train(cfg)
 
 
 def test_run_directory_holds_every_artefact(trained):
@@ -46,58 +36,10 @@ def test_run_directory_holds_every_artefact(trained):
     assert (out / "csv" / "metrics.csv").is_file()
 
 
-def test_eval_reproduces_the_test_metrics_exactly(trained, make_cfg, tmp_path):
-    out, metrics = trained
-    cfg = make_cfg(f"ckpt_path={out}/checkpoints/best.ckpt", "trainer.enable_progress_bar=false",
-                   "metrics=[BLEU,ROUGE-L,CIDEr-D]", name="eval", out=tmp_path / "eval")
-    evaluated = evaluate(cfg)
-    assert {k: evaluated[k] for k in TEST_METRICS} == {k: metrics[k] for k in TEST_METRICS}
-    assert json.loads((tmp_path / "eval" / "predictions" / "test.json").read_text()) == json.loads(
-        (out / "predictions" / "test.json").read_text())
-
-
-def test_eval_on_the_val_split_with_beam_search_and_a_gallery(trained, make_cfg, tmp_path):
-    out, _ = trained
-    cfg = make_cfg(f"ckpt_path={out}/checkpoints/best.ckpt", "split=val", "trainer.enable_progress_bar=false",
-                   "decoding.method=beam", "decoding.beam_size=3", "gallery=4", "metrics=[BLEU,CIDEr-D]",
-                   name="eval", out=tmp_path / "eval")
-    assert set(evaluate(cfg)) == {*(f"val/BLEU-{k}" for k in range(1, 5)), "val/CIDEr-D", "val/grounding",
-                                  "val/grounding_chance"}
-    predictions = json.loads((tmp_path / "eval" / "predictions" / "val.json").read_text())
-    page = (tmp_path / "eval" / "gallery.html").read_text()
-    assert page.count('class="card"') == 4 and page.count("data:image/jpeg;base64,") == 4
-    assert all(p["caption"] in page for p in predictions[:4])
-
-
-def test_validation_scores_the_weights_of_that_epoch(trained, make_cfg, tmp_path):
-    """The last epoch's val metrics are those of last.ckpt: validation decodes with the current
-    weights (fused AdamW updates them without bumping version counters)."""
-    out, metrics = trained
-    cfg = make_cfg(f"ckpt_path={out}/checkpoints/last.ckpt", "split=val", "trainer.enable_progress_bar=false",
-                   "metrics=[BLEU,ROUGE-L,CIDEr-D]", name="eval", out=tmp_path / "eval")
-    evaluated = evaluate(cfg)
-    for key in ("val/BLEU-4", "val/CIDEr-D"):
-        assert evaluated[key] == pytest.approx(metrics[key], rel=1e-6), key
-
-
-def test_captioner_loads_without_lightning_and_captions_files(trained, make_cfg, tmp_path):
-    out, _ = trained
-    images = sorted(p for p in (out.parent).rglob("test_0000*.png"))[:2]
-    captioner = Captioner.from_checkpoint(out / "checkpoints" / "best.ckpt")
-    captions = captioner.caption(images)
-    assert len(captions) == 2 and all(c.text == " ".join(c.words) for c in captions)
-    cfg = make_cfg(f"ckpt_path={out}/checkpoints/best.ckpt", f"images=[{images[0]},{images[1]}]",
-                   "attention_plots=true", name="caption", out=tmp_path / "cap")
-    results = caption_images(cfg)
-    written = json.loads((tmp_path / "cap" / "captions.json").read_text())
-    assert [w["caption"] for w in written] == [c.text for _, c in results] == [c.text for c in captions]
-    assert len(list((tmp_path / "cap" / "attention").glob("*.png"))) == sum(bool(c.words) for c in captions)
-
-
 def test_resumed_run_ends_with_the_same_test_metrics(make_cfg, tmp_path):
     run = ["trainer.max_epochs=4", "model.optimizer.lr=5e-3"]
     straight = train(make_cfg(*run, out=tmp_path / "straight"))
-    crash = [*run, "+callbacks.crash._target_=tests.helpers.CrashAtEpoch",
+    crash = [*run, "+callbacks.crash._target_=tests.helpers.callbacks.CrashAtEpoch",
              "+callbacks.crash.epoch=2"]
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(make_cfg(*crash, out=tmp_path / "killed"))
@@ -133,3 +75,37 @@ def test_the_progress_bar_can_be_switched_off(make_cfg, tmp_path):
     rich = "callbacks.progress_bar={_target_:pytorch_lightning.callbacks.RichProgressBar}"  # as in the defaults
     metrics = train(make_cfg("debug=fast_dev_run", rich, "trainer.enable_progress_bar=false", out=tmp_path / "quiet"))
     assert "train/loss" in metrics
+
+
+def test_make_train_then_eval_caption_and_mismatched_resume(tmp_path):
+    """The README path: `make train` (shortened by ARGS), then eval and caption its checkpoint."""
+    args = " ".join([*(o for o in TINY if "progress" not in o), "trainer.max_epochs=5", "model.optimizer.lr=5e-3",
+                     f"hydra.run.dir={tmp_path}/run"])
+    result = run("make", "-C", str(ROOT), "train", f"ARGS={args}", cwd=tmp_path, env={"IMCAP_ROOT": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test/BLEU-1"] > 0.15  # learned something: an untrained model scores about 0.1
+    for artefact in ("checkpoints/best.ckpt", "checkpoints/last.ckpt", "predictions/test.json", "vocab.json",
+                     "config.yaml"):
+        assert (run_dir / artefact).is_file(), artefact
+    assert (tmp_path / "data" / "features").is_dir()  # generated under IMCAP_ROOT, not the checkout
+
+    evaluated = module("eval", f"ckpt_path={run_dir}/checkpoints/best.ckpt", f"hydra.run.dir={tmp_path}/eval",
+                       "metrics=[BLEU,ROUGE-L,CIDEr-D]", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    eval_metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert {k: eval_metrics[k] for k in eval_metrics} == {k: metrics[k] for k in eval_metrics}
+
+    image = sorted((tmp_path / "data" / "shapes").rglob("test_00000.png"))[0]
+    captioned = module("caption", f"ckpt_path={run_dir}/checkpoints/best.ckpt", f"images=[{image}]",
+                       f"hydra.run.dir={tmp_path}/cap", cwd=tmp_path)
+    assert captioned.returncode == 0, captioned.stderr[-3000:]
+    predicted = json.loads((run_dir / "predictions" / "test.json").read_text())[0]["caption"]
+    line = captioned.stdout.strip().splitlines()[-1]
+    assert line.startswith(str(image)) and line.split("\t")[1] == predicted
+
+    mismatched = module("train", *TINY, "model.decoder.hidden_dim=32", f"ckpt_path={run_dir}/checkpoints/last.ckpt",
+                        f"hydra.run.dir={tmp_path}/mismatch", cwd=tmp_path)
+    assert mismatched.returncode == 2
+    assert_one_line_error(mismatched, "does not match the model architecture")

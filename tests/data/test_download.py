@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
 import os
 import re
-import socket
 import stat
 import tarfile
-import threading
 import time
 import zipfile
 
@@ -19,51 +16,7 @@ import pytest
 from imcap.data import download
 from imcap.data.download import Archive, archives_for, extract, prepare
 from imcap.errors import ImcapError
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    """GET with optional `Range: bytes=N-`; can cut a response short once per file."""
-
-    def do_GET(self):  # noqa: N802 (http.server's naming)
-        server = self.server
-        name = self.path.lstrip("/")
-        server.requests.append((name, self.headers.get("Range")))
-        data = server.files.get(name)
-        if data is None:
-            self.send_error(404)
-            return
-        start, wanted = 0, self.headers.get("Range")
-        if wanted and server.ranges:
-            start = int(re.match(r"bytes=(\d+)-", wanted).group(1))
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        cut = server.cut.pop(name, None)
-        self.wfile.write(body if cut is None else body[:cut])  # then the connection closes
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.files, httpd.requests, httpd.cut, httpd.ranges = {}, [], {}, True
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/mirror"
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+from tests.helpers.http_server import closed_port
 
 
 def _serve(server, name: str, data: bytes, **fields) -> Archive:
@@ -201,17 +154,11 @@ def test_members_extracts_only_the_named_files(tmp_path):
         extract(path, tmp_path / "out2", members=("dataset_flickr30k.json",))
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_offline_fails_fast_naming_the_files_and_the_folder(tmp_path, monkeypatch):
     archives = [Archive("a.zip", "https://example.invalid/a.zip"), Archive("b.zip", "https://example.invalid/b.zip")]
     start = time.monotonic()
     with pytest.raises(ImcapError) as err:
-        prepare(tmp_path, archives, "demo", base_url=f"http://127.0.0.1:{_closed_port()}")
+        prepare(tmp_path, archives, "demo", base_url=f"http://127.0.0.1:{closed_port()}")
     message = str(err.value)
     assert time.monotonic() - start < 5 and "\n" not in message
     assert message.startswith("cannot reach 127.0.0.1 (ConnectionRefusedError")

@@ -19,13 +19,13 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
 from imcap.data.__main__ import main
 from imcap.data.text import tokenize
-from tests.conftest import FLICKR_1K
-from tests.data.test_download import _closed_port, server  # noqa: F401 (a fixture)
+from tests.helpers.http_server import closed_port
+from tests.helpers.images import jpeg_bytes
+from tests.helpers.paths import FLICKR_1K
 
 SHAPES_TINY = ["data.source.num_images={train:12,val:4,test:4}", "data.source.image_size=64"]
 
@@ -52,13 +52,7 @@ def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
                           timeout=300, cwd=env["IMCAP_ROOT"], env={**os.environ, **env})
 
 
-def _jpeg(color) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (16, 16), color).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-def test_prepare_flickr30k_from_a_mirror_then_stats(env, server, capsys):  # noqa: F811
+def test_prepare_flickr30k_from_a_mirror_then_stats(env, server, capsys):
     names = [f"{i}.jpg" for i in range(10)]
     splits = ["train"] * 6 + ["val"] * 2 + ["test"] * 2
     karpathy = {"images": [{"filename": n, "imgid": i, "split": s,
@@ -69,7 +63,7 @@ def test_prepare_flickr30k_from_a_mirror_then_stats(env, server, capsys):  # noq
         zf.writestr("flickr30k_images/results.csv", "image_name| comment_number| comment\n"
                     + "".join(f"{n}| 0| A dog .\n" for n in names))
         for i, n in enumerate(names):
-            zf.writestr(f"flickr30k_images/flickr30k_images/{n}", _jpeg((20 * i, 0, 0)))
+            zf.writestr(f"flickr30k_images/flickr30k_images/{n}", jpeg_bytes((20 * i, 0, 0)))
     splits_zip = io.BytesIO()
     with zipfile.ZipFile(splits_zip, "w") as zf:
         zf.writestr("dataset_flickr30k.json", json.dumps(karpathy))
@@ -98,7 +92,7 @@ def test_prepare_flickr30k_from_a_mirror_then_stats(env, server, capsys):  # noq
 
 def test_offline_prepare_fails_fast_in_one_line(tmp_path):
     env = {"IMCAP_ROOT": str(tmp_path), "IMCAP_DATA_DIR": str(tmp_path / "data"),
-           "IMCAP_DOWNLOAD_BASE_URL": f"http://127.0.0.1:{_closed_port()}"}
+           "IMCAP_DOWNLOAD_BASE_URL": f"http://127.0.0.1:{closed_port()}"}
     start = time.monotonic()
     result = run("prepare", "coco", env=env)
     assert time.monotonic() - start < 20  # imports are most of it; no network wait (nor Lightning)

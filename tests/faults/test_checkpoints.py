@@ -10,15 +10,16 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT
-from tests.helpers import write_untrained_checkpoint
+from tests.helpers.checkpoints import write_untrained_checkpoint
+from tests.helpers.paths import ROOT
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, data_dir):
-    from tests.conftest import TINY, compose_config
+    from imcap.config import compose_config
+    from tests.helpers.runs import TINY
 
     out = tmp_path_factory.mktemp("ckpt")
     return write_untrained_checkpoint(compose_config("train", TINY, out, data_dir), out / "model.ckpt")

@@ -10,11 +10,11 @@ import struct
 import zlib
 
 import pytest
+from imcap.data.sources.flickr import Flickr8kSource
 from PIL import Image
 
 from imcap.data.images import load_image, load_image_tensor
 from imcap.data.sources.coco import CocoSource
-from imcap.data.sources.flickr import Flickr8kSource
 from imcap.data.sources.flickr30k import Flickr30kSource
 from imcap.errors import ImcapError
 

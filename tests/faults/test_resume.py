@@ -61,7 +61,7 @@ def test_killed_twice_and_resumed_from_elsewhere_ends_like_the_uninterrupted_run
 
     # 1. SIGKILL in the middle of epoch 3
     marker = tmp_path / "paused"
-    first = train(tmp_path / "first", data, f"+callbacks.pause={{_target_:tests.helpers.PauseAt,epoch:3,batch:1,"
+    first = train(tmp_path / "first", data, f"+callbacks.pause={{_target_:tests.helpers.callbacks.PauseAt,epoch:3,batch:1,"
                                              f"marker:'{marker}'}}")
     while not marker.exists():
         assert first.poll() is None, (tmp_path / "first" / "stderr.txt").read_text()[-3000:]
@@ -74,7 +74,7 @@ def test_killed_twice_and_resumed_from_elsewhere_ends_like_the_uninterrupted_run
     tmpdir = tmp_path / "systemtmp"
     tmpdir.mkdir()
     second = train(tmp_path / "second", data, f"ckpt_path={last}",
-                   "+callbacks.die={_target_:tests.helpers.DieWritingCheckpointAt,epoch:4}", tmpdir=tmpdir)
+                   "+callbacks.die={_target_:tests.helpers.callbacks.DieWritingCheckpointAt,epoch:4}", tmpdir=tmpdir)
     assert second.wait(timeout=900) == -signal.SIGXFSZ, (tmp_path / "second" / "stderr.txt").read_text()[-3000:]
     second_ckpts = run_dir(tmp_path / "second") / "checkpoints"
     assert torch.load(second_ckpts / "last.ckpt", weights_only=True)["epoch"] == 3  # the old one, whole

@@ -8,7 +8,7 @@ from pycocoevalcap.bleu.bleu import Bleu
 from imcap.data.text import normalize
 from imcap.metrics import CorpusBLEU
 from imcap.metrics.bleu import corpus_bleu
-from tests.conftest import SHARED_DATA
+from tests.helpers.paths import SHARED_DATA
 
 
 def coco_bleu(candidates, references):

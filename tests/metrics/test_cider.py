@@ -4,7 +4,7 @@ from pycocoevalcap.cider.cider import Cider
 from imcap.metrics import CiderD
 from imcap.metrics.cider import cider_d, cider_d_scores
 from imcap.metrics.tokenizer import tokenize
-from tests.metrics.coco_reference import as_coco, flickr_sample, make_candidates, requires_flickr
+from tests.helpers.coco_reference import as_coco, flickr_sample, make_candidates, requires_flickr
 
 # tokenised (candidates, references); CIDEr's idf needs several images to be non-zero
 EDGE_CASES = [

@@ -7,7 +7,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from imcap.errors import ImcapError
 from imcap.metrics import CaptionMetrics, java
 from imcap.metrics.tokenizer import tokenize
-from tests.metrics.coco_reference import as_coco, flickr_sample, make_candidates, requires_flickr
+from tests.helpers.coco_reference import as_coco, flickr_sample, make_candidates, requires_flickr
 
 NO_JAVA = ("BLEU", "ROUGE-L", "CIDEr-D")
 IDS = [f"img{i}" for i in range(7)]

@@ -10,7 +10,7 @@ from pycocoevalcap.meteor.meteor import Meteor as CocoMeteor
 from imcap.metrics import CaptionMetrics, Meteor, java
 from imcap.metrics.java import MeteorScorer
 from imcap.metrics.tokenizer import tokenize
-from tests.metrics.coco_reference import (
+from tests.helpers.coco_reference import (
     as_coco,
     coco_meteor,
     flickr_sample,

@@ -6,7 +6,7 @@ from pycocoevalcap.rouge.rouge import Rouge, my_lcs
 from imcap.metrics import RougeL
 from imcap.metrics.rouge import lcs_length, rouge_l
 from imcap.metrics.tokenizer import tokenize
-from tests.metrics.coco_reference import as_coco, flickr_sample, make_candidates, requires_flickr
+from tests.helpers.coco_reference import as_coco, flickr_sample, make_candidates, requires_flickr
 
 # (candidates, references), already tokenised as coco-caption tokenises
 EDGE_CASES = [

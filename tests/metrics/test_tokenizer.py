@@ -4,7 +4,7 @@ import pytest
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from imcap.metrics.tokenizer import PUNCTUATIONS, ptb_tokens, tokenize, tokenize_captions
-from tests.metrics.coco_reference import flickr_sample, java_ptb, requires_flickr, requires_java
+from tests.helpers.coco_reference import flickr_sample, java_ptb, requires_flickr, requires_java
 
 EDGE_CASES = [
     "", " ", "   ", ".", "...", "!?", "a", "A.", "Dog", "A dog .", "A dog.", "a dog  runs\tfast",

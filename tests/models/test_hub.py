@@ -19,7 +19,8 @@ from imcap.errors import ImcapError
 from imcap.models.captioner import Captioner
 from imcap.registry import allowed_targets
 from tests.conftest import ROOT
-from tests.helpers import serve_hub_repo, write_untrained_checkpoint
+from tests.helpers.checkpoints import write_untrained_checkpoint
+from tests.helpers.hub_server import serve_hub_repo
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from imcap.models.encoders import (
     _resolve_weights,
     lite0_from_package,
 )
-from tests.conftest import CONF
+from tests.helpers.paths import CONF
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ADDED = ["efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3", "convnext_tiny",

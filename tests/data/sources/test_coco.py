@@ -1,31 +1,18 @@
 import json
 
 import pytest
-from PIL import Image
 
 from imcap.data.sources.coco import CocoSource
-from imcap.data.sources.flickr8k import Flickr8kSource
 from imcap.errors import ImcapError
-
-
-def _image(path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8)).save(path)
-
-
-def _official(root, part, ids, year=2014):
-    images = [{"id": i, "file_name": f"COCO_{part}{year}_{i:012d}.jpg"} for i in ids]
-    anns = [{"id": 10 * i + k, "image_id": i, "caption": f"caption {k} of {i} "} for i in ids for k in range(5)]
-    path = root / "annotations" / f"captions_{part}{year}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"images": images, "annotations": anns}))
-    for im in images:
-        _image(root / f"{part}{year}" / im["file_name"])
+from tests.helpers.coco import write_official
+from tests.helpers.images import write_image
+from tests.helpers.paths import ROOT
+from tests.helpers.runs import assert_one_line_error, module, run
 
 
 def test_official_files_train_and_val_split_in_half(tmp_path):
-    _official(tmp_path, "train", [1, 2, 3])
-    _official(tmp_path, "val", list(range(100, 140)))
+    write_official(tmp_path, "train", [1, 2, 3])
+    write_official(tmp_path, "val", list(range(100, 140)))
     records = CocoSource(str(tmp_path)).records()
     splits = {s: [r for r in records if r.split == s] for s in ("train", "val", "test")}
     assert [r.image_id for r in splits["train"]] == [1, 2, 3]
@@ -40,35 +27,15 @@ def test_karpathy_file_wins_and_restval_joins_train(tmp_path):
         folder = "train2014" if split == "train" else "val2014"
         entries.append({"filepath": folder, "filename": f"{i}.jpg", "cocoid": i, "split": split,
                         "sentences": [{"raw": f"A picture {i}."}]})
-        _image(tmp_path / folder / f"{i}.jpg")
+        write_image(tmp_path / folder / f"{i}.jpg")
     (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": entries}))
     records = CocoSource(str(tmp_path)).records()
     assert [(r.image_id, r.split) for r in records] == [(0, "train"), (1, "train"), (2, "val"), (3, "test")]
     assert records[2].image_path.endswith("val2014/2.jpg")
 
 
-def test_karpathy_flickr8k_file_is_read(tmp_path):
-    _image(tmp_path / "Flicker8k_Dataset" / "a.jpg")
-    entry = {"filename": "a.jpg", "imgid": 0, "split": "test", "sentences": [{"raw": "a dog"}]}
-    (tmp_path / "dataset_flickr8k.json").write_text(json.dumps({"images": [entry]}))
-    (record,) = Flickr8kSource(str(tmp_path)).records()
-    assert (record.split, record.captions) == ("test", ("a dog",))
-
-
-def test_karpathy_flickr8k_skips_missing_images_and_counts_them_once(tmp_path, caplog):
-    _image(tmp_path / "Flicker8k_Dataset" / "a.jpg")
-    entries = [{"filename": name, "imgid": i, "split": "train", "sentences": [{"raw": "a dog"}]}
-               for i, name in enumerate(["a.jpg", "b.jpg"])]
-    (tmp_path / "dataset_flickr8k.json").write_text(json.dumps({"images": entries}))
-    with pytest.raises(ImcapError, match="1 Flickr8k images .* missing .*b.jpg"):
-        Flickr8kSource(str(tmp_path)).records()
-    records = Flickr8kSource(str(tmp_path), missing_images="skip").records()
-    assert [r.image_path.rsplit("/", 1)[-1] for r in records] == ["a.jpg"]
-    assert "Skipped 1 of 2 Flickr8k images" in caplog.text
-
-
 def test_missing_images_and_bad_files_are_user_errors(tmp_path):
-    _official(tmp_path, "train", [1, 2])
+    write_official(tmp_path, "train", [1, 2])
     (tmp_path / "train2014" / "COCO_train2014_000000000002.jpg").unlink()
     with pytest.raises(ImcapError, match="1 COCO images are missing"):
         CocoSource(str(tmp_path)).records()
@@ -81,8 +48,8 @@ def test_missing_images_and_bad_files_are_user_errors(tmp_path):
 
 
 def test_the_year_on_disk_is_read_without_being_named(tmp_path):
-    _official(tmp_path, "train", [1, 2], year=2017)
-    _official(tmp_path, "val", [100, 101], year=2017)
+    write_official(tmp_path, "train", [1, 2], year=2017)
+    write_official(tmp_path, "val", [100, 101], year=2017)
     source = CocoSource(str(tmp_path))
     assert source.year == 2017
     assert all("train2017/" in r.image_path or "val2017/" in r.image_path for r in source.records())
@@ -90,8 +57,8 @@ def test_the_year_on_disk_is_read_without_being_named(tmp_path):
 
 
 def test_both_years_on_disk_ask_for_one_in_one_line(tmp_path):
-    _official(tmp_path, "train", [1], year=2014)
-    _official(tmp_path, "train", [2], year=2017)
+    write_official(tmp_path, "train", [1], year=2014)
+    write_official(tmp_path, "train", [2], year=2017)
     with pytest.raises(ImcapError, match=r"^COCO 2014 and 2017 are both under data.root=.*; choose one with "
                                          r"data.source.year=2014 or data.source.year=2017$"):
         CocoSource(str(tmp_path)).records()
@@ -102,7 +69,7 @@ def test_both_years_on_disk_ask_for_one_in_one_line(tmp_path):
 def test_the_karpathy_file_counts_as_2014(tmp_path):
     (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": []}))
     assert CocoSource(str(tmp_path)).year == 2014
-    _official(tmp_path, "train", [2], year=2017)
+    write_official(tmp_path, "train", [2], year=2017)
     with pytest.raises(ImcapError, match="COCO 2014 and 2017 are both under"):
         CocoSource(str(tmp_path)).prepare()
 
@@ -111,7 +78,28 @@ def test_a_missing_root_or_year_names_the_command_that_fetches_it(tmp_path):
     with pytest.raises(ImcapError, match=rf"data.root={tmp_path}/none does not exist: .*"
                                          rf"`make data dataset=coco root={tmp_path}/none`"):
         CocoSource(str(tmp_path / "none")).prepare()
-    _official(tmp_path, "train", [1], year=2014)
+    write_official(tmp_path, "train", [1], year=2014)
     with pytest.raises(ImcapError, match=r"no COCO 2017 captions .*annotations/captions_train2017.json.*"
                                          r'`make data dataset=coco root=.* ARGS="data.source.year=2017"`'):
         CocoSource(str(tmp_path), year=2017).prepare()
+
+
+@pytest.mark.slow
+def test_a_coco_2017_root_trains_given_only_its_root_and_both_years_ask_for_one(tmp_path):
+    """As a new user runs it: `make train dataset=coco root=DIR` on a COCO 2017 download."""
+    root = tmp_path / "coco"
+    words = ["a red square on grass", "a small red square", "red square near a tree", "a square that is red",
+             "one red square"]
+    write_official(root, "train", range(1, 9), year=2017, size=32, captions=words)
+    write_official(root, "val", range(100, 112), year=2017, size=32, captions=words)
+    result = run("make", "-C", str(ROOT), "train", "dataset=coco", f"root={root}",
+                 "ARGS=debug=fast_dev_run callbacks.progress_bar=null", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Data coco under data.root=" in result.stderr and "train=8" in result.stderr
+
+    write_official(root, "train", [1], year=2014)  # a 2014 download next to it
+    both = module("train", "data=coco", f"data.root={root}", "debug=fast_dev_run", cwd=tmp_path)
+    assert both.returncode == 2
+    assert_one_line_error(both, f"error: COCO 2014 and 2017 are both under data.root={root}; choose one with "
+                                "data.source.year=2014 or data.source.year=2017")
+    assert len(both.stderr.strip().splitlines()) == 1

@@ -2,21 +2,16 @@ import json
 import os
 
 import pytest
-from PIL import Image
 
 from imcap.data.records import SPLITS
 from imcap.data.sources.custom import CustomSource
 from imcap.errors import ImcapError
-
-
-def _image(path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), (30, 160, 60)).save(path)
+from tests.helpers.images import write_image
 
 
 def test_csv_rows_grouped_per_image_headers_matched_loosely(tmp_path):
     for name in ("a.jpg", "dogs/b.png"):
-        _image(tmp_path / name)
+        write_image(tmp_path / name)
     (tmp_path / "captions.csv").write_text(
         ' Image ,CAPTION, Split\n'
         'a.jpg,"A dog, wet",train\n'
@@ -33,7 +28,7 @@ def test_csv_rows_grouped_per_image_headers_matched_loosely(tmp_path):
 def test_tsv_without_split_column_is_split_by_hash(tmp_path):
     names = [f"{i}.jpg" for i in range(30)]
     for name in names:
-        _image(tmp_path / "img" / name)
+        write_image(tmp_path / "img" / name)
     (tmp_path / "list.tsv").write_text("image\tcaption\n" + "".join(f"img/{n}\tcaption of {n}\n" for n in names))
     records = CustomSource(str(tmp_path), captions="list.tsv").records()
     splits = [r.split for r in records]
@@ -42,8 +37,8 @@ def test_tsv_without_split_column_is_split_by_hash(tmp_path):
 
 
 def test_jsonl_with_caption_lists(tmp_path):
-    _image(tmp_path / "a.jpg")
-    _image(tmp_path / "b.jpg")
+    write_image(tmp_path / "a.jpg")
+    write_image(tmp_path / "b.jpg")
     lines = [{"Image": "a.jpg", "caption": ["one", "two"], "split": "test"},
              {"image": "b.jpg", "caption": "three", "split": "train"},
              {"image": "a.jpg", "caption": "four", "split": "test"}]
@@ -62,7 +57,7 @@ def test_jsonl_with_caption_lists(tmp_path):
     ("image,caption,split\na.jpg,x,\n", r"captions.csv:2: empty split cell"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, rows, message):
-    _image(tmp_path / "a.jpg")
+    write_image(tmp_path / "a.jpg")
     (tmp_path / "captions.csv").write_text(rows)
     with pytest.raises(ImcapError, match=message):
         CustomSource(str(tmp_path)).records()
@@ -70,8 +65,8 @@ def test_bad_rows_name_file_and_line(tmp_path, rows, message):
 
 def test_paths_leaving_the_root_are_refused(tmp_path):
     root, outside = tmp_path / "root", tmp_path / "outside"
-    _image(outside / "secret.jpg")
-    _image(root / "ok.jpg")
+    write_image(outside / "secret.jpg")
+    write_image(root / "ok.jpg")
     os.symlink(outside / "secret.jpg", root / "link.jpg")
     for image in ("../outside/secret.jpg", str(outside / "secret.jpg"), "link.jpg", "sub/../../outside/secret.jpg"):
         (root / "captions.csv").write_text(f"image,caption\nok.jpg,fine\n{image},x\n")
@@ -84,7 +79,7 @@ def test_paths_leaving_the_root_are_refused(tmp_path):
 
 
 def test_missing_images_error_or_are_skipped_and_counted(tmp_path, caplog):
-    _image(tmp_path / "a.jpg")
+    write_image(tmp_path / "a.jpg")
     (tmp_path / "captions.csv").write_text("image,caption\na.jpg,x\nb.jpg,y\n")
     with pytest.raises(ImcapError, match="1 custom images named in .*captions.csv are missing .*b.jpg"):
         CustomSource(str(tmp_path)).records()
@@ -93,14 +88,14 @@ def test_missing_images_error_or_are_skipped_and_counted(tmp_path, caplog):
 
 
 def test_folder_of_images_with_sidecars(tmp_path, caplog):
-    _image(tmp_path / "train" / "a.jpg")
+    write_image(tmp_path / "train" / "a.jpg")
     (tmp_path / "train" / "a.txt").write_text("a red car\n\nA car parked .\n")
-    _image(tmp_path / "misc" / "b.PNG")
+    write_image(tmp_path / "misc" / "b.PNG")
     (tmp_path / "misc" / "b.txt").write_text("a tree\n")
-    _image(tmp_path / "test" / "c.jpg")
+    write_image(tmp_path / "test" / "c.jpg")
     (tmp_path / "test" / "c.txt").write_text("a boat\n")
-    _image(tmp_path / "no_caption.jpg")  # reported, not silently dropped
-    _image(tmp_path / ".imcap-features" / "ignored.jpg")
+    write_image(tmp_path / "no_caption.jpg")  # reported, not silently dropped
+    write_image(tmp_path / ".imcap-features" / "ignored.jpg")
     records = {r.image_id: r for r in CustomSource(str(tmp_path)).records()}
     assert set(records) == {"train/a.jpg", "misc/b.PNG", "test/c.jpg"}
     assert records["train/a.jpg"].captions == ("a red car", "A car parked .")
@@ -110,7 +105,7 @@ def test_folder_of_images_with_sidecars(tmp_path, caplog):
 
 
 def test_sidecar_without_image_and_escaping_symlink(tmp_path, caplog):
-    _image(tmp_path / "a.jpg")
+    write_image(tmp_path / "a.jpg")
     (tmp_path / "a.txt").write_text("x\n")
     (tmp_path / "gone.txt").write_text("y\n")
     with pytest.raises(ImcapError, match="1 .txt sidecars .* no image beside them .*gone.txt"):
@@ -118,7 +113,7 @@ def test_sidecar_without_image_and_escaping_symlink(tmp_path, caplog):
     assert len(CustomSource(str(tmp_path), missing_images="skip").records()) == 1
     assert "Skipped 1 .txt sidecars" in caplog.text
     outside = tmp_path.parent / f"{tmp_path.name}-outside"
-    _image(outside / "z.jpg")
+    write_image(outside / "z.jpg")
     (outside / "z.txt").write_text("z\n")
     os.symlink(outside, tmp_path / "linked")
     with pytest.raises(ImcapError, match="linked is a symlink to .* outside data.root"):

@@ -1,26 +1,21 @@
 import json
 
 import pytest
-from PIL import Image
 
 from imcap.data.records import SPLITS
 from imcap.data.sources.flickr30k import Flickr30kSource, read_kaggle_results
 from imcap.errors import ImcapError
+from tests.helpers.images import write_image
 
 # The Kaggle file as it is: spaces after every '|', in the header too.
 HEADER = "image_name| comment_number| comment\n"
-
-
-def _image(path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), (0, 90, 200)).save(path)
 
 
 def _kaggle(root, rows, images=("1.jpg", "2.jpg")):
     """The Kaggle zip's layout: results.csv beside the doubly nested image folder."""
     folder = root / "flickr30k_images"
     for name in images:
-        _image(folder / "flickr30k_images" / name)
+        write_image(folder / "flickr30k_images" / name)
     (folder / "results.csv").write_text(HEADER + "".join(rows))
     return folder / "results.csv"
 
@@ -72,7 +67,7 @@ def test_wrong_header_and_bad_encoding_name_the_line(tmp_path):
 
 def test_official_token_file_with_hyphenated_image_folder(tmp_path):
     for name in ("1.jpg", "2.jpg", "3.jpg"):
-        _image(tmp_path / "flickr30k-images" / name)
+        write_image(tmp_path / "flickr30k-images" / name)
     (tmp_path / "results_20130124.token").write_text(
         "".join(f"{n}#{k}\tcaption {k} of {n}\n" for n in ("1.jpg", "2.jpg", "3.jpg") for k in range(5)))
     records = Flickr30kSource(str(tmp_path)).records()

@@ -1,19 +1,16 @@
+import json
+
 import pytest
-from PIL import Image
 
 from imcap.data.sources.flickr8k import Flickr8kSource
 from imcap.errors import ImcapError
-from tests.conftest import FLICKR_1K
-
-
-def _image(path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), (255, 0, 0)).save(path)
+from tests.helpers.images import write_image
+from tests.helpers.paths import FLICKR_1K
 
 
 def test_kaggle_layout_with_quoted_commas(tmp_path):
     for name in ("a.jpg", "b.jpg"):
-        _image(tmp_path / "Images" / name)
+        write_image(tmp_path / "Images" / name)
     (tmp_path / "captions.txt").write_text(
         'image,caption\na.jpg,"A dog, wet, runs ."\na.jpg,A dog runs\nb.jpg,Two cats\n'
     )
@@ -25,7 +22,7 @@ def test_kaggle_layout_with_quoted_commas(tmp_path):
 def test_official_layout_uses_split_files(tmp_path):
     names = ["1.jpg", "2.jpg", "3.jpg", "4.jpg"]
     for n in names:
-        _image(tmp_path / "Flicker8k_Dataset" / n)
+        write_image(tmp_path / "Flicker8k_Dataset" / n)
     (tmp_path / "Flickr8k.token.txt").write_text("".join(f"{n}#{k}\tcaption {k} of {n}\n" for n in names for k in range(5)))
     (tmp_path / "Flickr_8k.trainImages.txt").write_text("1.jpg\n2.jpg\n")
     (tmp_path / "Flickr_8k.devImages.txt").write_text("3.jpg\n")
@@ -47,7 +44,7 @@ def test_malformed_token_line_names_file_and_line(tmp_path):
 
 
 def test_missing_images_error_or_are_skipped_and_counted(tmp_path, caplog):
-    _image(tmp_path / "Images" / "a.jpg")
+    write_image(tmp_path / "Images" / "a.jpg")
     (tmp_path / "captions.txt").write_text("image,caption\na.jpg,x\nb.jpg,y\n")
     with pytest.raises(ImcapError, match="1 Flickr8k images .* missing"):
         Flickr8kSource(str(tmp_path)).records()
@@ -63,3 +60,23 @@ def test_reads_the_real_kaggle_subset():
     assert sum(len(r.captions) for r in records) == 5000
     splits = {s: sum(r.split == s for r in records) for s in ("train", "val", "test")}
     assert 700 < splits["train"] < 900 and splits["val"] > 50 and splits["test"] > 50
+
+
+def test_karpathy_flickr8k_file_is_read(tmp_path):
+    write_image(tmp_path / "Flicker8k_Dataset" / "a.jpg")
+    entry = {"filename": "a.jpg", "imgid": 0, "split": "test", "sentences": [{"raw": "a dog"}]}
+    (tmp_path / "dataset_flickr8k.json").write_text(json.dumps({"images": [entry]}))
+    (record,) = Flickr8kSource(str(tmp_path)).records()
+    assert (record.split, record.captions) == ("test", ("a dog",))
+
+
+def test_karpathy_flickr8k_skips_missing_images_and_counts_them_once(tmp_path, caplog):
+    write_image(tmp_path / "Flicker8k_Dataset" / "a.jpg")
+    entries = [{"filename": name, "imgid": i, "split": "train", "sentences": [{"raw": "a dog"}]}
+               for i, name in enumerate(["a.jpg", "b.jpg"])]
+    (tmp_path / "dataset_flickr8k.json").write_text(json.dumps({"images": entries}))
+    with pytest.raises(ImcapError, match="1 Flickr8k images .* missing .*b.jpg"):
+        Flickr8kSource(str(tmp_path)).records()
+    records = Flickr8kSource(str(tmp_path), missing_images="skip").records()
+    assert [r.image_path.rsplit("/", 1)[-1] for r in records] == ["a.jpg"]
+    assert "Skipped 1 of 2 Flickr8k images" in caplog.text

@@ -17,7 +17,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, STANFORD_CORENLP_3_4_1_JAR
 
 from imcap.metrics.java import pycocoevalcap_dir
-from tests.conftest import SHARED_DATA
+from tests.helpers.paths import SHARED_DATA
 
 FLICKR_CAPTIONS = SHARED_DATA / "flickr8k-captions-all.txt"
 requires_java = pytest.mark.skipif(shutil.which("java") is None, reason="needs `java` on PATH")

@@ -1,0 +1,1 @@
+"""What several test modules share (test modules never import each other; fixtures live in conftest.py)."""

@@ -1,0 +1,74 @@
+"""Test-only callbacks: a crash mid-run, bugs in constructors Hydra builds."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+
+
+class CrashAtEpoch(pl.Callback):
+    """Simulates a run killed mid-way: raises when `epoch` starts, after the previous epoch's
+    checkpoints were written."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError(f"simulated crash at the start of epoch {self.epoch}")
+
+
+class BugInConstructor(pl.Callback):
+    """A callback whose constructor has a bug: it must surface with its traceback."""
+
+    def __init__(self):
+        raise ZeroDivisionError("a bug in a Hydra-built constructor")
+
+
+class BugWhileHandlingUserError(pl.Callback):
+    """A bug raised while an ImcapError is being handled: it is the bug that must surface."""
+
+    def __init__(self):
+        from imcap.errors import ImcapError
+
+        try:
+            raise ImcapError("a user error that was handled")
+        except ImcapError:
+            {}["missing"]  # the bug
+
+
+class PauseAt(pl.Callback):
+    """Stops the run in the middle of `epoch` (before batch `batch`) and waits there to be killed:
+    writes `marker` so that a test knows when to send SIGKILL."""
+
+    def __init__(self, epoch: int, batch: int, marker: str):
+        self.epoch, self.batch, self.marker = epoch, batch, marker
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            import signal
+            from pathlib import Path
+
+            Path(self.marker).write_text("paused")
+            while True:
+                signal.pause()  # until the test's SIGKILL
+
+
+class DieWritingCheckpointAt(pl.Callback):
+    """The kernel kills the run while it writes the checkpoint of `epoch`: from that epoch's
+    validation on, no file may grow past half the size of last.ckpt, and SIGXFSZ (which
+    Python ignores) gets its default action back: termination, mid-write."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch != self.epoch or trainer.sanity_checking:
+            return
+        import os
+        import resource
+        import signal
+
+        size = os.path.getsize(os.path.join(trainer.checkpoint_callback.dirpath, "last.ckpt"))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, resource.RLIM_INFINITY))
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)

@@ -1,0 +1,52 @@
+"""compose_config: conf/ composed outside a Hydra app, as `@hydra.main` would; its mistakes are
+user errors. And the plain-data views of a run's config."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from imcap.config import compose_config, decoding_with_overrides, plain_config, save_config
+from imcap.errors import ImcapError
+
+
+def test_composes_with_the_run_and_data_directories_the_caller_gives(tmp_path):
+    cfg = compose_config("train", ["data=flickr8k"], tmp_path / "run", tmp_path / "data")
+    assert cfg.paths.output_dir == str(tmp_path / "run")
+    assert cfg.data.root == cfg.data.source.root == str(tmp_path / "data" / "flickr8k")
+    assert cfg.trainer.default_root_dir == str(tmp_path / "run")
+
+
+def test_without_an_output_directory_the_working_directory_is_the_run_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_config("train")
+    assert cfg.paths.output_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize("override,named", [("data=bogus", "bogus"), ("model.decoder.hiden_dim=3", "hiden_dim"),
+                                            ("data.root", "data.root")])
+def test_a_bad_override_is_a_one_line_user_error(override, named):
+    with pytest.raises(ImcapError, match=named) as err:
+        compose_config("train", [override])
+    assert "\n" not in str(err.value)
+
+
+def test_data_root_is_the_short_form_of_the_source_root(tmp_path):
+    for name in ("coco", "flickr8k", "flickr30k", "custom", "shapes"):
+        cfg = compose_config("train", [f"data={name}", f"data.root={tmp_path}/{name}"], tmp_path / "run")
+        assert cfg.data.source.root == f"{tmp_path}/{name}", name
+
+
+def test_plain_config_is_resolved_and_leaves_out_hydra(tmp_path):
+    cfg = compose_config("train", ["seed=7"], tmp_path / "run", tmp_path / "data")
+    plain = plain_config(cfg)
+    assert "hydra" not in plain and plain["data"]["seed"] == 7
+    save_config(cfg, tmp_path / "out" / "config.yaml")
+    assert OmegaConf.load(tmp_path / "out" / "config.yaml").data.seed == 7
+
+
+def test_decoding_overrides_replace_only_what_is_set():
+    stored = {"method": "greedy", "beam_size": 3, "max_length": 20}
+    overrides = OmegaConf.create({"method": "beam", "beam_size": None, "max_length": 12})
+    assert decoding_with_overrides(stored, overrides) == {"method": "beam", "beam_size": 3, "max_length": 12}
+    assert decoding_with_overrides(stored, None) == stored

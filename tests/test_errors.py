@@ -1,0 +1,99 @@
+"""User mistakes end in one `error: ...` line and exit status 2; real bugs keep their tracebacks."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from hydra.errors import InstantiationException
+
+from imcap.errors import ImcapError, report_user_errors, user_error
+from tests.helpers.paths import ROOT
+from tests.helpers.runs import TINY, assert_one_line_error, module, run
+
+
+@report_user_errors
+def _fails_with(exc: BaseException) -> None:
+    raise exc
+
+
+def test_an_imcap_error_is_one_line_on_stderr_and_status_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _fails_with(ImcapError("data.root=/x does not exist"))
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "error: data.root=/x does not exist\n"
+
+
+def test_an_imcap_error_wrapped_by_hydra_is_found():
+    try:
+        try:
+            raise ImcapError("bad image")
+        except ImcapError as inner:
+            raise InstantiationException("Error in call to target 'x'") from inner
+    except InstantiationException as outer:
+        assert str(user_error(outer)) == "bad image"
+
+
+def test_a_bug_inside_a_constructor_hydra_builds_is_not_a_user_error():
+    try:
+        try:
+            raise TypeError("__init__() got an unexpected keyword argument 'hiden_dim'")
+        except TypeError as inner:
+            raise InstantiationException("Error in call to target 'imcap.models.lstm.LSTMDecoder'") from inner
+    except InstantiationException as outer:
+        assert user_error(outer) is None
+
+
+def test_a_bug_raised_while_handling_a_user_error_is_the_bug():
+    try:
+        try:
+            raise ImcapError("handled")
+        except ImcapError:
+            {}["missing"]
+    except KeyError as bug:
+        assert user_error(bug) is None
+
+
+def test_a_real_bug_prints_its_traceback_and_exits_1(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _fails_with(ZeroDivisionError("a bug"))
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ZeroDivisionError: a bug" in err and "error: " not in err
+
+
+@pytest.mark.slow
+def test_unknown_option_names_it(tmp_path):
+    result = module("train", "model.decoder.hiden_dim=3", cwd=tmp_path)
+    assert_one_line_error(result, "hiden_dim")
+    assert result.returncode == 2  # as for every user error (README)
+    assert result.stderr.splitlines() == [
+        "error: Could not override 'model.decoder.hiden_dim'; To append to your config use "
+        "+model.decoder.hiden_dim=3; Key 'hiden_dim' is not in struct; full_key: model.decoder.hiden_dim"]
+
+
+@pytest.mark.slow
+def test_unknown_group_option_lists_the_choices(tmp_path):
+    result = module("train", "model/attention=bogus", cwd=tmp_path)
+    assert_one_line_error(result, "bogus", "additive, dot")
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("bug", "shown"), [("BugInConstructor", "ZeroDivisionError: a bug in a Hydra-built"),
+                                            ("BugWhileHandlingUserError", "KeyError: 'missing'")])
+def test_a_bug_in_a_constructor_keeps_its_traceback(bug, shown, tmp_path):
+    result = run(sys.executable, "-m", "imcap.train", *TINY, f"+callbacks.bug._target_=tests.helpers.callbacks.{bug}",
+                 cwd=tmp_path, env={"PYTHONPATH": str(ROOT)})
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and shown in result.stderr, result.stderr[-3000:]
+    assert "error: " not in result.stderr
+
+
+@pytest.mark.slow
+def test_missing_data_root_says_what_to_place_where(tmp_path):
+    result = module("train", "data=flickr8k", f"data.root={tmp_path}/nowhere", cwd=tmp_path)
+    assert result.returncode == 2
+    assert_one_line_error(result, f"error: data.root={tmp_path}/nowhere does not exist",
+                          f"`make data dataset=flickr8k root={tmp_path}/nowhere`")
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,55 @@
+"""`imcap.eval`: a checkpoint alone reproduces its run's test metrics; val split, beam search,
+gallery; a corrupt checkpoint is a one-line error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from imcap.eval import evaluate
+from tests.helpers.runs import assert_one_line_error, module
+
+pytestmark = pytest.mark.slow
+TEST_METRICS = [f"test/BLEU-{k}" for k in range(1, 5)]
+
+
+def test_eval_reproduces_the_test_metrics_exactly(trained, make_cfg, tmp_path):
+    out, metrics = trained
+    cfg = make_cfg(f"ckpt_path={out}/checkpoints/best.ckpt", "trainer.enable_progress_bar=false",
+                   "metrics=[BLEU,ROUGE-L,CIDEr-D]", name="eval", out=tmp_path / "eval")
+    evaluated = evaluate(cfg)
+    assert {k: evaluated[k] for k in TEST_METRICS} == {k: metrics[k] for k in TEST_METRICS}
+    assert json.loads((tmp_path / "eval" / "predictions" / "test.json").read_text()) == json.loads(
+        (out / "predictions" / "test.json").read_text())
+
+
+def test_eval_on_the_val_split_with_beam_search_and_a_gallery(trained, make_cfg, tmp_path):
+    out, _ = trained
+    cfg = make_cfg(f"ckpt_path={out}/checkpoints/best.ckpt", "split=val", "trainer.enable_progress_bar=false",
+                   "decoding.method=beam", "decoding.beam_size=3", "gallery=4", "metrics=[BLEU,CIDEr-D]",
+                   name="eval", out=tmp_path / "eval")
+    assert set(evaluate(cfg)) == {*(f"val/BLEU-{k}" for k in range(1, 5)), "val/CIDEr-D", "val/grounding",
+                                  "val/grounding_chance"}
+    predictions = json.loads((tmp_path / "eval" / "predictions" / "val.json").read_text())
+    page = (tmp_path / "eval" / "gallery.html").read_text()
+    assert page.count('class="card"') == 4 and page.count("data:image/jpeg;base64,") == 4
+    assert all(p["caption"] in page for p in predictions[:4])
+
+
+def test_validation_scores_the_weights_of_that_epoch(trained, make_cfg, tmp_path):
+    """The last epoch's val metrics are those of last.ckpt: validation decodes with the current
+    weights (fused AdamW updates them without bumping version counters)."""
+    out, metrics = trained
+    cfg = make_cfg(f"ckpt_path={out}/checkpoints/last.ckpt", "split=val", "trainer.enable_progress_bar=false",
+                   "metrics=[BLEU,ROUGE-L,CIDEr-D]", name="eval", out=tmp_path / "eval")
+    evaluated = evaluate(cfg)
+    for key in ("val/BLEU-4", "val/CIDEr-D"):
+        assert evaluated[key] == pytest.approx(metrics[key], rel=1e-6), key
+
+
+def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
+    (tmp_path / "broken.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    result = module("eval", f"ckpt_path={tmp_path}/broken.ckpt", cwd=tmp_path)
+    assert result.returncode == 2
+    assert_one_line_error(result, "broken.ckpt is corrupt")
