@@ -421,12 +421,12 @@ def _check_sizes(sizes: Sequence[tuple[str, int, int | None]], archive: Path, de
     free = shutil.disk_usage(dest).free
     if total > free:
         raise ImcapError(f"{archive} needs {total / 2**20:,.1f} MiB in {dest}, which has {free / 2**20:,.1f} MiB "
-                         "free; free some space or choose another data.source.root")
+                         "free; free some space or choose another data.root")
 
 
 def _write_error(e: OSError, archive: Path, out: Path) -> ImcapError:
     return ImcapError(f"cannot extract {archive} into {out.parent} ({e.strerror}); free some space or choose "
-                      "another data.source.root, then re-run")
+                      "another data.root, then re-run")
 
 
 class _OnDisk:

@@ -10,11 +10,11 @@ import struct
 import zlib
 
 import pytest
-from imcap.data.sources.flickr import Flickr8kSource
 from PIL import Image
 
 from imcap.data.images import load_image, load_image_tensor
 from imcap.data.sources.coco import CocoSource
+from imcap.data.sources.flickr8k import Flickr8kSource
 from imcap.data.sources.flickr30k import Flickr30kSource
 from imcap.errors import ImcapError
 
@@ -117,7 +117,7 @@ def flickr30k_kaggle(root, name):
                                     flickr30k_kaggle])
 def test_records_naming_files_outside_the_root_are_refused(outside_image, layout, name):
     source, where = layout(outside_image, name)
-    with pytest.raises(ImcapError, match=rf"{where}: image .* outside data.source.root") as e:
+    with pytest.raises(ImcapError, match=rf"{where}: image .* outside data.root") as e:
         source.records()
     assert "\n" not in str(e.value)
 

@@ -10,11 +10,11 @@ import re
 from pathlib import Path
 
 import pytest
-from imcap.data.sources.flickr import Flickr8kSource
 from PIL import Image
 
 from imcap.data.sources.coco import CocoSource
 from imcap.data.sources.custom import CustomSource
+from imcap.data.sources.flickr8k import Flickr8kSource
 from imcap.data.sources.flickr30k import Flickr30kSource
 from imcap.errors import ImcapError
 
