@@ -63,23 +63,6 @@ def test_a_real_bug_prints_its_traceback_and_exits_1(capsys):
 
 
 @pytest.mark.slow
-def test_unknown_option_names_it(tmp_path):
-    result = module("train", "model.decoder.hiden_dim=3", cwd=tmp_path)
-    assert_one_line_error(result, "hiden_dim")
-    assert result.returncode == 2  # as for every user error (README)
-    assert result.stderr.splitlines() == [
-        "error: Could not override 'model.decoder.hiden_dim'; To append to your config use "
-        "+model.decoder.hiden_dim=3; Key 'hiden_dim' is not in struct; full_key: model.decoder.hiden_dim"]
-
-
-@pytest.mark.slow
-def test_unknown_group_option_lists_the_choices(tmp_path):
-    result = module("train", "model/attention=bogus", cwd=tmp_path)
-    assert_one_line_error(result, "bogus", "additive, dot")
-    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize(("bug", "shown"), [("BugInConstructor", "ZeroDivisionError: a bug in a Hydra-built"),
                                             ("BugWhileHandlingUserError", "KeyError: 'missing'")])
 def test_a_bug_in_a_constructor_keeps_its_traceback(bug, shown, tmp_path):
