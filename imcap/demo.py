@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from imcap.caption import expand_images
-from imcap.cli import hydra_entry
+from imcap.entry import hydra_entry
 from imcap.errors import ImcapError
 from imcap.models.captioner import CHECKPOINT_KEY, Caption, Captioner, load_checkpoint
 from imcap.viz.attention import attention_overlay

@@ -17,7 +17,7 @@ import pytest
 
 from imcap.demo import example_images, load_model
 from imcap.models.search import Decoding
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
 
 pytestmark = pytest.mark.slow
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")

@@ -21,7 +21,8 @@ from omegaconf import OmegaConf, open_dict, read_write
 
 from imcap.tracking import run_labels, sweep_run_name
 from imcap.train import train
-from tests.conftest import ROOT, TINY
+from tests.helpers.paths import ROOT
+from tests.helpers.runs import TINY
 
 API_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 characters: a well-formed key
 
@@ -152,7 +153,7 @@ def test_choices_are_the_config_keys_with_or_without_hydra_runtime(make_cfg):
 CHOOSE_MODE = """
 import logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
-from imcap.cli import compose_config
+from imcap.config import compose_config
 from imcap.tracking import configure_wandb_mode
 cfg = compose_config("train", ["logger=wandb"], sys.argv[1])
 print("mode:", configure_wandb_mode(cfg), "offline:", cfg.logger.wandb.get("mode"))
