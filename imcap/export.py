@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from imcap.cli import hydra_entry
+from imcap.entry import hydra_entry
 from imcap.models.captioner import CHECKPOINT_KEY, Captioner, load_checkpoint
 
 log = logging.getLogger("imcap.export")

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from imcap.models.captioner import Captioner
-from tests.conftest import ROOT
 from tests.helpers.checkpoints import write_untrained_checkpoint
+from tests.helpers.paths import ROOT
 
 pytestmark = pytest.mark.slow
 

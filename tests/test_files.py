@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
 
 # A process whose writes past 64 KiB kill it (SIGXFSZ with its default action: termination
 # inside the write call), rewriting a small valid metrics.json with a large one.

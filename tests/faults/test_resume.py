@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY
+from tests.helpers.paths import ROOT
+from tests.helpers.runs import TINY
 
 pytestmark = pytest.mark.slow
 

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from imcap.errors import ImcapError
 from imcap.models.captioner import Captioner
 from imcap.registry import allowed_targets
-from tests.conftest import ROOT
 from tests.helpers.checkpoints import write_untrained_checkpoint
 from tests.helpers.hub_server import serve_hub_repo
+from tests.helpers.paths import ROOT
 
 
 @pytest.fixture
