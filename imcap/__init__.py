@@ -19,3 +19,17 @@ def _mkdir(path: str) -> str:
 # `${imcap_mkdir:DIR}`: DIR, created if missing (the Optuna sweeper opens its sqlite file in
 # logs/ before any job has created that folder).
 OmegaConf.register_new_resolver("imcap_mkdir", _mkdir, replace=True)
+
+
+def _attentions_for(decoder_target: str) -> str:
+    from hydra.utils import get_class
+
+    from imcap.models.decoder import attentions_for
+
+    return ",".join(attentions_for(get_class(decoder_target)))
+
+
+# `${imcap_attentions:${model.decoder._target_}}`: the model/attention options that decoder
+# accepts, comma-separated for a sweeper (conf/hparams_search/attention_variants.yaml), derived
+# from the registry instead of listed by hand.
+OmegaConf.register_new_resolver("imcap_attentions", _attentions_for, replace=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -33,7 +34,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +44,13 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from imcap.config import compose_config
 from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
-from imcap.models.captioner import build_decoder, valid_pairs
+from imcap.models.captioner import build_decoder
+from imcap.models.decoder import valid_pairs
 from imcap.models.search import beam_search
 from imcap.training.losses import caption_cross_entropy
 
@@ -158,7 +160,22 @@ def train_step(decoder: torch.nn.Module, optimizer: torch.optim.Optimizer, grid:
     optimizer.step()
 
 
+@cache
+def count_prepacked_linear_flops() -> None:
+    """Teach FlopCounterMode oneDNN's prepacked linear (`imcap.models.sat_kernel.PrepackedLinear`),
+    as it knows mm: the Show-Attend-Tell kernel's forward runs its products through it."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return
+
+    @register_flop_formula(op)
+    def flops(x_shape, w_shape, *args, **kwargs) -> int:  # x (..., K), packed w (N, K)
+        return 2 * math.prod(x_shape) * w_shape[0]
+
+
 def bench_decoder_train(quick: bool, gemm: dict[str, float], sizes: Sizes = Sizes()) -> list[dict[str, Any]]:
+    count_prepacked_linear_flops()
     B, T, V = sizes.batch, sizes.length, sizes.vocab
     vocab = Vocabulary(["<pad>", "<bos>", "<eos>", "<unk>", *[f"w{i}" for i in range(V - 4)]])
     pairs = [("lstm", "additive")] if quick else valid_pairs()

@@ -33,7 +33,7 @@ BUILTIN_MODULES = (
     "imcap.models.attention",
     "imcap.models.embeddings",
     "imcap.models.encoders",
-    "imcap.models.decoders",  # split into imcap.models.lstm by the architecture work
+    "imcap.models.lstm",
     "imcap.models.topdown",
     "imcap.models.transformer",
     "imcap.data.sources.coco",

@@ -21,7 +21,8 @@ import torch
 
 from imcap.config import compose_config
 from imcap.data.vocab import Vocabulary
-from imcap.models.captioner import build_decoder, valid_pairs
+from imcap.models.captioner import build_decoder
+from imcap.models.decoder import valid_pairs
 from imcap.train import train
 
 HERE = Path(__file__).resolve().parent

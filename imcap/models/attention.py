@@ -10,7 +10,12 @@ transformer's teacher-forced path); context and weights follow with the same lea
 
 `adaptive` is the one variant that needs the decoder's help: it mixes a visual sentinel, which
 only the decoder's LSTM can produce, into the context, and returns a third output beta, the
-share of the sentinel ("how much not to look"). Decoders that drive it check `needs_sentinel`.
+share of the sentinel ("how much not to look"). It says so with `needs_sentinel`, and each
+decoder says whether it can provide one (`imcap.models.decoder.AttentionSupport`).
+
+A variant of one's own is a subclass with `precompute` and `scores`, registered with
+`@register("attention", "name")`, plus conf/model/attention/name.yaml: every decoder that can
+drive it accepts it (`imcap.models.decoder.valid_pairs`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import torch
 from torch import nn
 
 from imcap.errors import ImcapError
-from imcap.registry import register
+from imcap.registry import name_of, register
+
+NO_ATTENTION = "none"  # the model/attention option without a class (conf/model/attention/none.yaml)
 
 
 class AttentionCache(NamedTuple):
@@ -41,8 +48,7 @@ class Attention(nn.Module):
     """Single-head attention: subclasses define `precompute` and `scores`; the context is the
     weighted average of the cached values."""
 
-    kind: str = ""  # the model/attention option; decoders list the kinds they accept
-    needs_sentinel = False
+    needs_sentinel = False  # True: the decoder must pass a visual sentinel (decoders say if they can)
 
     def __init__(self, key_dim: int, query_dim: int):
         super().__init__()
@@ -73,7 +79,6 @@ class AdditiveAttention(Attention):
     """Bahdanau attention, the soft attention of Show, Attend and Tell:
     e_i = w^T tanh(W_k k_i + W_q q),  alpha = softmax(e),  context = sum_i alpha_i v_i."""
 
-    kind = "additive"
 
     def __init__(self, key_dim: int, query_dim: int, attention_dim: int = 512):
         super().__init__(key_dim, query_dim)
@@ -99,7 +104,6 @@ class DotAttention(Attention):
     are both projected there (a low-rank bilinear score).
     """
 
-    kind = "dot"
     always_project_keys = False  # `general` learns W_a even when the dims agree
     scaled = False  # `scaled_dot` divides by sqrt(dim)
 
@@ -124,7 +128,6 @@ class DotAttention(Attention):
 class GeneralAttention(DotAttention):
     """Luong's general score e_i = q^T W_a k_i; W_a k_i is precomputed once per sequence."""
 
-    kind = "general"
     always_project_keys = True
 
 
@@ -133,7 +136,6 @@ class ScaledDotAttention(DotAttention):
     """Scaled dot-product attention (Vaswani et al. 2017), one head:
     e_i = (W_q q) . (W_k k_i) / sqrt(attention_dim); the context averages the raw features."""
 
-    kind = "scaled_dot"
     scaled = True
 
 
@@ -147,7 +149,6 @@ class MultiHeadAttention(Attention):
     projection) is linear already. Reported weights are the average over heads.
     """
 
-    kind = "multihead"
 
     def __init__(self, key_dim: int, query_dim: int, attention_dim: int = 512, heads: int = 8):
         super().__init__(key_dim, query_dim)
@@ -192,7 +193,6 @@ class AdaptiveAttention(Attention):
     `weights` are alpha (a distribution over the cells); beta comes back as a third output.
     """
 
-    kind = "adaptive"
     needs_sentinel = True
 
     def __init__(self, key_dim: int, query_dim: int, attention_dim: int = 512):
@@ -235,10 +235,9 @@ class AdaptiveAttention(Attention):
         return context, weights, beta
 
 
-def attention_kind(attention: object) -> str | None:
-    """The model/attention option of an attention class, instance or partial: "none" for no
-    attention, None for a class of one's own (which no decoder can vouch for)."""
+def attention_name(attention: object) -> str | None:
+    """The model/attention option of an attention class, instance or partial (Hydra's): its
+    registered name, NO_ATTENTION for None, None for an unregistered class of one's own."""
     if attention is None:
-        return "none"
-    cls = getattr(attention, "func", attention)  # functools.partial from Hydra
-    return getattr(cls, "kind", None) or None
+        return NO_ATTENTION
+    return name_of(getattr(attention, "func", attention))

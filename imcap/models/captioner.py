@@ -23,16 +23,15 @@ from torch import nn
 from imcap.data.images import load_image
 from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
-from imcap.models.attention import attention_kind
-from imcap.models.decoders import LSTMDecoder
+from imcap.models.decoder import require_attention
 from imcap.models.search import Decoding, SearchResult, generate
-from imcap.models.topdown import TopDownDecoder
-from imcap.models.transformer import TransformerDecoder
 from imcap.stored_config import check_stored_config
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "imcap"  # where a checkpoint keeps what rebuilds the model: config + vocab
 COMPONENTS = ("encoder", "decoder", "attention", "embedding")
+# _target_s that moved: checkpoints written before the move name the old path
+MOVED_TARGETS = {"imcap.models.decoders.LSTMDecoder": "imcap.models.lstm.LSTMDecoder"}
 
 
 class Caption(NamedTuple):
@@ -45,16 +44,6 @@ def _plain(cfg: Mapping | DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else copy.deepcopy(dict(cfg))
 
 
-# the model/decoder options and the model/attention options each accepts
-DECODERS: dict[str, type[nn.Module]] = {
-    "lstm": LSTMDecoder, "topdown": TopDownDecoder, "transformer": TransformerDecoder}
-
-
-def valid_pairs() -> list[tuple[str, str]]:
-    """Every (model/decoder, model/attention) pair that builds."""
-    return [(name, kind) for name, cls in DECODERS.items() for kind in cls.ATTENTIONS]
-
-
 def _class(target: str | None) -> type | None:
     try:
         return get_class(target) if target else None
@@ -65,18 +54,11 @@ def _class(target: str | None) -> type | None:
 def check_pair(decoder_cfg: Mapping, attention_cfg: Mapping | None) -> None:
     """Refuse a decoder x attention pair that has no meaning, listing the valid pairs."""
     decoder = _class(decoder_cfg.get("_target_"))
-    accepted = getattr(decoder, "ATTENTIONS", None)
     target = (attention_cfg or {}).get("_target_")
     attention = _class(target) if target else None
-    if accepted is None or (target and attention is None):
-        return  # a decoder of one's own, or an unloadable attention: nothing to check here
-    kind = attention_kind(attention)
-    if kind is None or kind in accepted:
-        return
-    name = next((n for n, c in DECODERS.items() if c is decoder), decoder.__name__)
-    pairs = "; ".join(f"{n}: {', '.join(c.ATTENTIONS)}" for n, c in DECODERS.items())
-    raise ImcapError(f"model/decoder={name} does not work with model/attention={kind}; "
-                     f"valid pairs (decoder: attentions) are {pairs}")
+    if not hasattr(decoder, "attention_support") or (target and attention is None):
+        return  # a decoder that states no needs, or an unloadable attention: instantiate reports it
+    require_attention(decoder, attention)
 
 
 def build_captioner(
@@ -226,6 +208,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if (not isinstance(checkpoint, dict) or not isinstance(checkpoint.get(CHECKPOINT_KEY), dict)
             or "state_dict" not in checkpoint):
         raise ImcapError(f"checkpoint {path} was not written by imcap training (no model config or vocabulary)")
+    for component in (checkpoint[CHECKPOINT_KEY].get("architecture") or {}).values():
+        if isinstance(component, dict) and component.get("_target_") in MOVED_TARGETS:
+            component["_target_"] = MOVED_TARGETS[component["_target_"]]  # written before the move
     # before anything is imported or built from it: the stored config names components, not code
     check_stored_config(checkpoint[CHECKPOINT_KEY], f"checkpoint {path}")
     return checkpoint

@@ -16,8 +16,6 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from imcap.models.search import map_state
-
 
 class Packing(NamedTuple):
     """Which positions of a (B, T) teacher-forced input carry a target, rows sorted."""
@@ -73,6 +71,18 @@ def on_valid(hs: torch.Tensor, valid: torch.Tensor | None, layer: Callable[[torc
         return layer(hs)
     out = layer(hs[valid])  # (n, V), n valid positions
     return out.new_zeros(*hs.shape[:2], out.shape[-1]).index_put((valid,), out)
+
+
+def map_state(state: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply `fn` to every tensor leaf of a decoder state (tuples, NamedTuples, None)."""
+    if state is None:
+        return None
+    if isinstance(state, torch.Tensor):
+        return fn(state)
+    if isinstance(state, tuple):
+        leaves = [map_state(s, fn) for s in state]
+        return type(state)(*leaves) if hasattr(state, "_fields") else tuple(leaves)
+    raise TypeError(f"decoder state leaves must be tensors, tuples or None; got {type(state).__name__}")
 
 
 def first_rows(state: Any, rows: int) -> Any:

@@ -7,7 +7,6 @@ batch first, so beams are expanded and reordered generically with `index_select`
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from imcap.errors import ImcapError
+from imcap.models.packing import map_state
 
 
 class SearchResult(NamedTuple):
@@ -48,18 +48,6 @@ def _forbid_specials(logp: torch.Tensor, bos_id: int, pad_id: int) -> torch.Tens
     logp[:, bos_id] = float("-inf")
     logp[:, pad_id] = float("-inf")
     return logp
-
-
-def map_state(state: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """Apply `fn` to every tensor leaf of a decoder state (tuples, NamedTuples, None)."""
-    if state is None:
-        return None
-    if isinstance(state, torch.Tensor):
-        return fn(state)
-    if isinstance(state, tuple):
-        leaves = [map_state(s, fn) for s in state]
-        return type(state)(*leaves) if hasattr(state, "_fields") else tuple(leaves)
-    raise TypeError(f"decoder state leaves must be tensors, tuples or None; got {type(state).__name__}")
 
 
 @torch.no_grad()

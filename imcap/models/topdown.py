@@ -21,8 +21,14 @@ import torch
 from torch import nn
 
 from imcap.models.attention import AttentionCache
-from imcap.models.decoders import ALL_ATTENTIONS, lstm_update, require_attention, visual_sentinel
-from imcap.models.packing import first_rows, on_valid, pack, stack_steps
+from imcap.models.decoder import (
+    AttentionSupport,
+    lstm_update,
+    require_attention,
+    run_cell,
+    teacher_forcing,
+    visual_sentinel,
+)
 from imcap.registry import register
 
 
@@ -41,7 +47,7 @@ class TopDownDecoder(nn.Module):
     """Anderson et al. 2018's captioning decoder over the grid features (the "top-down" half;
     the grid plays the bottom-up regions). States start at zero, as in the paper."""
 
-    ATTENTIONS = tuple(a for a in ALL_ATTENTIONS if a != "none")
+    attention_support = AttentionSupport(none=False, sentinel=True)
 
     def __init__(
         self,
@@ -53,7 +59,7 @@ class TopDownDecoder(nn.Module):
         dropout: float = 0.5,
     ):
         super().__init__()
-        require_attention("topdown", self.ATTENTIONS, attention)
+        require_attention(type(self), attention)
         self.vocab_size, self.hidden_dim = vocab_size, hidden_dim
         self.embedding = embedding
         self.attention = attention(key_dim=feature_dim, query_dim=hidden_dim)
@@ -86,8 +92,9 @@ class TopDownDecoder(nn.Module):
         return TopDownState(zeros, zeros, zeros, zeros, self.attention.precompute(grid),
                             self.image_proj(pooled), beta)
 
-    def _cell(self, x: torch.Tensor, state: TopDownState) -> tuple[TopDownState, torch.Tensor]:
-        # x: (B, 4H) or (B, 5H), the word part of the attention LSTM's input projection
+    def _cell(self, x: torch.Tensor, state: TopDownState) -> tuple[TopDownState, torch.Tensor, torch.Tensor]:
+        # x: (B, 4H) or (B, 5H), the word part of the attention LSTM's input projection;
+        # returns the new state, the weights (B, N) and what the output layer reads (h2, (B, H))
         h1, c1, h2, c2, cache, image, _ = state
         H = self.hidden_dim
         gates = x + image + self.att_hidden_proj(torch.cat([h1, h2], dim=-1))
@@ -99,14 +106,14 @@ class TopDownDecoder(nn.Module):
         else:
             context, weights = self.attention(h1, cache)  # (B, C'), (B, N)
         h2, c2 = lstm_update(self.lang_proj(torch.cat([context, h1, h2], dim=-1)), c2)
-        return TopDownState(h1, c1, h2, c2, cache, image, beta), weights
+        return TopDownState(h1, c1, h2, c2, cache, image, beta), weights, h2
 
     def step(
         self, state: TopDownState, prev_tokens: torch.Tensor
     ) -> tuple[torch.Tensor, TopDownState, torch.Tensor]:
         """One decoding step: prev_tokens (B,) -> logits (B, V), new state, weights (B, N)."""
-        state, weights = self._cell(self.word_proj(self.embedding(prev_tokens)), state)
-        return self.output(self.dropout(state.h2)), state, weights
+        state, weights, out = self._cell(self.word_proj(self.embedding(prev_tokens)), state)
+        return self.output(self.dropout(out)), state, weights
 
     def forward(
         self, grid: torch.Tensor, pooled: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor | None = None
@@ -114,20 +121,5 @@ class TopDownDecoder(nn.Module):
         """Teacher forcing: tokens (B, T) inputs -> logits (B, T, V), weights (B, T, N).
         lengths (B,): how many leading positions of each row carry a target; no compute is
         spent on the rest, where logits and weights are zeros (None: every position)."""
-        packing = pack(lengths, *tokens.shape, tokens.device)
-        grid, pooled, tokens = packing.sort(grid), packing.sort(pooled), packing.sort(tokens)
-        x = on_valid(self.embedding(tokens), packing.valid, self.word_proj)  # (B, T, 4H), one matmul for all steps
-        state = self.init_state(grid, pooled)
-        hs, ws, betas = [], [], []
-        for t, b in enumerate(packing.batch_sizes):
-            if b == 0:
-                break
-            state, weights = self._cell(x[:b, t], first_rows(state, b))
-            hs.append(state.h2)
-            ws.append(weights)
-            betas.append(state.beta)
-        B, T = tokens.shape
-        readout = lambda h: self.output(self.dropout(h))  # noqa: E731
-        logits = on_valid(stack_steps(hs, B, T), packing.valid, readout)  # (B, T, V), one matmul
-        self.last_beta = packing.unsort(stack_steps(betas, B, T)).detach() if self.adaptive else None  # (B, T)
-        return packing.unsort(logits), packing.unsort(stack_steps(ws, B, T))
+        return teacher_forcing(self, grid, pooled, tokens, lengths, self.word_proj,
+                               lambda x, state, packing: run_cell(self._cell, x, state, packing))

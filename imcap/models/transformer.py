@@ -3,9 +3,9 @@ over the grid, an MLP; pre-LayerNorm blocks as in GPT-2 / nanoGPT.
 
 The cross-attention of every layer is the `model/attention` option, built as
 `attention(key_dim=hidden_dim, query_dim=hidden_dim)` over the grid projected to hidden_dim:
-`multihead` gives the decoder of Vaswani et al. 2017; `additive`, `dot`, `general` and
-`scaled_dot` work too (single-head). `none` (the image would never enter) and `adaptive`
-(its sentinel comes from an LSTM) are refused. The weights returned are the last layer's.
+`multihead` gives the decoder of Vaswani et al. 2017; any other attention works too
+(single-head) except `none` (the image would never enter) and one that needs a visual sentinel
+(`adaptive`: the sentinel comes from an LSTM's memory cell); `attention_support` says so. The weights returned are the last layer's.
 
 Incremental decoding keeps each layer's self-attention keys and values in the state, so step t
 attends over t cached positions (O(t) work) instead of re-running the prefix; the cross-attention
@@ -24,7 +24,7 @@ from torch import nn
 
 from imcap.errors import ImcapError
 from imcap.models.attention import AttentionCache
-from imcap.models.decoders import require_attention
+from imcap.models.decoder import AttentionSupport, require_attention
 from imcap.models.packing import on_valid, valid_mask
 from imcap.registry import register
 
@@ -101,7 +101,8 @@ class TransformerDecoder(nn.Module):
     (any length) or learned (up to max_length positions).
     """
 
-    ATTENTIONS = ("additive", "dot", "general", "scaled_dot", "multihead")
+    # no `none`: the image would never enter; no sentinel: it comes from an LSTM's memory cell
+    attention_support = AttentionSupport(none=False, sentinel=False)
 
     def __init__(
         self,
@@ -118,7 +119,7 @@ class TransformerDecoder(nn.Module):
         max_length: int = 64,
     ):
         super().__init__()
-        require_attention("transformer", self.ATTENTIONS, attention)
+        require_attention(type(self), attention)
         if positions not in POSITIONS:
             raise ImcapError(f"model.decoder.positions={positions!r}; choose one of {list(POSITIONS)}")
         if layers < 1:
