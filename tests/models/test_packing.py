@@ -9,7 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from imcap.models.packing import on_valid, pack, stack_steps
-from tests.models.zoo import PAIRS, T, inputs, make_decoder, pair_id
+from tests.helpers.decoders import PAIRS, T, inputs, make_decoder, pair_id
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LENGTHS = torch.tensor([3, T, 1])  # unsorted on purpose: decoders sort and unsort rows themselves

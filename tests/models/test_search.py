@@ -1,13 +1,13 @@
 import torch
 
 from imcap.models.search import greedy_search
-from tests.models.test_decoders import C, N, V, make_decoder
+from tests.helpers.decoders import C, N, V, make_decoder
 
 BOS, EOS, PAD = 1, 2, 0
 
 
 def test_greedy_picks_the_argmax_of_the_teacher_forced_logits():
-    dec = make_decoder(True)
+    dec = make_decoder("lstm", "additive")
     grid = torch.randn(4, N, C)
     result = greedy_search(dec, grid, grid.mean(1), BOS, EOS, PAD, max_length=6)
     inputs = torch.cat([torch.full((4, 1), BOS), result.tokens[:, :-1]], dim=1)
@@ -23,7 +23,7 @@ def test_greedy_picks_the_argmax_of_the_teacher_forced_logits():
 
 
 def test_greedy_stops_once_every_sequence_has_ended():
-    dec = make_decoder(False)
+    dec = make_decoder("lstm", "none")
     with torch.no_grad():
         dec.output.bias.fill_(-100.0)
         dec.output.bias[EOS] = 100.0  # every step prefers <eos>

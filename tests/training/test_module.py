@@ -93,9 +93,9 @@ def test_model_compile_compiles_the_decoders_steps_for_training_only(make_cfg, o
     batch = next(iter(dm.train_dataloader()))
     eager = module.loss(batch)["loss"]
     module.setup("validate")
-    assert not hasattr(module.captioner.decoder._sat_step, "_torchdynamo_orig_callable")  # eager outside fit
+    assert not hasattr(module.captioner.decoder.sat_path.step_fn, "_torchdynamo_orig_callable")  # eager outside fit
     module.setup("fit")
-    assert hasattr(module.captioner.decoder._sat_step, "_torchdynamo_orig_callable")
+    assert hasattr(module.captioner.decoder.sat_path.step_fn, "_torchdynamo_orig_callable")
     compiled = module.loss(batch)["loss"]
     compiled.backward()
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)

@@ -6,8 +6,8 @@ import torch
 from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
 from imcap.models.attention import AdditiveAttention
-from imcap.models.decoders import LSTMDecoder
 from imcap.models.embeddings import LearnedEmbedding
+from imcap.models.lstm import LSTMDecoder
 from imcap.training.scheduled_sampling import ScheduledSampling, scheduled_sampling_forward
 from imcap.training.scst import SCST, scst_loss
 

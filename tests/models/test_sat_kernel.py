@@ -1,37 +1,31 @@
-"""The Show-Attend-Tell fast path (lstm + additive) against the plain per-step code it replaces:
+"""The Show-Attend-Tell kernel (lstm + additive) against the plain per-step code it replaces:
 same logits, attention and gradients (fp64 to rounding, fp32 and bf16 within their precision),
 in teacher forcing, step by step, under autograd, for beam search's shared attention cache,
-with the energy made in chunks, and with the step weights kept between calls."""
+and with the energy made in chunks; and its prepacked products."""
 
 from __future__ import annotations
-
-import copy
-import io
-from functools import partial
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from imcap.models import decoders
-from imcap.models.attention import AdditiveAttention
-from imcap.models.decoders import LSTMDecoder, Product
-from imcap.models.embeddings import LearnedEmbedding
+from imcap.bench import count_prepacked_linear_flops
+from imcap.models import sat_kernel
+from imcap.models.lstm import LSTMDecoder
+from imcap.models.sat_kernel import PrepackedLinear
+from tests.helpers.decoders import TINY_OPTIONS, B, N, T, V, inputs, make_decoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-V, C, N, B, T, H, A = 30, 24, 9, 3, 7, 32, 20
+A = TINY_OPTIONS["attention_dim"]
 
 
-def make(gate: bool = True, dtype: torch.dtype = torch.float32, dropout: float = 0.0) -> LSTMDecoder:
-    torch.manual_seed(0)
-    emb = LearnedEmbedding([str(i) for i in range(V)], dim=16)
-    att = partial(AdditiveAttention, attention_dim=A)
-    return LSTMDecoder(V, C, emb, att, hidden_dim=H, dropout=dropout, gate=gate).to(dtype).eval()
+def make(gate: bool = True, dtype: torch.dtype = torch.float32) -> LSTMDecoder:
+    return make_decoder("lstm", "additive", gate=gate, dropout=0.0).to(dtype)
 
 
-def data(dtype: torch.dtype = torch.float32, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, N, C, generator=g, dtype=dtype), torch.randint(0, V, (B, T), generator=g)
+def data(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    grid, _, tokens = inputs()
+    return grid.to(dtype), tokens
 
 
 def run(dec: LSTMDecoder, grid: torch.Tensor, tokens: torch.Tensor, fast: bool, autocast: bool = False,
@@ -146,7 +140,7 @@ def test_energy_made_in_chunks_changes_nothing(monkeypatch):
     grid, tokens = data()
     with torch.no_grad():
         whole = [dec.step(dec.init_state(grid, grid.mean(1)), tokens[:, 0])]
-    monkeypatch.setattr(decoders, "ENERGY_CHUNK_BYTES", N * A * 4)  # one image per chunk
+    monkeypatch.setattr(sat_kernel, "ENERGY_CHUNK_BYTES", N * A * 4)  # one image per chunk
     with torch.no_grad():
         chunked = [dec.step(dec.init_state(grid, grid.mean(1)), tokens[:, 0])]
     torch.testing.assert_close(chunked[0][0], whole[0][0], rtol=1e-6, atol=1e-6)
@@ -165,7 +159,7 @@ def test_energy_made_in_chunks_changes_nothing(monkeypatch):
 def test_a_cache_shared_by_each_images_beams_gives_the_expanded_result(chunk, monkeypatch):
     """expand_state keeps keys and values once per image; step then attends per image."""
     if chunk:
-        monkeypatch.setattr(decoders, "ENERGY_CHUNK_BYTES", chunk)
+        monkeypatch.setattr(sat_kernel, "ENERGY_CHUNK_BYTES", chunk)
     dec, beams = make(), 4
     grid, tokens = data()
     with torch.no_grad():
@@ -174,7 +168,7 @@ def test_a_cache_shared_by_each_images_beams_gives_the_expanded_result(chunk, mo
         index = torch.arange(B).repeat_interleave(beams)
         expanded = type(state)(*(x.index_select(0, index) if isinstance(x, torch.Tensor) else x for x in state))
         expanded = expanded._replace(cache=type(state.cache)(*(x.index_select(0, index) for x in state.cache)))
-        assert shared.cache.keys.shape[0] == B and shared.h.shape[0] == B * beams
+        assert shared.cache.doubled_keys.shape[0] == B and shared.h.shape[0] == B * beams
         prev = torch.randint(0, V, (B * beams,))
         for _ in range(3):
             a, shared, wa = dec.step(shared, prev)
@@ -184,74 +178,16 @@ def test_a_cache_shared_by_each_images_beams_gives_the_expanded_result(chunk, mo
             prev = a.argmax(-1)
 
 
-@pytest.mark.parametrize("optimizer", [partial(torch.optim.SGD, lr=0.1), partial(torch.optim.AdamW, fused=True)],
-                         ids=["sgd", "fused_adamw"])  # fused AdamW changes parameters without a version bump
-def test_step_weights_are_kept_within_a_sequence_and_rebuilt_for_the_next(optimizer):
-    dec = make()
-    grid, tokens = data()
-
-    def step_logits() -> torch.Tensor:
-        with torch.no_grad():
-            return dec.step(dec.init_state(grid, grid.mean(1)), tokens[:, 0])[0]
-
-    first = step_logits()
-    with torch.no_grad():  # the steps of one sequence share the prepared weights
-        state = dec.init_state(grid, grid.mean(1))
-        _, state, _ = dec.step(state, tokens[:, 0])
-        kept = dec._sat_cache
-        dec.step(state, tokens[:, 1])
-        assert kept is not None and dec._sat_cache is kept
-    opt = optimizer(dec.parameters())
-    run(dec, grid, tokens, True)
-    opt.step()  # in place: the kept weights are stale now
-    dec.fast_path = True
-    updated = step_logits()
-    dec.fast_path = False
-    torch.testing.assert_close(updated, step_logits(), rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(updated, first)
-    fresh = make()
-    dec.fast_path = fresh.fast_path = True
-    dec.load_state_dict(fresh.state_dict())  # copied in place
-    torch.testing.assert_close(step_logits(), first)
-
-
-def test_decoders_with_kept_weights_copy_and_save():
-    dec = make()
-    grid, tokens = data()
-    with torch.no_grad():
-        dec.step(dec.init_state(grid, grid.mean(1)), tokens[:, 0])
-    assert dec._sat_cache is not None
-    clone = copy.deepcopy(dec)
-    assert clone._sat_cache is None
-    torch.save(dec, io.BytesIO())
-    torch.testing.assert_close(clone(grid, grid.mean(1), tokens)[0], dec(grid, grid.mean(1), tokens)[0])
-
-
-def test_checkpoints_of_the_plain_code_load_into_the_fast_path():
-    plain = make()
-    plain.fast_path = False
-    buffer = io.BytesIO()
-    torch.save(plain.state_dict(), buffer)
-    torch.manual_seed(5)
-    fast = LSTMDecoder(V, C, LearnedEmbedding([str(i) for i in range(V)], dim=16),
-                       partial(AdditiveAttention, attention_dim=A), hidden_dim=H, dropout=0.0).eval()
-    buffer.seek(0)
-    fast.load_state_dict(torch.load(buffer, weights_only=True))
-    grid, tokens = data()
-    with torch.no_grad():
-        torch.testing.assert_close(fast(grid, grid.mean(1), tokens)[0], plain(grid, grid.mean(1), tokens)[0],
-                                   rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_product_equals_linear_and_is_counted_as_a_matrix_product(dtype):
+def test_prepacked_linear_equals_linear_and_the_bench_counts_it_as_a_matrix_product(dtype):
+    count_prepacked_linear_flops()
     torch.manual_seed(0)
     weight, bias, x = torch.randn(40, 24, dtype=dtype), torch.randn(40, dtype=dtype), torch.randn(6, 24, dtype=dtype)
     with torch.no_grad():
-        product = Product(weight, bias, rows=6)
+        linear = PrepackedLinear(weight, bias, rows=6)
         with FlopCounterMode(display=False) as counter:
-            y = product(x)
+            y = linear(x)
     tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
     torch.testing.assert_close(y, torch.nn.functional.linear(x, weight, bias), **tol)
     assert counter.get_total_flops() == 2 * 6 * 24 * 40
-    assert Product(weight.requires_grad_(), bias, rows=6).packed is None  # under autograd: plain linear
+    assert PrepackedLinear(weight.requires_grad_(), bias, rows=6).packed is None  # under autograd: plain linear

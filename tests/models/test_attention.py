@@ -1,16 +1,18 @@
-"""Every attention variant alone: shapes, distributions, masks, batched queries, projections."""
+"""Every registered attention variant alone: shapes, distributions, masks, batched queries,
+projections; and how an attention option is named."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from imcap import registry
 from imcap.errors import ImcapError
 from imcap.models import attention as att
-from tests.models.zoo import ATTENTIONS, B, N
+from tests.helpers.decoders import B, N, attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-KINDS = [k for k in ATTENTIONS if k != "none"]
+NAMES = registry.names("attention")
 K, Q = 24, 8  # key (feature) dim, query (hidden) dim
 
 
@@ -21,11 +23,11 @@ def attend(module, query, cache, mask=None):
     return module(query, cache, mask)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_shapes_and_distribution(kind):
+@pytest.mark.parametrize("name", NAMES)
+def test_shapes_and_distribution(name):
     torch.manual_seed(0)
-    module = ATTENTIONS[kind](key_dim=K, query_dim=Q)
-    assert module.kind == kind and att.attention_kind(ATTENTIONS[kind]) == kind
+    module = attention(name)(key_dim=K, query_dim=Q)
+    assert att.attention_name(attention(name)) == att.attention_name(module) == name
     cache = module.precompute(torch.randn(B, N, K))
     context, weights = attend(module, torch.randn(B, Q), cache)
     assert context.shape == (B, module.context_dim) and weights.shape == (B, N)
@@ -33,10 +35,10 @@ def test_shapes_and_distribution(kind):
     torch.testing.assert_close(weights.sum(-1), torch.ones(B))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_masked_cells_get_no_weight(kind):
+@pytest.mark.parametrize("name", NAMES)
+def test_masked_cells_get_no_weight(name):
     torch.manual_seed(0)
-    module = ATTENTIONS[kind](key_dim=K, query_dim=Q)
+    module = attention(name)(key_dim=K, query_dim=Q)
     cache = module.precompute(torch.randn(B, N, K))
     mask = torch.ones(B, N, dtype=torch.bool)
     mask[0, :4] = False
@@ -46,11 +48,11 @@ def test_masked_cells_get_no_weight(kind):
     torch.testing.assert_close(weights.sum(-1), torch.ones(B))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_a_block_of_queries_equals_one_query_at_a_time(kind):
+@pytest.mark.parametrize("name", NAMES)
+def test_a_block_of_queries_equals_one_query_at_a_time(name):
     """The transformer asks with (B, T, H) queries, the recurrent decoders with (B, H)."""
     torch.manual_seed(0)
-    module = ATTENTIONS[kind](key_dim=K, query_dim=Q)
+    module = attention(name)(key_dim=K, query_dim=Q)
     cache = module.precompute(torch.randn(B, N, K))
     queries = torch.randn(B, 5, Q)
     extra = {}
@@ -108,9 +110,9 @@ def test_multihead_reports_the_head_average():
         att.MultiHeadAttention(key_dim=K, query_dim=Q, attention_dim=16, heads=3)
 
 
-@pytest.mark.parametrize("kind", ["additive", "general", "scaled_dot", "multihead", "adaptive"])
-def test_keys_are_projected_once_per_sequence(kind):
-    module = ATTENTIONS[kind](key_dim=K, query_dim=Q)
+@pytest.mark.parametrize("name", ["additive", "general", "scaled_dot", "multihead", "adaptive"])
+def test_keys_are_projected_once_per_sequence(name):
+    module = attention(name)(key_dim=K, query_dim=Q)
     calls = []
     module.key_proj.register_forward_hook(lambda m, i, o: calls.append(1))
     cache = module.precompute(torch.randn(B, N, K))
@@ -119,8 +121,23 @@ def test_keys_are_projected_once_per_sequence(kind):
     assert len(calls) == 1
 
 
-def test_attention_kind_of_none_and_of_a_class_of_ones_own():
-    class Mine(torch.nn.Module):
+def test_attention_name_of_none_and_of_a_class_of_ones_own():
+    class Mine(att.AdditiveAttention):  # a subclass does not inherit its parent's name
         pass
 
-    assert att.attention_kind(None) == "none" and att.attention_kind(Mine) is None
+    assert att.attention_name(None) == att.NO_ATTENTION == "none" and att.attention_name(Mine) is None
+
+
+def test_adaptive_beta_moves_the_context_towards_the_sentinel():
+    module = attention("adaptive")(key_dim=24, query_dim=8)
+    cache = module.precompute(torch.randn(B, N, 24))
+    query, sentinel = torch.randn(B, 8), torch.randn(B, 8)
+    context, weights, beta = module(query, cache, sentinel=sentinel)
+    spatial = torch.bmm(weights.unsqueeze(1), cache.values).squeeze(1)  # (B, H)
+    torch.testing.assert_close(context, beta.unsqueeze(1) * sentinel + (1 - beta.unsqueeze(1)) * spatial)
+    with torch.no_grad():
+        module.score.bias.zero_()
+        module.sentinel_proj.weight.fill_(10.0)  # the sentinel's score dwarfs every cell's
+        module.score.weight.fill_(1.0)
+    _, _, beta = module(query, cache, sentinel=sentinel.abs() + 1)
+    assert (beta > 0.99).all()

@@ -1,0 +1,44 @@
+"""Building the captioner from model configs: every valid decoder x attention pair builds, the
+others are refused in one line that lists the valid pairs (derived, not hand-kept), and a
+checkpoint naming a component's old module path still builds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from imcap.data.vocab import Vocabulary
+from imcap.errors import ImcapError
+from imcap.models.captioner import MOVED_TARGETS, build_captioner
+from imcap.models.decoder import describe_valid_pairs
+from imcap.models.lstm import LSTMDecoder
+from tests.helpers.decoders import INVALID, PAIRS, architecture, pair_id
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+VOCAB = Vocabulary.build([["a", "red", "circle"]])
+
+
+@pytest.mark.parametrize("pair", INVALID, ids=pair_id)
+def test_pairs_without_meaning_are_refused_with_the_valid_ones_listed(pair):
+    with pytest.raises(ImcapError) as info:
+        build_captioner(architecture(*pair), VOCAB, 64, pretrained=False)
+    message = str(info.value)
+    assert f"model/decoder={pair[0]} does not work with model/attention={pair[1]}" in message
+    assert describe_valid_pairs() in message and "\n" not in message
+    assert "lstm: none, adaptive, additive" in message and "transformer: additive, dot" in message
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_valid_pairs_build_from_configs(pair):
+    captioner = build_captioner(architecture(*pair), VOCAB, 64, pretrained=False)
+    grid = torch.randn(2, 4, 512)
+    logits, _ = captioner(grid, grid.mean(1), torch.zeros(2, 3, dtype=torch.long))
+    assert logits.shape == (2, 3, len(VOCAB))
+
+
+def test_a_checkpoint_naming_the_old_lstm_module_still_builds():
+    old = next(t for t, new in MOVED_TARGETS.items() if new.endswith(".LSTMDecoder"))
+    arch = architecture("lstm", "additive")
+    arch["decoder"]["_target_"] = old  # imcap.models.decoders before the split
+    captioner = build_captioner(arch, VOCAB, 64, pretrained=False)
+    assert type(captioner.decoder) is LSTMDecoder and captioner.architecture["decoder"]["_target_"] != old
