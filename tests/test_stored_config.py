@@ -7,7 +7,7 @@ import pytest
 from imcap.errors import ImcapError
 from imcap.stored_config import check_stored_config
 
-LSTM = "imcap.models.decoders.LSTMDecoder"
+LSTM = "imcap.models.lstm.LSTMDecoder"
 GOOD = {
     "architecture": {
         "encoder": {"_target_": "imcap.models.encoders.TorchvisionEncoder", "name": "mobilenet_v2"},

@@ -1,6 +1,6 @@
 """Building the captioner from model configs: every valid decoder x attention pair builds, the
 others are refused in one line that lists the valid pairs (derived, not hand-kept), and a
-checkpoint naming a component's old module path still builds."""
+checkpoint naming a component's old module path still loads."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
-from imcap.models.captioner import MOVED_TARGETS, build_captioner
+from imcap.models.captioner import CHECKPOINT_KEY, MOVED_TARGETS, build_captioner, load_checkpoint
 from imcap.models.decoder import describe_valid_pairs
 from imcap.models.lstm import LSTMDecoder
 from tests.helpers.decoders import INVALID, PAIRS, architecture, pair_id
@@ -36,9 +36,13 @@ def test_valid_pairs_build_from_configs(pair):
     assert logits.shape == (2, 3, len(VOCAB))
 
 
-def test_a_checkpoint_naming_the_old_lstm_module_still_builds():
+def test_a_checkpoint_naming_the_old_lstm_module_still_loads(tmp_path):
     old = next(t for t, new in MOVED_TARGETS.items() if new.endswith(".LSTMDecoder"))
     arch = architecture("lstm", "additive")
-    arch["decoder"]["_target_"] = old  # imcap.models.decoders before the split
-    captioner = build_captioner(arch, VOCAB, 64, pretrained=False)
-    assert type(captioner.decoder) is LSTMDecoder and captioner.architecture["decoder"]["_target_"] != old
+    arch["decoder"]["_target_"] = old  # imcap.models.decoders, before the split
+    path = tmp_path / "old.ckpt"
+    torch.save({CHECKPOINT_KEY: {"architecture": arch, "vocab": VOCAB.itos, "image_size": 64},
+                "state_dict": {}}, path)
+    stored = load_checkpoint(path)[CHECKPOINT_KEY]["architecture"]
+    assert stored["decoder"]["_target_"] == MOVED_TARGETS[old]
+    assert type(build_captioner(stored, VOCAB, 64, pretrained=False).decoder) is LSTMDecoder
