@@ -10,7 +10,6 @@ import urllib.error
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from imcap import assets, registry
 from imcap.errors import ImcapError
@@ -245,12 +244,10 @@ def test_offline_mobilenet_v2_imagenet_weights_are_provisioned():
     assert float(enc.trunk[0][0].weight.abs().sum()) > 0
 
 
-def test_every_encoder_config_names_a_registered_encoder():
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "model" / "encoder").glob("[!_]*.yaml")))
+def test_every_encoder_option_names_a_registered_encoder(option, make_cfg):
     """A checkpoint may only name registered components, so every option must be one."""
-    registered = {registry.target_of(cls) for cls in registry.components("encoder").values()}
-    assert registry.get("encoder", "torchvision") is TorchvisionEncoder
-    for path in sorted((CONF / "model" / "encoder").glob("*.yaml")):
-        cfg = OmegaConf.load(path)
-        assert cfg._target_ in registered, path.name
-        if cfg._target_ == registry.target_of(TorchvisionEncoder):
-            assert cfg.name in list_encoders(), path.name
+    encoder = make_cfg(f"model/encoder={option}").model.encoder
+    assert encoder._target_ in {registry.target_of(cls) for cls in registry.components("encoder").values()}
+    if encoder._target_ == registry.target_of(TorchvisionEncoder):
+        assert encoder.name in list_encoders()
