@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "imcap"  # where a checkpoint keeps what rebuilds the model: config + vocab
 COMPONENTS = ("encoder", "decoder", "attention", "embedding")
 # _target_s that moved: checkpoints written before the move name the old path
-MOVED_TARGETS = {"imcap.models.decoders.LSTMDecoder": "imcap.models.lstm.LSTMDecoder"}
+MOVED_TARGETS = {"imcap.models.decoders.LSTMDecoder": "imcap.models.lstm.LSTMDecoder",
+                 "imcap.data.sources.flickr.Flickr8kSource": "imcap.data.sources.flickr8k.Flickr8kSource"}
 
 
 class Caption(NamedTuple):
@@ -208,7 +209,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if (not isinstance(checkpoint, dict) or not isinstance(checkpoint.get(CHECKPOINT_KEY), dict)
             or "state_dict" not in checkpoint):
         raise ImcapError(f"checkpoint {path} was not written by imcap training (no model config or vocabulary)")
-    for component in (checkpoint[CHECKPOINT_KEY].get("architecture") or {}).values():
+    meta = checkpoint[CHECKPOINT_KEY]
+    source = meta["data"].get("source") if isinstance(meta.get("data"), dict) else None
+    for component in [*(meta.get("architecture") or {}).values(), source]:
         if isinstance(component, dict) and component.get("_target_") in MOVED_TARGETS:
             component["_target_"] = MOVED_TARGETS[component["_target_"]]  # written before the move
     # before anything is imported or built from it: the stored config names components, not code

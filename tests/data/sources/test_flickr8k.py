@@ -80,3 +80,16 @@ def test_karpathy_flickr8k_skips_missing_images_and_counts_them_once(tmp_path, c
     records = Flickr8kSource(str(tmp_path), missing_images="skip").records()
     assert [r.image_path.rsplit("/", 1)[-1] for r in records] == ["a.jpg"]
     assert "Skipped 1 of 2 Flickr8k images" in caplog.text
+
+
+def test_a_checkpoint_naming_the_reader_before_its_rename_still_loads(tmp_path):
+    import torch
+
+    from imcap.models.captioner import CHECKPOINT_KEY, load_checkpoint
+
+    data = {"_target_": "imcap.data.datamodule.CaptionDataModule",
+            "source": {"_target_": "imcap.data.sources.flickr.Flickr8kSource", "root": str(tmp_path)}}
+    torch.save({CHECKPOINT_KEY: {"architecture": {}, "vocab": ["<pad>"], "data": data}, "state_dict": {}},
+               tmp_path / "old.ckpt")
+    stored = load_checkpoint(tmp_path / "old.ckpt")[CHECKPOINT_KEY]["data"]
+    assert stored["source"]["_target_"] == "imcap.data.sources.flickr8k.Flickr8kSource"
