@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from imcap.data import textfile
 from imcap.errors import ImcapError, report_user_errors
 from imcap.metrics.java import MeteorScorer
 
@@ -26,19 +27,11 @@ METRICS = ("BLEU", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE")  # as imcap.metrics.
 
 
 def load_json(path: Path, option: str) -> Any:
+    """The JSON document in `path`; a problem is one line naming the file and the option."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ImcapError(f"{path}: no such file (given as {option})") from None
-    except UnicodeDecodeError:
-        raise ImcapError(f"{path}: not UTF-8 text; {option} needs a JSON file") from None
-    except OSError as exc:
-        raise ImcapError(f"{path}: cannot read it ({exc.strerror})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ImcapError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, "
-                         f"column {exc.colno})") from None
+        return textfile.load_json(path)
+    except ImcapError as e:
+        raise ImcapError(f"{e} (given as {option})") from None
 
 
 def image_key(value: Any, path: Path, where: str) -> str:

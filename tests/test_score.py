@@ -98,7 +98,7 @@ def test_flat_references_and_text_ids_give_the_same_scores(files):
 
 
 ERRORS = [
-    ("preds", '[{"image_id": 1, "caption": "a dog"', "not valid JSON (Expecting ',' delimiter at line 1"),
+    ("preds", '[{"image_id": 1, "caption": "a dog"', ":1: not valid JSON (Expecting ',' delimiter, column"),
     ("preds", '{"1": "a dog"}', "expected a COCO results list"),
     ("preds", '[{"image_id": 1}]', "entry 0 must be an object with image_id and caption"),
     ("preds", '[{"image_id": 1.5, "caption": "a"}]', "entry 0: image_id must be an integer or a string, got 1.5"),
@@ -112,7 +112,7 @@ ERRORS = [
      "1 images listed in 'images' have no caption (e.g. 2)"),
     ("refs", '{"1": []}', "image 1: expected a non-empty list of reference captions"),
     ("refs", "[1, 2]", "expected a COCO captions file"),
-    ("refs", "", "not valid JSON (Expecting value at line 1, column 1)"),
+    ("refs", "", ":1: not valid JSON (Expecting value, column 1); fix or replace the file (given as --references)"),
 ]
 
 
@@ -125,7 +125,7 @@ def test_user_errors_name_the_file_and_the_problem(which, content, message, file
         main(["--references", str(paths["refs"]), "--predictions", str(paths["preds"]), "--metrics", "BLEU"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {paths[which]}: ") and err.count("\n") == 1
+    assert err.startswith(f"error: {paths[which]}:") and err.count("\n") == 1
     assert message.format(refs=paths["refs"]) in err
 
 
