@@ -50,13 +50,14 @@ class Vocabulary:
         return [self.bos_id, *ids, self.eos_id] if add_bos_eos else ids
 
     def decode(self, ids: Iterable[int]) -> list[str]:
-        """Tokens up to the first <eos>, without special tokens."""
+        """Tokens up to the first <eos>, without <pad> and <bos>; <unk> is kept and shown as
+        "<unk>" (a caption that needed an unknown word says so)."""
         words = []
         for i in ids:
             i = int(i)
             if i == self.eos_id:
                 break
-            if i >= len(SPECIALS):
+            if i not in (self.pad_id, self.bos_id):
                 words.append(self.itos[i])
         return words
 

@@ -132,8 +132,7 @@ class Captioner(nn.Module):
 
     def generate(self, grid: torch.Tensor, pooled: torch.Tensor, decoding: Decoding | None = None) -> SearchResult:
         """Captions for grid features (B, N, C) with greedy decoding or beam search."""
-        v = self.vocab
-        return generate(self.decoder, grid, pooled, v.bos_id, v.eos_id, v.pad_id, decoding or self.decoding)
+        return generate(self.decoder, grid, pooled, self.vocab, decoding or self.decoding)
 
     def to_captions(self, result: SearchResult) -> list[Caption]:
         captions = []

@@ -3,10 +3,16 @@
 Search talks only to `decoder.init_state(grid, pooled)` and `decoder.step(state, prev)`; it
 never knows which decoder it drives. Decoder states are (nested) tuples of tensors with the
 batch first, so beams are expanded and reordered generically with `index_select`.
+
+Every method obeys the same rules on what may be generated (`_constrain`): never <bos>, <pad>
+or the ids in `never` (<unk> unless `decoding.allow_unk`), no <eos> before `min_length` words,
+and no caption that ends on a word of `bad_endings` ("a", "the", "of", ...): <eos> is
+forbidden after one, and so is one at the last step, where `max_length` cuts the caption.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
@@ -14,8 +20,15 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
 from imcap.models.packing import map_state
+
+# Words a caption may not end on: ImageCaptioning.pytorch's remove_bad_endings list (articles,
+# prepositions, "is/are/am") plus conjunctions and possessives that also leave a sentence open.
+BAD_ENDINGS = ("a", "an", "the", "in", "for", "at", "of", "with", "before", "after", "on", "upon", "near",
+               "to", "is", "are", "am", "and", "or", "from", "by", "into", "onto", "under", "his", "her",
+               "their", "its")
 
 
 class SearchResult(NamedTuple):
@@ -34,6 +47,8 @@ class Decoding:
     min_length: int = 1
     length_penalty: float = 0.0  # GNMT alpha: final score / ((5 + len) / 6) ** alpha
     block_trigrams: bool = False
+    allow_unk: bool = False  # whether <unk> may be generated
+    bad_endings: tuple[str, ...] | None = None  # words a caption may not end on (None: BAD_ENDINGS, (): any)
 
     def __post_init__(self) -> None:
         if self.method not in ("greedy", "beam"):
@@ -41,48 +56,46 @@ class Decoding:
         if self.beam_size < 1 or self.max_length < 1 or not 0 <= self.min_length <= self.max_length:
             raise ImcapError("decoding needs beam_size >= 1, max_length >= 1 and 0 <= min_length <= max_length; "
                              f"got {self.beam_size}, {self.max_length}, {self.min_length}")
+        words = BAD_ENDINGS if self.bad_endings is None else self.bad_endings
+        if isinstance(words, str) or not all(isinstance(w, str) for w in words):
+            raise ImcapError(f"decoding.bad_endings={self.bad_endings!r}; give a list of words, "
+                             "e.g. decoding.bad_endings=[a,the] (or [] to allow any ending)")
+        object.__setattr__(self, "bad_endings", tuple(words))  # YAML gives a list; checkpoints store the words
 
 
-def _forbid_specials(logp: torch.Tensor, bos_id: int, pad_id: int) -> torch.Tensor:
-    """<pad> and <bos> are never generated (in place; returns logp)."""
-    logp[:, bos_id] = float("-inf")
-    logp[:, pad_id] = float("-inf")
-    return logp
+def decoding_rules(vocab: Vocabulary, decoding: Decoding) -> dict[str, Any]:
+    """The keyword arguments that make a search function obey `decoding`'s rules on `vocab`."""
+    bad = tuple(vocab.stoi[w] for w in decoding.bad_endings if w in vocab.stoi)  # others are never generated
+    never = () if decoding.allow_unk else (vocab.unk_id,)
+    specials = {vocab.pad_id, vocab.bos_id, vocab.eos_id, *never}
+    if all(i in specials or i in bad for i in range(len(vocab))):
+        raise ImcapError("decoding.bad_endings holds every word of the vocabulary, so no caption can end; "
+                         "shorten decoding.bad_endings")
+    return {"min_length": decoding.min_length, "never": never, "bad_endings": bad}
 
 
-@torch.no_grad()
-def greedy_search(
-    decoder: nn.Module,
-    grid: torch.Tensor,
-    pooled: torch.Tensor,
-    bos_id: int,
-    eos_id: int,
-    pad_id: int,
-    max_length: int = 20,
-) -> SearchResult:
-    """Most probable token at every step, for the whole batch at once; stops when every
-    sequence has emitted <eos> or after `max_length` tokens."""
-    batch = grid.shape[0]
-    state = decoder.init_state(grid, pooled)
-    prev = torch.full((batch,), bos_id, dtype=torch.long, device=grid.device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=grid.device)
-    scores = torch.zeros(batch, device=grid.device)
-    tokens, maps = [], []
-    for _ in range(max_length):
-        logits, state, weights = decoder.step(state, prev)
-        logp = _forbid_specials(torch.log_softmax(logits.float(), dim=-1), bos_id, pad_id)  # (B, V)
-        best_logp, best = logp.max(dim=-1)
-        best = best.masked_fill(finished, pad_id)
-        scores += best_logp.masked_fill(finished, 0.0)
-        tokens.append(best)
-        if weights is not None:
-            maps.append(weights)
-        finished |= best == eos_id
-        prev = best
-        if bool(finished.all()):
-            break
-    attention = torch.stack(maps, dim=1) if maps else None
-    return SearchResult(torch.stack(tokens, dim=1), scores, attention)
+def _constrain(scores: torch.Tensor, prev: torch.Tensor, t: int, max_length: int, eos_id: int,
+               never: list[int], min_length: int, bad_endings: torch.Tensor | None) -> torch.Tensor:
+    """Forbid what may not be generated at step t (in place; returns scores).
+
+    scores: (R, V) log-probabilities or logits; prev: (R,) the token each row read at step t.
+    `never` always includes <bos> and <pad>.
+    """
+    scores[:, never] = float("-inf")
+    if t < min_length:
+        scores[:, eos_id] = float("-inf")
+    if bad_endings is not None:
+        scores[:, eos_id].masked_fill_(torch.isin(prev, bad_endings), float("-inf"))  # no end after "a"
+        if t == max_length - 1:  # the caption is cut after this word: it must not be one of them
+            scores[:, bad_endings] = float("-inf")
+    return scores
+
+
+def _rules(bos_id: int, pad_id: int, never: Sequence[int], bad_endings: Sequence[int],
+           device: torch.device) -> dict[str, Any]:
+    """`_constrain`'s `never` and `bad_endings` for one search call (ids on its device)."""
+    bad = torch.tensor(sorted(set(bad_endings)), dtype=torch.long, device=device) if len(bad_endings) else None
+    return {"never": [bos_id, pad_id, *never], "bad_endings": bad}
 
 
 def _block_repeated_trigrams(logp: torch.Tensor, history: torch.Tensor) -> None:
@@ -120,14 +133,17 @@ def beam_search(
     min_length: int = 1,
     length_penalty: float = 0.0,
     block_trigrams: bool = False,
+    *,
+    never: Sequence[int] = (),
+    bad_endings: Sequence[int] = (),
 ) -> SearchResult:
     """Beam search over the whole batch x beam at once (no per-image Python loops).
 
     Every step scores all B*K hypotheses in one `decoder.step`, takes the top K of K*V
     continuations per image, and reorders the state with one gather per leaf. Finished
     hypotheses stay in the beam with a frozen score (they may only extend by <pad>).
-    `min_length` forbids <eos> before that many words; the best hypothesis per image is chosen
-    by score / ((5 + length) / 6) ** length_penalty. beam_size=1 gives exactly greedy search.
+    The rules of `_constrain` apply to every hypothesis; the best one per image is chosen by
+    score / ((5 + length) / 6) ** length_penalty. beam_size=1 gives exactly greedy search.
 
     Work per step stays O(1) in the step count: the initial state is computed once per image
     and copied to its K beams (by the decoder's `expand_state(state, K)` where it has one: it
@@ -140,6 +156,7 @@ def beam_search(
     """
     B, K = grid.shape[0], beam_size
     device = grid.device
+    rules = _rules(bos_id, pad_id, never, bad_endings, device)
     expand = torch.arange(B, device=device).repeat_interleave(K)  # (B*K,) image of each row
     # the first step runs once per image (all K beams start the same), then the state is copied
     state = decoder.init_state(grid, pooled)
@@ -159,18 +176,17 @@ def beam_search(
     history = torch.empty(B * K, 0, dtype=torch.long, device=device)  # only for trigram blocking
     offsets = (torch.arange(B, device=device) * K).unsqueeze(1)  # (B, 1)
     sources, tokens, maps = [], [], []  # per step: (B*K,) back-pointers, (B*K,) tokens, (B*K, N)
-    prev: torch.Tensor | None = None  # the tokens the next step reads (the first step is done)
+    prev = torch.full((B * K,), bos_id, dtype=torch.long, device=device)  # the first step read <bos>
 
     def reorder(x: torch.Tensor) -> torch.Tensor:
         return x if id(x) in shared else x.index_select(0, rows)
 
     for t in range(max_length):
-        if prev is not None:
+        if t > 0:  # the first step is done
             logits, state, weights = decoder.step(state, prev)
-        logp = _forbid_specials(torch.log_softmax(logits.float(), dim=-1), bos_id, pad_id)  # (B*K, V)
+        logp = _constrain(torch.log_softmax(logits.float(), dim=-1), prev, t, max_length, eos_id,
+                          min_length=min_length, **rules)  # (B*K, V)
         V = logp.shape[-1]
-        if t < min_length:
-            logp[:, eos_id] = float("-inf")
         if block_trigrams:
             _block_repeated_trigrams(logp, history)
         # an image's best K continuations are among the best K of each of its hypotheses: select
@@ -227,30 +243,40 @@ def sample(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    *,
+    min_length: int = 1,
+    never: Sequence[int] = (),
+    bad_endings: Sequence[int] = (),
 ) -> SearchResult:
-    """Ancestral sampling with temperature, top-k and nucleus (top-p) truncation."""
+    """Ancestral sampling with temperature, top-k and nucleus (top-p) truncation, for the whole
+    batch at once; temperature=0 takes the most probable token at every step (greedy search).
+    Stops when every sequence has emitted <eos> or after `max_length` tokens.
+
+    Scores are log-probabilities of the distribution drawn from: the model's own at temperature
+    0, the tempered and truncated one otherwise.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy); got {temperature}")
     batch = grid.shape[0]
+    rules = _rules(bos_id, pad_id, never, bad_endings, grid.device)
+    constrain = partial(_constrain, max_length=max_length, eos_id=eos_id, min_length=min_length, **rules)
     state = decoder.init_state(grid, pooled)
     prev = torch.full((batch,), bos_id, dtype=torch.long, device=grid.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=grid.device)
     scores = torch.zeros(batch, device=grid.device)
     tokens, maps = [], []
-    for _ in range(max_length):
+    for t in range(max_length):
         logits, state, weights = decoder.step(state, prev)
-        logits = logits.float() / max(temperature, 1e-6)
-        logits[:, [bos_id, pad_id]] = float("-inf")  # never generated
-        if top_k > 0:
-            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if top_p < 1.0:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
-            logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-        logp = torch.log_softmax(logits, dim=-1)
-        token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+        if temperature == 0:
+            logp = constrain(torch.log_softmax(logits.float(), dim=-1), prev, t)  # (B, V)
+            token_logp, token = logp.max(dim=-1)
+        else:
+            logits = constrain(logits.float() / temperature, prev, t)
+            logp = torch.log_softmax(_truncate(logits, top_k, top_p), dim=-1)  # (B, V)
+            token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+            token_logp = logp.gather(1, token.unsqueeze(1)).squeeze(1)
         token = token.masked_fill(finished, pad_id)
-        scores += logp.gather(1, token.unsqueeze(1)).squeeze(1).masked_fill(finished, 0.0)
+        scores += token_logp.masked_fill(finished, 0.0)
         tokens.append(token)
         if weights is not None:
             maps.append(weights)
@@ -262,15 +288,46 @@ def sample(
     return SearchResult(torch.stack(tokens, dim=1), scores, attention)
 
 
-def generate(
-    decoder: nn.Module, grid: torch.Tensor, pooled: torch.Tensor, bos_id: int, eos_id: int, pad_id: int,
-    decoding: Decoding,
+def greedy_search(
+    decoder: nn.Module,
+    grid: torch.Tensor,
+    pooled: torch.Tensor,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    max_length: int = 20,
+    *,
+    min_length: int = 1,
+    never: Sequence[int] = (),
+    bad_endings: Sequence[int] = (),
 ) -> SearchResult:
-    """Decode with the configured method."""
+    """The most probable token at every step: `sample` at temperature 0."""
+    return sample(decoder, grid, pooled, bos_id, eos_id, pad_id, max_length, temperature=0.0,
+                  min_length=min_length, never=never, bad_endings=bad_endings)
+
+
+def _truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Keep the top_k most probable tokens, then the smallest set whose probability reaches top_p
+    (logits (B, V) -> (B, V), the rest at -inf)."""
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
+
+
+def generate(decoder: nn.Module, grid: torch.Tensor, pooled: torch.Tensor, vocab: Vocabulary,
+             decoding: Decoding) -> SearchResult:
+    """Decode grid (B, N, C) and pooled (B, C) features with the configured method and rules."""
+    ids = (vocab.bos_id, vocab.eos_id, vocab.pad_id)
+    rules = decoding_rules(vocab, decoding)
     if decoding.method == "greedy":
-        return greedy_search(decoder, grid, pooled, bos_id, eos_id, pad_id, decoding.max_length)
+        return greedy_search(decoder, grid, pooled, *ids, decoding.max_length, **rules)
     if decoding.method == "beam":
-        return beam_search(decoder, grid, pooled, bos_id, eos_id, pad_id, decoding.beam_size,
-                           decoding.max_length, decoding.min_length, decoding.length_penalty,
-                           decoding.block_trigrams)
+        return beam_search(decoder, grid, pooled, *ids, decoding.beam_size, decoding.max_length,
+                           length_penalty=decoding.length_penalty, block_trigrams=decoding.block_trigrams, **rules)
     raise ValueError(f"unknown decoding method {decoding.method!r}")

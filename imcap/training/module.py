@@ -134,7 +134,7 @@ class CaptionModule(pl.LightningModule):
         bs = batch["tokens"].shape[0]
         if self.scst.active(self.current_epoch):
             losses = scst_loss(self.captioner.decoder, *self.features(batch), batch["references"], self.vocab,
-                               self.scst_reward, self.scst)
+                               self.scst_reward, self.scst, self.decoding)
             for name, value in losses.items():
                 self.log(f"train/scst_{name}" if name != "loss" else "train/loss", value, prog_bar=True, batch_size=bs)
             return losses["loss"]

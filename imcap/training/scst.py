@@ -5,6 +5,9 @@ references, minus a baseline computed without gradients: the reward of the greed
 (self-critical) or the mean reward of the other k-1 samples ("new self-critical", Luo 2020).
 The policy gradient flows through one teacher-forced pass over the sampled captions, so
 sampling itself keeps no graph and memory stays that of one XE step over B*k captions.
+Samples and the greedy baseline obey the same rules as evaluation (`Decoding`: no <unk> unless
+allowed, min_length, no caption that ends on "a", "the", ...), so SCST optimises the captions
+that are later scored.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch import nn
 
 from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
-from imcap.models.search import greedy_search, sample
+from imcap.models.search import Decoding, decoding_rules, greedy_search, sample
 
 RewardFn = Callable[[Sequence[str], Sequence[Sequence[str]]], torch.Tensor]  # -> (n,) rewards
 
@@ -35,6 +38,8 @@ class SCST:
     def __post_init__(self) -> None:
         if self.baseline not in ("greedy", "mean"):
             raise ImcapError(f"model.scst.baseline={self.baseline!r}; choose greedy or mean")
+        if self.temperature <= 0:
+            raise ImcapError(f"model.scst.temperature={self.temperature}; it must be > 0 (SCST samples)")
         if self.num_samples < (2 if self.baseline == "mean" else 1):
             raise ImcapError(f"model.scst.num_samples={self.num_samples} is too small for the "
                              f"{self.baseline} baseline (mean needs at least 2)")
@@ -51,14 +56,17 @@ def scst_loss(
     vocab: Vocabulary,
     reward_fn: RewardFn,
     config: SCST,
+    decoding: Decoding = Decoding(),
 ) -> dict[str, torch.Tensor]:
-    """Policy-gradient loss for a batch: grid (B, N, C), pooled (B, C), references per image."""
+    """Policy-gradient loss for a batch: grid (B, N, C), pooled (B, C), references per image;
+    captions obey `decoding`'s rules (its method, beam size and max_length are not used)."""
     B, K = grid.shape[0], config.num_samples
     expand = torch.arange(B, device=grid.device).repeat_interleave(K)  # (B*K,)
     g, p = grid.index_select(0, expand), pooled.index_select(0, expand)
     ids = (vocab.bos_id, vocab.eos_id, vocab.pad_id)
+    rules = decoding_rules(vocab, decoding)
     samples = sample(decoder, g, p, *ids, max_length=config.max_length,
-                     temperature=config.temperature).tokens  # (B*K, L), no graph
+                     temperature=config.temperature, **rules).tokens  # (B*K, L), no graph
     inputs = torch.cat([torch.full_like(samples[:, :1], vocab.bos_id), samples[:, :-1]], dim=1)
     mask = (samples != vocab.pad_id).float()  # words and <eos>; <pad> after it
     logits, _ = decoder(g, p, inputs, mask.sum(1).long())  # (B*K, L, V), with graph; none on padding
@@ -70,7 +78,7 @@ def scst_loss(
         if config.baseline == "greedy":
             was_training = decoder.training
             decoder.eval()
-            greedy = greedy_search(decoder, grid, pooled, *ids, max_length=config.max_length).tokens
+            greedy = greedy_search(decoder, grid, pooled, *ids, max_length=config.max_length, **rules).tokens
             decoder.train(was_training)
             baseline = reward_fn([vocab.decode_text(s) for s in greedy.tolist()], references).to(logp)
             baseline = baseline.index_select(0, expand)

@@ -21,10 +21,11 @@ def test_encode_wraps_and_maps_unknown_words():
     assert vocab.encode(["a", "cat"]) == [vocab.bos_id, vocab.stoi["a"], vocab.unk_id, vocab.eos_id]
 
 
-def test_decode_stops_at_eos_and_drops_specials():
+def test_decode_stops_at_eos_drops_padding_and_shows_unknown_words():
     vocab = Vocabulary.build([["a", "dog"]])
     ids = [vocab.bos_id, vocab.stoi["a"], vocab.unk_id, vocab.stoi["dog"], vocab.eos_id, vocab.stoi["a"]]
-    assert vocab.decode_text(ids) == "a dog"
+    assert vocab.decode_text(ids) == "a <unk> dog"  # not silently "a dog"
+    assert vocab.decode([vocab.stoi["dog"], vocab.pad_id, vocab.pad_id]) == ["dog"]
 
 
 def test_json_round_trip(tmp_path):

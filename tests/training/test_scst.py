@@ -8,8 +8,11 @@ from imcap.errors import ImcapError
 from imcap.models.attention import AdditiveAttention
 from imcap.models.embeddings import LearnedEmbedding
 from imcap.models.lstm import LSTMDecoder
+from imcap.models.search import Decoding
 from imcap.training.scheduled_sampling import ScheduledSampling, scheduled_sampling_forward
 from imcap.training.scst import SCST, scst_loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a shared CPU
 
 VOCAB = Vocabulary(["<pad>", "<bos>", "<eos>", "<unk>", "red", "blue", "circle", "square"])
 
@@ -56,6 +59,8 @@ def test_scst_options_are_checked():
         SCST(baseline="median")
     with pytest.raises(ImcapError, match="num_samples"):
         SCST(baseline="mean", num_samples=1)
+    with pytest.raises(ImcapError, match="temperature"):  # 0 would be greedy: every sample the same
+        SCST(temperature=0.0)
 
 
 def test_scheduled_sampling_schedule_and_zero_probability_path():
@@ -73,3 +78,30 @@ def test_scheduled_sampling_schedule_and_zero_probability_path():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(mixed[:, 1:], expected[:, 1:])  # later inputs came from the model
     torch.testing.assert_close(mixed[:, 0], expected[:, 0])  # the first input is always <bos>
+
+
+def test_scst_samples_and_baseline_obey_the_decoding_rules():
+    """No <unk> and no caption ending on "a", neither sampled nor in the greedy baseline, even
+    from a model that prefers both; with the rules off the same model writes them."""
+    vocab = Vocabulary([*VOCAB.itos, "a"])
+    torch.manual_seed(0)
+    dec = LSTMDecoder(len(vocab), 12, LearnedEmbedding(vocab.itos, dim=16),
+                      partial(AdditiveAttention, attention_dim=8), hidden_dim=24, dropout=0.0)
+    with torch.no_grad():
+        dec.output.bias[vocab.unk_id] += 8.0
+        dec.output.bias[vocab.stoi["a"]] += 6.0
+    grid = torch.randn(4, 4, 12)
+    config = SCST(start_epoch=0, baseline="greedy", num_samples=5, max_length=6)
+
+    def written(decoding: Decoding) -> list[list[str]]:
+        seen: list[str] = []
+        def reward(candidates, references):
+            seen.extend(candidates)
+            return torch.zeros(len(candidates))
+        scst_loss(dec, grid, grid.mean(1), [["a red circle"]] * 4, vocab, reward, config, decoding)
+        return [c.split() for c in seen]  # 20 samples, then 4 greedy captions
+
+    ruled = written(Decoding())
+    assert len(ruled) == 24 and all(words and "<unk>" not in words and words[-1] != "a" for words in ruled)
+    assert sum("<unk>" in words for words in written(Decoding(allow_unk=True))) > 12
+    assert sum(words[-1:] == ["a"] for words in written(Decoding(bad_endings=[]))) > 6
