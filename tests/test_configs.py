@@ -37,9 +37,9 @@ def test_every_group_directory_is_covered():
 
 @pytest.mark.parametrize("group,option", group_options(), ids=lambda v: str(v))
 def test_option_composes_and_instantiates(group, option, make_cfg):
-    # the tiny overrides are shapes-specific
+    # the tiny overrides are shapes-specific (experiments may choose other data)
     extra = ["trainer.accelerator=cpu"] if option == "gpu" and not torch.cuda.is_available() else []
-    cfg = make_cfg(f"{group}={option}", *extra, tiny=not (group == "data" and option != "shapes"))
+    cfg = make_cfg(f"{group}={option}", *extra, tiny=group != "experiment" and not (group == "data" and option != "shapes"))
     vocab = Vocabulary.build([["a", "red", "circle"]])
     if group.startswith("model") or group == "experiment":
         model = OmegaConf.to_container(cfg.model, resolve=True)
