@@ -56,15 +56,16 @@ def scst_loss(
     vocab: Vocabulary,
     reward_fn: RewardFn,
     config: SCST,
-    decoding: Decoding = Decoding(),
+    decoding: Decoding | None = None,
 ) -> dict[str, torch.Tensor]:
     """Policy-gradient loss for a batch: grid (B, N, C), pooled (B, C), references per image;
-    captions obey `decoding`'s rules (its method, beam size and max_length are not used)."""
+    captions obey `decoding`'s rules (default: `Decoding()`; its method, beam size and
+    max_length are not used)."""
     B, K = grid.shape[0], config.num_samples
     expand = torch.arange(B, device=grid.device).repeat_interleave(K)  # (B*K,)
     g, p = grid.index_select(0, expand), pooled.index_select(0, expand)
     ids = (vocab.bos_id, vocab.eos_id, vocab.pad_id)
-    rules = decoding_rules(vocab, decoding)
+    rules = decoding_rules(vocab, decoding or Decoding())
     samples = sample(decoder, g, p, *ids, max_length=config.max_length,
                      temperature=config.temperature, **rules).tokens  # (B*K, L), no graph
     inputs = torch.cat([torch.full_like(samples[:, :1], vocab.bos_id), samples[:, :-1]], dim=1)
