@@ -40,6 +40,6 @@ def test_experiment_trains_a_fast_dev_run_from_the_command_line(experiment, tmp_
     for key in ("decoder", "embedding"):
         for name, value in (recipe.get("model", {}).get(key) or {}).items():
             assert config.model[key][name] == value, f"model.{key}.{name}"
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     assert math.isfinite(metrics["train/loss"]) and 0 <= metrics["val/BLEU-4"] <= 1  # trained, then decoded
     assert ("train/scst_reward" in metrics) == scst

@@ -103,7 +103,7 @@ def main() -> None:
                "recipes": [measure(r, args.batch, args.images, args.repeats) for r in RECIPES]}
     print(json.dumps(results, indent=1))
     if args.output:
-        args.output.write_text(json.dumps(results, indent=1) + "\n")
+        args.output.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
