@@ -13,7 +13,7 @@ forbidden after one, and so is one at the last step, where `max_length` cuts the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -61,6 +61,10 @@ class Decoding:
             raise ImcapError(f"decoding.bad_endings={self.bad_endings!r}; give a list of words, "
                              "e.g. decoding.bad_endings=[a,the] (or [] to allow any ending)")
         object.__setattr__(self, "bad_endings", tuple(words))  # YAML gives a list; checkpoints store the words
+
+    def to_config(self) -> dict[str, Any]:
+        """The fields as plain values (lists, not tuples), as checkpoints store them."""
+        return {**asdict(self), "bad_endings": list(self.bad_endings)}
 
 
 def decoding_rules(vocab: Vocabulary, decoding: Decoding) -> dict[str, Any]:

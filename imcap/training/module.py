@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections.abc import Sequence
 from functools import partial
@@ -216,7 +215,7 @@ class CaptionModule(pl.LightningModule):
             "vocab": list(self.vocab.itos),
             "image_size": self.captioner.image_size,
             "data": self.data_config,
-            "decoding": dataclasses.asdict(self.decoding),
+            "decoding": self.decoding.to_config(),
             "wandb_run_id": self.wandb_run_id,
             "format": 1,
         }

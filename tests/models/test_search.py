@@ -24,6 +24,7 @@ from imcap.models.search import (
     greedy_search,
     sample,
 )
+from imcap.stored_config import check_stored_config
 from tests.helpers import decoders as zoo
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a shared CPU
@@ -449,3 +450,10 @@ def test_decoding_options_are_checked():
         decoding_rules(Vocabulary([*SPECIALS, "a", "the"]), Decoding())
     with pytest.raises(ImcapError, match="method"):
         Decoding(method="sample")
+
+
+def test_decoding_round_trips_through_a_checkpoints_plain_config():
+    decoding = Decoding(method="beam", bad_endings=["a", "of"], allow_unk=True)
+    stored = decoding.to_config()
+    check_stored_config({"decoding": stored}, "checkpoint x.ckpt")  # plain values only: accepted
+    assert Decoding(**stored) == decoding
