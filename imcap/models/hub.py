@@ -37,14 +37,12 @@ def save_pretrained(captioner: Captioner, folder: str | Path, data: dict | None 
                     metrics: dict[str, float] | None = None) -> Path:
     """Write `captioner` as a folder; `data` (the training data config) and `metrics` (test
     metrics) go into the model card when given."""
-    from dataclasses import asdict
-
     from safetensors.torch import save_model
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"imcap_format": FORMAT, "architecture": captioner.architecture,
-              "image_size": captioner.image_size, "decoding": asdict(captioner.decoding)}
+              "image_size": captioner.image_size, "decoding": captioner.decoding.to_config()}
     check_stored_config(config, f"the model's own config ({folder / CONFIG})")  # never share what we would refuse
     tmp = folder / (WEIGHTS + ".tmp")  # safetensors writes by file name: a temporary one, then renamed
     save_model(captioner, str(tmp))  # tensors shared between modules are stored once
