@@ -25,7 +25,7 @@ from imcap.models.search import (
     sample,
 )
 from imcap.stored_config import check_stored_config
-from tests.helpers import decoders as zoo
+from tests.helpers import decoders
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a shared CPU
 
@@ -49,8 +49,8 @@ def features(batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 # -- greedy ---------------------------------------------------------------------------------
 def test_greedy_picks_the_argmax_of_the_teacher_forced_logits():
-    dec = zoo.make_decoder("lstm", "additive")
-    grid, pooled, _ = zoo.inputs(batch=4)
+    dec = decoders.make_decoder("lstm", "additive")
+    grid, pooled, _ = decoders.inputs(batch=4)
     result = greedy_search(dec, grid, pooled, BOS, EOS, PAD, max_length=6)
     inputs = torch.cat([torch.full((4, 1), BOS), result.tokens[:, :-1]], dim=1)
     with torch.no_grad():
@@ -62,15 +62,15 @@ def test_greedy_picks_the_argmax_of_the_teacher_forced_logits():
         n = ids.index(EOS) + 1 if EOS in ids else len(ids)
         assert ids[:n] == logits[b, :n].argmax(-1).tolist()
         assert all(i == PAD for i in ids[n:])
-    assert result.attention.shape == (4, result.tokens.shape[1], zoo.N)
+    assert result.attention.shape == (4, result.tokens.shape[1], decoders.N)
 
 
 def test_greedy_stops_once_every_sequence_has_ended():
-    dec = zoo.make_decoder("lstm", "none")
+    dec = decoders.make_decoder("lstm", "none")
     with torch.no_grad():
         dec.output.bias.fill_(-100.0)
         dec.output.bias[EOS] = 100.0  # every step prefers <eos>
-    grid, pooled, _ = zoo.inputs()
+    grid, pooled, _ = decoders.inputs()
     result = greedy_search(dec, grid, pooled, BOS, EOS, PAD, max_length=10, min_length=0)
     assert result.tokens.tolist() == [[EOS]] * 3
     assert result.attention is None
@@ -139,18 +139,18 @@ def plain_sample(decoder, grid, pooled, bos_id, eos_id, pad_id, max_length, temp
 
 
 def sharp(pair: tuple[str, str]) -> nn.Module:
-    """A zoo decoder with sharper distributions, where some captions end early."""
-    dec = zoo.make_decoder(*pair)
+    """A tiny decoder with sharper distributions, where some captions end early."""
+    dec = decoders.make_decoder(*pair)
     with torch.no_grad():
         dec.output.weight.mul_(4.0)
         dec.output.bias[EOS] += 1.5
     return dec
 
 
-@pytest.mark.parametrize("pair", zoo.PAIRS, ids=zoo.pair_id)
+@pytest.mark.parametrize("pair", decoders.PAIRS, ids=decoders.pair_id)
 def test_greedy_is_bit_identical_to_the_greedy_search_it_replaced(pair):
     dec = sharp(pair)
-    grid, pooled, _ = zoo.inputs(batch=5)
+    grid, pooled, _ = decoders.inputs(batch=5)
     new = greedy_search(dec, grid, pooled, BOS, EOS, PAD, max_length=9, min_length=0)  # no rules: as before
     old = plain_greedy_search(dec, grid, pooled, BOS, EOS, PAD, max_length=9)
     assert torch.equal(new.tokens, old.tokens) and torch.equal(new.scores, old.scores)
@@ -162,7 +162,7 @@ def test_greedy_is_bit_identical_to_the_greedy_search_it_replaced(pair):
 @pytest.mark.parametrize("options", [{}, {"temperature": 0.7, "top_k": 5}, {"top_p": 0.8}], ids=["plain", "top_k", "top_p"])
 def test_sampling_draws_what_the_sampling_it_replaced_drew(options):
     dec = sharp(("lstm", "additive"))
-    grid, pooled, _ = zoo.inputs(batch=6)
+    grid, pooled, _ = decoders.inputs(batch=6)
     kwargs = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, **options}
     new = sample(dec, grid, pooled, BOS, EOS, PAD, 9, generator=torch.Generator().manual_seed(3), min_length=0, **kwargs)
     old = plain_sample(dec, grid, pooled, BOS, EOS, PAD, 9, generator=torch.Generator().manual_seed(3), **kwargs)
@@ -325,15 +325,15 @@ OPTIONS = {
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=list(OPTIONS))
-@pytest.mark.parametrize("pair", zoo.PAIRS, ids=zoo.pair_id)
+@pytest.mark.parametrize("pair", decoders.PAIRS, ids=decoders.pair_id)
 def test_beam_search_equals_the_plain_search_for_every_decoder(pair, options):
     """Shared per-image state, leaves passed through unreordered and back-pointers give the
     same captions, scores and attention maps as reordering everything every step."""
-    dec = zoo.make_decoder(*pair).double()  # fp64: no near-ties that rounding could break apart
+    dec = decoders.make_decoder(*pair).double()  # fp64: no near-ties that rounding could break apart
     with torch.no_grad():
         dec.output.weight.mul_(4.0)  # sharper distributions: beams diverge, some end early
         dec.output.bias[EOS] += 1.5
-    grid, pooled, _ = zoo.inputs(batch=4)
+    grid, pooled, _ = decoders.inputs(batch=4)
     grid, pooled = grid.double(), pooled.double()
     kwargs = {"beam_size": 3, "max_length": 9, **OPTIONS[options]}
     fast = beam_search(dec, grid, pooled, BOS, EOS, PAD, **kwargs)
@@ -350,7 +350,7 @@ def test_beam_search_equals_the_plain_search_for_every_decoder(pair, options):
 
 # -- decoding rules: no <unk>, no caption that ends on a function word ------------------------
 WORDS = ["a", "the", "dog", "runs", "on", "grass", "red", "ball", "of", "with"]
-VOCAB = Vocabulary([*SPECIALS, *WORDS, *(f"w{i}" for i in range(zoo.V - len(SPECIALS) - len(WORDS)))])
+VOCAB = Vocabulary([*SPECIALS, *WORDS, *(f"w{i}" for i in range(decoders.V - len(SPECIALS) - len(WORDS)))])
 A, DOG = VOCAB.stoi["a"], VOCAB.stoi["dog"]
 BAD = {VOCAB.stoi[w] for w in ("a", "the", "on", "of", "with")}  # those of the default list in VOCAB
 
@@ -382,11 +382,11 @@ class Tilted(nn.Module):
 
 
 def first_pair(decoder_name: str) -> tuple[str, str]:
-    return next(p for p in zoo.PAIRS if p[0] == decoder_name)
+    return next(p for p in decoders.PAIRS if p[0] == decoder_name)
 
 
 def decode_with(method: str, dec: nn.Module, decoding: Decoding) -> SearchResult:
-    grid, pooled, _ = zoo.inputs(batch=4)
+    grid, pooled, _ = decoders.inputs(batch=4)
     if method == "sample":
         return sample(dec, grid, pooled, VOCAB.bos_id, VOCAB.eos_id, VOCAB.pad_id, decoding.max_length,
                       generator=torch.Generator().manual_seed(0), **decoding_rules(VOCAB, decoding))
@@ -405,7 +405,7 @@ def captions(result: SearchResult) -> list[list[int]]:
 @pytest.mark.parametrize("method", ["greedy", "beam", "sample"])
 @pytest.mark.parametrize("decoder_name", registry.names("decoder"))
 def test_no_unk_and_no_bad_ending_with_every_decoder_and_method(decoder_name, method, max_length):
-    dec = Tilted(zoo.make_decoder(*first_pair(decoder_name)))
+    dec = Tilted(decoders.make_decoder(*first_pair(decoder_name)))
     default = Decoding(method="greedy" if method == "sample" else method, max_length=max_length)
     got = captions(decode_with(method, dec, default))
     assert all(UNK not in c for c in got)
@@ -423,20 +423,20 @@ def test_no_unk_and_no_bad_ending_with_every_decoder_and_method(decoder_name, me
 
 def test_max_length_cut_never_leaves_a_bad_ending():
     """A model that keeps writing "a" is cut at max_length on another word."""
-    dec = zoo.make_decoder("lstm", "additive")
+    dec = decoders.make_decoder("lstm", "additive")
     with torch.no_grad():
         dec.output.bias[A] += 50.0
         dec.output.bias[EOS] -= 50.0
-    result = generate(dec, *zoo.inputs(batch=3)[:2], VOCAB, Decoding(max_length=5))
+    result = generate(dec, *decoders.inputs(batch=3)[:2], VOCAB, Decoding(max_length=5))
     for c in captions(result):
         assert c[:4] == [A] * 4 and len(c) == 5 and c[4] not in BAD
 
 
 def test_unk_is_generated_and_shown_when_allowed():
-    dec = zoo.make_decoder("lstm", "additive")
+    dec = decoders.make_decoder("lstm", "additive")
     with torch.no_grad():
         dec.output.bias[UNK] += 50.0
-    grid, pooled, _ = zoo.inputs(batch=2)
+    grid, pooled, _ = decoders.inputs(batch=2)
     result = generate(dec, grid, pooled, VOCAB, Decoding(allow_unk=True, max_length=3))
     assert all(VOCAB.decode(row) == ["<unk>"] * 3 for row in result.tokens.tolist())
 
