@@ -12,7 +12,8 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import CONF, TINY
+from tests.helpers.paths import CONF
+from tests.helpers.runs import TINY
 
 pytestmark = pytest.mark.slow
 
