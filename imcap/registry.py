@@ -42,6 +42,7 @@ BUILTIN_MODULES = (
     "imcap.data.sources.flickr30k",
     "imcap.data.sources.shapes",
     "imcap.data.datamodule",
+    "imcap.data.streaming",
 )
 
 _registry: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}

@@ -3,6 +3,7 @@
     python -m imcap.data prepare NAME [--keep-archives] [--base-url URL] [overrides]
     python -m imcap.data stats [--json] [data=NAME] [data.root=DIR] [model/embedding=...]
     python -m imcap.data features [data=NAME] [model/encoder=...] [data.cache_dir=DIR]
+    python -m imcap.data shards [data=NAME] out=DIR [shard_size=N] [overrides]
 
 prepare   downloads the public archives of `data=NAME` into its `data.root` with a progress
           bar, resumes partial downloads, checks size and sha256, extracts safely and is
@@ -19,6 +20,10 @@ features  extracts the grid-feature cache of every split ahead of training, with
           transform training would use (JPEGs decode in `data.num_workers` DataLoader workers; auto:
           a decoding thread per core),
           and prints images/s per split; splits already cached are reported as such.
+shards    writes every split of `data=NAME` as tar shards of `shard_size` samples (default 1000) in
+          img2dataset's WebDataset layout, DIR/{train,val,test}/000000.tar ... (KEY.jpg or .png,
+          KEY.txt with one caption per line, KEY.json with image_id and captions), and indexes
+          them; train from them with `data=shards data.root=DIR` (see imcap/data/streaming.py).
 
 Configs are composed from conf/train.yaml as for `python -m imcap.train`, so the same overrides
 work here. Results go to stdout, logs and progress bars to stderr; a mistake the user can fix
@@ -213,6 +218,39 @@ def format_features(results: list[dict[str, Any]], encoder: str) -> str:
     return "\n".join(lines)
 
 
+# -- shards ---------------------------------------------------------------------------------------
+def run_shards(overrides: Sequence[str]) -> list[str]:
+    """Write every split of the configured source as shards; `out=` and `shard_size=` are
+    this command's own options, the rest are Hydra overrides."""
+    from imcap.data.shards import load_index, write_shards
+
+    options = {k: v for k, _, v in (o.partition("=") for o in overrides if o.split("=")[0] in ("out", "shard_size"))}
+    rest = [o for o in overrides if o.split("=")[0] not in ("out", "shard_size")]
+    if "out" not in options:
+        raise ImcapError("shards needs out=DIR, the folder to write {train,val,test}/*.tar into")
+    try:
+        shard_size = int(options.get("shard_size", 1000))
+    except ValueError:
+        raise ImcapError(f"shard_size={options['shard_size']!r}; use a number of samples per shard") from None
+    cfg = compose_config(rest)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    lines = []
+    for split, records in datamodule.records.items():
+        if not records:
+            continue
+        folder = Path(options["out"]) / split
+        if any(folder.glob("*.tar")):
+            raise ImcapError(f"{folder} already holds shards; choose another out= or remove them")
+        start = time.perf_counter()
+        shards = write_shards(records, folder, shard_size)
+        for shard in shards:
+            load_index(shard)  # training then starts without a first pass over the tars
+        lines.append(f"{split:<5} {len(records):>8,} images  {len(shards):>5} shards  "
+                     f"{time.perf_counter() - start:6.1f} s  {folder}")
+    return lines
+
+
 # -- entry point ----------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m imcap.data", description=__doc__.splitlines()[0],
@@ -229,6 +267,8 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("overrides", nargs="*", help="hydra overrides, e.g. data=flickr8k")
     features = sub.add_parser("features", help="extract the grid-feature cache of every split")
     features.add_argument("overrides", nargs="*", help="hydra overrides, e.g. model/encoder=resnet50")
+    shards = sub.add_parser("shards", help="write every split as tar shards (WebDataset layout)")
+    shards.add_argument("overrides", nargs="*", help="out=DIR [shard_size=N] and hydra overrides, e.g. data=flickr8k")
     return parser
 
 
@@ -241,6 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "stats":
         stats = collect_stats(compose_config("train", args.overrides))
         print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    elif args.command == "shards":
+        print("\n".join(run_shards(args.overrides)))
     else:
         cfg = compose_config("train", args.overrides)
         print(format_features(extract_all(cfg), str(cfg.model.encoder.get("name", "the encoder"))))

@@ -49,6 +49,8 @@ class WandbCaptionTable(pl.Callback):
         from imcap.viz.attention import caption_attention_figure, figure_to_image
 
         dataset = datamodule.datasets["val"]
+        if isinstance(dataset, torch.utils.data.IterableDataset):  # streamed shards: no random access
+            return
         items = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
         batch = collate(items)
         batch = {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -68,20 +70,26 @@ class WandbCaptionTable(pl.Callback):
 
 class TrainTimer(pl.Callback):
     """Logs `train/captions_per_s`: captions over wall time of the training part of the epochs
-    so far (validation, which Lightning runs inside the epoch, excluded)."""
+    so far (validation, which Lightning runs inside the epoch, excluded). Captions are counted
+    per batch, so loaders without a sampler (streamed shards) are timed too."""
 
     def __init__(self):
         self.seconds = 0.0
         self.captions = 0
+        self._epoch_captions = 0
         self._start: float | None = None
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.perf_counter()
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        self._epoch_captions += len(batch["tokens"])
+
     def _stop(self, trainer: pl.Trainer) -> None:
         if self._start is not None:
             self.seconds += time.perf_counter() - self._start
-            self.captions += len(trainer.train_dataloader.sampler)
+            self.captions += self._epoch_captions
+            self._epoch_captions = 0
             self._start = None
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

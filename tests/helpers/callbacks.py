@@ -1,6 +1,10 @@
-"""Test-only callbacks: a crash mid-run, bugs in constructors Hydra builds."""
+"""Test-only callbacks: a crash mid-run, bugs in constructors Hydra builds, a record of the
+items each rank trained on (streamed shards)."""
 
 from __future__ import annotations
+
+import json
+import time
 
 import pytorch_lightning as pl
 
@@ -72,3 +76,23 @@ class DieWritingCheckpointAt(pl.Callback):
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, resource.RLIM_INFINITY))
         signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+
+
+class RecordItems(pl.Callback):
+    """Appends one JSON line per trained batch to `path`.rank<R>.jsonl: epoch, global step
+    after the batch, and the batch's `item_ids` (streamed shards). With `stop_at_step`, the
+    run writes `path`.stopped and hangs before training that step (its checkpoint of the step
+    before is written), so that a test can kill -9 it at a known point mid-epoch."""
+
+    def __init__(self, path: str, stop_at_step: int | None = None):
+        self.path, self.stop_at_step = path, stop_at_step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if self.stop_at_step is not None and trainer.global_step == self.stop_at_step:
+            open(f"{self.path}.stopped", "w").close()
+            time.sleep(3600)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        line = {"epoch": trainer.current_epoch, "step": trainer.global_step, "items": batch["item_ids"]}
+        with open(f"{self.path}.rank{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
