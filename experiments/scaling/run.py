@@ -43,8 +43,9 @@ def make_source(folder: Path, captions: int, seed: int = 0) -> None:
         return
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
-    shared = folder / "shared.jpg"
-    Image.new("RGB", (16, 16), (120, 80, 40)).save(shared)
+    shared = [folder / f"shared-{k}.jpg" for k in range(captions // 5 // 60_000 + 1)]  # ext4: < 65,000 links a file
+    for path in shared:
+        Image.new("RGB", (16, 16), (120, 80, 40)).save(path)
     rng = np.random.default_rng(seed)
     vocab = np.array([f"w{i}" for i in range(WORDS)])
     weights = 1.0 / np.arange(1, WORDS + 1)
@@ -60,7 +61,7 @@ def make_source(folder: Path, captions: int, seed: int = 0) -> None:
         for c in range(captions):
             i = c // 5
             if c % 5 == 0:
-                os.link(shared, images / f"{i:07d}.jpg")
+                os.link(shared[i // 60_000], images / f"{i:07d}.jpg")
             caption = " ".join(vocab[words[pos:pos + lengths[c]]])
             pos += lengths[c]
             f.write(f"images/{i:07d}.jpg,{caption.capitalize()}.,{splits[i]}\n")

@@ -281,7 +281,7 @@ def decode_image(data: bytes, where: str, tensor: bool) -> torch.Tensor | Image.
     try:
         with Image.open(io.BytesIO(data)) as im:
             rgb = im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # PIL: SyntaxError for a broken PNG
         raise ImcapError(f"cannot decode the image of {where}: {e}; rewrite the shard or set "
                          "data.bad_samples=skip with a frozen encoder (decoded once, into the feature cache)") from e
     return T.PILToTensor()(rgb) if tensor else rgb
