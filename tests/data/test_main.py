@@ -179,3 +179,58 @@ def test_stats_on_the_real_flickr8k_subset(env, capsys):
     assert 500 < stats["vocabulary"]["size"] < 1500 and stats["vocabulary"]["min_freq"] == 5
     assert 0 < stats["splits"]["test"]["unk_share"] < 0.2
 
+
+
+def _shard_samples(folder):
+    from imcap.data.shards import load_index
+
+    return [s for shard in sorted(folder.glob("*.tar")) for s in load_index(shard)]
+
+
+def test_shards_writes_every_split_in_img2dataset_layout(env, capsys):
+    assert main(["shards", f"out={env / 'shards'}", "shard_size=5", *SHAPES_TINY]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [ln.split()[:4] for ln in out] == [["train", "12", "images", "3"], ["val", "4", "images", "1"],
+                                              ["test", "4", "images", "1"]]
+    from imcap.data.sources.shapes import ShapesSource
+
+    records = ShapesSource(str(env / "data" / "shapes"), num_images={"train": 12, "val": 4, "test": 4},
+                           image_size=64).records()
+    for split in ("train", "val", "test"):
+        expected = [r for r in records if r.split == split]
+        samples = _shard_samples(env / "shards" / split)
+        assert [(s.image_id, s.captions) for s in samples] == [(r.image_id, r.captions) for r in expected]
+    import tarfile
+
+    with tarfile.open(env / "shards" / "train" / "000000.tar") as tar:
+        assert tar.getnames()[:3] == ["000000000.json", "000000000.png", "000000000.txt"]
+    with pytest.raises(SystemExit):  # never mixed into shards written before
+        main(["shards", f"out={env / 'shards'}", *SHAPES_TINY])
+    assert "already holds shards; choose another out=" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["shards", *SHAPES_TINY])
+    assert "error: shards needs out=DIR" in capsys.readouterr().err
+
+
+@pytest.mark.realdata
+def test_shards_of_a_real_flickr8k_subset(env, capsys):
+    """40 real photos in the Kaggle layout (symlinks into ../shared), written as shards of 16."""
+    root = env / "flickr-subset"
+    (root / "Images").mkdir(parents=True)
+    with open(FLICKR_1K / "captions.txt", newline="") as f:
+        header, *rows = list(csv.reader(f))
+    names = sorted({name for name, _ in rows})[:40]
+    rows = [r for r in rows if r[0] in names]
+    for name in names:
+        os.symlink(FLICKR_1K / "Images" / name, root / "Images" / name)
+    with open(root / "captions.txt", "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    assert main(["shards", f"out={env / 'shards'}", "shard_size=16", "data=flickr8k", f"data.source.root={root}"]) == 0
+    samples = [s for split in ("train", "val", "test") for s in _shard_samples(env / "shards" / split)]
+    assert sorted(s.image_id for s in samples) == names
+    assert sum(len(s.captions) for s in samples) == len(rows) == 200
+    from imcap.data.shards import read_image_bytes
+
+    first = next(s for s in _shard_samples(env / "shards" / "train"))
+    shard = sorted((env / "shards" / "train").glob("*.tar"))[0]
+    assert read_image_bytes(shard, first) == (FLICKR_1K / "Images" / first.image_id).read_bytes()
