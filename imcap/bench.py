@@ -11,7 +11,10 @@ median of repeated runs after a warm-up):
   beams rarely end early: a worst case);
 - feature_extraction: JPEG files to cached grid features through `extract_features` (what
   training runs), images/s per encoder and precision;
-- epoch: wall time of one training epoch on ../shared/data/flickr8k-1k with cached features.
+- epoch: wall time of one training epoch on ../shared/data/flickr8k-1k with cached features;
+- gpu: only where CUDA is (else one line saying so): decoder training at B = 32/256/1024 in
+  bf16 with the fraction of the device's bf16 GEMM rate, beam-5 images/s, and JPEG ->
+  ResNet-101 features with GPU JPEG decoding (imcap/bench_gpu.py).
 Sections that need ../shared/data are skipped with a reason when it is absent.
 
 Models are composed from conf/ as training composes them (the optimiser too); `--override`
@@ -301,7 +304,7 @@ def bench_epoch(sizes: Sizes = Sizes()) -> list[dict[str, Any]] | str:
     return out
 
 
-SECTIONS = ("gemm", "decoder_train", "beam_search", "feature_extraction", "epoch")
+SECTIONS = ("gemm", "decoder_train", "beam_search", "feature_extraction", "epoch", "gpu")
 
 
 def run(quick: bool, sections: tuple[str, ...] = SECTIONS, sizes: Sizes = Sizes()) -> dict[str, Any]:
@@ -321,6 +324,10 @@ def run(quick: bool, sections: tuple[str, ...] = SECTIONS, sizes: Sizes = Sizes(
         results["feature_extraction"] = bench_feature_extraction(quick, sizes)
     if "epoch" in sections and not quick:
         results["epoch"] = bench_epoch(sizes)
+    if "gpu" in sections:
+        from imcap.bench_gpu import bench_gpu
+
+        results["gpu"] = bench_gpu(quick, sizes, SHARED)
     results["load_average_after"] = load_average()
     return results
 
@@ -336,12 +343,21 @@ def print_tables(results: dict[str, Any], console: Console) -> None:
         if isinstance(rows, str):
             console.print(f"{section}: {rows}")
             continue
-        table = Table(title=section)
-        for key in rows[0]:
-            table.add_column(key, justify="right" if isinstance(rows[0][key], float | int) else "left")
-        for row in rows:
-            table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()))
-        console.print(table)
+        if isinstance(rows, dict):  # gpu: a device, its GEMM rate and a table per part
+            console.print(f"{section}: {rows['device']}, bf16 GEMM {rows['bf16_gemm_gflops_per_s']:.0f} GFLOP/s")
+            for part in ("decoder_train", "beam", "features"):
+                _print_table(f"{section} {part}", rows[part], console)
+            continue
+        _print_table(section, rows, console)
+
+
+def _print_table(title: str, rows: list[dict[str, Any]], console: Console) -> None:
+    table = Table(title=title)
+    for key in rows[0]:
+        table.add_column(key, justify="right" if isinstance(rows[0][key], float | int) else "left")
+    for row in rows:
+        table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()))
+    console.print(table)
 
 
 def main(argv: list[str] | None = None) -> None:

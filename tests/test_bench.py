@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imcap import bench
+from imcap import bench, bench_gpu
 
 
 @pytest.fixture
@@ -51,6 +51,16 @@ def test_quick_smoke_run_writes_every_section(tmp_path, jpegs, one_thread):
     assert [(r["encoder"], r["dtype"], r["images"]) for r in features] == [("mobilenet_v2", "fp32", 4),
                                                                            ("mobilenet_v2", "bf16", 4)]
     assert "epoch" not in results  # not in --quick
+    if not torch.cuda.is_available():
+        assert results["gpu"] == bench_gpu.NO_CUDA
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the section runs")
+def test_gpu_section_says_plainly_that_it_did_not_run(capsys, one_thread):
+    results = bench.run(True, ("gemm", "gpu"), bench.SMOKE)
+    assert results["gpu"].startswith("skipped: no CUDA device here")
+    bench.print_tables(results, bench.Console(width=200))
+    assert "gpu: skipped: no CUDA device here" in capsys.readouterr().out
 
 
 @pytest.mark.slow
