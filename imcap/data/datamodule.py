@@ -51,6 +51,7 @@ class CaptionDataModule(pl.LightningDataModule):
         feature_precision: str = "fp32",
         seed: int = 0,
         root: str | None = None,
+        pad_to_multiple: int = 1,
     ):
         super().__init__()
         if features not in FEATURE_MODES:
@@ -75,6 +76,9 @@ class CaptionDataModule(pl.LightningDataModule):
         self.cache_dir = cache_dir
         self.feature_precision = feature_precision  # what the encoder computes the cache in
         self.seed = seed
+        if not (isinstance(pad_to_multiple, int) and pad_to_multiple >= 1):
+            raise ImcapError(f"data.pad_to_multiple={pad_to_multiple!r}; use a token count >= 1 (1: no buckets)")
+        self.pad_to_multiple = pad_to_multiple  # caption widths rounded up to a multiple (GPU recipe)
         self.vocab: Vocabulary | None = None
         self.encoder = None
         self._records: dict[str, list[CaptionRecord]] | None = None
@@ -180,7 +184,7 @@ class CaptionDataModule(pl.LightningDataModule):
             batch_size=self.batch_size if train else self.eval_batch_size,
             sampler=EpochSeededSampler(len(dataset), self.seed, dataset.groups(), self.captions_per_image)
             if train else None,
-            collate_fn=partial(collate, pad_id=Vocabulary.pad_id),
+            collate_fn=partial(collate, pad_id=Vocabulary.pad_id, pad_to_multiple=self.pad_to_multiple),
             num_workers=workers,
             pin_memory=self.pin(),
             persistent_workers=workers > 0,

@@ -88,12 +88,15 @@ class CaptionDataset(Dataset):
         return item
 
 
-def collate(items: list[dict[str, Any]], pad_id: int = Vocabulary.pad_id) -> dict[str, Any]:
-    """Pad tokens to the longest in the batch; keep every reference per image. Items are
-    sorted longest caption first, the order decoders skip padding in (`imcap.models.packing`)."""
+def collate(items: list[dict[str, Any]], pad_id: int = Vocabulary.pad_id, pad_to_multiple: int = 1) -> dict[str, Any]:
+    """Pad tokens to the longest in the batch, rounded up to a multiple of `pad_to_multiple`
+    (length buckets: a few fixed widths, for compiled graphs on GPUs); keep every reference per
+    image. Items are sorted longest caption first, the order decoders skip padding in
+    (`imcap.models.packing`)."""
     items = sorted(items, key=lambda it: -len(it["tokens"]))  # stable: ties keep their order
     lengths = torch.tensor([len(it["tokens"]) for it in items])
-    tokens = torch.full((len(items), int(lengths.max())), pad_id, dtype=torch.long)  # (B, L)
+    width = -(-int(lengths.max()) // pad_to_multiple) * pad_to_multiple
+    tokens = torch.full((len(items), width), pad_id, dtype=torch.long)  # (B, L)
     for b, it in enumerate(items):
         tokens[b, : len(it["tokens"])] = it["tokens"]
     batch: dict[str, Any] = {

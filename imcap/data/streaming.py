@@ -168,7 +168,8 @@ class ShardStream(IterableDataset):
 
     def __init__(self, split: ShardSplit, vocab: Vocabulary, train: bool, batch_size: int, seed: int,
                  shuffle_buffer: int, max_length: int, per_image: int | None, cache_dir: str | None,
-                 transform: Callable | None = None, features: Sequence[str] | None = None):
+                 transform: Callable | None = None, features: Sequence[str] | None = None,
+                 pad_to_multiple: int = 1):
         if (transform is None) == (features is None):
             raise ValueError("give exactly one of transform (images) or features (cached grids)")
         self.split, self.vocab, self.train = split, vocab, train
@@ -176,6 +177,7 @@ class ShardStream(IterableDataset):
         self.per_chunk = max(1, shuffle_buffer // batch_size) if train else 1
         self.per_image = per_image if train else None
         self.cache_dir, self.transform, self.features = cache_dir, transform, features
+        self.pad_to_multiple = pad_to_multiple
         self.rank, self.world = 0, 1
         self.epoch, self.skip = 0, frozenset()
         # global position of each shard's first usable sample: an image's `index` in the split
@@ -258,7 +260,7 @@ class ShardStream(IterableDataset):
 
     def _batch(self, rows: np.ndarray) -> dict[str, Any]:
         items = sorted((self._item(*map(int, row)) for row in rows), key=lambda it: -len(it["tokens"]))
-        batch = collate(items, pad_id=Vocabulary.pad_id)  # keeps this (longest-first) order
+        batch = collate(items, pad_id=Vocabulary.pad_id, pad_to_multiple=self.pad_to_multiple)  # keeps this (longest-first) order
         batch["item_ids"] = [it["item_id"] for it in items]
         return batch
 
@@ -418,7 +420,7 @@ class ShardDataModule(CaptionDataModule):
         train = split == "train"
         dataset = ShardStream(data, self.vocab, train, self.batch_size if train else self.eval_batch_size, self.seed,
                               self.shuffle_buffer, self.max_caption_length, self.captions_per_image, self.cache_dir,
-                              **kwargs)
+                              pad_to_multiple=self.pad_to_multiple, **kwargs)
         self.datasets[split] = dataset
         return dataset
 

@@ -100,3 +100,22 @@ class TrainTimer(pl.Callback):
         self._stop(trainer)
         if self.seconds > 0:
             pl_module.log("train/captions_per_s", self.captions / self.seconds)
+
+
+class LinearWarmup(pl.Callback):
+    """Ramps every parameter group's learning rate linearly up to its configured value over
+    the first `steps` optimiser steps (large batches with a scaled-up rate diverge without
+    it); from then on the scheduler alone sets it. The target is kept in the param group, so
+    a run resumed mid-warmup continues the ramp."""
+
+    def __init__(self, steps: int = 500):
+        self.steps = steps
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.steps <= 0 or step > self.steps:
+            return
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                target = group.setdefault("warmup_target_lr", group["lr"])
+                group["lr"] = target * min(1.0, (step + 1) / self.steps)

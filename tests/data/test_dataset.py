@@ -73,3 +73,12 @@ def test_sampler_draws_k_captions_per_image_each_epoch():
         assert sorted(next(g for g in range(3) if i in groups[g]) for i in order) == [0, 1, 2]
         seen |= set(order)
     assert seen == set(range(6))  # every caption is used over the epochs
+
+
+def test_pad_to_multiple_gives_a_few_fixed_widths():
+    items = [{"tokens": torch.arange(n), "references": [], "raw_references": [], "image_id": n, "index": n,
+              "grid": torch.zeros(1, 2)} for n in range(2, 20)]
+    widths = {collate(items[i:i + 3], pad_to_multiple=8)["tokens"].shape[1] for i in range(0, len(items), 3)}
+    assert widths == {8, 16, 24}
+    batch = collate(items[:3], pad_to_multiple=8)
+    assert batch["lengths"].tolist() == [4, 3, 2] and (batch["tokens"][:, 4:] == Vocabulary.pad_id).all()
