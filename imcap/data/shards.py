@@ -89,12 +89,15 @@ def _captions(txt: bytes | None, meta: dict[str, Any]) -> tuple[str, ...]:
     return tuple(c.strip() for c in found if c.strip())
 
 
-def _is_image(head: bytes) -> bool:
+def _image_problem(head: bytes) -> str | None:
+    """Why the image whose first bytes are `head` cannot be used, from its header alone."""
     try:
         with Image.open(io.BytesIO(head)):
-            return True
+            return None
+    except Image.DecompressionBombError:  # over PIL's pixel limit: would ask for gigabytes
+        return "image too large"
     except (UnidentifiedImageError, OSError, ValueError):
-        return False
+        return "not an image"
 
 
 def _read_samples(path: Path) -> list[Sample]:
@@ -121,8 +124,7 @@ def _read_samples(path: Path) -> list[Sample]:
             problem = "no captions"
         else:
             f.fileobj.seek(image.offset_data)
-            if not _is_image(f.fileobj.read(min(image.size, HEADER_BYTES))):
-                problem = "not an image"
+            problem = _image_problem(f.fileobj.read(min(image.size, HEADER_BYTES)))
         samples.append(Sample(key, meta.get("image_id", key) if isinstance(meta, dict) else key, captions,
                               (image.offset_data, image.size) if image is not None else None, problem))
 

@@ -41,6 +41,7 @@ from torchvision.transforms import v2 as T
 from imcap.data.datamodule import CaptionDataModule
 from imcap.data.dataset import collate
 from imcap.data.images import JPEG_MAGIC, accepts_uint8_tensor
+from imcap.data.images import _check_jpeg_header as check_jpeg_header
 from imcap.data.records import SPLITS
 from imcap.data.shards import BAD_SAMPLES, Sample, load_index, read_image_bytes, usable
 from imcap.data.sources.policy import check_choice
@@ -274,6 +275,7 @@ class ShardStream(IterableDataset):
 def decode_image(data: bytes, where: str, tensor: bool) -> torch.Tensor | Image.Image:
     """A (3, H, W) uint8 tensor (`tensor=True`; JPEGs decoded by torchvision) or an RGB PIL image."""
     if tensor and data.startswith(JPEG_MAGIC):
+        check_jpeg_header(where, data)  # PIL's pixel limit before torchvision allocates
         try:
             image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
             if image.shape[0] == 3:
@@ -283,6 +285,8 @@ def decode_image(data: bytes, where: str, tensor: bool) -> torch.Tensor | Image.
     try:
         with Image.open(io.BytesIO(data)) as im:
             rgb = im.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ImcapError(f"the image of {where} is too large to decode safely ({e}); remove it from the shard") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # PIL: SyntaxError for a broken PNG
         raise ImcapError(f"cannot decode the image of {where}: {e}; rewrite the shard or set "
                          "data.bad_samples=skip with a frozen encoder (decoded once, into the feature cache)") from e
