@@ -232,7 +232,7 @@ def run_shards(overrides: Sequence[str]) -> list[str]:
         shard_size = int(options.get("shard_size", 1000))
     except ValueError:
         raise ImcapError(f"shard_size={options['shard_size']!r}; use a number of samples per shard") from None
-    cfg = compose_config(rest)
+    cfg = compose_config("train", rest)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     lines = []

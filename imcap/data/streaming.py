@@ -361,8 +361,10 @@ class ShardDataModule(CaptionDataModule):
 
     def __init__(self, root: str, train: str | Sequence[str] = "train/*.tar", val: str | Sequence[str] | None = "val/*.tar",
                  test: str | Sequence[str] | None = "test/*.tar", bad_samples: str = "error",
-                 shuffle_buffer: int = 2048, **kwargs):
-        super().__init__(source=None, **kwargs)
+                 shuffle_buffer: int = 2048, source: None = None, **kwargs):
+        if source is not None:
+            raise ImcapError("data=shards reads the shards under data.root; it takes no data.source")
+        super().__init__(source=None, root=str(root), **kwargs)
         check_choice(bad_samples, BAD_SAMPLES, "data.bad_samples")
         if shuffle_buffer < 1:
             raise ImcapError(f"data.shuffle_buffer={shuffle_buffer}; use a number of items >= 1")

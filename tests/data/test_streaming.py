@@ -24,7 +24,7 @@ from imcap.data.shards import write_shards
 from imcap.data.streaming import RankPlan, ShardSplit, ShardStream, StreamingLoader, expand_shards
 from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +182,7 @@ def shapes_shards(tmp_path_factory) -> Path:
 
 def train_cmd(shards: Path, out: Path, record: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "imcap.train", *TINY_TRAIN, f"data.root={shards}", f"hydra.run.dir={out}",
-            "+callbacks.record._target_=tests.helpers.RecordItems", f"+callbacks.record.path={record}", *extra]
+            "+callbacks.record._target_=tests.helpers.callbacks.RecordItems", f"+callbacks.record.path={record}", *extra]
 
 
 def run_env(home: Path, **extra: str) -> dict[str, str]:
