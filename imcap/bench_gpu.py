@@ -9,6 +9,7 @@
   grid features in bf16, images/s (the ../shared Flickr8k photos, or synthetic 500x375 JPEGs).
 
 Every time is the median of repeated runs after a warm-up, each ended by a device synchronise.
+Each part takes `device`, so that a CPU test runs its code at tiny sizes (numbers meaningless).
 """
 
 from __future__ import annotations
@@ -28,33 +29,37 @@ NO_CUDA = "skipped: no CUDA device here (torch.cuda.is_available() is False); ru
 BATCHES = (32, 256, 1024)
 
 
-def cuda_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+def device_seconds(fn: Callable[[], Any], repeats: int, device: str = "cuda", warmup: int = 2) -> float:
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def gemm_rate(quick: bool) -> float:
+def gemm_rate(quick: bool, device: str = "cuda", n: int | None = None) -> float:
     """bf16 GFLOP/s of a square matrix product on the device."""
-    n = 2048 if quick else 8192
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    return 2 * n**3 / cuda_seconds(lambda: a @ b, repeats=10) / 1e9
+    n = n or (2048 if quick else 8192)
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    return 2 * n**3 / device_seconds(lambda: a @ b, repeats=10, device=device) / 1e9
 
 
 def train_step(decoder: torch.nn.Module, optimizer: torch.optim.Optimizer, grid: torch.Tensor,
-               tokens: torch.Tensor) -> None:
+               tokens: torch.Tensor, device: str = "cuda") -> None:
     """Teacher-forced forward and training's loss under bf16 autocast, backward, a step."""
     from imcap.data.vocab import Vocabulary
     from imcap.training.losses import caption_cross_entropy
 
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         logits, _ = decoder(grid, grid.mean(1), tokens[:, :-1])  # (B, T, V)
         loss = caption_cross_entropy(logits, tokens[:, 1:], Vocabulary.pad_id)
     optimizer.zero_grad(set_to_none=True)
@@ -62,10 +67,12 @@ def train_step(decoder: torch.nn.Module, optimizer: torch.optim.Optimizer, grid:
     optimizer.step()
 
 
-def decoder_train(quick: bool, gemm: float, sizes) -> list[dict[str, Any]]:
+def decoder_train(quick: bool, gemm: float, sizes, device: str = "cuda",
+                  batches: tuple[int, ...] = BATCHES) -> list[dict[str, Any]]:
     from imcap.bench import build_optimizer, compose_model, optimizer_name
     from imcap.data.vocab import Vocabulary
-    from imcap.models.captioner import build_decoder, valid_pairs
+    from imcap.models.captioner import build_decoder
+    from imcap.models.decoder import valid_pairs
 
     T, V = sizes.length, sizes.vocab
     n, c = sizes.grids[0]
@@ -74,17 +81,17 @@ def decoder_train(quick: bool, gemm: float, sizes) -> list[dict[str, Any]]:
     for decoder_name, attention_name in [("lstm", "additive")] if quick else valid_pairs():
         arch = compose_model(decoder_name, attention_name, sizes.overrides)
         torch.manual_seed(0)
-        decoder = build_decoder(arch, vocab, c).cuda().train()
+        decoder = build_decoder(arch, vocab, c).to(device).train()
         optimizer = build_optimizer(arch, decoder)
-        for batch in (BATCHES[:2] if quick else BATCHES):
-            grid = torch.randn(batch, n, c, device="cuda")
-            tokens = torch.randint(4, V, (batch, T + 1), device="cuda")
+        for batch in (batches[:2] if quick else batches):
+            grid = torch.randn(batch, n, c, device=device)
+            tokens = torch.randint(4, V, (batch, T + 1), device=device)
 
-            step = partial(train_step, decoder, optimizer, grid, tokens)
+            step = partial(train_step, decoder, optimizer, grid, tokens, device)
 
             with FlopCounterMode(display=False) as counter:
                 step()
-            seconds = cuda_seconds(step, repeats=3 if quick else 10)
+            seconds = device_seconds(step, repeats=3 if quick else 10, device=device)
             out.append({"decoder": decoder_name, "attention": attention_name, "grid": f"7x7x{c}", "batch": batch,
                         "captions_per_s": batch / seconds,
                         "fraction_of_bf16_gemm": counter.get_total_flops() / seconds / 1e9 / gemm,
@@ -92,7 +99,7 @@ def decoder_train(quick: bool, gemm: float, sizes) -> list[dict[str, Any]]:
     return out
 
 
-def beam(quick: bool, sizes) -> list[dict[str, Any]]:
+def beam(quick: bool, sizes, device: str = "cuda", batch: int = 256) -> list[dict[str, Any]]:
     from imcap.bench import compose_model
     from imcap.data.vocab import Vocabulary
     from imcap.models.captioner import build_decoder
@@ -100,16 +107,15 @@ def beam(quick: bool, sizes) -> list[dict[str, Any]]:
 
     n, c = sizes.grids[0]
     vocab = Vocabulary(["<pad>", "<bos>", "<eos>", "<unk>", *[f"w{i}" for i in range(sizes.vocab - 4)]])
-    decoder = build_decoder(compose_model("lstm", "additive", sizes.overrides), vocab, c).cuda().eval()
-    batch = 256
-    grid = torch.randn(batch, n, c, device="cuda")
+    decoder = build_decoder(compose_model("lstm", "additive", sizes.overrides), vocab, c).to(device).eval()
+    grid = torch.randn(batch, n, c, device=device)
 
     def run() -> None:
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
             beam_search(decoder, grid, grid.mean(1), vocab.bos_id, vocab.eos_id, vocab.pad_id, beam_size=5,
                         max_length=sizes.length)
 
-    seconds = cuda_seconds(run, repeats=3 if quick else 5, warmup=1)
+    seconds = device_seconds(run, repeats=3 if quick else 5, device=device, warmup=1)
     return [{"decoder": "lstm", "attention": "additive", "beam_size": 5, "batch": batch, "images_per_s": batch / seconds}]
 
 
@@ -129,28 +135,29 @@ def jpeg_files(shared: Path, count: int) -> list[bytes]:
     return out
 
 
-def features(quick: bool, shared: Path) -> list[dict[str, Any]]:
+def features(quick: bool, shared: Path, device: str = "cuda", count: int | None = None,
+             size: int = 224) -> list[dict[str, Any]]:
     from torchvision.io import decode_jpeg
     from torchvision.models import resnet101
     from torchvision.transforms.v2 import functional as F
 
-    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpeg_files(shared, 64 if quick else 512)]
-    trunk = torch.nn.Sequential(*list(resnet101(weights=None).children())[:-2]).cuda().eval()
+    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpeg_files(shared, count or (64 if quick else 512))]
+    trunk = torch.nn.Sequential(*list(resnet101(weights=None).children())[:-2]).to(device).eval()
     trunk = trunk.to(memory_format=torch.channels_last, dtype=torch.bfloat16)
-    mean = torch.tensor([0.485, 0.456, 0.406], device="cuda").view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device="cuda").view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
     batch = 128
 
     def run() -> None:
         with torch.inference_mode():
             for start in range(0, len(data), batch):
-                images = decode_jpeg(data[start:start + batch], device="cuda")  # list of (3, H, W) uint8
-                x = torch.stack([F.resize(im, [224, 224], antialias=True) for im in images]).float().div_(255)
+                images = decode_jpeg(data[start:start + batch], device=device)  # list of (3, H, W) uint8
+                x = torch.stack([F.resize(im, [size, size], antialias=True) for im in images]).float().div_(255)
                 x = ((x - mean) / std).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
                 trunk(x).flatten(2).transpose(1, 2)  # (B, 49, 2048)
 
-    seconds = cuda_seconds(run, repeats=3, warmup=1)
-    return [{"encoder": "resnet101", "decode": "decode_jpeg(device=cuda)", "dtype": "bf16", "images": len(data),
+    seconds = device_seconds(run, repeats=3, device=device, warmup=1)
+    return [{"encoder": "resnet101", "decode": f"decode_jpeg(device={device})", "dtype": "bf16", "images": len(data),
              "source": "flickr8k-1k" if shared.is_dir() else "synthetic 500x375", "images_per_s": len(data) / seconds}]
 
 

@@ -91,3 +91,15 @@ def test_unknown_sections_are_refused():
 
     with pytest.raises(ImcapError, match="unknown bench section"):
         bench.run(True, ("gemm", "decoder"), bench.SMOKE)
+
+
+def test_gpu_section_code_runs_on_cpu_at_tiny_sizes(tmp_path, one_thread):
+    """The gpu section's parts with device=cpu (what a GPU machine runs, minus the device)."""
+    sizes = bench.SMOKE
+    rate = bench_gpu.gemm_rate(True, device="cpu", n=64)
+    train = bench_gpu.decoder_train(True, rate, sizes, device="cpu", batches=(2, 3))
+    assert [(r["decoder"], r["batch"]) for r in train] == [("lstm", 2), ("lstm", 3)]
+    assert all(r["captions_per_s"] > 0 and r["fraction_of_bf16_gemm"] > 0 for r in train)
+    assert bench_gpu.beam(True, sizes, device="cpu", batch=2)[0]["images_per_s"] > 0
+    feats = bench_gpu.features(True, tmp_path / "absent", device="cpu", count=2, size=32)
+    assert feats[0]["source"] == "synthetic 500x375" and feats[0]["images_per_s"] > 0
