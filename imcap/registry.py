@@ -34,6 +34,8 @@ BUILTIN_MODULES = (
     "imcap.models.embeddings",
     "imcap.models.encoders",
     "imcap.models.lstm",
+    "imcap.models.timm_encoder",
+    "imcap.models.clip_encoder",
     "imcap.models.topdown",
     "imcap.models.transformer",
     "imcap.data.sources.coco",

@@ -227,8 +227,9 @@ def extract_features(
 ) -> np.ndarray:
     """(num_images, N, C) grid features of `encoder` for `image_paths`, memory-mapped.
 
-    `encoder(images) -> (grid (B, N, C), pooled (B, C))`; only the grid is stored, since the
-    pooled vector of these encoders is the grid mean. `dtype` is how features are stored;
+    `encoder(images) -> (grid (B, N, C), pooled (B, C))`; the cache stores
+    `encoder.cache_rows(grid, pooled)` (the grid alone where pooled is its mean) and training
+    reads it back with `encoder.from_cache`. `dtype` is how features are stored;
     `precision` ("fp32" or "bf16") what the encoder computes in (bf16: about twice as fast on a
     CPU with bf16 instructions; its features are cached apart from fp32's). `lock_timeout`:
     seconds to wait without progress for another process extracting the same entry (default
@@ -365,7 +366,8 @@ def _extract(encoder, image_paths, transform, cache_dir: Path, key: str, final: 
         with torch.inference_mode(), autocast:
             for images in _batches(remaining, batch_size, num_workers, pin_memory=device.type == "cuda"):
                 images = images.to(device, in_dtype, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                grid = torch.cat([model(part)[0] for part in images.split(rows)])  # (B, N, C)
+                # (B, N, C): the grid, or with a pooled vector that is not its mean, (B, 1 + N, C)
+                grid = torch.cat([model.cache_rows(*model(part)) for part in images.split(rows)])
                 if store is None:
                     shape = (len(image_paths), *grid.shape[1:])
                     store = _create_store(partial, progress, shape, dtype)

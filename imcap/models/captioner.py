@@ -77,10 +77,12 @@ def build_captioner(
         raise ImcapError(f"model config lacks {missing}; compose it from conf/model/ (model/encoder=...)")
     check_pair(arch["decoder"], arch.get("attention"))
     encoder_cfg = dict(arch["encoder"])
+    # the options that name pretrained weights: torchvision's `weights`, timm's `pretrained`, ...
+    weight_options = getattr(_class(encoder_cfg.get("_target_")), "WEIGHT_OPTIONS", ("weights", "weights_path"))
     if not pretrained:
-        encoder_cfg.update(weights=None, weights_path=None)
-    elif not encoder_cfg.get("weights") and not encoder_cfg.get("weights_path"):
-        log.warning("The encoder starts from random weights (model.encoder.weights=null)")
+        encoder_cfg.update(dict.fromkeys(weight_options))
+    elif not any(encoder_cfg.get(option) for option in weight_options):
+        log.warning("The encoder starts from random weights (model.encoder.%s=null)", weight_options[0])
     encoder = instantiate(encoder_cfg)
     decoder = build_decoder(arch, vocab, encoder.out_channels, pretrained)
     return Captioner(encoder, decoder, vocab, image_size, arch)

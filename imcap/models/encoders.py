@@ -17,7 +17,7 @@ import importlib.util
 import logging
 import math
 import urllib.error
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -258,8 +258,115 @@ def _load_pretrained(name: str, weights: str) -> tuple[dict, tuple[float, ...], 
         ) from e
 
 
+# -- what every encoder shares ---------------------------------------------------------------
+def read_weights_file(path: str | Path, option: str = "model.encoder.weights_path") -> dict[str, torch.Tensor]:
+    """The state dict in a safetensors file or a torch file (a bare state dict, or one under
+    "state_dict" / "model" as training checkpoints keep it); a one-line error naming `option`
+    for a missing or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImcapError(f"{option}={path} does not exist")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+        if path.suffix == ".safetensors" or (head[8:9] == b"{" and not head.startswith(b"PK")):
+            from safetensors.torch import load_file  # header length (8 bytes), then a JSON header
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated files, pickles that are not weights, foreign formats
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ImcapError(f"{option}={path} is not a safetensors or torch weights file: {first}") from e
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ImcapError(f"{option}={path} holds a {type(state).__name__}, not a state dict of tensors")
+    return state
+
+
+def load_error(e: Exception, limit: int = 240) -> str:
+    """torch's multi-line load_state_dict error (missing keys, unexpected keys, size mismatches)
+    on one line, cut at `limit` characters."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    text = "; ".join(lines[1:] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def set_trainable(module: nn.Module, stages: Sequence[nn.Module], finetune: str, last_k: int,
+                  tail: Sequence[nn.Module | nn.Parameter] = ()) -> None:
+    """The finetune policy: `none` freezes `module`, `all` trains it, `last_k` trains the last
+    `last_k` of its `stages` and the `tail` after them (a final norm, a projection)."""
+    for p in module.parameters():
+        p.requires_grad = finetune == "all"
+    if finetune == "last_k":
+        for part in [*stages[len(stages) - last_k:], *tail]:
+            for p in [part] if isinstance(part, nn.Parameter) else part.parameters():
+                p.requires_grad = True
+
+
+def weights_fingerprint(identity: str, module: nn.Module) -> str:
+    """sha256 of `identity` (library, model, options, transform) and every tensor of `module`:
+    the cache key of the features it computes."""
+    h = hashlib.sha256(identity.encode())
+    for key, tensor in module.state_dict().items():
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class GridEncoder(nn.Module):
+    """The encoder contract: `forward(images) -> (grid (B, N, C), pooled (B, C))`,
+    `out_channels` (C) set at construction, `image_transform(image_size)` (its own
+    preprocessing), `identity()` (what besides the weights of `trunk` determines the features),
+    and a finetune policy (`none | last_k | all`).
+
+    The base class does the rest: a frozen encoder stays in eval mode (fixed BatchNorm
+    statistics, so cached features stay valid), the cache fingerprint, and what a feature cache
+    stores: the grid alone where pooled is its mean, else the pooled vector as a first row.
+    `WEIGHT_OPTIONS` are the options that name pretrained weights, cleared when a checkpoint
+    supplies the weights.
+    """
+
+    WEIGHT_OPTIONS: tuple[str, ...] = ("weights", "weights_path")
+    pooled_is_grid_mean = True
+    out_channels: int
+    trunk: nn.Module
+
+    def __init__(self, finetune: str = "none"):
+        super().__init__()
+        if finetune not in FINETUNE:
+            raise ImcapError(f"model.encoder.finetune={finetune!r}; choose one of {FINETUNE}")
+        self.finetune = finetune
+
+    @property
+    def trainable(self) -> bool:
+        return self.finetune != "none"
+
+    def train(self, mode: bool = True) -> GridEncoder:
+        # A frozen encoder keeps BatchNorm statistics fixed, so cached features stay valid.
+        super().train(mode and self.trainable)
+        return self
+
+    def identity(self) -> str:
+        raise NotImplementedError
+
+    def fingerprint(self, transform_desc: str = "") -> str:
+        """Hash of everything that determines the features: weights, options, transform."""
+        return weights_fingerprint(f"{self.identity()}|{transform_desc}", self.trunk)
+
+    def cache_rows(self, grid: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """What a feature cache stores per image: (B, N, C), or (B, 1 + N, C) with pooled first."""
+        return grid if self.pooled_is_grid_mean else torch.cat([pooled[:, None], grid], dim=1)
+
+    def from_cache(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(grid, pooled) from cached rows (B, N, C) or (B, 1 + N, C) (the inverse of cache_rows)."""
+        return (rows, rows.mean(dim=1)) if self.pooled_is_grid_mean else (rows[:, 1:], rows[:, 0])
+
+
 @register("encoder", "torchvision")
-class TorchvisionEncoder(nn.Module):
+class TorchvisionEncoder(GridEncoder):
     """A torchvision backbone as a captioning encoder.
 
     finetune: `none` (frozen, BatchNorm in eval mode: features can be cached), `last_k`
@@ -277,12 +384,10 @@ class TorchvisionEncoder(nn.Module):
         grid_size: int | None = None,
         channels_last: bool = True,
     ):
-        super().__init__()
+        super().__init__(finetune)
         if name not in BACKBONES:
             raise ImcapError(f"model.encoder.name={name!r} is unknown; choose one of {list_encoders()}")
-        if finetune not in FINETUNE:
-            raise ImcapError(f"model.encoder.finetune={finetune!r}; choose one of {FINETUNE}")
-        self.name, self.finetune, self.grid_size = name, finetune, grid_size
+        self.name, self.grid_size = name, grid_size
         self.channels_last = channels_last
         backbone = BACKBONES[name]
         model = backbone.build() if backbone.build else torchvision.models.get_model(name, weights=None)
@@ -302,44 +407,23 @@ class TorchvisionEncoder(nn.Module):
 
     @staticmethod
     def _load_file(model: nn.Module, path: str, convert: Callable[[dict], dict]) -> None:
+        state = read_weights_file(path)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            model.load_state_dict(convert(state.get("state_dict", state) if isinstance(state, dict) else state))
-        except FileNotFoundError as e:
-            raise ImcapError(f"model.encoder.weights_path={path} does not exist") from e
-        except (RuntimeError, OSError, ValueError, AttributeError) as e:
+            model.load_state_dict(convert(state))
+        except (RuntimeError, ValueError) as e:
             first = str(e).strip().splitlines()[0]
             raise ImcapError(f"model.encoder.weights_path={path} does not hold weights for this "
                              f"backbone: {first}") from e
 
     def _set_trainable(self, last_k: int) -> None:
-        for p in self.trunk.parameters():
-            p.requires_grad = self.finetune == "all"
-        if self.finetune == "last_k":
-            stages = [m for m in self.trunk.children() if any(True for _ in m.parameters())]
-            for stage in stages[-last_k:]:
-                for p in stage.parameters():
-                    p.requires_grad = True
-
-    @property
-    def trainable(self) -> bool:
-        return self.finetune != "none"
-
-    def train(self, mode: bool = True) -> TorchvisionEncoder:
-        # A frozen encoder keeps BatchNorm statistics fixed, so cached features stay valid.
-        super().train(mode and self.trainable)
-        return self
+        stages = [m for m in self.trunk.children() if any(True for _ in m.parameters())]
+        set_trainable(self.trunk, stages, self.finetune, last_k)
 
     def image_transform(self, image_size: int) -> Callable:
         return image_transform(image_size, self.mean, self.std)
 
-    def fingerprint(self, transform_desc: str = "") -> str:
-        """Hash of everything that determines the features: weights, grid, transform."""
-        h = hashlib.sha256(f"{self.name}|{self.grid_size}|{transform_desc}".encode())
-        for key, tensor in self.trunk.state_dict().items():
-            h.update(key.encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
+    def identity(self) -> str:
+        return f"{self.name}|{self.grid_size}"  # (the key of caches written before GridEncoder)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.channels_last:

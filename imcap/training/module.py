@@ -89,9 +89,8 @@ class CaptionModule(pl.LightningModule):
 
     # -- forward pieces -----------------------------------------------------------------------
     def features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        if "grid" in batch:  # cached features (B, N, C); the pooled vector is their mean
-            grid = batch["grid"]
-            return grid, grid.mean(dim=1)
+        if "grid" in batch:  # cached rows (B, N, C): the grid (and pooled, where not its mean)
+            return self.captioner.encoder.from_cache(batch["grid"])
         return self.captioner.encode(batch["images"])
 
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:

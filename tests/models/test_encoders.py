@@ -251,3 +251,45 @@ def test_every_encoder_option_names_a_registered_encoder(option, make_cfg):
     assert encoder._target_ in {registry.target_of(cls) for cls in registry.components("encoder").values()}
     if encoder._target_ == registry.target_of(TorchvisionEncoder):
         assert encoder.name in list_encoders()
+
+
+def test_read_weights_file_takes_safetensors_and_torch_files(tmp_path):
+    from safetensors.torch import save_file
+
+    from imcap.models.encoders import read_weights_file
+
+    state = {"a.weight": torch.randn(2, 3), "a.bias": torch.zeros(2)}
+    save_file(state, tmp_path / "w.safetensors")
+    save_file(state, tmp_path / "no-suffix")  # recognised by its header, not its name
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "checkpoint.ckpt")
+    for name in ("w.safetensors", "no-suffix", "checkpoint.ckpt"):
+        loaded = read_weights_file(tmp_path / name)
+        assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    (tmp_path / "garbage.pt").write_bytes(b"\x80\x04not a pickle at all")
+    with pytest.raises(ImcapError, match="garbage.pt is not a safetensors or torch weights file") as info:
+        read_weights_file(tmp_path / "garbage.pt")
+    assert "\n" not in str(info.value)
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ImcapError, match="list.pt holds a list, not a state dict"):
+        read_weights_file(tmp_path / "list.pt")
+
+
+def test_torchvision_weights_path_takes_safetensors(tmp_path):
+    import torchvision
+    from safetensors.torch import save_file
+
+    model = torchvision.models.resnet18()
+    save_file(model.state_dict(), tmp_path / "resnet18.safetensors")
+    enc = TorchvisionEncoder("resnet18", weights_path=str(tmp_path / "resnet18.safetensors"))
+    torch.testing.assert_close(enc.trunk[0].weight, model.conv1.weight)
+
+
+def test_cache_rows_round_trip_with_and_without_a_pooled_row():
+    enc = TorchvisionEncoder("resnet18", weights=None)
+    grid, pooled = torch.randn(2, 4, 8), torch.randn(2, 8)
+    assert enc.cache_rows(grid, grid.mean(1)) is grid  # pooled is the grid mean: not stored
+    torch.testing.assert_close(enc.from_cache(grid), (grid, grid.mean(1)))
+    enc.pooled_is_grid_mean = False  # as an encoder whose pooled is a class token
+    rows = enc.cache_rows(grid, pooled)
+    assert rows.shape == (2, 5, 8)
+    torch.testing.assert_close(enc.from_cache(rows), (grid, pooled))
