@@ -73,7 +73,10 @@ class Sizes:
     images: tuple[int, int] = (64, 256)  # quick, full
     image_size: int = 224
     overrides: tuple[str, ...] = ()  # model config overrides, e.g. smaller dims
-    encoders: tuple[str, ...] = ("mobilenet_v2", "resnet50", "mobilenet_v3_large")
+    # torchvision names, or `library:name` for the other registered encoders (random init)
+    encoders: tuple[str, ...] = ("mobilenet_v2", "resnet50", "mobilenet_v3_large", "timm:convnext_nano",
+                                 "open_clip:ViT-B-32")
+    quick_encoders: int = 1  # how many of them --quick runs
     repeats: dict[str, int] = field(default_factory=dict)  # per section, instead of the defaults
     smoke: bool = False  # the epoch section uses the model overrides and image size too
 
@@ -231,19 +234,30 @@ def bench_beam_search(quick: bool, sizes: Sizes = Sizes()) -> list[dict[str, Any
     return out
 
 
+def bench_encoder(spec: str, image_size: int) -> torch.nn.Module:
+    """A random-init encoder: `mobilenet_v2` (torchvision), `timm:convnext_nano`, `open_clip:ViT-B-32`."""
+    from imcap import registry
+    from imcap.models.encoders import TorchvisionEncoder
+
+    library, _, name = spec.rpartition(":")
+    if not library:
+        return TorchvisionEncoder(name, weights=None, channels_last=True)
+    cls = registry.get("encoder", library)
+    return cls(name=name, image_size=image_size, **dict.fromkeys(cls.WEIGHT_OPTIONS))
+
+
 def bench_feature_extraction(quick: bool, sizes: Sizes = Sizes()) -> list[dict[str, Any]] | str:
     """JPEG files to a fresh feature cache with `extract_features`, as training's first run does
     (decoding included; num_workers=0: a decoding thread per core, see imcap.data.features)."""
     if not SHARED.is_dir():
         return f"skipped: {SHARED} not found"
     from imcap.data.features import extract_features
-    from imcap.models.encoders import TorchvisionEncoder
 
     paths = sorted(str(p) for p in (SHARED / "Images").glob("*.jpg"))[: sizes.images[0] if quick else sizes.images[1]]
-    encoders = sizes.encoders[:1] if quick else sizes.encoders
+    encoders = sizes.encoders[: sizes.quick_encoders] if quick else sizes.encoders
     out = []
     for name in encoders:
-        encoder = TorchvisionEncoder(name, weights=None, channels_last=True)
+        encoder = bench_encoder(name, sizes.image_size)
         transform = encoder.image_transform(sizes.image_size)
         fingerprint = encoder.fingerprint(repr(transform))
         for dtype in DTYPES:
@@ -254,7 +268,8 @@ def bench_feature_extraction(quick: bool, sizes: Sizes = Sizes()) -> list[dict[s
 
             seconds = median_seconds(run, repeats=_repeats(sizes, "feature_extraction", 3), warmup=1)
             out.append({"encoder": name, "dtype": dtype, "images": len(paths), "image_size": sizes.image_size,
-                        "images_per_s": len(paths) / seconds, "channels_last": True})
+                        "grid": len(encoder(torch.zeros(1, 3, sizes.image_size, sizes.image_size))[0][0]),
+                        "channels": encoder.out_channels, "images_per_s": len(paths) / seconds})
     return out
 
 
@@ -368,9 +383,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="a Hydra override for the benchmarked models, e.g. model.optimizer.fused=false (repeatable)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to test the bench itself")
+    parser.add_argument("--encoders", help="comma-separated encoders for feature_extraction, e.g. "
+                        "mobilenet_v2,timm:convnext_nano,open_clip:ViT-B-32 (default: the standard set)")
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else Sizes()
     sizes = Sizes(**{**sizes.__dict__, "overrides": (*sizes.overrides, *args.override)})
+    if args.encoders:
+        chosen = tuple(e for e in args.encoders.split(",") if e)
+        sizes = Sizes(**{**sizes.__dict__, "encoders": chosen, "quick_encoders": len(chosen)})
     start = time.perf_counter()
     results = run(args.quick, tuple(s for s in args.sections.split(",") if s), sizes)
     results["overrides"] = list(args.override)

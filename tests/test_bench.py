@@ -103,3 +103,14 @@ def test_gpu_section_code_runs_on_cpu_at_tiny_sizes(tmp_path, one_thread):
     assert bench_gpu.beam(True, sizes, device="cpu", batch=2)[0]["images_per_s"] > 0
     feats = bench_gpu.features(True, tmp_path / "absent", device="cpu", count=2, size=32)
     assert feats[0]["source"] == "synthetic 500x375" and feats[0]["images_per_s"] > 0
+
+
+def test_feature_extraction_of_chosen_timm_and_open_clip_encoders(tmp_path, jpegs, one_thread):
+    out = tmp_path / "bench.json"
+    bench.main(["--quick", "--smoke", "--sections", "feature_extraction", "--output", str(out),
+                "--encoders", "timm:resnet18,open_clip:RN50"])
+    rows = json.loads(out.read_text())["feature_extraction"]
+    assert [(r["encoder"], r["dtype"], r["grid"], r["channels"]) for r in rows] == [
+        ("timm:resnet18", "fp32", 1, 512), ("timm:resnet18", "bf16", 1, 512),
+        ("open_clip:RN50", "fp32", 1, 2048), ("open_clip:RN50", "bf16", 1, 2048)]  # 32 pixels: one cell
+    assert all(r["images_per_s"] > 0 for r in rows)

@@ -71,7 +71,8 @@ class OpenClipEncoder(GridEncoder):
     safetensors or torch file with an open_clip state dict of this model (whole CLIP or its
     `visual` tower) instead; with a tag as well, the tag still sets QuickGELU and preprocessing.
     image_size: what ViT towers are built for (position embeddings resampled); None keeps the
-    model's. finetune: `none` | `last_k` (the last `finetune_last_k` blocks or ResNet stages, and
+    model's. pooled: class_token | embedding | mean, or None for the tower's default (class_token
+    for ViTs, mean for ResNets). finetune: `none` | `last_k` (the last `finetune_last_k` blocks or ResNet stages, and
     the final norm and projection) | `all`.
     """
 
@@ -83,7 +84,7 @@ class OpenClipEncoder(GridEncoder):
         pretrained: str | None = "openai",
         weights_path: str | None = None,
         block: int = -1,
-        pooled: str = "class_token",
+        pooled: str | None = None,
         finetune: str = "none",
         finetune_last_k: int = 1,
         image_size: int | None = None,
@@ -96,13 +97,14 @@ class OpenClipEncoder(GridEncoder):
         if name not in open_clip.list_models():
             raise ImcapError(f"model.encoder.name={name!r} is not an open_clip model; list them with "
                              "`python -c \"import open_clip; print(open_clip.list_models())\"`")
-        if pooled not in POOLED:
-            raise ImcapError(f"model.encoder.pooled={pooled!r}; choose one of {POOLED}")
+        if pooled is not None and pooled not in POOLED:
+            raise ImcapError(f"model.encoder.pooled={pooled!r}; choose one of {POOLED}, or null for the "
+                             "tower's default (class_token for ViTs, mean for ResNets)")
         tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
         if pretrained and not tag_cfg:
             raise ImcapError(f"model.encoder.pretrained={pretrained!r} is not an open_clip tag of {name}; choose "
                              f"one of {open_clip.list_pretrained_tags_by_model(name)}, or null for a random init")
-        self.name, self.tag, self.pooled, self.crop = name, pretrained, pooled, crop
+        self.name, self.tag, self.crop = name, pretrained, crop
         previous = logging.root.manager.disable
         logging.disable(logging.WARNING)  # open_clip's "initialized randomly": the weights come below
         try:
@@ -115,6 +117,7 @@ class OpenClipEncoder(GridEncoder):
         del model  # the text tower
         self.preprocess = dict(visual.preprocess_cfg)
         self.is_vit = isinstance(visual, VisionTransformer)
+        self.pooled = pooled = pooled or ("class_token" if self.is_vit else "mean")
         self._check_tower(visual, block, pooled)
         if not self.is_vit:
             del visual.attnpool  # pooled is the grid mean: the attention pool is not used

@@ -148,7 +148,7 @@ def test_unreachable_pretrained_weights_fail_at_once_in_one_line(monkeypatch, tm
 
 
 def test_resnet_towers_give_the_last_feature_map(tiny_resnet):
-    enc = OpenClipEncoder(tiny_resnet, pretrained=None, pooled="mean", finetune="last_k")
+    enc = OpenClipEncoder(tiny_resnet, pretrained=None, finetune="last_k")  # pooled: mean, the default here
     assert enc.out_channels == 256  # width 8 * 32
     grid, pooled = enc(torch.randn(2, 3, 96, 96))  # any size: the attention pool is not used
     assert grid.shape == (2, 9, 256)
@@ -156,7 +156,7 @@ def test_resnet_towers_give_the_last_feature_map(tiny_resnet):
     assert {n.split(".")[0] for n, p in enc.named_parameters() if p.requires_grad} == {"trunk"}
     assert {n.split(".")[1] for n, p in enc.named_parameters() if p.requires_grad} == {"layer4"}
     with pytest.raises(ImcapError, match="ResNet tower: .* set model.encoder.pooled=mean"):
-        OpenClipEncoder(tiny_resnet, pretrained=None)  # pooled=class_token
+        OpenClipEncoder(tiny_resnet, pretrained=None, pooled="class_token")
 
 
 def test_the_feature_cache_keeps_the_class_token(clip, tmp_path):

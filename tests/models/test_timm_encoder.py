@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 from safetensors.torch import save_file
 
 from imcap.errors import ImcapError
@@ -199,6 +200,27 @@ def test_fast_dev_run_offline_with_every_decoder_random_and_from_a_file(weights,
         assert json.loads(metrics_file.read_text())["train/loss"] > 0
     decoders = {"LSTMDecoder", "TopDownDecoder", "TransformerDecoder"}
     assert seen == {(d, w) for d in decoders for w in (None, str(safetensors_file))}
+
+
+@pytest.mark.slow
+def test_a_checkpoint_carries_the_encoder_weights_without_the_file(weights, make_cfg, tmp_path):
+    """Trained from a local weights file, the checkpoint needs neither the file nor the network."""
+    from imcap.models.captioner import Captioner
+    from imcap.train import train
+
+    model, safetensors_file, _ = weights
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(safetensors_file.read_bytes())
+    cfg = make_cfg("model/encoder=timm", "model.encoder.name=convnext_nano", f"model.encoder.weights_path={copy}",
+                   "data.source.num_images={train:16,val:8,test:8}", "test=false", out=tmp_path / "run")
+    train(cfg)
+    copy.unlink()
+    captioner = Captioner.from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert isinstance(captioner.encoder, TimmEncoder)
+    torch.testing.assert_close(captioner.encoder.trunk.stem_0.weight, model.stem[0].weight)
+    image = tmp_path / "red.png"
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(image)
+    assert isinstance(captioner.caption([image])[0].text, str)
 
 
 @pytest.mark.slow
