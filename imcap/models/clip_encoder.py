@@ -71,9 +71,9 @@ class OpenClipEncoder(GridEncoder):
     safetensors or torch file with an open_clip state dict of this model (whole CLIP or its
     `visual` tower) instead; with a tag as well, the tag still sets QuickGELU and preprocessing.
     image_size: what ViT towers are built for (position embeddings resampled); None keeps the
-    model's. pooled: class_token | embedding | mean, or None for the tower's default (class_token
-    for ViTs, mean for ResNets). finetune: `none` | `last_k` (the last `finetune_last_k` blocks or ResNet stages, and
-    the final norm and projection) | `all`.
+    model's. pooled: class_token | embedding | mean, or None for the tower's default
+    (class_token for ViTs, mean for ResNets). finetune: `none` | `last_k` (the last
+    `finetune_last_k` blocks or ResNet stages, and the final norm and projection) | `all`.
     """
 
     WEIGHT_OPTIONS = ("pretrained", "weights_path")
