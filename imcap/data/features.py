@@ -257,22 +257,16 @@ def _wait_for_lock(lock, progress: Path, description: str, timeout: float | None
     """Take the exclusive lock on `lock`; while another process holds it, say so once and wait
     as long as its progress file keeps changing, at most `timeout` seconds after the last change.
     (A crashed holder's lock is released by the kernel, so only a live, stuck one times out.)"""
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if _try_lock(lock):
         return
-    except BlockingIOError:
-        pass
     if timeout is None:
         timeout = float(os.environ.get(LOCK_TIMEOUT_ENV) or LOCK_TIMEOUT)
     log.info("Waiting for another process that is extracting %s features into %s (gives up after %g s "
              "without progress; %s)", description, lock.name, timeout, LOCK_TIMEOUT_ENV)
     seen, since = _stamp(progress), time.monotonic()
     while True:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if _try_lock(lock):
             return
-        except BlockingIOError:
-            pass
         stamp = _stamp(progress)
         if stamp != seen:
             seen, since = stamp, time.monotonic()
@@ -280,6 +274,15 @@ def _wait_for_lock(lock, progress: Path, description: str, timeout: float | None
             raise ImcapError(f"another process has held {lock.name} for {timeout:g} s without progress; "
                              f"stop it if it is stuck, or wait longer with {LOCK_TIMEOUT_ENV}=SECONDS")
         time.sleep(min(0.5, timeout / 4))
+
+
+def _try_lock(lock) -> bool:
+    """Take the exclusive lock on `lock` if no other process holds it; never blocks."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -15,47 +16,40 @@ from imcap.errors import ImcapError
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def _too_large(path: str, e: Exception) -> ImcapError:
-    return ImcapError(f"image {path} is too large to decode safely ({e}); shrink it or remove it")
+@contextmanager
+def _read_errors(path: str) -> Iterator[None]:
+    """Turn what reading or decoding the image at `path` can raise into a one-line error naming
+    the file: missing, over PIL's pixel limit, or unreadable."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        raise ImcapError(f"image not found: {path}") from e
+    except Image.DecompressionBombError as e:
+        raise ImcapError(f"image {path} is too large to decode safely ({e}); shrink it or remove it") from e
+    except (UnidentifiedImageError, OSError) as e:
+        raise ImcapError(f"cannot read image {path}: {e}; replace or remove the file") from e
 
 
 def load_image(path: str) -> Image.Image:
     """RGB image, or a one-line error naming the file (also for one over PIL's pixel limit,
     `PIL.Image.MAX_IMAGE_PIXELS`, which PIL checks from the header before decoding)."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError as e:
-        raise ImcapError(f"image not found: {path}") from e
-    except Image.DecompressionBombError as e:
-        raise _too_large(path, e) from e
-    except (UnidentifiedImageError, OSError) as e:
-        raise ImcapError(f"cannot read image {path}: {e}; replace or remove the file") from e
+    with _read_errors(path), Image.open(path) as im:
+        return im.convert("RGB")
 
 
 def _check_jpeg_header(path: str, data: bytes) -> None:
     """PIL's pixel limit, from the JPEG header alone (PIL stops reading at the first scan), before
     torchvision allocates H x W x 3 bytes: a 60000 x 60000 header would ask for 10 GB."""
-    try:
-        with Image.open(io.BytesIO(data)):
-            pass
-    except Image.DecompressionBombError as e:
-        raise _too_large(path, e) from e
-    except (UnidentifiedImageError, OSError) as e:
-        raise ImcapError(f"cannot read image {path}: {e}; replace or remove the file") from e
+    with _read_errors(path), Image.open(io.BytesIO(data)):
+        pass
 
 
 def load_image_tensor(path: str) -> torch.Tensor:
     """(3, H, W) uint8 RGB, the pixels of `PILToTensor()(load_image(path))`: colour JPEG files
     are decoded by torchvision straight into a tensor (libjpeg-turbo, as in PIL, with the same
     pixels; faster by the conversions it saves); anything else through PIL."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError as e:
-        raise ImcapError(f"image not found: {path}") from e
-    except OSError as e:
-        raise ImcapError(f"cannot read image {path}: {e}; replace or remove the file") from e
+    with _read_errors(path), open(path, "rb") as f:
+        data = f.read()
     if data.startswith(JPEG_MAGIC):
         _check_jpeg_header(path, data)
         try:
