@@ -67,3 +67,11 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "realdata" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture
+def glove_file(tmp_path) -> Path:
+    """A 3-d GloVe text file (tests/helpers/word_vectors.py) for data and model tests."""
+    from tests.helpers.word_vectors import write_glove_file
+
+    return write_glove_file(tmp_path)

