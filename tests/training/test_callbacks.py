@@ -1,13 +1,17 @@
-"""Callbacks of the training configs, driven as Lightning drives them."""
+"""Callbacks of the training configs, driven as Lightning drives them: the learning-rate warmup,
+per-step reseeding (what makes a resumed run continue exactly; tests/faults/test_resume.py checks
+that end to end) and the training-throughput timer."""
 
 from __future__ import annotations
 
+import random
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
-from imcap.training.callbacks import LinearWarmup
+from imcap.training.callbacks import LinearWarmup, ReseedEveryStep, TrainTimer
 
 
 def test_linear_warmup_ramps_to_the_configured_rate_then_leaves_it_to_the_scheduler():
@@ -34,3 +38,49 @@ def test_linear_warmup_ramps_to_the_configured_rate_then_leaves_it_to_the_schedu
     trainer = SimpleNamespace(global_step=2, optimizers=[resumed])
     LinearWarmup(steps=4).on_train_batch_start(trainer, None, None, 2)
     assert resumed.param_groups[0]["lr"] == pytest.approx(3e-3)
+
+
+def draws_after_reseed(callback: ReseedEveryStep, step: int, rank: int = 0) -> tuple:
+    trainer = SimpleNamespace(global_step=step, global_rank=rank)
+    callback.on_train_batch_start(trainer, None, None, 0)
+    return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+
+def test_every_random_generator_depends_only_on_seed_step_and_rank():
+    callback = ReseedEveryStep(seed=7)
+    first = draws_after_reseed(callback, step=3)
+    torch.rand(100), np.random.rand(100), random.random()  # whatever ran in between
+    assert draws_after_reseed(callback, step=3) == first
+    assert draws_after_reseed(callback, step=4) != first
+    assert draws_after_reseed(callback, step=3, rank=1) != first  # ranks draw different dropout masks
+    assert draws_after_reseed(ReseedEveryStep(seed=8), step=3) != first
+
+
+class Module:
+    def __init__(self):
+        self.logged = {}
+
+    def log(self, name, value):
+        self.logged[name] = value
+
+
+def test_timer_counts_each_epochs_captions_once_and_leaves_out_validation():
+    trainer = SimpleNamespace(sanity_checking=False, train_dataloader=SimpleNamespace(sampler=range(12)))
+    timer, module = TrainTimer(), Module()
+    for _ in range(2):
+        timer.on_train_epoch_start(trainer, module)
+        timer.on_validation_start(trainer, module)  # the training part of the epoch ends here
+        timer.on_train_epoch_end(trainer, module)  # and is not counted a second time
+    assert timer.captions == 24 and timer.seconds > 0
+    assert module.logged["train/captions_per_s"] == timer.captions / timer.seconds
+
+
+def test_timer_ignores_the_sanity_check_before_training():
+    trainer = SimpleNamespace(sanity_checking=True, train_dataloader=SimpleNamespace(sampler=range(12)))
+    timer, module = TrainTimer(), Module()
+    timer.on_validation_start(trainer, module)
+    timer.on_train_epoch_start(trainer, module)
+    timer.on_validation_start(trainer, module)  # still sanity checking: the epoch keeps running
+    trainer.sanity_checking = False
+    timer.on_train_epoch_end(trainer, module)
+    assert timer.captions == 12
