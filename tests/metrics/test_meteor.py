@@ -1,7 +1,5 @@
-import copy
 import inspect
 import logging
-import pickle
 from pathlib import Path
 
 import pytest
@@ -103,11 +101,3 @@ def test_without_java_it_is_skipped_with_exactly_one_note(monkeypatch, tmp_path,
         assert MeteorScorer().score(["a"], [["a"]]) is None
     notes = [r for r in caplog.records if "METEOR" in r.getMessage()]
     assert len(notes) == 1 and "java" in notes[0].getMessage()
-
-
-def test_a_copied_or_pickled_metric_does_not_share_the_java_process():
-    metric = Meteor(max_memory="1G")
-    metric.scorer._proc = object()  # stands in for a running process
-    for clone in (copy.deepcopy(metric), pickle.loads(pickle.dumps(metric))):
-        assert clone.scorer._proc is None and clone.scorer.max_memory == "1G"
-    metric.scorer._proc = None
