@@ -1,11 +1,12 @@
-"""`imcap.train` end to end on the tiny shapes set: artefacts, resume, debug runs, SCST; and
-`make train` as the README shows it."""
+"""`imcap.train` end to end on the tiny shapes set: artefacts, resume, debug runs, SCST, an Optuna
+search that resumes; and `make train` as the README shows it."""
 
 from __future__ import annotations
 
 import json
 import shutil
 
+import optuna
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -109,3 +110,19 @@ def test_make_train_then_eval_caption_and_mismatched_resume(tmp_path):
                         f"hydra.run.dir={tmp_path}/mismatch", cwd=tmp_path)
     assert mismatched.returncode == 2
     assert_one_line_error(mismatched, "does not match the model architecture")
+
+
+def optuna_search(tmp_path, trials: int) -> None:
+    result = module("train", "-m", "hparams_search=optuna", f"hydra.sweeper.n_trials={trials}",
+                    "hydra.sweeper.sampler.n_startup_trials=1", *TINY, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_an_interrupted_optuna_search_continues_the_same_study(tmp_path):
+    """`-m hparams_search=optuna` stores its trials in sqlite under IMCAP_ROOT/logs."""
+    optuna_search(tmp_path, 2)
+    storage = f"sqlite:///{tmp_path}/logs/optuna.db"
+    study = optuna.load_study(study_name="imcap-train", storage=storage)
+    assert len(study.trials) == 2 and all(t.value is not None for t in study.trials)
+    optuna_search(tmp_path, 1)  # e.g. after an interruption: the stored trials are kept and built on
+    assert len(optuna.load_study(study_name="imcap-train", storage=storage).trials) == 3
