@@ -42,7 +42,6 @@ from imcap.data.datamodule import CaptionDataModule
 from imcap.data.dataset import collate
 from imcap.data.images import JPEG_MAGIC, accepts_uint8_tensor
 from imcap.data.images import _check_jpeg_header as check_jpeg_header
-from imcap.data.records import SPLITS
 from imcap.data.shards import BAD_SAMPLES, Sample, load_index, read_image_bytes, usable
 from imcap.data.sources.policy import check_choice
 from imcap.data.text import normalize, tokenize
@@ -429,11 +428,6 @@ class ShardDataModule(CaptionDataModule):
                               pad_to_multiple=self.pad_to_multiple, **kwargs)
         self.datasets[split] = dataset
         return dataset
-
-    def setup(self, stage: str | None = None) -> None:
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": (self.eval_split,)}.get(stage or "", SPLITS)
-        for split in splits:
-            self._dataset(split)
 
     def _epoch(self) -> int:
         return self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
