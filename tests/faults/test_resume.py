@@ -1,6 +1,7 @@
-"""A run killed with SIGKILL mid-epoch, resumed from another directory, then killed by the
-kernel while writing a checkpoint and resumed from a third directory, ends exactly where the
-uninterrupted run does: test metrics, val/CIDEr-D_best, best.ckpt weights and predictions.
+"""A run killed with SIGKILL mid-epoch, resumed from another directory, then killed with
+SIGKILL in the middle of writing a checkpoint and resumed from a third directory, ends exactly
+where the uninterrupted run does: test metrics, val/CIDEr-D_best, best.ckpt weights and
+predictions.
 
 Each run is `python -m imcap.train` as a user types it, in its own working directory and
 without hydra.run.dir. The learning rate jumps after epoch 2, so the best epoch (2) comes
@@ -32,10 +33,13 @@ RUN = [*TINY, "trainer.max_epochs=5", "model.optimizer.lr=3e-2",
 TEST_METRICS = ("test/BLEU-4", "test/CIDEr-D", "test/ROUGE-L", "val/CIDEr-D_best")
 
 
-def train(root: Path, data: Path, *overrides: str, tmpdir: Path | None = None) -> subprocess.Popen:
+# a sitecustomize.py that SIGKILLs its process half-way through its Nth checkpoint save
+SIGKILL_IN_SAVE = ROOT / "tests" / "helpers" / "sigkill_in_checkpoint_save"
+
+
+def train(root: Path, data: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     root.mkdir(parents=True)
-    env = {**os.environ, "IMCAP_ROOT": str(root), "IMCAP_DATA_DIR": str(data), "PYTHONPATH": str(ROOT),
-           **({"TMPDIR": str(tmpdir)} if tmpdir else {})}
+    env = {**os.environ, "IMCAP_ROOT": str(root), "IMCAP_DATA_DIR": str(data), "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "imcap.train", *RUN, *overrides], cwd=root, env=env,
                             stdout=subprocess.DEVNULL, stderr=open(root / "stderr.txt", "w"))
 
@@ -71,15 +75,17 @@ def test_killed_twice_and_resumed_from_elsewhere_ends_like_the_uninterrupted_run
     assert first.wait(timeout=60) == -signal.SIGKILL
     last = run_dir(tmp_path / "first") / "checkpoints" / "last.ckpt"
 
-    # 2. resumed from another directory; the kernel kills it while it writes epoch 4's checkpoint
+    # 2. resumed from another directory; SIGKILL half-way through writing epoch 4's last.ckpt
+    #    (its 2nd checkpoint save: epoch 3's last.ckpt is the 1st, no later epoch is a new best)
     tmpdir = tmp_path / "systemtmp"
     tmpdir.mkdir()
     second = train(tmp_path / "second", data, f"ckpt_path={last}",
-                   "+callbacks.die={_target_:tests.helpers.callbacks.DieWritingCheckpointAt,epoch:4}", tmpdir=tmpdir)
-    assert second.wait(timeout=900) == -signal.SIGXFSZ, (tmp_path / "second" / "stderr.txt").read_text()[-3000:]
+                   env={"PYTHONPATH": f"{SIGKILL_IN_SAVE}{os.pathsep}{ROOT}", "IMCAP_TEST_SIGKILL_AT_SAVE": "2",
+                        "TMPDIR": str(tmpdir)})
+    assert second.wait(timeout=900) == -signal.SIGKILL, (tmp_path / "second" / "stderr.txt").read_text()[-3000:]
     second_ckpts = run_dir(tmp_path / "second") / "checkpoints"
     assert torch.load(second_ckpts / "last.ckpt", weights_only=True)["epoch"] == 3  # the old one, whole
-    assert not list(tmpdir.iterdir())  # nothing half-written left in the system temp directory
+    assert not [p for p in tmpdir.rglob("*") if p.is_file()]  # nothing half-written in the system temp directory
 
     # 3. resumed from a third directory
     third = finished(train(tmp_path / "third", data, f"ckpt_path={second_ckpts / 'last.ckpt'}"),

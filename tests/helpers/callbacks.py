@@ -57,27 +57,6 @@ class PauseAt(pl.Callback):
                 signal.pause()  # until the test's SIGKILL
 
 
-class DieWritingCheckpointAt(pl.Callback):
-    """The kernel kills the run while it writes the checkpoint of `epoch`: from that epoch's
-    validation on, no file may grow past half the size of last.ckpt, and SIGXFSZ (which
-    Python ignores) gets its default action back: termination, mid-write."""
-
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch != self.epoch or trainer.sanity_checking:
-            return
-        import os
-        import resource
-        import signal
-
-        size = os.path.getsize(os.path.join(trainer.checkpoint_callback.dirpath, "last.ckpt"))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, resource.RLIM_INFINITY))
-        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
-
-
 class RecordItems(pl.Callback):
     """Appends one JSON line per trained batch to `path`.rank<R>.jsonl: epoch, global step
     after the batch, and the batch's `item_ids` (streamed shards). With `stop_at_step`, the
