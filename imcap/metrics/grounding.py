@@ -9,10 +9,14 @@ hit rate of a uniformly random cell for the same words, for comparison.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 ATTRIBUTES = ("color", "shape")
 
@@ -33,15 +37,19 @@ def word_targets(word: str, objects: Sequence[dict]) -> list[Sequence[float]]:
 
 
 class GroundingRate(Metric):
-    """`update(words, attention, objects, extents)`;
-    `compute()` -> {"grounding", "grounding_chance", "grounding_words"} (synced across ranks)."""
+    """`update(words, attention, objects, extents, index)`;
+    `compute()` -> {"grounding", "grounding_chance", "grounding_words"} (synced across ranks).
+
+    Counts are kept per image, with its dataset index, and an image seen twice counts once: a
+    DDP sampler pads the last batches with repeated images, which would otherwise weigh twice
+    (as the corpus metrics, this keeps a 2-process evaluation equal to a 1-process one)."""
 
     full_state_update = False
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        for name in ("hits", "chance", "words"):
-            self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("index", [], dist_reduce_fx="cat")  # (images,) dataset index of each image
+        self.add_state("counts", [], dist_reduce_fx="cat")  # (images, 3) hits, chance, words
 
     def update(
         self,
@@ -49,13 +57,15 @@ class GroundingRate(Metric):
         attention: torch.Tensor,
         objects: Sequence[Sequence[dict] | None],
         extents: Sequence[float | None],
+        index: Sequence[int] | torch.Tensor,
     ) -> None:
-        # words[b]: generated words; attention: (B, L, N) with L >= len(words[b])
+        # words[b]: generated words; attention: (B, L, N) with L >= len(words[b]); index: (B,)
         peaks = attention.argmax(dim=-1).cpu()  # (B, L)
         centres = cell_centres(attention.shape[-1], 1.0)  # in units of the image extent
         for b, caption in enumerate(words):
             if not objects[b] or not extents[b]:
                 continue
+            counts = torch.zeros(3, dtype=torch.float64)  # hits, chance, words of this image
             for t, word in enumerate(caption):
                 boxes = word_targets(word, objects[b])
                 if not boxes:
@@ -65,10 +75,26 @@ class GroundingRate(Metric):
                     scaled = torch.tensor([x0, y0, x1, y1], dtype=torch.float64) / extents[b]
                     inside |= (centres[:, 0] >= scaled[0]) & (centres[:, 0] < scaled[2]) & \
                               (centres[:, 1] >= scaled[1]) & (centres[:, 1] < scaled[3])
-                self.hits += float(inside[peaks[b, t]])
-                self.chance += float(inside.double().mean())
-                self.words += 1
+                counts += torch.stack([inside[peaks[b, t]].double(), inside.double().mean(), torch.tensor(1.0)])
+            self.index.append(torch.tensor([int(index[b])], dtype=torch.long, device=self.device))
+            self.counts.append(counts.view(1, 3).to(self.device))
+
+    def _sync_dist(self, dist_sync_fn: Callable = gather_all_tensors, process_group: Any = None) -> None:
+        # a rank that saw no annotated image sends empty states of the others' dtypes and widths
+        if isinstance(self.index, list) and not self.index:
+            self.index = [torch.zeros(0, dtype=torch.long, device=self.device)]
+            self.counts = [torch.zeros(0, 3, dtype=torch.float64, device=self.device)]
+        super()._sync_dist(dist_sync_fn, process_group)
+
+    def totals(self) -> torch.Tensor:
+        """(3,) hits, chance, words summed over distinct images."""
+        if not (isinstance(self.index, torch.Tensor) or self.index):
+            return torch.zeros(3, dtype=torch.float64)
+        index, counts = dim_zero_cat(self.index).cpu(), dim_zero_cat(self.counts).cpu().view(-1, 3)
+        first = np.unique(index.numpy(), return_index=True)[1]  # an image's first record
+        return counts[torch.from_numpy(first)].sum(dim=0)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        n = self.words.clamp_min(1)
-        return {"grounding": self.hits / n, "grounding_chance": self.chance / n, "grounding_words": self.words}
+        hits, chance, words = self.totals()
+        n = words.clamp_min(1)
+        return {"grounding": hits / n, "grounding_chance": chance / n, "grounding_words": words}

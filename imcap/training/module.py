@@ -166,7 +166,8 @@ class CaptionModule(pl.LightningModule):
                              for i, c, k in zip(batch["image_ids"], captions, batch["index"])]
         if generated and generated[0].attention is not None and any(batch.get("objects") or []):
             maps = torch.nn.utils.rnn.pad_sequence([c.attention for c in generated], batch_first=True)
-            self.test_grounding.update([c.words for c in generated], maps, batch["objects"], batch["extents"])
+            self.test_grounding.update([c.words for c in generated], maps, batch["objects"], batch["extents"],
+                                       batch["index"])
 
     def on_test_epoch_end(self) -> None:
         for name, value in self.test_metrics.compute().items():

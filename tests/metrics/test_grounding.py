@@ -25,7 +25,7 @@ def test_hits_misses_and_chance():
     metric = GroundingRate()
     words = [["a", "red", "circle", "and", "a", "blue", "square"]]
     # red -> top-left (hit), circle -> bottom-right (miss), blue -> bottom-right (hit), square -> top-left (miss)
-    metric.update(words, attention_on([0, 0, 3, 0, 0, 3, 0]), [OBJECTS], [64])
+    metric.update(words, attention_on([0, 0, 3, 0, 0, 3, 0]), [OBJECTS], [64], [0])
     result = metric.compute()
     assert float(result["grounding"]) == pytest.approx(0.5)
     assert float(result["grounding_chance"]) == pytest.approx(0.25)  # one cell of four per word
@@ -34,5 +34,16 @@ def test_hits_misses_and_chance():
 def test_words_naming_no_object_and_images_without_annotations_are_not_counted():
     metric = GroundingRate()
     metric.update([["a", "green", "triangle"], ["a", "red", "circle"]], torch.cat([attention_on([0, 0, 0])] * 2),
-                  [OBJECTS, None], [64, None])
-    assert float(metric.words) == 0
+                  [OBJECTS, None], [64, None], [0, 1])
+    assert float(metric.compute()["grounding_words"]) == 0
+
+
+def test_an_image_seen_twice_counts_once():
+    """A DDP sampler pads the last batches with repeated images: they must not weigh twice."""
+    once, twice = GroundingRate(), GroundingRate()
+    hit, miss = (["a", "red", "circle"], attention_on([0, 0, 0])), (["a", "blue", "square"], attention_on([0, 0, 0]))
+    for metric, images in ((once, [(hit, 7), (miss, 8)]), (twice, [(hit, 7), (miss, 8), (miss, 8)])):
+        for (words, attention), index in images:
+            metric.update([words], attention, [OBJECTS], [64], torch.tensor([index]))
+    assert float(once.compute()["grounding"]) == pytest.approx(0.5)
+    assert {k: float(v) for k, v in twice.compute().items()} == {k: float(v) for k, v in once.compute().items()}
