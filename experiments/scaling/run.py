@@ -55,7 +55,7 @@ def make_source(folder: Path, captions: int, seed: int = 0) -> None:
     words = rng.choice(WORDS, size=int(lengths.sum()), p=weights)
     splits = np.where(np.arange(n_images) % 20 == 0, "val", np.where(np.arange(n_images) % 20 == 1, "test", "train"))
     tmp = folder / "captions.tmp"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write("image,caption,split\n")
         pos = 0
         for c in range(captions):
@@ -70,7 +70,7 @@ def make_source(folder: Path, captions: int, seed: int = 0) -> None:
 
 def rss_mb() -> float:
     """Current resident memory of this process, MB."""
-    with open("/proc/self/statm") as f:
+    with open("/proc/self/statm", encoding="ascii") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
@@ -155,7 +155,7 @@ def main() -> None:
                              env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
-    args.output.write_text(json.dumps(rows, indent=1))
+    args.output.write_text(json.dumps(rows, indent=1), encoding="utf-8")
     print(table(rows))
 
 

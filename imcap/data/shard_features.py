@@ -61,15 +61,15 @@ def extract_shard_features(encoder: torch.nn.Module, split: ShardSplit, transfor
 def _ensure(encoder, shard: str, path: Path, transform, cache_dir, batch_size, precision, policy, dtype) -> list[int]:
     bad_file = path.with_suffix(".json")
     if path.is_file() and bad_file.is_file():
-        return json.loads(bad_file.read_text())["bad"]
+        return json.loads(bad_file.read_text(encoding="utf-8"))["bad"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
+    with open(path.with_suffix(".lock"), "w", encoding="utf-8") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.is_file() and bad_file.is_file():
-            return json.loads(bad_file.read_text())["bad"]
+            return json.loads(bad_file.read_text(encoding="utf-8"))["bad"]
         samples = load_index(shard, cache_dir)
         bad = _extract(encoder, shard, samples, path, transform, batch_size, precision, policy, dtype)
-        bad_file.write_text(json.dumps({"bad": bad}))
+        bad_file.write_text(json.dumps({"bad": bad}), encoding="utf-8")
     return bad
 
 

@@ -172,7 +172,7 @@ def load_index(shard: str | Path, cache_dir: str | Path | None = None) -> list[S
         return cached
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(path.with_suffix(".lock"), "w")
+        lock = open(path.with_suffix(".lock"), "w", encoding="utf-8")
     except OSError as e:
         raise ImcapError(f"cannot write the shard index {path} ({e.strerror}); set "
                          "data.cache_dir=A_WRITABLE_DIR") from e
@@ -185,7 +185,7 @@ def load_index(shard: str | Path, cache_dir: str | Path | None = None) -> list[S
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps({"version": INDEX_VERSION, "shard": _stamp(shard),
                                    "samples": [[s.key, s.image_id, list(s.captions), s.image, s.problem]
-                                               for s in samples]}, ensure_ascii=False))
+                                               for s in samples]}, ensure_ascii=False), encoding="utf-8")
         os.replace(tmp, path)
     return samples
 
@@ -193,7 +193,7 @@ def load_index(shard: str | Path, cache_dir: str | Path | None = None) -> list[S
 def _read_index(path: Path, shard: Path) -> list[Sample] | None:
     """The cached index if it was made from this very shard file (same size and mtime)."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if data.get("version") != INDEX_VERSION or data.get("shard") != _stamp(shard):
