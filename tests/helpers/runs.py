@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -41,3 +42,26 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     assert "Traceback" not in result.stderr, result.stderr
     for fragment in fragments:
         assert fragment in result.stderr, result.stderr
+
+
+def train_offline(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`python -m imcap.train` in a new process, offline, with an empty Hugging Face cache."""
+    return run(sys.executable, "-m", "imcap.train", *overrides, cwd=cwd, timeout=900,
+               env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(cwd / "hf")})
+
+
+def every_decoder_trains_from_random_and_from_file(cwd: Path, weights_file: Path, *encoder: str) -> None:
+    """A `fast_dev_run` multirun, offline, of every decoder with the `encoder` overrides, once with
+    random weights and once from `weights_file` (model.encoder.weights_path): every job trains."""
+    from omegaconf import OmegaConf
+
+    result = train_offline(cwd, "--multirun", *TINY, *encoder, f"model.encoder.weights_path=null,{weights_file}",
+                           "model/decoder=lstm,topdown,transformer", "trainer.fast_dev_run=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = set()
+    for metrics_file in (cwd / "logs" / "train" / "multiruns").glob("*/*/metrics.json"):
+        model = OmegaConf.load(metrics_file.parent / "config.yaml").model
+        seen.add((model.decoder._target_.rsplit(".", 1)[1], model.encoder.weights_path))
+        assert json.loads(metrics_file.read_text(encoding="utf-8"))["train/loss"] > 0
+    decoders = {"LSTMDecoder", "TopDownDecoder", "TransformerDecoder"}
+    assert seen == {(d, w) for d in decoders for w in (None, str(weights_file))}

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -19,7 +16,7 @@ from imcap.data.features import extract_features
 from imcap.errors import ImcapError
 from imcap.models import weight_files
 from imcap.models.clip_encoder import OpenClipEncoder
-from tests.helpers.runs import TINY, run
+from tests.helpers.runs import every_decoder_trains_from_random_and_from_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -177,23 +174,8 @@ def test_the_feature_cache_keeps_the_class_token(clip, tmp_path):
     torch.testing.assert_close((grid, pooled), expected, atol=1e-4, rtol=1e-4)
 
 
-def _train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """imcap.train in a new process, offline, with an empty Hugging Face cache."""
-    return run(sys.executable, "-m", "imcap.train", *overrides, cwd=tmp_path, timeout=900,
-               env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
-
-
 @pytest.mark.slow
 def test_vit_b_32_fast_dev_run_offline_with_every_decoder_random_and_from_a_file(clip, tmp_path):
     _, safetensors_file, _ = clip
-    result = _train(tmp_path, "--multirun", *TINY, "model/encoder=open_clip", "model.encoder.name=ViT-B-32",
-                    "model.encoder.pretrained=null", f"model.encoder.weights_path=null,{safetensors_file}",
-                    "model/decoder=lstm,topdown,transformer", "trainer.fast_dev_run=true")
-    assert result.returncode == 0, result.stderr[-3000:]
-    seen = set()
-    for metrics_file in (tmp_path / "logs" / "train" / "multiruns").glob("*/*/metrics.json"):
-        model = OmegaConf.load(metrics_file.parent / "config.yaml").model
-        seen.add((model.decoder._target_.rsplit(".", 1)[1], model.encoder.weights_path))
-        assert json.loads(metrics_file.read_text())["train/loss"] > 0
-    decoders = {"LSTMDecoder", "TopDownDecoder", "TransformerDecoder"}
-    assert seen == {(d, w) for d in decoders for w in (None, str(safetensors_file))}
+    every_decoder_trains_from_random_and_from_file(tmp_path, safetensors_file, "model/encoder=open_clip",
+                                                   "model.encoder.name=ViT-B-32", "model.encoder.pretrained=null")

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import timm
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import save_file
 
 from imcap.errors import ImcapError
 from imcap.models import weight_files
 from imcap.models.timm_encoder import TimmEncoder
-from tests.helpers.runs import TINY, run
+from tests.helpers.runs import TINY, every_decoder_trains_from_random_and_from_file, train_offline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -179,27 +175,11 @@ def test_pretrained_weights_in_the_hugging_face_cache_load_offline(offline, weig
     assert enc.fingerprint() == TimmEncoder("convnext_nano", weights_path=str(safetensors_file)).fingerprint()
 
 
-def _train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """imcap.train in a new process, offline, with an empty Hugging Face cache."""
-    return run(sys.executable, "-m", "imcap.train", *overrides, cwd=tmp_path, timeout=900,
-               env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
-
-
 @pytest.mark.slow
 def test_fast_dev_run_offline_with_every_decoder_random_and_from_a_file(weights, tmp_path):
     _, safetensors_file, _ = weights
-    result = _train(tmp_path, "--multirun", *TINY, "model/encoder=timm", "model.encoder.name=convnext_nano",
-                    "model.encoder.pretrained=false", f"model.encoder.weights_path=null,{safetensors_file}",
-                    "model/decoder=lstm,topdown,transformer", "trainer.fast_dev_run=true")
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = sorted((tmp_path / "logs" / "train" / "multiruns").glob("*/*/metrics.json"))
-    seen = set()
-    for metrics_file in runs:
-        model = OmegaConf.load(metrics_file.parent / "config.yaml").model
-        seen.add((model.decoder._target_.rsplit(".", 1)[1], model.encoder.weights_path))
-        assert json.loads(metrics_file.read_text())["train/loss"] > 0
-    decoders = {"LSTMDecoder", "TopDownDecoder", "TransformerDecoder"}
-    assert seen == {(d, w) for d in decoders for w in (None, str(safetensors_file))}
+    every_decoder_trains_from_random_and_from_file(tmp_path, safetensors_file, "model/encoder=timm",
+                                                   "model.encoder.name=convnext_nano", "model.encoder.pretrained=false")
 
 
 @pytest.mark.slow
@@ -225,6 +205,6 @@ def test_a_checkpoint_carries_the_encoder_weights_without_the_file(weights, make
 
 @pytest.mark.slow
 def test_cli_says_in_one_line_what_to_place_where(tmp_path):
-    result = _train(tmp_path, *TINY, "model/encoder=timm", "trainer.fast_dev_run=true")
+    result = train_offline(tmp_path, *TINY, "model/encoder=timm", "trainer.fast_dev_run=true")
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "timm/convnext_nano.in12k_ft_in1k" in result.stderr and "HF_HUB_OFFLINE" in result.stderr
