@@ -187,20 +187,20 @@ def train_losses(run_dir) -> list[float]:
 @pytest.mark.slow
 @pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
 def test_every_valid_pair_learns_through_imcap_train(pair, make_cfg, tmp_path):
-    """One batch seen 80 times through the real training entry point: the cross-entropy falls
-    by more than a quarter from its first value, near ln(vocabulary size) (measured: lstm pairs
-    end near 1.0 or lower, topdown pairs near 2.4-2.6 from 3.5)."""
+    """One batch seen 300 times through the real training entry point: the cross-entropy ends
+    below half its first value, near ln(vocabulary size). The topdown pairs learn slowest
+    (measured: topdown + dot at 2.00 from 3.57 after 200 steps, under half after 300)."""
     decoder, attention = pair
     out = tmp_path / pair_id(pair)
-    cfg = make_cfg("debug=overfit", "trainer.max_epochs=80", "trainer.log_every_n_steps=1", "test=false",
+    cfg = make_cfg("debug=overfit", "trainer.max_epochs=300", "trainer.log_every_n_steps=1", "test=false",
                    f"model/decoder={decoder}", f"model/attention={attention}", "model.decoder.hidden_dim=32",
                    "++model.attention.attention_dim=16", "model.embedding.dim=16", "model.optimizer.lr=3e-3",
                    *(["model.decoder.layers=1", "model.decoder.heads=4"] if decoder == "transformer" else []),
                    out=out)
     metrics = train(cfg)
     losses = train_losses(out)
-    assert len(losses) == 80
-    assert losses[-1] < 0.75 * losses[0], [round(x, 2) for x in losses[::10]]
+    assert len(losses) == 300
+    assert losses[-1] < 0.5 * losses[0], [round(x, 2) for x in losses[::30]]
     assert metrics["train/xe"] == pytest.approx(losses[-1])
     assert ("train/attention_reg" in metrics) == (attention != "none")
 
