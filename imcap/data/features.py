@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from imcap.data.images import accepts_uint8_tensor, load_image, load_image_tensor
 from imcap.errors import ImcapError
+from imcap.files import write_json
 
 log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -293,16 +294,6 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return st.st_mtime_ns, st.st_size
 
 
-def _write_progress(progress: Path, done: int) -> None:
-    """Replace the progress file atomically: a kill leaves the old count or the new one."""
-    tmp = progress.with_name(progress.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"done": done}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, progress)
-
-
 def _resume_point(partial: Path, progress: Path, n: int) -> tuple[int, np.memmap | None]:
     """Images already stored in `partial` by an interrupted run, and the file mapped for
     writing; (0, None) where there is nothing usable (a damaged progress or partial file is
@@ -378,7 +369,7 @@ def _extract(encoder, image_paths, transform, cache_dir: Path, key: str, final: 
                 done += len(grid)
                 if done % (batch_size * 8) < batch_size or done == len(image_paths):
                     store.flush()
-                    _write_progress(progress, done)
+                    write_json(progress, {"done": done}, indent=None)  # a kill leaves the old count or the new one
                 bar.update(len(grid))
     finally:
         bar.close()

@@ -19,7 +19,6 @@ import fcntl
 import io
 import json
 import logging
-import os
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -34,6 +33,7 @@ from webdataset.tariterators import base_plus_ext
 from imcap.data.records import CaptionRecord
 from imcap.data.sources.policy import check_choice
 from imcap.errors import ImcapError
+from imcap.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -182,11 +182,9 @@ def load_index(shard: str | Path, cache_dir: str | Path | None = None) -> list[S
         if cached is not None:
             return cached
         samples = _read_samples(shard)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"version": INDEX_VERSION, "shard": _stamp(shard),
-                                   "samples": [[s.key, s.image_id, list(s.captions), s.image, s.problem]
-                                               for s in samples]}, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, path)
+        write_json(path, {"version": INDEX_VERSION, "shard": _stamp(shard),
+                          "samples": [[s.key, s.image_id, list(s.captions), s.image, s.problem] for s in samples]},
+                   indent=None)
     return samples
 
 
