@@ -14,6 +14,7 @@ import time
 import pytest
 
 from experiments.attention_variants import study
+from imcap.config import compose_config
 from imcap.errors import ImcapError
 from imcap.models.decoder import valid_pairs
 from tests.helpers.paths import ROOT
@@ -112,3 +113,5 @@ def test_the_gpu_study_uses_the_gpu_trainer_and_the_recipe_with_only_the_study_f
     assert base[:3] == ["data=flickr8k", f"data.root={tmp_path.resolve()}", "trainer=gpu"]
     assert [o for o in base if not o.startswith(("callbacks.progress_bar", "trainer.enable_"))][3:] == [
         "trainer.max_epochs=5"]
+    cfg = compose_config("train", base)  # what each run composes, before its pair and seed
+    assert (cfg.trainer.accelerator, cfg.trainer.max_epochs, cfg.data.root) == ("gpu", 5, str(tmp_path.resolve()))
