@@ -134,7 +134,8 @@ def write_report(results: list[dict], name: str, header: str, report_dir: Path) 
     body = f"{header}\n\n{report.table(rows)}\n\n![{name}](results-{name}.png)\n\n{report.conclusions(rows)}\n"
     write_json(report_dir / f"results-{name}.json", results)
     write_text(report_dir / f"table-{name}.md", body)
-    report.plot(rows, report_dir / f"results-{name}.png", f"attention variants, {name}: mean ± std over runs")
+    report.plot(rows, report_dir / f"results-{name}.png", f"attention variants, study {name}: mean ± 1 std over the n runs of each pair; "
+                f"orange: the reference {'-'.join(report.REFERENCE)}, its mean dashed")
     readme = report_dir / "README.md"
     begin, end = f"<!-- study:{name} -->", f"<!-- /study:{name} -->"
     text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
