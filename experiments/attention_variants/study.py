@@ -105,8 +105,9 @@ def decoder_params(run_dir: Path) -> int:
 
 
 def run_one(decoder: str, attention: str, seed: int, split: int | None, base: list[str], run_dir: Path,
-            data_dir: Path) -> dict:
-    """Train one run in this process (or continue it from its last.ckpt) and write result.json."""
+            data_dir: Path, params: int | None = None) -> dict:
+    """Train one run in this process (or continue it from its last.ckpt) and write result.json.
+    `params`: the pair's decoder size when another run of it already counted it."""
     from imcap.train import train
 
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -118,7 +119,7 @@ def run_one(decoder: str, attention: str, seed: int, split: int | None, base: li
     metrics = train(compose_config("train", overrides, run_dir, data_dir))
     result = {
         "decoder": decoder, "attention": attention, "seed": seed, "split": split,
-        "decoder_params": decoder_params(run_dir), "wall_s": time.perf_counter() - start,
+        "decoder_params": params or decoder_params(run_dir), "wall_s": time.perf_counter() - start,
         "resumed": resumed,
         **{k: v for k, v in metrics.items() if k.startswith("test/")},
         **{k: metrics.get(k) for k in ("train/captions_per_s", "val/CIDEr-D_best", "epoch")},
@@ -199,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
                     results.append(json.loads(done.read_text(encoding="utf-8")))
                     continue
                 print(f"[study] training {run_dir}", flush=True)
-                results.append(run_one(decoder, attention, seed, split, base, run_dir, Path(args.data_dir)))
+                params = next((r["decoder_params"] for r in results if (r["decoder"], r["attention"]) == (decoder, attention)), None)
+                results.append(run_one(decoder, attention, seed, split, base, run_dir, Path(args.data_dir), params))
                 trained += 1
                 write_report(results, name, header, Path(args.report_dir))
     write_report(results, name, header, Path(args.report_dir))
