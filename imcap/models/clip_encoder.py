@@ -25,7 +25,13 @@ from torch import nn
 
 from imcap.errors import ImcapError
 from imcap.models import weight_files
-from imcap.models.encoders import GridEncoder, load_error, read_weights_file, set_trainable
+from imcap.models.encoders import (
+    GridEncoder,
+    load_error,
+    note_unused_output_stride,
+    read_weights_file,
+    set_trainable,
+)
 from imcap.registry import register
 
 POOLED = ("class_token", "embedding", "mean")
@@ -74,6 +80,7 @@ class OpenClipEncoder(GridEncoder):
     model's. pooled: class_token | embedding | mean, or None for the tower's default
     (class_token for ViTs, mean for ResNets). finetune: `none` | `last_k` (the last
     `finetune_last_k` blocks or ResNet stages, and the final norm and projection) | `all`.
+    output_stride: TorchvisionEncoder's cut, unused here, accepted so that a recipe may set it.
     """
 
     WEIGHT_OPTIONS = ("pretrained", "weights_path")
@@ -89,11 +96,14 @@ class OpenClipEncoder(GridEncoder):
         finetune_last_k: int = 1,
         image_size: int | None = None,
         crop: bool = False,
+        output_stride: int | None = None,
     ):
         import open_clip
         from open_clip.transformer import VisionTransformer
 
         super().__init__(finetune)
+        note_unused_output_stride(output_stride, f"open_clip {name}",
+                                  "its grid is the tower's patch or last-stage grid")
         if name not in open_clip.list_models():
             raise ImcapError(f"model.encoder.name={name!r} is not an open_clip model; list them with "
                              "`python -c \"import open_clip; print(open_clip.list_models())\"`")

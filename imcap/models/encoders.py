@@ -306,6 +306,40 @@ def set_trainable(module: nn.Module, stages: Sequence[nn.Module], finetune: str,
                 p.requires_grad = True
 
 
+def layer_strides(trunk: nn.Sequential, size: int = 64) -> list[tuple[int, int]]:
+    """(output stride, channels) after each layer of `trunk`, from one forward pass of a
+    size x size image (in eval mode, so BatchNorm statistics are not touched)."""
+    mode, x, found = trunk.training, torch.zeros(1, 3, size, size), []
+    trunk.eval()
+    with torch.no_grad():
+        for layer in trunk:
+            x = layer(x)  # (1, C, H', W')
+            found.append((size // x.shape[-1], x.shape[1]))
+    trunk.train(mode)
+    return found
+
+
+def cut_at_stride(trunk: nn.Sequential, stride: int, option: str) -> tuple[nn.Sequential, int]:
+    """`trunk` up to its last layer at output stride `stride`, and that layer's channels: a
+    finer grid of more local features (MobileNetV2 at stride 16: 8x8 x 96 at 128 px instead of
+    4x4 x 1280). A stride the trunk has no layer at is a user error naming `option`."""
+    found = layer_strides(trunk)
+    strides = sorted({s for s, _ in found})
+    if stride not in strides:
+        raise ImcapError(f"{option}={stride!r}: this trunk's layers end at output strides {strides}; "
+                         "choose one of them, or null for the whole trunk")
+    last = max(i for i, (s, _) in enumerate(found) if s == stride)
+    return trunk[: last + 1], found[last][1]
+
+
+def note_unused_output_stride(output_stride: int | None, encoder: str, instead: str) -> None:
+    """Encoders that choose their grid another way accept `output_stride` (a recipe may set it
+    for torchvision CNNs: conf/recipe/shapes.yaml does) and say that they do not use it."""
+    if output_stride is not None:
+        log.warning("model.encoder.output_stride=%s is for torchvision encoders; %s ignores it (%s)",
+                    output_stride, encoder, instead)
+
+
 def weights_fingerprint(identity: str, module: nn.Module) -> str:
     """sha256 of `identity` (library, model, options, transform) and every tensor of `module`:
     the cache key of the features it computes."""
@@ -372,6 +406,8 @@ class TorchvisionEncoder(GridEncoder):
     finetune: `none` (frozen, BatchNorm in eval mode: features can be cached), `last_k`
     (the last `finetune_last_k` stages of the trunk train), or `all`.
     grid_size: adaptive-average-pool the feature map to grid_size x grid_size (None: native).
+    output_stride: end the trunk at its last layer with this output stride, e.g. 16 (None: the
+    whole trunk, stride 32 for most backbones).
     """
 
     def __init__(
@@ -383,11 +419,12 @@ class TorchvisionEncoder(GridEncoder):
         finetune_last_k: int = 1,
         grid_size: int | None = None,
         channels_last: bool = True,
+        output_stride: int | None = None,
     ):
         super().__init__(finetune)
         if name not in BACKBONES:
             raise ImcapError(f"model.encoder.name={name!r} is unknown; choose one of {list_encoders()}")
-        self.name, self.grid_size = name, grid_size
+        self.name, self.grid_size, self.output_stride = name, grid_size, output_stride
         self.channels_last = channels_last
         backbone = BACKBONES[name]
         model = backbone.build() if backbone.build else torchvision.models.get_model(name, weights=None)
@@ -400,6 +437,8 @@ class TorchvisionEncoder(GridEncoder):
             model.load_state_dict(convert(state))
         self.trunk = BACKBONES[name].trunk(model)
         self.out_channels = BACKBONES[name].channels
+        if output_stride is not None:
+            self.trunk, self.out_channels = cut_at_stride(self.trunk, output_stride, "model.encoder.output_stride")
         if channels_last:
             self.trunk = self.trunk.to(memory_format=torch.channels_last)
         self._set_trainable(finetune_last_k)
@@ -423,7 +462,9 @@ class TorchvisionEncoder(GridEncoder):
         return image_transform(image_size, self.mean, self.std)
 
     def identity(self) -> str:
-        return f"{self.name}|{self.grid_size}"  # (the key of caches written before GridEncoder)
+        # (the key of caches written before GridEncoder, when the trunk is whole)
+        cut = f"|stride{self.output_stride}" if self.output_stride is not None else ""
+        return f"{self.name}|{self.grid_size}{cut}"
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.channels_last:

@@ -18,7 +18,13 @@ from torch import nn
 
 from imcap.errors import ImcapError
 from imcap.models import weight_files
-from imcap.models.encoders import GridEncoder, load_error, read_weights_file, set_trainable
+from imcap.models.encoders import (
+    GridEncoder,
+    load_error,
+    note_unused_output_stride,
+    read_weights_file,
+    set_trainable,
+)
 from imcap.registry import register
 
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
@@ -78,7 +84,8 @@ class TimmEncoder(GridEncoder):
     saves, or model.safetensors from the hub) instead. image_size: for models with a fixed input
     size (ViTs), the size they are built for (their position embeddings resampled); None keeps
     timm's. finetune: `none` | `last_k` (the last `finetune_last_k` stages, with any
-    normalisation layer after them) | `all`.
+    normalisation layer after them) | `all`. output_stride: TorchvisionEncoder's cut, unused
+    here (out_index chooses the stage), accepted so that a recipe may set it.
     """
 
     WEIGHT_OPTIONS = ("pretrained", "weights_path")
@@ -93,10 +100,13 @@ class TimmEncoder(GridEncoder):
         finetune_last_k: int = 1,
         image_size: int | None = None,
         crop: bool = False,
+        output_stride: int | None = None,
     ):
         from timm.data import resolve_data_config
 
         super().__init__(finetune)
+        note_unused_output_stride(output_stride, f"timm {name}",
+                                  "model.encoder.out_index=-2 is stride 16 for most CNNs")
         cfg = _pretrained_cfg(name)
         self.name, self.out_index, self.crop = name, out_index, crop
         kwargs = {}

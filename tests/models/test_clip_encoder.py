@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -179,3 +180,13 @@ def test_vit_b_32_fast_dev_run_offline_with_every_decoder_random_and_from_a_file
     _, safetensors_file, _ = clip
     every_decoder_trains_from_random_and_from_file(tmp_path, safetensors_file, "model/encoder=open_clip",
                                                    "model.encoder.name=ViT-B-32", "model.encoder.pretrained=null")
+
+
+def test_the_demo_recipes_output_stride_is_noted_and_unused(make_cfg, caplog):
+    """conf/recipe/shapes.yaml cuts torchvision CNNs at stride 16; `model/encoder=open_clip` on
+    the demo still builds, says it does not use the option, and keeps its patch grid."""
+    assert make_cfg("model/encoder=open_clip").model.encoder.output_stride == 16
+    with caplog.at_level(logging.WARNING, logger="imcap.models.encoders"):
+        enc = OpenClipEncoder("ViT-B-32", pretrained=None, image_size=64, output_stride=16)
+    assert "output_stride=16 is for torchvision encoders; open_clip ViT-B-32 ignores it" in caplog.text
+    assert enc(torch.randn(1, 3, 64, 64))[0].shape[1] == 4  # 2x2 patches of 32 px

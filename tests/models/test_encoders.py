@@ -183,6 +183,35 @@ def test_grid_size_pools_to_a_fixed_grid():
     assert grid.shape == (1, 9, 1280)
 
 
+def test_output_stride_ends_the_trunk_earlier_for_a_finer_grid_of_local_features():
+    torch.manual_seed(0)
+    whole = TorchvisionEncoder("mobilenet_v2", weights=None)
+    torch.manual_seed(0)
+    cut = TorchvisionEncoder("mobilenet_v2", weights=None, output_stride=16)  # the same weights
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        grid, pooled = cut(x)
+        expected = whole.trunk[:14](x)  # MobileNetV2's blocks 0-13 run at stride <= 16
+    assert grid.shape == (1, 64, 96) and cut.out_channels == 96 and pooled.shape == (1, 96)
+    torch.testing.assert_close(grid, expected.flatten(2).transpose(1, 2), rtol=1e-4, atol=1e-4)  # channels_last
+    assert not cut.training  # the stride probe left a frozen trunk in eval mode
+    resnet = TorchvisionEncoder("resnet18", weights=None, output_stride=8, finetune="last_k")
+    assert resnet(torch.randn(1, 3, 64, 64))[0].shape == (1, 64, 128)  # layer2: 8x8 x 128
+    assert {n.split(".")[1] for n, p in resnet.named_parameters() if p.requires_grad} == {"5"}  # layer2
+
+
+def test_output_stride_is_part_of_the_feature_cache_key():
+    whole = TorchvisionEncoder("mobilenet_v2", weights=None)
+    cuts = [TorchvisionEncoder("mobilenet_v2", weights=None, output_stride=s) for s in (16, 32)]
+    assert len({whole.fingerprint(), *(c.fingerprint() for c in cuts)}) == 3
+    assert whole.identity() == "mobilenet_v2|None"  # caches written before the option keep their key
+
+
+def test_an_output_stride_the_trunk_lacks_is_a_user_error():
+    with pytest.raises(ImcapError, match=r"model.encoder.output_stride=12: .*\[2, 4, 8, 16, 32\]"):
+        TorchvisionEncoder("mobilenet_v2", weights=None, output_stride=12)
+
+
 @pytest.mark.parametrize("name", ["vgg16", "mobilenet_v3_large", "resnet50"])
 def test_out_channels_match_the_grid(name):
     enc = TorchvisionEncoder(name, weights=None)

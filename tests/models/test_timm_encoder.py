@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,13 @@ def test_cli_says_in_one_line_what_to_place_where(tmp_path):
     result = train_offline(tmp_path, *TINY, "model/encoder=timm", "trainer.fast_dev_run=true")
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "timm/convnext_nano.in12k_ft_in1k" in result.stderr and "HF_HUB_OFFLINE" in result.stderr
+
+
+def test_the_demo_recipes_output_stride_is_noted_and_unused(make_cfg, caplog):
+    """conf/recipe/shapes.yaml cuts torchvision CNNs at stride 16; `model/encoder=timm` on the
+    demo still builds, says it does not use the option, and keeps its own stage (and cache key)."""
+    assert make_cfg("model/encoder=timm").model.encoder.output_stride == 16
+    with caplog.at_level(logging.WARNING, logger="imcap.models.encoders"):
+        enc = TimmEncoder("convnext_nano", pretrained=False, output_stride=16)
+    assert "output_stride=16 is for torchvision encoders; timm convnext_nano ignores it" in caplog.text
+    assert enc.identity() == TimmEncoder("convnext_nano", pretrained=False).identity()
