@@ -192,7 +192,10 @@ class ShowAttendTellLoop(torch.autograd.Function):
                 alphas[:b, t] = s.alpha
                 if keep:
                     steps.append(s)
-        ctx.w, ctx.values, ctx.steps, ctx.alphas = w, values, steps, alphas
+        ctx.w, ctx.values, ctx.steps = w, values, steps
+        # an output kept as a ctx attribute would close a reference cycle (output -> node ->
+        # ctx -> output) that only the cyclic GC frees: SCST's few, large steps piled up GBs
+        ctx.save_for_backward(alphas)
         ctx.dtypes = (x.dtype, h0.dtype, c0.dtype, doubled_keys.dtype, values.dtype, h_weight.dtype)
         ctx.shape = (B, T)
         return hs, alphas
@@ -260,7 +263,7 @@ class ShowAttendTellLoop(torch.autograd.Function):
                 d_x = d_x.to(x_dtype)
             d_values = None
             if need[4]:  # sum_t alpha_t^T d_context_t, one batched product
-                d_values = torch.bmm(ctx.alphas.transpose(1, 2), d_contexts).to(values_dtype)
+                d_values = torch.bmm(ctx.saved_tensors[0].transpose(1, 2), d_contexts).to(values_dtype)
             d_h_weight = d_h_bias = d_context_weight = None
             if need[5]:
                 d_h_weight = (d_fused.t() @ torch.cat([s.h_prev for s in steps])).to(w_dtype)
@@ -268,6 +271,7 @@ class ShowAttendTellLoop(torch.autograd.Function):
                 d_h_bias = d_fused.sum(0).to(w_dtype)
             if need[7]:
                 d_context_weight = (d_fused[:, : 4 * H].t() @ torch.cat([s.gated for s in steps])).to(w_dtype)
+        ctx.steps = ctx.w = ctx.values = None  # freed now, not when the cyclic GC next runs
         return (d_x, dh.to(h_dtype), dc.to(c_dtype), d_doubled_keys.to(keys_dtype), d_values, d_h_weight, d_h_bias,
                 d_context_weight, d_score_w.to(w_dtype) if need[8] else None,
                 d_score_b.to(w_dtype) if need[9] else None, None, None, None, None)
