@@ -24,7 +24,7 @@ import torch
 from imcap import registry
 from imcap.errors import ImcapError
 from imcap.models.attention import NO_ATTENTION, attention_name
-from imcap.models.packing import Packing, first_rows, on_valid, pack, stack_steps
+from imcap.models.packing import Packing, first_rows, pack, stack_steps
 
 
 @runtime_checkable
@@ -95,6 +95,9 @@ def require_attention(decoder: type, attention: object) -> None:
 
 def compute_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
     """The dtype matrix products run in: autocast's where it is on, else `default`."""
+    available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
+    if available is not None and not available(device.type):  # e.g. meta: no autocast there
+        return default
     try:
         if torch.is_autocast_enabled(device.type):
             return torch.get_autocast_dtype(device.type)
@@ -103,6 +106,21 @@ def compute_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
         if torch.is_autocast_cpu_enabled() if cpu else torch.is_autocast_enabled():
             return torch.get_autocast_cpu_dtype() if cpu else torch.get_autocast_gpu_dtype()
     return default
+
+
+# torch.compile modes that record CUDA graphs (on CUDA): a graph replays one set of shapes
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def compile_options(decoder: Any, options: dict) -> dict:
+    """`model.compile`'s options for torch.compile, and the decoder's shape policy. A mode that
+    records CUDA graphs gets fixed shapes (`decoder.fixed_shapes`: every row runs every step,
+    padding is zeroed; `Packing.fixed`) and static shapes by default: with length buckets
+    (`data.length_buckets`) an epoch then has a handful of shapes, one graph each. Other modes
+    keep skipping padding, with dynamic shapes (one graph for every step and batch size)."""
+    graphs = options.get("mode") in CUDA_GRAPH_MODES
+    decoder.fixed_shapes = graphs
+    return {"dynamic": not graphs, **options}
 
 
 def lstm_update(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,10 +182,11 @@ def teacher_forcing(
     valid positions, `recurrence` (usually `run_cell` with the decoder's cell) in between.
     Returns logits (B, T, V) and weights (B, T, N) or None in the caller's row order, and
     leaves beta (B, T) (adaptive attention) or None in `decoder.last_beta`, detached."""
-    packing = pack(lengths, *tokens.shape, tokens.device)
+    packing = pack(lengths, *tokens.shape, tokens.device, fixed=getattr(decoder, "fixed_shapes", False))
     grid, pooled, tokens = packing.sort(grid), packing.sort(pooled), packing.sort(tokens)
-    x = on_valid(decoder.embedding(tokens), packing.valid, word_proj)  # (B, T, 4H), one matmul for all steps
+    x = packing.on_valid(decoder.embedding(tokens), word_proj)  # (B, T, 4H), one matmul for all steps
     out = recurrence(x, decoder.init_state(grid, pooled), packing)
-    logits = on_valid(out.outputs, packing.valid, lambda h: decoder.output(decoder.dropout(h)))  # (B, T, V)
-    decoder.last_beta = packing.unsort(out.beta).detach() if out.beta is not None else None
-    return packing.unsort(logits), packing.unsort(out.weights)
+    logits = packing.on_valid(out.outputs, lambda h: decoder.output(decoder.dropout(h)))  # (B, T, V)
+    weights, beta = packing.zero_padding(out.weights), packing.zero_padding(out.beta)  # fixed shapes ran on padding
+    decoder.last_beta = packing.unsort(beta).detach() if beta is not None else None
+    return packing.unsort(logits), packing.unsort(weights)

@@ -20,6 +20,7 @@ from imcap.models.attention import AdditiveAttention, AttentionCache
 from imcap.models.decoder import (
     AttentionSupport,
     Recurrence,
+    compile_options,
     compute_dtype,
     lstm_update,
     require_attention,
@@ -37,6 +38,7 @@ from imcap.models.sat_kernel import (
     at_least_fp32,
     sat_cache,
     sat_step,
+    without_autocast,
 )
 from imcap.registry import register
 
@@ -70,6 +72,7 @@ class LSTMDecoder(nn.Module):
 
     attention_support = AttentionSupport(none=True, sentinel=True)
     fast_path = True  # False: always the plain per-step code (`_cell`)
+    fixed_shapes = False  # every row runs every step (`Packing.fixed`); set by compile_steps
 
     def __init__(
         self,
@@ -118,8 +121,9 @@ class LSTMDecoder(nn.Module):
     def compile_steps(self, **options) -> None:
         """torch.compile the recurrent step (`sat_step` and `_cell`), one graph for every step
         and batch size (rows drop out as captions end): the elementwise work of the attention
-        and the LSTM cell fuses into a few loops. The kernel's hand-written backward stays eager."""
-        options = {"dynamic": True, **options}
+        and the LSTM cell fuses into a few loops. The kernel's hand-written backward stays eager.
+        A CUDA-graph mode (reduce-overhead) runs every row every step instead (`compile_options`)."""
+        options = compile_options(self, options)
         if self.sat_path is not None:
             self.sat_path.step_fn = torch.compile(sat_step, **options)
         self._cell = torch.compile(self._cell, **options)
@@ -257,7 +261,7 @@ class ShowAttendTellPath:
         d = self.decoder
         dtype = compute_dtype(prev_tokens.device, d.output.weight.dtype)
         w, (inputs, *linears, output) = self.step_weights(dtype, prev_tokens.shape[0])
-        with torch.autocast(prev_tokens.device.type, enabled=False):
+        with without_autocast(prev_tokens.device.type):
             x = inputs(d.embedding(prev_tokens).to(dtype))
             s = self.step_fn(w, linears, x, state.h.to(dtype), at_least_fp32(state.c.to(dtype)),
                              state.cache.doubled_keys, state.cache.values, keep=False)

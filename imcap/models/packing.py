@@ -18,17 +18,26 @@ import torch.nn.functional as F
 
 
 class Packing(NamedTuple):
-    """Which positions of a (B, T) teacher-forced input carry a target, rows sorted."""
+    """Which positions of a (B, T) teacher-forced input carry a target, rows sorted.
+
+    Made once per batch on the host from host lengths (`pack`): the per-step loop then reads
+    only Python ints (`batch_sizes`) and tensors that were copied to the device before it, so
+    no step waits for the device (on a GPU, a `.item()` or a boolean index inside the loop
+    stalls the launch queue every step)."""
 
     lengths: torch.Tensor  # (B,) valid positions per row, longest first, each in [0, T]
-    batch_sizes: tuple[int, ...]  # (T,) rows with a valid position t: non-increasing
-    order: torch.Tensor | None  # (B,) the permutation that sorted the rows; None: they were sorted
+    batch_sizes: tuple[int, ...]  # (T,) rows that run at step t: non-increasing
+    order: torch.Tensor | None  # (B,) the permutation that sorted the rows; None: kept as given
+    inverse: torch.Tensor | None  # (B,) its inverse (unsort)
     full: bool  # every position is valid (no padding at all)
+    index: torch.Tensor | None  # (n,) flat positions b * T + t that carry a target (sorted rows); None: all
+    mask: torch.Tensor | None  # (B, T) bool, the same positions as a mask (sorted rows); None: all
+    fixed: bool = False  # every row runs every step, padding is zeroed: one shape per width (CUDA graphs)
 
     @property
     def valid(self) -> torch.Tensor | None:
         """(B, T) bool, sorted rows: position t of row b carries a target; None: all do."""
-        return None if self.full else valid_mask(self.lengths, len(self.batch_sizes))
+        return self.mask
 
     def sort(self, x: torch.Tensor | None) -> torch.Tensor | None:
         """Rows of x (B, ...) in sorted order."""
@@ -36,25 +45,63 @@ class Packing(NamedTuple):
 
     def unsort(self, x: torch.Tensor | None) -> torch.Tensor | None:
         """Rows of x (B, ...) back in the caller's order."""
-        if x is None or self.order is None:
+        return x if x is None or self.inverse is None else x.index_select(0, self.inverse)
+
+    def on_valid(self, hs: torch.Tensor, layer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """layer applied to the valid positions of hs (B, T, H) -> (B, T, V), zeros elsewhere.
+        Fixed shapes: on every position, then zeroed (the product's shape is then the same for
+        every batch of a bucket, which a CUDA graph needs; a gather of n valid rows is not)."""
+        if self.full:
+            return layer(hs)
+        if self.fixed:
+            return self.zero_padding(layer(hs))
+        return on_valid(hs, self.index, layer)
+
+    def zero_padding(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """x (B, T, ...) with the positions that carry no target set to zero (fixed shapes
+        only: otherwise they were never computed and are zero already)."""
+        if x is None or self.full or not self.fixed:
             return x
-        return x.index_select(0, torch.argsort(self.order))
+        mask = self.mask.view(*self.mask.shape, *(1,) * (x.dim() - 2))
+        return torch.where(mask, x, x.new_zeros(()))
 
 
-def pack(lengths: torch.Tensor | None, batch: int, steps: int, device: torch.device) -> Packing:
-    """The packing of a (batch, steps) input; lengths (B,) None means every position is valid."""
+def pack(lengths: torch.Tensor | None, batch: int, steps: int, device: torch.device, sort: bool = True,
+         fixed: bool = False) -> Packing:
+    """The packing of a (batch, steps) input; lengths (B,) None means every position is valid.
+
+    Give the lengths on the host (the module passes the collated ones): the schedule is
+    computed there and what the device needs is copied over without blocking. Lengths on a
+    device are read back once here (one sync per batch, before the loop). sort=False keeps
+    the rows in their order (a decoder that runs all positions at once); fixed=True runs every
+    row at every step (`Packing.fixed`)."""
     if lengths is None:
-        return Packing(torch.full((batch,), steps, device=device), (batch,) * steps, None, True)
+        return Packing(torch.full((batch,), steps, device=device), (batch,) * steps, None, None, True, None, None,
+                       fixed)
     if lengths.shape != (batch,):
         raise ValueError(f"lengths must have shape ({batch},), got {tuple(lengths.shape)}")
-    lengths = lengths.to(device=device).clamp(0, steps)
-    order = None
-    if bool((lengths[:-1] < lengths[1:]).any()):
-        order = torch.argsort(lengths, descending=True, stable=True)
-        lengths = lengths.index_select(0, order)
-    counts = torch.bincount(lengths, minlength=steps + 1)  # rows per length
-    batch_sizes = (batch - torch.cumsum(counts, 0)[:steps]).tolist()  # rows with length > t
-    return Packing(lengths, tuple(batch_sizes), order, bool((lengths == steps).all()))
+    host = lengths.detach().to("cpu", torch.long).clamp(0, steps)  # (B,)
+    order = inverse = None
+    if sort and not fixed and bool((host[:-1] < host[1:]).any()):
+        order = torch.argsort(host, descending=True, stable=True)
+        inverse = torch.argsort(order)
+        host = host.index_select(0, order)
+    full = bool((host == steps).all())
+    if fixed or not sort:
+        batch_sizes = (batch,) * steps
+    else:
+        counts = torch.bincount(host, minlength=steps + 1)  # rows per length
+        batch_sizes = tuple((batch - torch.cumsum(counts, 0)[:steps]).tolist())  # rows with length > t
+    mask = index = None
+    if not full:
+        mask = torch.arange(steps) < host.unsqueeze(1)  # (B, T)
+        index = mask.view(-1).nonzero().squeeze(1)  # (n,) on the host: no sync
+
+    def to_device(x: torch.Tensor | None) -> torch.Tensor | None:
+        return x if x is None else x.to(device, non_blocking=True)
+
+    return Packing(to_device(host), batch_sizes, to_device(order), to_device(inverse), full, to_device(index),
+                   to_device(mask), fixed)
 
 
 def valid_mask(lengths: torch.Tensor | None, steps: int) -> torch.Tensor | None:
@@ -66,11 +113,16 @@ def valid_mask(lengths: torch.Tensor | None, steps: int) -> torch.Tensor | None:
 
 def on_valid(hs: torch.Tensor, valid: torch.Tensor | None, layer: Callable[[torch.Tensor], torch.Tensor]
              ) -> torch.Tensor:
-    """layer applied to the valid positions of hs (B, T, H) only -> (B, T, V), zeros elsewhere."""
+    """layer applied to the valid positions of hs (B, T, H) only -> (B, T, V), zeros elsewhere.
+    valid: the flat positions b * T + t (n,), or a (B, T) bool mask (read back: a sync on a
+    device), or None (all)."""
     if valid is None:
         return layer(hs)
-    out = layer(hs[valid])  # (n, V), n valid positions
-    return out.new_zeros(*hs.shape[:2], out.shape[-1]).index_put((valid,), out)
+    if valid.dtype == torch.bool:
+        valid = valid.view(-1).nonzero().squeeze(1)
+    B, T = hs.shape[:2]
+    out = layer(hs.flatten(0, 1).index_select(0, valid))  # (n, V), n valid positions
+    return out.new_zeros(B * T, out.shape[-1]).index_copy(0, valid, out).view(B, T, -1)
 
 
 def map_state(state: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:

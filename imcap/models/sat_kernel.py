@@ -28,6 +28,7 @@ Nothing here knows nn.Modules: `LSTMDecoder` stacks its parameters into `SATWeig
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 from collections.abc import Callable
@@ -56,6 +57,15 @@ class SATCache(NamedTuple):
 def sat_cache(cache: AttentionCache) -> SATCache:
     """AdditiveAttention's cache -> the kernel's."""
     return SATCache(at_least_fp32(cache.values), 2 * at_least_fp32(cache.keys))
+
+
+def without_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off on `device_type` (the kernel picks its dtypes itself); nothing to turn off
+    on a device without autocast (e.g. `meta`, where the tests check that no step reads the
+    device back)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 @functools.cache
@@ -175,7 +185,7 @@ class ShowAttendTellLoop(torch.autograd.Function):
         # says which inputs require grad, even under no_grad)
         keep = grad and any(ctx.needs_input_grad)
         (B, T, _), N = x.shape, doubled_keys.shape[1]
-        with torch.autocast(x.device.type, enabled=False):
+        with without_autocast(x.device.type):
             w = SATWeights(h_weight, h_bias, context_weight, score_weight, score_bias).to(dtype)
             doubled_keys, values = at_least_fp32(doubled_keys), at_least_fp32(values)
             linears = w.prepacked(B)
@@ -206,7 +216,7 @@ class ShowAttendTellLoop(torch.autograd.Function):
         w, values, steps, need = ctx.w, ctx.values, ctx.steps, ctx.needs_input_grad
         x_dtype, h_dtype, c_dtype, keys_dtype, values_dtype, w_dtype = ctx.dtypes
         tanh_backward, sigmoid_backward = torch.ops.aten.tanh_backward, torch.ops.aten.sigmoid_backward
-        with torch.autocast(values.device.type, enabled=False):
+        with without_autocast(values.device.type):
             (B, T_in), T, H, (N, A) = ctx.shape, len(steps), steps[0].c.shape[1], steps[0].energy.shape[1:]
             wide, dtype = steps[0].c.dtype, w.h_weight.dtype
             sizes = [s.c.shape[0] for s in steps]  # rows per step, non-increasing

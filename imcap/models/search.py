@@ -79,7 +79,7 @@ def decoding_rules(vocab: Vocabulary, decoding: Decoding) -> dict[str, Any]:
 
 
 def _constrain(scores: torch.Tensor, prev: torch.Tensor, t: int, max_length: int, eos_id: int,
-               never: list[int], min_length: int, bad_endings: torch.Tensor | None) -> torch.Tensor:
+               never: torch.Tensor, min_length: int, bad_endings: torch.Tensor | None) -> torch.Tensor:
     """Forbid what may not be generated at step t (in place; returns scores).
 
     scores: (R, V) log-probabilities or logits; prev: (R,) the token each row read at step t.
@@ -97,9 +97,40 @@ def _constrain(scores: torch.Tensor, prev: torch.Tensor, t: int, max_length: int
 
 def _rules(bos_id: int, pad_id: int, never: Sequence[int], bad_endings: Sequence[int],
            device: torch.device) -> dict[str, Any]:
-    """`_constrain`'s `never` and `bad_endings` for one search call (ids on its device)."""
+    """`_constrain`'s `never` and `bad_endings` for one search call: ids on its device, copied
+    there once (a Python list as an index would be copied to the device at every step)."""
     bad = torch.tensor(sorted(set(bad_endings)), dtype=torch.long, device=device) if len(bad_endings) else None
-    return {"never": [bos_id, pad_id, *never], "bad_endings": bad}
+    return {"never": torch.tensor([bos_id, pad_id, *never], dtype=torch.long, device=device), "bad_endings": bad}
+
+
+def stop_check_interval(device: torch.device) -> int:
+    """How often a search asks whether every caption has ended (it stops early then). The
+    answer is read back from the device: free on a CPU, so every step there; on an accelerator
+    a wait for the queue to drain, so every CHECK_EVERY steps (the steps run past the end
+    only append <pad> and are cut off; the result is the same)."""
+    return 1 if device.type == "cpu" else CHECK_EVERY
+
+
+CHECK_EVERY = 5  # steps between early-stop checks off the CPU: at most 4 steps of <pad> wasted
+
+
+class _Ended:
+    """The first step after which every caption had ended, tracked on the device; read back
+    every `every` steps (`stop`) and once at the end (`steps`)."""
+
+    def __init__(self, every: int, device: torch.device):
+        self.every, self.at = every, torch.full((), -1, dtype=torch.long, device=device)
+
+    def update(self, t: int, finished: torch.Tensor) -> None:
+        self.at = torch.where((self.at < 0) & finished.all(), t, self.at)
+
+    def stop(self, t: int) -> bool:
+        return self.every > 0 and (t + 1) % self.every == 0 and bool(self.at >= 0)
+
+    def steps(self, ran: int) -> int:
+        """How many of the `ran` steps to keep: up to the one where every caption had ended."""
+        at = int(self.at)  # one read back per search
+        return at + 1 if at >= 0 else ran
 
 
 def _block_repeated_trigrams(logp: torch.Tensor, history: torch.Tensor) -> None:
@@ -114,8 +145,10 @@ def _block_repeated_trigrams(logp: torch.Tensor, history: torch.Tensor) -> None:
     same_prefix = (history[:, : t - 2] == history[:, t - 2 : t - 1]) & (
         history[:, 1 : t - 1] == history[:, t - 1 : t]
     )  # (R, t-2): positions j whose bigram equals the last bigram
-    rows, js = same_prefix.nonzero(as_tuple=True)
-    logp[rows, history[rows, js + 2]] = float("-inf")
+    # count, per token, the positions j that would repeat a trigram with it (a dense scatter:
+    # no data-dependent shapes, so nothing is read back from the device)
+    repeats = torch.zeros_like(logp).scatter_add_(1, history[:, 2:], same_prefix.to(logp.dtype))  # (R, V)
+    logp.masked_fill_(repeats > 0, float("-inf"))
 
 
 def _leaves(state: Any) -> list[torch.Tensor]:
@@ -140,6 +173,7 @@ def beam_search(
     *,
     never: Sequence[int] = (),
     bad_endings: Sequence[int] = (),
+    check_every: int | None = None,
 ) -> SearchResult:
     """Beam search over the whole batch x beam at once (no per-image Python loops).
 
@@ -155,8 +189,10 @@ def beam_search(
     a state leaf that `step` passes through unchanged (the very tensor it got, e.g. projected
     attention keys) is the same in all K beams of an image, so it is never reordered; tokens
     and attention maps are not reordered each step either: each step keeps back-pointers (the
-    source hypothesis of each new one), followed once at the end. The one host sync per step
-    is the `finished.all()` check.
+    source hypothesis of each new one), followed once at the end. Nothing is read back from
+    the device inside a step but the "has every caption ended?" check, every `check_every`
+    steps (None: `stop_check_interval`, every step on a CPU); an image whose hypotheses have
+    all ended keeps them in place, so the steps run past the end change nothing.
     """
     B, K = grid.shape[0], beam_size
     device = grid.device
@@ -181,6 +217,8 @@ def beam_search(
     offsets = (torch.arange(B, device=device) * K).unsqueeze(1)  # (B, 1)
     sources, tokens, maps = [], [], []  # per step: (B*K,) back-pointers, (B*K,) tokens, (B*K, N)
     prev = torch.full((B * K,), bos_id, dtype=torch.long, device=device)  # the first step read <bos>
+    in_place = torch.arange(B * K, device=device)  # (B*K,) each hypothesis its own source
+    ended = _Ended(stop_check_interval(device) if check_every is None else check_every, device)
 
     def reorder(x: torch.Tensor) -> torch.Tensor:
         return x if id(x) in shared else x.index_select(0, rows)
@@ -201,10 +239,15 @@ def beam_search(
         candidates.masked_fill_(finished.unsqueeze(1), float("-inf"))
         candidates[:, 0] = torch.where(finished, scores.view(-1), candidates[:, 0])
         best_token[:, 0].masked_fill_(finished, pad_id)
+        done = finished.view(B, K).all(dim=1, keepdim=True)  # (B, 1) every hypothesis had ended
+        kept = scores
         scores, flat = candidates.view(B, -1).topk(K, dim=-1)  # (B, K)
         width = best_logp.shape[-1]
         rows = (offsets + flat // width).view(-1)  # (B*K,) source hypothesis of each new one
         token = best_token.view(-1).index_select(0, rows * width + (flat % width).view(-1))
+        # an image whose hypotheses have all ended keeps them in place (topk may swap ties)
+        scores = torch.where(done, kept, scores)
+        rows = torch.where(done.expand(B, K).reshape(-1), in_place, rows)
 
         state = map_state(state, reorder)
         finished = finished.index_select(0, rows)
@@ -217,8 +260,11 @@ def beam_search(
             maps.append(weights)
         finished = finished | (token == eos_id)
         prev = token
-        if bool(finished.all()):
+        ended.update(t, finished)
+        if ended.stop(t):
             break
+    steps = ended.steps(len(tokens))  # the steps run past the end only appended <pad>
+    sources, tokens, maps = sources[:steps], tokens[:steps], maps[:steps]
 
     normalised = scores / ((5.0 + lengths.view(B, K).float()) / 6.0) ** length_penalty
     best = normalised.argmax(dim=-1) + offsets.squeeze(1)  # (B,) row of the best final hypothesis
@@ -251,10 +297,13 @@ def sample(
     min_length: int = 1,
     never: Sequence[int] = (),
     bad_endings: Sequence[int] = (),
+    check_every: int | None = None,
 ) -> SearchResult:
     """Ancestral sampling with temperature, top-k and nucleus (top-p) truncation, for the whole
     batch at once; temperature=0 takes the most probable token at every step (greedy search).
-    Stops when every sequence has emitted <eos> or after `max_length` tokens.
+    Stops when every sequence has emitted <eos> or after `max_length` tokens; whether they all
+    have is read back from the device every `check_every` steps only (`beam_search`), and the
+    steps run past the end (<pad> only) are cut off.
 
     Scores are log-probabilities of the distribution drawn from: the model's own at temperature
     0, the tempered and truncated one otherwise.
@@ -269,6 +318,7 @@ def sample(
     finished = torch.zeros(batch, dtype=torch.bool, device=grid.device)
     scores = torch.zeros(batch, device=grid.device)
     tokens, maps = [], []
+    ended = _Ended(stop_check_interval(grid.device) if check_every is None else check_every, grid.device)
     for t in range(max_length):
         logits, state, weights = decoder.step(state, prev)
         if temperature == 0:
@@ -286,8 +336,11 @@ def sample(
             maps.append(weights)
         finished |= token == eos_id
         prev = token
-        if bool(finished.all()):
+        ended.update(t, finished)
+        if ended.stop(t):
             break
+    steps = ended.steps(len(tokens))
+    tokens, maps = tokens[:steps], maps[:steps]
     attention = torch.stack(maps, dim=1) if maps else None
     return SearchResult(torch.stack(tokens, dim=1), scores, attention)
 
@@ -304,10 +357,11 @@ def greedy_search(
     min_length: int = 1,
     never: Sequence[int] = (),
     bad_endings: Sequence[int] = (),
+    check_every: int | None = None,
 ) -> SearchResult:
     """The most probable token at every step: `sample` at temperature 0."""
     return sample(decoder, grid, pooled, bos_id, eos_id, pad_id, max_length, temperature=0.0,
-                  min_length=min_length, never=never, bad_endings=bad_endings)
+                  min_length=min_length, never=never, bad_endings=bad_endings, check_every=check_every)
 
 
 def _truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -23,6 +23,7 @@ from torch import nn
 from imcap.models.attention import AttentionCache
 from imcap.models.decoder import (
     AttentionSupport,
+    compile_options,
     lstm_update,
     require_attention,
     run_cell,
@@ -48,6 +49,7 @@ class TopDownDecoder(nn.Module):
     the grid plays the bottom-up regions). States start at zero, as in the paper."""
 
     attention_support = AttentionSupport(none=False, sentinel=True)
+    fixed_shapes = False  # every row runs every step (`Packing.fixed`); set by compile_steps
 
     def __init__(
         self,
@@ -77,8 +79,8 @@ class TopDownDecoder(nn.Module):
 
     def compile_steps(self, **options) -> None:
         """torch.compile `_cell`, one graph for every step and batch size (rows drop out as
-        captions end)."""
-        self._cell = torch.compile(self._cell, **{"dynamic": True, **options})
+        captions end); with a CUDA-graph mode, fixed shapes instead (`compile_options`)."""
+        self._cell = torch.compile(self._cell, **compile_options(self, options))
 
     def __getstate__(self) -> dict:
         state = super().__getstate__().copy()

@@ -24,8 +24,8 @@ from torch import nn
 
 from imcap.errors import ImcapError
 from imcap.models.attention import AttentionCache
-from imcap.models.decoder import AttentionSupport, require_attention
-from imcap.models.packing import on_valid, valid_mask
+from imcap.models.decoder import AttentionSupport, compile_options, require_attention
+from imcap.models.packing import pack
 from imcap.registry import register
 
 POSITIONS = ("sinusoidal", "learned")
@@ -103,6 +103,7 @@ class TransformerDecoder(nn.Module):
 
     # no `none`: the image would never enter; no sentinel: it comes from an LSTM's memory cell
     attention_support = AttentionSupport(none=False, sentinel=False)
+    fixed_shapes = False  # the output layer on every position, padding zeroed; set by compile_steps
 
     def __init__(
         self,
@@ -152,9 +153,15 @@ class TransformerDecoder(nn.Module):
         return self.drop(x + self.position_table(torch.arange(start, start + T, device=x.device)))
 
     def compile_steps(self, **options) -> None:
-        """torch.compile the teacher-forced forward in place (all positions at once, any
-        length: dynamic shapes); search's `step` stays eager."""
-        self.compile(**{"dynamic": True, **options})
+        """torch.compile the teacher-forced layers (all positions at once, any length: dynamic
+        shapes; a CUDA-graph mode: one graph per caption width, `compile_options`); search's
+        `step` stays eager."""
+        self._layers = torch.compile(self._layers, **compile_options(self, options))
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__().copy()
+        state.pop("_layers", None)  # compiled; compile_steps rebuilds it
+        return state
 
     def init_state(self, grid: torch.Tensor, pooled: torch.Tensor) -> TransformerState:
         # grid: (B, N, C); pooled is not used (the layers attend to every cell)
@@ -184,10 +191,15 @@ class TransformerDecoder(nn.Module):
         lengths (B,): how many leading positions of each row carry a target; the layers run
         on all T at once (causal: padding never reaches a valid position), the output layer
         only on valid positions; logits and weights are zeros elsewhere (None: every position)."""
-        valid = valid_mask(lengths, tokens.shape[1])  # (B, T) or None
-        state = self.init_state(grid, pooled)
+        packing = pack(lengths, *tokens.shape, tokens.device, sort=False, fixed=self.fixed_shapes)
+        x, weights = self._layers(grid, tokens)  # (B, T, D), (B, T, N)
+        logits = packing.on_valid(x, lambda h: self.output(self.ln_f(h)))  # (B, T, V)
+        return logits, weights if packing.full else weights * packing.mask.unsqueeze(-1)  # last layer's (B, T, N)
+
+    def _layers(self, grid: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # grid (B, N, C), tokens (B, T) -> the last layer's output (B, T, D) and weights (B, T, N)
+        state = self.init_state(grid, None)
         x = self._embed(tokens, start=0)  # (B, T, D)
         for layer, memory in zip(self.layers, state.memory):
             x, _, weights = layer(x, memory, None)  # causal self-attention over all T at once
-        logits = on_valid(x, valid, lambda h: self.output(self.ln_f(h)))  # (B, T, V)
-        return logits, weights if valid is None else weights * valid.unsqueeze(-1)  # last layer's (B, T, N)
+        return x, weights

@@ -27,6 +27,16 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
+HOST_LENGTHS = "host_lengths"  # the batch's `lengths` (<bos> .. <eos> per caption) left on the host
+
+
+def host_target_lengths(batch: dict) -> torch.Tensor | None:
+    """(B,) targets per caption (its tokens after <bos>) on the host, or None if the batch
+    did not come through `transfer_batch_to_device`."""
+    host = batch.get(HOST_LENGTHS)
+    return host - 1 if host is not None else None
+
+
 class CaptionModule(pl.LightningModule):
     """Teacher-forced cross-entropy (then optionally SCST) training; val and test decode with
     `decoding` (greedy or beam search) and score with the coco-caption metrics named in
@@ -101,7 +111,9 @@ class CaptionModule(pl.LightningModule):
         if probability > 0:
             logits, weights = scheduled_sampling_forward(self.captioner.decoder, grid, pooled, inputs, probability)
         else:
-            lengths = (targets != self.vocab.pad_id).sum(dim=1)  # (B,) no compute on padding
+            lengths = host_target_lengths(batch)  # (B,) no compute on padding, planned on the host
+            if lengths is None:
+                lengths = (targets != self.vocab.pad_id).sum(dim=1)
             logits, weights = self.captioner(grid, pooled, inputs, lengths)  # (B, T, V), (B, T, N)
         xe = caption_cross_entropy(logits, targets, self.vocab.pad_id, self.label_smoothing)
         out = {"loss": xe, "xe": xe}
@@ -111,7 +123,8 @@ class CaptionModule(pl.LightningModule):
             out["loss"] = xe + self.attention_reg * penalty
         beta = getattr(self.captioner.decoder, "last_beta", None)
         if beta is not None:  # adaptive attention: the sentinel's share per word, "how much not to look"
-            out["beta"] = beta[targets != self.vocab.pad_id].mean()
+            valid = targets != self.vocab.pad_id
+            out["beta"] = (beta * valid).sum() / valid.sum()  # the mean over words, without a boolean index (a sync)
         return out
 
     def decode(self, batch: dict) -> list[str]:
@@ -122,6 +135,16 @@ class CaptionModule(pl.LightningModule):
         return self.captioner.to_captions(self.captioner.generate(*self.features(batch), self.decoding))
 
     # -- Lightning hooks ----------------------------------------------------------------------
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Lightning's copy (`non_blocking=True` to a GPU, from the pinned batches of
+        `data.pin_memory`), keeping the collated caption lengths on the host as well: the
+        decoders plan their per-step loop from them without reading the device back."""
+        host = batch.get("lengths") if isinstance(batch, dict) else None
+        batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        if isinstance(host, torch.Tensor) and host.device.type == "cpu":
+            batch[HOST_LENGTHS] = host
+        return batch
+
     def scst_reward(self, candidates: Sequence[str], references: Sequence[Sequence[str]]) -> torch.Tensor:
         """CIDEr-D of each candidate, with document frequencies of the training captions."""
         if self._cider_frequencies is None:

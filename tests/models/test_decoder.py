@@ -155,19 +155,25 @@ def test_adaptive_attention_exposes_beta(decoder):
 def _loss_and_grads(dec, grid, pooled, tokens, lengths):
     dec.zero_grad()
     logits, weights = dec(grid, pooled, tokens, lengths)
-    loss = logits.logsumexp(-1).sum() + weights.square().sum()
+    loss = logits.logsumexp(-1).sum() + (weights.square().sum() if weights is not None else 0)
     loss.backward()
     return logits.detach(), {n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None}
 
 
+COMPILED = [("lstm", "additive"), ("lstm", "multihead"), ("topdown", "additive"), ("transformer", "multihead")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("pair", [("lstm", "additive"), ("lstm", "multihead"), ("topdown", "additive"),
-                                  ("transformer", "multihead")], ids=pair_id)
-def test_compiled_steps_match_eager(pair):
+@pytest.mark.parametrize("options", [{}, {"mode": "reduce-overhead"}], ids=["default", "reduce-overhead"])
+@pytest.mark.parametrize("pair", COMPILED, ids=pair_id)
+def test_compiled_steps_match_eager(pair, options):
     """`model.compile=true`: each decoder's compiled hot path computes what the eager one does,
-    on padded batches of varying length (one graph for every step and batch size)."""
+    on padded batches of varying length (one graph for every step and batch size). With
+    reduce-overhead (CUDA graphs on a GPU; here CPU inductor) the shapes are fixed instead:
+    every row runs every step and padding is zeroed."""
     eager, compiled = make_decoder(*pair), make_decoder(*pair)
-    compiled.compile_steps()
+    compiled.compile_steps(**options)
+    assert compiled.fixed_shapes == bool(options)
     for length, lengths in ((T, torch.tensor([2, T, 5])), (T - 2, None), (T - 2, torch.tensor([1, 1, 3]))):
         grid, pooled, tokens = inputs(seed=length, length=length)
         want_logits, want_grads = _loss_and_grads(eager, grid, pooled, tokens, lengths)
@@ -176,6 +182,57 @@ def test_compiled_steps_match_eager(pair):
         assert got_grads.keys() == want_grads.keys()
         for name in want_grads:
             torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+HOST_LENGTHS = torch.tensor([2, T, 5])  # as the module passes them: on the host, unsorted
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["packed", "fixed-shapes"])
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_teacher_forcing_never_reads_the_device_back(pair, fixed):
+    """No host synchronisation in the teacher-forced forward and backward: on the meta device
+    a tensor has no values, so `.item()`, `.tolist()`, `.cpu()`, `bool(t)`, `nonzero` and a
+    boolean index all raise (see the next test). Every decoder runs there with the lengths on
+    the host, as `CaptionModule` passes them; on a GPU no step then waits for the device."""
+    dec = make_decoder(*pair).train().to("meta")
+    dec.fixed_shapes = fixed
+    grid, pooled, tokens = (x.to("meta") for x in inputs())
+    logits, weights = dec(grid, pooled, tokens, HOST_LENGTHS)
+    assert logits.device.type == "meta" and logits.shape == (B, T, V)
+    loss = logits.sum() + (weights.sum() if weights is not None else 0)
+    loss.backward()
+    assert dec.output.weight.grad is not None and dec.output.weight.grad.device.type == "meta"
+
+
+@pytest.mark.parametrize("read", [lambda t: t.sum().item(), lambda t: t.tolist(), lambda t: t.cpu(),
+                                  lambda t: bool(t.any()), lambda t: t.nonzero(), lambda t: t[t > 0]],
+                         ids=["item", "tolist", "cpu", "bool", "nonzero", "boolean-index"])
+def test_the_meta_device_refuses_every_read_back(read):
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        read(torch.ones(B, T, device="meta"))
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_fixed_shapes_compute_what_skipping_padding_does(pair):
+    """`fixed_shapes` (CUDA-graph modes: every row runs every step, padding zeroed after) gives
+    the logits, weights and gradients of the packed path, in fp64."""
+    packed, fixed = make_decoder(*pair).double(), make_decoder(*pair).double()
+    fixed.fixed_shapes = True
+    grid, pooled, tokens = inputs()
+    grid, pooled = grid.double(), pooled.double()
+    with torch.no_grad():
+        want, got = packed(grid, pooled, tokens, HOST_LENGTHS), fixed(grid, pooled, tokens, HOST_LENGTHS)
+    for w, g in zip(want, got):
+        if w is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    want_logits, want_grads = _loss_and_grads(packed, grid, pooled, tokens, HOST_LENGTHS)
+    got_logits, got_grads = _loss_and_grads(fixed, grid, pooled, tokens, HOST_LENGTHS)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-10, atol=1e-12)
+    assert got_grads.keys() == want_grads.keys()
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
 def train_losses(run_dir) -> list[float]:

@@ -8,6 +8,7 @@ from functools import partial
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from imcap import registry
 from imcap.data.vocab import SPECIALS, Vocabulary
@@ -346,6 +347,101 @@ def test_beam_search_equals_the_plain_search_for_every_decoder(pair, options):
         torch.testing.assert_close(fast.attention, plain.attention, rtol=1e-9, atol=1e-12)
     if options == "plain" and pair == ("lstm", "additive"):
         assert (fast.tokens == EOS).any() and (fast.tokens == PAD).any()  # some beams did end early
+
+
+# -- no read back from the device inside a step (GPU path) --------------------------------------
+READ_BACKS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy"}
+
+
+class ReadBacks(TorchFunctionMode):
+    """Counts the tensor calls that make a host wait for a GPU (what they return is read on
+    the host), and `to` calls that leave the tensor's device for the CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        to_cpu = name == "to" and any(str(a) == "cpu" for a in (*args[1:], *kwargs.values()))
+        if name in READ_BACKS or to_cpu:
+            self.calls.append(name)
+        return func(*args, **kwargs)
+
+
+def _search(method: str, dec: nn.Module, check_every: int | None, **options) -> SearchResult:
+    grid, pooled, _ = decoders.inputs(batch=4)
+    grid, pooled = grid.double(), pooled.double()
+    if method == "beam":
+        return beam_search(dec, grid, pooled, BOS, EOS, PAD, beam_size=3, max_length=12, check_every=check_every,
+                           **options)
+    temperature = 1.0 if method == "sample" else 0.0
+    return sample(dec, grid, pooled, BOS, EOS, PAD, 12, temperature=temperature, check_every=check_every,
+                  generator=torch.Generator().manual_seed(3), **options)
+
+
+class EndsSooner(nn.Module):
+    """A real decoder whose <eos> grows likelier with every step: captions end at different
+    steps, all well before max_length."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.t = inner, 0
+        if hasattr(inner, "expand_state"):
+            self.expand_state = inner.expand_state
+
+    def init_state(self, grid: torch.Tensor, pooled: torch.Tensor):
+        self.t = 0
+        return self.inner.init_state(grid, pooled)
+
+    def step(self, state, prev: torch.Tensor):
+        logits, state, weights = self.inner.step(state, prev)
+        logits = logits.clone()
+        logits[:, EOS] += 1.5 * self.t
+        self.t += 1
+        return logits, state, weights
+
+
+def _ending_decoder(pair: tuple[str, str]) -> nn.Module:
+    dec = decoders.make_decoder(*pair).double()
+    with torch.no_grad():  # sharper distributions: beams diverge
+        dec.output.weight.mul_(4.0)
+    return EndsSooner(dec)
+
+
+@pytest.mark.parametrize("method,options", [("beam", {}), ("beam", {"block_trigrams": True, "length_penalty": 1.0}),
+                                            ("greedy", {}), ("sample", {})], ids=["beam", "beam-trigrams", "greedy",
+                                                                                   "sample"])
+@pytest.mark.parametrize("pair", decoders.PAIRS, ids=decoders.pair_id)
+def test_checking_for_the_end_less_often_gives_the_same_result(pair, method, options):
+    """check_every=4 (an accelerator's default is `CHECK_EVERY`) or 0 (never: max_length
+    steps) give exactly the captions, scores and attention of checking at every step."""
+    dec = _ending_decoder(pair)
+    want = _search(method, dec, 1, **options)
+    assert want.tokens.shape[1] < 12  # it did stop early
+    for every in (4, 0):
+        got = _search(method, dec, every, **options)
+        assert torch.equal(got.tokens, want.tokens), every
+        assert torch.equal(got.scores, want.scores), every
+        if want.attention is None:
+            assert got.attention is None
+        else:
+            assert torch.equal(got.attention, want.attention), every
+
+
+@pytest.mark.parametrize("method", ["beam", "sample"])
+@pytest.mark.parametrize("pair", [("lstm", "additive"), ("lstm", "adaptive"), ("topdown", "multihead"),
+                                  ("transformer", "multihead")], ids=decoders.pair_id)
+def test_search_reads_the_device_back_only_to_check_for_the_end(pair, method):
+    """Beam search and sampling (SCST) never wait for the device inside a step: with
+    check_every=4 over 12 steps, at most 3 checks and the final read of the step count;
+    with 0, that final read only. A `.item()` or a boolean index in a step fails this."""
+    dec = _ending_decoder(pair)
+    for every, most in ((0, 1), (4, 12 // 4 + 1)):
+        with ReadBacks() as reads:
+            _search(method, dec, every, block_trigrams=True) if method == "beam" else _search(method, dec, every)
+        assert 1 <= len(reads.calls) <= most, (every, reads.calls)
 
 
 # -- decoding rules: no <unk>, no caption that ends on a function word ------------------------

@@ -135,3 +135,55 @@ def test_clipping_under_a_grad_scaler_unscales_a_fused_optimisers_gradients_firs
     reference = step(None)
     for got, want in zip(scaled, reference):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+class _Copies(torch.overrides.TorchFunctionMode):
+    """Records the `non_blocking` argument of every `Tensor.to` call."""
+
+    def __init__(self):
+        super().__init__()
+        self.non_blocking: list[bool] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") == "to":
+            self.non_blocking.append(bool(kwargs.get("non_blocking", False)))
+        return func(*args, **kwargs)
+
+
+def test_batches_go_to_the_device_without_blocking_and_keep_their_lengths_on_the_host(make_cfg):
+    """trainer=gpu: pinned batches are copied with non_blocking=True (here to the meta device,
+    which Lightning copies to as it does to a GPU) and the caption lengths stay on the host as
+    well, so the decoder plans its steps without reading the device back; the loss is the one
+    computed from the lengths on the device."""
+    from hydra.utils import instantiate
+
+    cfg = make_cfg("model.decoder.dropout=0.0")
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    module = build_module(cfg, dm.build_vocab())
+    dm.attach_encoder(module.captioner.encoder)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    tensors = [k for k, v in batch.items() if isinstance(v, torch.Tensor)]
+    with _Copies() as copies:
+        moved = module.transfer_batch_to_device(dict(batch), torch.device("meta"), 0)
+    assert all(moved[k].device.type == "meta" for k in tensors)
+    assert copies.non_blocking == [True] * len(tensors)
+    assert moved["host_lengths"].device.type == "cpu" and torch.equal(moved["host_lengths"], batch["lengths"])
+    on_cpu = module.transfer_batch_to_device(dict(batch), torch.device("cpu"), 0)
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(module.loss(on_cpu)["loss"], module.loss(batch)["loss"], rtol=0, atol=0)
+
+
+def test_the_gpu_recipe_pins_its_batches(make_cfg):
+    from hydra.utils import instantiate
+
+    cfg = make_cfg("trainer=gpu")
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    module = build_module(cfg, dm.build_vocab())
+    dm.attach_encoder(module.captioner.encoder)
+    dm.setup("fit")
+    assert dm.train_dataloader().pin_memory and dm.val_dataloader().pin_memory
