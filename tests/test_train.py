@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import optuna
 import pytest
@@ -126,3 +127,22 @@ def test_an_interrupted_optuna_search_continues_the_same_study(tmp_path):
     assert len(study.trials) == 2 and all(t.value is not None for t in study.trials)
     optuna_search(tmp_path, 1)  # e.g. after an interruption: the stored trials are kept and built on
     assert len(optuna.load_study(study_name="imcap-train", storage=storage).trials) == 3
+
+
+@pytest.mark.slow
+def test_reduce_overhead_compile_with_length_buckets_trains_as_eager_does(tmp_path):
+    """trainer=gpu's capture settings on the CPU (no GPU here: inductor's CPU code, no CUDA
+    graphs): `model.compile={mode: reduce-overhead}` with length buckets trains through
+    `python -m imcap.train debug=fast_dev_run` with the losses of the eager run."""
+    losses = {}
+    for name, compile_option in (("eager", "false"), ("compiled", "{mode: reduce-overhead}")):
+        path = tmp_path / f"{name}.losses"
+        result = run(sys.executable, "-m", "imcap.train", *TINY, "debug=fast_dev_run", "trainer.fast_dev_run=3",
+                     "model.decoder.dropout=0.0", "data.length_buckets=[3,5]", "data.batch_size=8",
+                     f"model.compile={compile_option}", "+callbacks.losses._target_=tests.helpers.callbacks.RecordLosses",
+                     f"+callbacks.losses.path={path}", f"hydra.run.dir={tmp_path / name}", cwd=tmp_path,
+                     env={"PYTHONPATH": str(ROOT)})
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[name] = [float(x) for x in path.read_text().split()]
+    assert len(losses["eager"]) == 3
+    torch.testing.assert_close(torch.tensor(losses["compiled"]), torch.tensor(losses["eager"]), rtol=1e-4, atol=1e-5)

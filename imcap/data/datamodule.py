@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from imcap.data.buckets import LengthBucketBatchSampler, bucket_widths
 from imcap.data.dataset import CaptionDataset, EpochSeededSampler, collate
 from imcap.data.features import PRECISIONS, extract_features
 from imcap.data.records import SPLITS, CaptionRecord
@@ -52,6 +53,7 @@ class CaptionDataModule(pl.LightningDataModule):
         seed: int = 0,
         root: str | None = None,
         pad_to_multiple: int = 1,
+        length_buckets: list[int] | None = None,
     ):
         super().__init__()
         if features not in FEATURE_MODES:
@@ -79,6 +81,8 @@ class CaptionDataModule(pl.LightningDataModule):
         if not (isinstance(pad_to_multiple, int) and pad_to_multiple >= 1):
             raise ImcapError(f"data.pad_to_multiple={pad_to_multiple!r}; use a token count >= 1 (1: no buckets)")
         self.pad_to_multiple = pad_to_multiple  # caption widths rounded up to a multiple (GPU recipe)
+        # training batches from one length bucket each, padded to its width (imcap.data.buckets)
+        self.bucket_widths = bucket_widths(length_buckets, max_caption_length)
         self.vocab: Vocabulary | None = None
         self.encoder = None
         self._records: dict[str, list[CaptionRecord]] | None = None
@@ -179,12 +183,16 @@ class CaptionDataModule(pl.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = self._dataset(split)
         workers = self.loader_workers()
+        order = EpochSeededSampler(len(dataset), self.seed, dataset.groups(), self.captions_per_image) if train else None
+        batching: dict = {"batch_size": self.batch_size if train else self.eval_batch_size, "sampler": order}
+        widths = self.bucket_widths if train else None
+        if widths is not None:
+            batching = {"batch_sampler": LengthBucketBatchSampler(
+                order, self.batch_size, lengths=dataset.token_lengths(), widths=widths, order=order, seed=self.seed)}
         return DataLoader(
             dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=EpochSeededSampler(len(dataset), self.seed, dataset.groups(), self.captions_per_image)
-            if train else None,
-            collate_fn=partial(collate, pad_id=Vocabulary.pad_id, pad_to_multiple=self.pad_to_multiple),
+            **batching,
+            collate_fn=partial(collate, pad_id=Vocabulary.pad_id, pad_to_multiple=self.pad_to_multiple, widths=widths),
             num_workers=workers,
             pin_memory=self.pin(),
             persistent_workers=workers > 0,

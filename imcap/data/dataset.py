@@ -61,6 +61,10 @@ class CaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def token_lengths(self) -> list[int]:
+        """Tokens of each item (<bos> and <eos> included), as collate pads them."""
+        return [len(self.tokens[i][j]) for i, j in self.index]
+
     def groups(self) -> list[list[int]]:
         """Item indices of each image, in record order."""
         out: list[list[int]] = [[] for _ in self.records]
@@ -77,6 +81,7 @@ class CaptionDataset(Dataset):
             "raw_references": list(record.captions),  # as written, for the official metrics
             "image_id": record.image_id,
             "index": i,
+            "item_id": k,  # this (image, caption) pair's position in the dataset
             # object annotations (shapes demo) for attention grounding; None elsewhere
             "objects": record.extra.get("objects"),
             "extent": record.extra.get("image_size"),
@@ -88,14 +93,18 @@ class CaptionDataset(Dataset):
         return item
 
 
-def collate(items: list[dict[str, Any]], pad_id: int = Vocabulary.pad_id, pad_to_multiple: int = 1) -> dict[str, Any]:
-    """Pad tokens to the longest in the batch, rounded up to a multiple of `pad_to_multiple`
-    (length buckets: a few fixed widths, for compiled graphs on GPUs); keep every reference per
-    image. Items are sorted longest caption first, the order decoders skip padding in
-    (`imcap.models.packing`)."""
+def collate(items: list[dict[str, Any]], pad_id: int = Vocabulary.pad_id, pad_to_multiple: int = 1,
+            widths: Sequence[int] | None = None) -> dict[str, Any]:
+    """Pad tokens to the longest in the batch, rounded up to a multiple of `pad_to_multiple`,
+    or to the first of `widths` that holds it (length buckets, `imcap.data.buckets`: a few
+    fixed widths, for captured graphs on GPUs); keep every reference per image. Items are
+    sorted longest caption first, the order decoders skip padding in (`imcap.models.packing`)."""
     items = sorted(items, key=lambda it: -len(it["tokens"]))  # stable: ties keep their order
     lengths = torch.tensor([len(it["tokens"]) for it in items])
-    width = -(-int(lengths.max()) // pad_to_multiple) * pad_to_multiple
+    longest = int(lengths.max())
+    width = -(-longest // pad_to_multiple) * pad_to_multiple
+    if widths is not None:
+        width = next((w for w in widths if w >= longest), width)
     tokens = torch.full((len(items), width), pad_id, dtype=torch.long)  # (B, L)
     for b, it in enumerate(items):
         tokens[b, : len(it["tokens"])] = it["tokens"]
@@ -106,6 +115,7 @@ def collate(items: list[dict[str, Any]], pad_id: int = Vocabulary.pad_id, pad_to
         "raw_references": [it["raw_references"] for it in items],
         "image_ids": [it["image_id"] for it in items],
         "index": torch.tensor([it["index"] for it in items]),
+        "item_ids": [it.get("item_id") for it in items],
         "objects": [it.get("objects") for it in items],
         "extents": [it.get("extent") for it in items],
     }

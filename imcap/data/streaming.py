@@ -169,7 +169,7 @@ class ShardStream(IterableDataset):
     def __init__(self, split: ShardSplit, vocab: Vocabulary, train: bool, batch_size: int, seed: int,
                  shuffle_buffer: int, max_length: int, per_image: int | None, cache_dir: str | None,
                  transform: Callable | None = None, features: Sequence[str] | None = None,
-                 pad_to_multiple: int = 1):
+                 pad_to_multiple: int = 1, widths: Sequence[int] | None = None):
         if (transform is None) == (features is None):
             raise ValueError("give exactly one of transform (images) or features (cached grids)")
         self.split, self.vocab, self.train = split, vocab, train
@@ -178,6 +178,7 @@ class ShardStream(IterableDataset):
         self.per_image = per_image if train else None
         self.cache_dir, self.transform, self.features = cache_dir, transform, features
         self.pad_to_multiple = pad_to_multiple
+        self.widths = widths  # data.length_buckets: padded to a bucket's width (the plan does not group by length)
         self.rank, self.world = 0, 1
         self.epoch, self.skip = 0, frozenset()
         # global position of each shard's first usable sample: an image's `index` in the split
@@ -260,8 +261,8 @@ class ShardStream(IterableDataset):
 
     def _batch(self, rows: np.ndarray) -> dict[str, Any]:
         items = sorted((self._item(*map(int, row)) for row in rows), key=lambda it: -len(it["tokens"]))
-        batch = collate(items, pad_id=Vocabulary.pad_id, pad_to_multiple=self.pad_to_multiple)  # keeps this (longest-first) order
-        batch["item_ids"] = [it["item_id"] for it in items]
+        # keeps this (longest-first) order; item_ids: the samples' "shard/key#caption"
+        batch = collate(items, pad_id=Vocabulary.pad_id, pad_to_multiple=self.pad_to_multiple, widths=self.widths)
         return batch
 
     @property
@@ -425,7 +426,8 @@ class ShardDataModule(CaptionDataModule):
         train = split == "train"
         dataset = ShardStream(data, self.vocab, train, self.batch_size if train else self.eval_batch_size, self.seed,
                               self.shuffle_buffer, self.max_caption_length, self.captions_per_image, self.cache_dir,
-                              pad_to_multiple=self.pad_to_multiple, **kwargs)
+                              pad_to_multiple=self.pad_to_multiple, widths=self.bucket_widths if train else None,
+                              **kwargs)
         self.datasets[split] = dataset
         return dataset
 

@@ -59,7 +59,7 @@ class PauseAt(pl.Callback):
 
 class RecordItems(pl.Callback):
     """Appends one JSON line per trained batch to `path`.rank<R>.jsonl: epoch, global step
-    after the batch, and the batch's `item_ids` (streamed shards). With `stop_at_step`, the
+    after the batch, the batch's `item_ids` and its padded width. With `stop_at_step`, the
     run writes `path`.stopped and hangs before training that step (its checkpoint of the step
     before is written), so that a test can kill -9 it at a known point mid-epoch."""
 
@@ -72,6 +72,19 @@ class RecordItems(pl.Callback):
             time.sleep(3600)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
-        line = {"epoch": trainer.current_epoch, "step": trainer.global_step, "items": batch["item_ids"]}
+        line = {"epoch": trainer.current_epoch, "step": trainer.global_step, "items": batch["item_ids"],
+                "width": batch["tokens"].shape[1], "world": trainer.world_size}
         with open(f"{self.path}.rank{trainer.global_rank}.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")
+
+
+class RecordLosses(pl.Callback):
+    """Appends each trained batch's loss to `path` (one number per line): fast_dev_run runs
+    have no logger to read it from."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{float(outputs['loss']):.9g}\n")
