@@ -247,17 +247,19 @@ def extract_features(
     # One extractor at a time per cache entry: DDP ranks (and parallel runs) wait for the first
     # and then read its file instead of writing the same partial file concurrently.
     with open(cache_dir / f"{key}.lock", "w", encoding="utf-8") as lock:
-        _wait_for_lock(lock, cache_dir / f"{key}.progress.json", description, lock_timeout)
+        wait_for_lock(lock, cache_dir / f"{key}.progress.json", description, lock_timeout)
         if final.is_file():
             return np.load(final, mmap_mode="r")
         return _extract(encoder, image_paths, transform, cache_dir, key, final, batch_size, num_workers,
                         dtype, description, precision)
 
 
-def _wait_for_lock(lock, progress: Path, description: str, timeout: float | None) -> None:
+def wait_for_lock(lock, progress: Path, description: str, timeout: float | None = None) -> None:
     """Take the exclusive lock on `lock`; while another process holds it, say so once and wait
-    as long as its progress file keeps changing, at most `timeout` seconds after the last change.
-    (A crashed holder's lock is released by the kernel, so only a live, stuck one times out.)"""
+    as long as its progress file keeps changing, at most `timeout` seconds after the last change
+    (None: `IMCAP_FEATURE_LOCK_TIMEOUT`, else 900). A crashed holder's lock is released by the
+    kernel, so only a live, stuck one times out. Also the per-shard cache's lock
+    (`imcap.data.shard_features`)."""
     if _try_lock(lock):
         return
     if timeout is None:

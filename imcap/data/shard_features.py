@@ -6,12 +6,13 @@ read memory-mapped features instead of decoding JPEGs and running the CNN every 
 index: next to the shard, or under data.cache_dir. KEY hashes the encoder fingerprint, the
 storage dtype, the precision and the shard file's size and mtime. Each process starts at a
 different shard (`first`, its rank) and takes a lock per shard, so DDP ranks and nodes on
-shared storage split the work and then read each other's files.
+shared storage split the work and then read each other's files. A process waiting for a shard's
+lock says so and gives up, as `imcap.data.features` does, after `IMCAP_FEATURE_LOCK_TIMEOUT`
+seconds (default 900) in which the holder's `NAME.features-KEY.progress` did not change.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imcap.data.features import PRECISIONS, _to_numpy, inference_encoder
+from imcap.data.features import PRECISIONS, _to_numpy, inference_encoder, wait_for_lock
 from imcap.data.images import accepts_uint8_tensor
 from imcap.data.shards import Sample, index_path, load_index, read_image_bytes
 from imcap.data.streaming import ShardSplit, decode_image
@@ -41,15 +42,17 @@ def feature_path(shard: str, cache_dir: str | None, fingerprint: str, dtype: str
 
 def extract_shard_features(encoder: torch.nn.Module, split: ShardSplit, transform: Callable, cache_dir: str | None,
                            fingerprint: str, batch_size: int = 64, precision: str = "fp32", policy: str = "error",
-                           first: int = 0, dtype: str = "float16") -> list[str]:
+                           first: int = 0, dtype: str = "float16", lock_timeout: float | None = None) -> list[str]:
     """The feature file of every shard of `split` (extracted where missing). Images that fail
     to decode stop with a one-line error (policy error) or are left out of `split` and
-    reported (skip)."""
+    reported (skip). `lock_timeout`: seconds to wait without progress for another process
+    extracting the same shard (`imcap.data.features.wait_for_lock`)."""
     paths = [feature_path(s, cache_dir, fingerprint, dtype, precision) for s in split.shards]
     n = len(paths)
     skipped = 0
     for i in [(first + k) % n for k in range(n)]:
-        bad = _ensure(encoder, split.shards[i], paths[i], transform, cache_dir, batch_size, precision, policy, dtype)
+        bad = _ensure(encoder, split.shards[i], paths[i], transform, cache_dir, batch_size, precision, policy, dtype,
+                      lock_timeout)
         if bad:
             split.drop(i, bad)
             skipped += len(bad)
@@ -58,19 +61,25 @@ def extract_shard_features(encoder: torch.nn.Module, split: ShardSplit, transfor
     return [str(p) for p in paths]
 
 
-def _ensure(encoder, shard: str, path: Path, transform, cache_dir, batch_size, precision, policy, dtype) -> list[int]:
+def _ensure(encoder, shard: str, path: Path, transform, cache_dir, batch_size, precision, policy, dtype,
+            lock_timeout: float | None = None) -> list[int]:
     bad_file = path.with_suffix(".json")
     if path.is_file() and bad_file.is_file():
         return json.loads(bad_file.read_text(encoding="utf-8"))["bad"]
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w", encoding="utf-8") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        wait_for_lock(lock, progress_path(path), f"shard {shard}", lock_timeout)
         if path.is_file() and bad_file.is_file():
             return json.loads(bad_file.read_text(encoding="utf-8"))["bad"]
         samples = load_index(shard, cache_dir)
         bad = _extract(encoder, shard, samples, path, transform, batch_size, precision, policy, dtype)
         bad_file.write_text(json.dumps({"bad": bad}), encoding="utf-8")
     return bad
+
+
+def progress_path(path: Path) -> Path:
+    """Touched after every batch the extractor of `path` stores: waiters see it move."""
+    return path.with_suffix(".progress")
 
 
 def _extract(encoder, shard: str, samples: list[Sample], path: Path, transform, batch_size: int, precision: str,
@@ -111,6 +120,7 @@ def _extract(encoder, shard: str, samples: list[Sample], path: Path, transform, 
                     store = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype,
                                                       shape=(len(samples), *grid.shape[1:]))
                 store[[i for i, _ in loaded]] = _to_numpy(grid, store.dtype)
+                progress_path(path).write_text(f"{start + len(part)} of {len(todo)}\n", encoding="utf-8")
     finally:
         if model is encoder:
             encoder.to("cpu").train(was_training)
@@ -119,5 +129,6 @@ def _extract(encoder, shard: str, samples: list[Sample], path: Path, transform, 
     store.flush()
     del store
     os.replace(partial, path)
+    progress_path(path).unlink(missing_ok=True)
     log.info("Cached features of %d images of %s in %s", len(todo) - len(bad), shard, path)
     return sorted(bad)

@@ -81,3 +81,36 @@ def test_an_image_that_does_not_decode_stops_or_is_skipped_and_counted(tmp_path,
         extract_shard_features(TinyEncoder(), split, transform, tmp_path / "cache-b", "fp", policy="skip")
     assert "Skipped 1 train images that would not decode" in caplog.text
     assert split.keep[0].tolist() == [0, 2] and split.images == 2
+
+
+@pytest.mark.timeout(120)
+def test_waiting_for_another_process_on_a_shard_is_logged_and_bounded(tmp_path, caplog):
+    """A second process holds a shard's lock (a stuck extractor): the waiter says which lock it
+    waits for, gives up after the timeout without progress with one line naming the lock file
+    and what to do, and extracts once the holder is gone."""
+    import subprocess
+    import sys
+
+    from imcap.data.shard_features import feature_path
+
+    shard = _shard(tmp_path / "a.tar", [_jpeg(10)])
+    lock = feature_path(shard, None, "fp-1", "float16", "fp32").with_suffix(".lock")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)", str(lock)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with caplog.at_level(logging.INFO, "imcap.data.features"), \
+                pytest.raises(ImcapError, match=rf"another process has held {lock} for 0.5 s without progress; "
+                                                r"stop it if it is stuck, or wait longer with IMCAP_FEATURE_LOCK_TIMEOUT"):
+            extract_shard_features(TinyEncoder(), ShardSplit.load("train", [shard], None, "error"), transform, None,
+                                   "fp-1", lock_timeout=0.5)
+        assert f"Waiting for another process that is extracting shard {shard} features into {lock}" in caplog.text
+    finally:
+        holder.kill()
+        holder.wait()
+    paths = extract_shard_features(TinyEncoder(), ShardSplit.load("train", [shard], None, "error"), transform, None,
+                                   "fp-1", lock_timeout=0.5)
+    assert np.load(paths[0]).shape[0] == 1
+    assert not list(tmp_path.glob("*.progress"))  # removed once the features are in place
