@@ -55,3 +55,41 @@ def test_ddp_inside_a_multirun_runs_each_job_once(tmp_path):
     for job in jobs:
         assert "test/BLEU-4" in json.loads((sweeps[0] / job / "metrics.json").read_text())
     assert not (tmp_path / "logs" / "train" / "runs").exists()  # no stray single runs either
+
+
+def test_srun_started_ranks_join_through_lightnings_slurm_environment(tmp_path):
+    """The README's sbatch script without a cluster: two processes started as `srun` starts
+    them (one task per device), with the variables srun sets, run `python -m imcap.train
+    trainer=ddp` as the script does. Lightning's SLURMEnvironment must wire them up (no
+    launcher of its own): both ranks train in a world of 2, and the run finishes."""
+    import socket
+
+    from tests.helpers.paths import ROOT
+    from tests.helpers.runs import TINY
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    record, run_dir = tmp_path / "seen", tmp_path / "shared-run"
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "imcap-train", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2",
+             "SLURM_NNODES": "1", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1",
+             "SLURM_JOB_NODELIST": "127.0.0.1", "MASTER_PORT": port}
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, **slurm, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+               "IMCAP_ROOT": str(tmp_path), "PYTHONPATH": str(ROOT)}
+        for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK", "MASTER_ADDR"):
+            env.pop(key, None)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "imcap.train", *TINY, "data.source.num_images={train:16,val:8,test:8}",
+             "data.batch_size=4", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.num_nodes=1",
+             "test=false", f"hydra.run.dir={run_dir}",
+             "+callbacks.record._target_=tests.helpers.callbacks.RecordItems", f"+callbacks.record.path={record}"],
+            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"rank{rank}.log", "w")))
+    for rank, proc in enumerate(procs):
+        assert proc.wait(timeout=900) == 0, (tmp_path / f"rank{rank}.log").read_text()[-3000:]
+    rows = {r: [json.loads(line) for line in (tmp_path / f"seen.rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
+    assert all(rows[r] for r in rows)
+    assert {(row["world"], row["cluster"]) for r in rows for row in rows[r]} == {(2, "SLURMEnvironment")}
+    assert not {i for row in rows[0] for i in row["items"]} & {i for row in rows[1] for i in row["items"]}
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()

@@ -59,7 +59,8 @@ class PauseAt(pl.Callback):
 
 class RecordItems(pl.Callback):
     """Appends one JSON line per trained batch to `path`.rank<R>.jsonl: epoch, global step
-    after the batch, the batch's `item_ids` and its padded width. With `stop_at_step`, the
+    after the batch, the batch's `item_ids`, its padded width, the world size and the cluster
+    environment that set up the ranks. With `stop_at_step`, the
     run writes `path`.stopped and hangs before training that step (its checkpoint of the step
     before is written), so that a test can kill -9 it at a known point mid-epoch."""
 
@@ -73,7 +74,8 @@ class RecordItems(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
         line = {"epoch": trainer.current_epoch, "step": trainer.global_step, "items": batch["item_ids"],
-                "width": batch["tokens"].shape[1], "world": trainer.world_size}
+                "width": batch["tokens"].shape[1], "world": trainer.world_size,
+                "cluster": type(getattr(trainer.strategy, "cluster_environment", None)).__name__}
         with open(f"{self.path}.rank{trainer.global_rank}.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")
 
