@@ -60,7 +60,7 @@ def test_ddp_inside_a_multirun_runs_each_job_once(tmp_path):
 def test_srun_started_ranks_join_through_lightnings_slurm_environment(tmp_path):
     """The README's sbatch script without a cluster: two processes started as `srun` starts
     them (one task per device), with the variables srun sets, run `python -m imcap.train
-    trainer=ddp` as the script does. Lightning's SLURMEnvironment must wire them up (no
+    trainer=gpu trainer.strategy=ddp ...` as the script does (on the CPU). Lightning's SLURMEnvironment must wire them up (no
     launcher of its own): both ranks train in a world of 2, and the run finishes."""
     import socket
 
@@ -82,8 +82,10 @@ def test_srun_started_ranks_join_through_lightnings_slurm_environment(tmp_path):
             env.pop(key, None)
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "imcap.train", *TINY, "data.source.num_images={train:16,val:8,test:8}",
-             "data.batch_size=4", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.num_nodes=1",
-             "test=false", f"hydra.run.dir={run_dir}",
+             # the README script's overrides, on the CPU
+             "trainer=gpu", "trainer.strategy=ddp", "trainer.devices=2", "trainer.num_nodes=1", "data.batch_size=4",
+             "trainer.accelerator=cpu", "trainer.precision=32-true", "model.compile=false", "test=false",
+             f"hydra.run.dir={run_dir}",
              "+callbacks.record._target_=tests.helpers.callbacks.RecordItems", f"+callbacks.record.path={record}"],
             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"rank{rank}.log", "w")))
     for rank, proc in enumerate(procs):
