@@ -216,7 +216,7 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> None:
     for ax, metric in zip(axes[:, 0], metrics):
         summaries = [r.metrics.get(metric) for r in rows]
         colors = ["tab:orange" if r.pair == REFERENCE else "tab:blue" for r in rows]
-        ax.bar(xs, [s.mean if s else 0 for s in summaries], yerr=[s.std if s else 0 for s in summaries],
+        ax.bar(xs, [s.mean if s else math.nan for s in summaries], yerr=[s.std if s else math.nan for s in summaries],
                color=colors, capsize=3, error_kw={"elinewidth": 1})
         ref = next((s for r, s in zip(rows, summaries) if r.pair == REFERENCE and s), None)
         if ref is not None:
