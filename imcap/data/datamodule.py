@@ -88,6 +88,8 @@ class CaptionDataModule(pl.LightningDataModule):
         self._records: dict[str, list[CaptionRecord]] | None = None
         self.datasets: dict[str, CaptionDataset] = {}
         self.eval_split = "test"  # the split the test loop runs on (imcap.eval split=val)
+        # the epoch from which training draws one caption per image (set by the module: SCST)
+        self.one_caption_per_image_from: int | None = None
 
     @property
     def source_name(self) -> str:
@@ -183,12 +185,19 @@ class CaptionDataModule(pl.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = self._dataset(split)
         workers = self.loader_workers()
-        order = EpochSeededSampler(len(dataset), self.seed, dataset.groups(), self.captions_per_image) if train else None
+        order = None
+        if train:
+            order = EpochSeededSampler(len(dataset), self.seed, dataset.groups(), self.captions_per_image,
+                                       self.one_caption_per_image_from)
+            # Lightning counts an epoch's batches from len(loader) when it (re)loads it
+            order.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
         batching: dict = {"batch_size": self.batch_size if train else self.eval_batch_size, "sampler": order}
         widths = self.bucket_widths if train else None
         if widths is not None:
-            batching = {"batch_sampler": LengthBucketBatchSampler(
-                order, self.batch_size, lengths=dataset.token_lengths(), widths=widths, order=order, seed=self.seed)}
+            buckets = LengthBucketBatchSampler(order, self.batch_size, lengths=dataset.token_lengths(), widths=widths,
+                                               order=order, seed=self.seed)
+            buckets.set_epoch(order.epoch)
+            batching = {"batch_sampler": buckets}
         return DataLoader(
             dataset,
             **batching,

@@ -131,29 +131,41 @@ class EpochSeededSampler(Sampler[int]):
     batches as an uninterrupted one (a plain RandomSampler draws from the global RNG).
     With `groups` (item indices per image) and `per_group=k`, each epoch draws k of every
     image's captions, so an epoch covers every image without repeating it five times.
+    From epoch `one_per_group_from` on, each epoch draws one item per image (SCST: its reward
+    scores a sample against all of the image's references, so further captions of the same
+    image would only repeat the image).
     """
 
     def __init__(self, length: int, seed: int = 0, groups: Sequence[Sequence[int]] | None = None,
-                 per_group: int | None = None):
+                 per_group: int | None = None, one_per_group_from: int | None = None):
         self.length, self.seed, self.epoch = length, seed, 0
-        self.groups = [list(g) for g in groups] if groups is not None and per_group else None
-        self.per_group = per_group
+        needs_groups = groups is not None and (per_group or one_per_group_from is not None)
+        self.groups = [list(g) for g in groups] if needs_groups else None
+        self.per_group, self.one_per_group_from = per_group, one_per_group_from
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def draws_per_group(self) -> int | None:
+        """Items drawn per group this epoch (None: all)."""
+        if self.one_per_group_from is not None and self.epoch >= self.one_per_group_from:
+            return 1
+        return self.per_group
+
     def __len__(self) -> int:
-        if self.groups is None:
+        k = self.draws_per_group()
+        if self.groups is None or k is None:
             return self.length
-        return sum(min(len(g), self.per_group) for g in self.groups)
+        return sum(min(len(g), k) for g in self.groups)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        if self.groups is None:
+        k = self.draws_per_group()
+        if self.groups is None or k is None:
             return iter(torch.randperm(self.length, generator=g).tolist())
         chosen = []
         for group in self.groups:
-            pick = torch.randperm(len(group), generator=g)[: self.per_group].tolist()
+            pick = torch.randperm(len(group), generator=g)[:k].tolist()
             chosen += [group[i] for i in pick]
         order = torch.randperm(len(chosen), generator=g).tolist()
         return iter([chosen[i] for i in order])

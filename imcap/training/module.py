@@ -92,6 +92,14 @@ class CaptionModule(pl.LightningModule):
         self.compile_options = ({} if compile is True else dict(compile)) if compile else None
 
     def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if stage == "fit" and hasattr(datamodule, "one_caption_per_image_from"):
+            # SCST scores each sample against all of an image's references: an epoch of SCST
+            # visits every image once, not once per caption. The train loader is then rebuilt
+            # each epoch, so Lightning counts the SCST epochs' batches anew.
+            datamodule.one_caption_per_image_from = self.scst.start_epoch
+            if self.scst.start_epoch is not None:
+                self.trainer.reload_dataloaders_every_n_epochs = 1
         if stage == "fit" and self.compile_options is not None:
             # in place: parameter names (and checkpoints) stay as they are; each decoder
             # compiles its hot path (the recurrent step, or the transformer's forward)

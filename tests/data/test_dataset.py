@@ -82,3 +82,14 @@ def test_pad_to_multiple_gives_a_few_fixed_widths():
     assert widths == {8, 16, 24}
     batch = collate(items[:3], pad_to_multiple=8)
     assert batch["lengths"].tolist() == [4, 3, 2] and (batch["tokens"][:, 4:] == Vocabulary.pad_id).all()
+
+
+def test_sampler_draws_one_caption_per_image_from_the_scst_epoch_on():
+    groups = [[0, 1, 2], [3, 4], [5]]
+    sampler = EpochSeededSampler(6, seed=0, groups=groups, per_group=None, one_per_group_from=2)
+    for epoch, expected in [(0, 6), (1, 6), (2, 3), (5, 3)]:
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert len(order) == len(sampler) == expected
+        assert sorted(next(g for g in range(3) if i in groups[g]) for i in order) == \
+            sorted(g for g in range(3) for _ in range(len(groups[g]) if expected == 6 else 1))

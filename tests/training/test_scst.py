@@ -87,3 +87,20 @@ def test_scst_samples_and_baseline_obey_the_decoding_rules():
     assert len(ruled) == 24 and all(words and "<unk>" not in words and words[-1] != "a" for words in ruled)
     assert sum("<unk>" in words for words in written(Decoding(allow_unk=True))) > 12
     assert sum(words[-1:] == ["a"] for words in written(Decoding(bad_endings=[]))) > 6
+
+
+def test_an_scst_epoch_visits_each_image_once_and_is_validated(tmp_path):
+    # 48 images x 5 captions in batches of 16: 15 cross-entropy steps, then 3 SCST steps (one
+    # caption per image: the reward already uses all five references), and SCST is validated
+    import csv
+
+    from tests.helpers.runs import TINY, module
+
+    result = module("train", *TINY, "trainer.max_epochs=2", "model.scst.start_epoch=1", "data.captions_per_image=null",
+                    "test=false", "trainer.log_every_n_steps=1", "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader(open(next((tmp_path / "run" / "csv").rglob("metrics.csv")), encoding="utf-8")))
+    steps = {e: max(int(r["step"]) for r in rows if r["epoch"] == str(e) and r.get("train/loss")) for e in (0, 1)}
+    assert steps == {0: 14, 1: 17}
+    assert [r["epoch"] for r in rows if r.get("val/CIDEr-D")] == ["0", "1"]
+    assert any(r.get("train/scst_reward") for r in rows if r["epoch"] == "1")
