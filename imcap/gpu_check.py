@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from imcap.files import write_json
+
 # tiny demo data and model: the train and ddp steps check that the recipe runs, not its speed
 SMALL = ["data.source.num_images={train:64,val:16,test:16}", "data.source.image_size=64", "trainer.max_epochs=1",
          "model.decoder.hidden_dim=64", "++model.attention.attention_dim=32", "model.embedding.dim=32",
@@ -95,7 +97,7 @@ def _step(name: str, cmd: list[str], cwd: Path, limit: int) -> dict:
     start = time.monotonic()
     log = cwd / f"{name}.log"
     try:
-        with open(log, "w") as f:
+        with open(log, "w", encoding="utf-8") as f:
             rc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, timeout=limit).returncode
         status = "ok" if rc == 0 else f"failed (exit {rc}; {log})"
     except subprocess.TimeoutExpired:
@@ -129,7 +131,7 @@ def figures(out: Path) -> list[str]:
     """The bench's and the sync check's results as lines (none on a dry run)."""
     lines = []
     bench = out / "bench.json"
-    gpu = json.loads(bench.read_text()).get("gpu") if bench.is_file() else None
+    gpu = json.loads(bench.read_text(encoding="utf-8")).get("gpu") if bench.is_file() else None
     if isinstance(gpu, dict):
         lines.append(f"device: {gpu['device']}, bf16 GEMM {gpu['bf16_gemm_gflops_per_s']:.0f} GFLOP/s")
         lines += [f"train {r['decoder']}-{r['attention']} B={r['batch']}: {r['captions_per_s']:.0f} captions/s "
@@ -140,7 +142,7 @@ def figures(out: Path) -> list[str]:
         lines.append(f"bench gpu section: {gpu}")
     syncs = out / "syncs.json"
     if syncs.is_file():
-        counts = json.loads(syncs.read_text())
+        counts = json.loads(syncs.read_text(encoding="utf-8"))
         if all(v < 0 for v in counts.values()):
             lines.append(f"syncs: code ran for {len(counts)} checks, not counted (no CUDA sync debug mode)")
         else:
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--syncs", metavar="JSON", help=argparse.SUPPRESS)  # step 2, in its own process
     args = parser.parse_args(argv)
     if args.syncs:
-        Path(args.syncs).write_text(json.dumps(sync_counts("cpu" if args.dry else "cuda"), indent=1))
+        write_json(Path(args.syncs), sync_counts("cpu" if args.dry else "cuda"))
         return 0
     if not args.dry and not torch.cuda.is_available():
         print("error: no CUDA device here (torch.cuda.is_available() is False); run on a GPU machine, "
