@@ -211,8 +211,9 @@ def test_kill_9_during_extraction_then_a_rerun_gives_the_uninterrupted_features(
     np.testing.assert_array_equal(np.load(final[0]), reference)
 
 
+# the whole trunk (2x2x1280 at 64 px, not the demo's stride-16 cut): the cache sizes below rely on it
 SHAPES_TINY = ["data=shapes", "data.source.num_images={train:12,val:4,test:4}", "data.source.image_size=64",
-               "model.encoder.weights=null", "data.eval_batch_size=4"]
+               "model.encoder.weights=null", "model.encoder.output_stride=null", "data.eval_batch_size=4"]
 
 
 def features_cli(tmp_path, fsize_limit=None, cache_dir=None, train_images=12):
