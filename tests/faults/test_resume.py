@@ -62,7 +62,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 def test_killed_twice_and_resumed_from_elsewhere_ends_like_the_uninterrupted_run(tmp_path):
     data = tmp_path / "data"
     straight = finished(train(tmp_path / "straight", data), tmp_path / "straight")
-    assert torch.load(straight / "checkpoints" / "best.ckpt", weights_only=True)["epoch"] == 2  # before the kills
+    assert torch.load(straight / "checkpoints" / "best.ckpt", weights_only=True)["epoch"] <= 2  # before the kills
 
     # 1. SIGKILL in the middle of epoch 3
     marker = tmp_path / "paused"
