@@ -6,16 +6,25 @@ from omegaconf import OmegaConf
 from imcap.train import build_module
 
 
-def test_one_batch_overfits_to_near_zero_loss(make_cfg):
-    cfg = make_cfg("model.decoder.dropout=0.0", "model.optimizer.lr=3e-3", "model.attention_reg=0.0")
+def data_and_module(cfg, setup: bool = True):
+    """The datamodule and the module of `cfg` as imcap.train wires them (vocabulary, encoder),
+    with the datamodule set up for fit unless `setup` is False."""
     from hydra.utils import instantiate
 
     dm = instantiate(cfg.data)
     dm.prepare_data()
-    vocab = dm.build_vocab()
-    module = build_module(cfg, vocab)
+    module = build_module(cfg, dm.build_vocab())
     dm.attach_encoder(module.captioner.encoder)
-    dm.setup("fit")
+    if setup:
+        dm.setup("fit")
+    return dm, module
+
+
+def test_one_batch_overfits_to_near_zero_loss(make_cfg):
+    cfg = make_cfg("model.decoder.dropout=0.0", "model.optimizer.lr=3e-3", "model.attention_reg=0.0")
+
+    dm, module = data_and_module(cfg)
+    vocab = module.vocab
     batch = next(iter(dm.train_dataloader()))
     optimizer = torch.optim.Adam(module.captioner.decoder.parameters(), lr=3e-3)
     module.train()
@@ -64,13 +73,9 @@ class _GradientNorms(pl.Callback):
 def test_gradients_are_clipped_with_the_default_fused_optimiser(make_cfg, precision, one_thread):
     """Lightning refuses gradient clipping for fused optimisers under mixed precision; the
     module clips itself."""
-    from hydra.utils import instantiate
 
     cfg = make_cfg()
-    dm = instantiate(cfg.data)
-    dm.prepare_data()
-    module = build_module(cfg, dm.build_vocab())
-    dm.attach_encoder(module.captioner.encoder)
+    dm, module = data_and_module(cfg, setup=False)
     norms = _GradientNorms()
     trainer = pl.Trainer(max_steps=2, precision=precision, gradient_clip_val=1e-3, callbacks=[norms], logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -82,14 +87,9 @@ def test_gradients_are_clipped_with_the_default_fused_optimiser(make_cfg, precis
 
 @pytest.mark.slow
 def test_model_compile_compiles_the_decoders_steps_for_training_only(make_cfg, one_thread):
-    from hydra.utils import instantiate
 
     cfg = make_cfg("model.compile=true", "model.decoder.dropout=0.0")
-    dm = instantiate(cfg.data)
-    dm.prepare_data()
-    module = build_module(cfg, dm.build_vocab())
-    dm.attach_encoder(module.captioner.encoder)
-    dm.setup("fit")
+    dm, module = data_and_module(cfg)
     batch = next(iter(dm.train_dataloader()))
     eager = module.loss(batch)["loss"]
     module.setup("validate")
@@ -156,14 +156,9 @@ def test_batches_go_to_the_device_without_blocking_and_keep_their_lengths_on_the
     which Lightning copies to as it does to a GPU) and the caption lengths stay on the host as
     well, so the decoder plans its steps without reading the device back; the loss is the one
     computed from the lengths on the device."""
-    from hydra.utils import instantiate
 
     cfg = make_cfg("model.decoder.dropout=0.0")
-    dm = instantiate(cfg.data)
-    dm.prepare_data()
-    module = build_module(cfg, dm.build_vocab())
-    dm.attach_encoder(module.captioner.encoder)
-    dm.setup("fit")
+    dm, module = data_and_module(cfg)
     batch = next(iter(dm.train_dataloader()))
     tensors = [k for k, v in batch.items() if isinstance(v, torch.Tensor)]
     with _Copies() as copies:
@@ -178,12 +173,7 @@ def test_batches_go_to_the_device_without_blocking_and_keep_their_lengths_on_the
 
 
 def test_the_gpu_recipe_pins_its_batches(make_cfg):
-    from hydra.utils import instantiate
 
     cfg = make_cfg("trainer=gpu")
-    dm = instantiate(cfg.data)
-    dm.prepare_data()
-    module = build_module(cfg, dm.build_vocab())
-    dm.attach_encoder(module.captioner.encoder)
-    dm.setup("fit")
+    dm, module = data_and_module(cfg)
     assert dm.train_dataloader().pin_memory and dm.val_dataloader().pin_memory
