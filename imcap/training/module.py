@@ -105,6 +105,14 @@ class CaptionModule(pl.LightningModule):
             # compiles its hot path (the recurrent step, or the transformer's forward)
             self.captioner.decoder.compile_steps(**self.compile_options)
 
+    def on_train_epoch_start(self) -> None:
+        # SCST's own learning rate, set anew each SCST epoch (so also after a resume): the
+        # epoch scheduler still steps, and its value is simply not used from here on
+        if self.scst.active(self.current_epoch) and self.scst.lr is not None:
+            for optimizer in self.trainer.optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = self.scst.lr
+
     # -- forward pieces -----------------------------------------------------------------------
     def features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if "grid" in batch:  # cached rows (B, N, C): the grid (and pooled, where not its mean)

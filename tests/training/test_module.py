@@ -177,3 +177,29 @@ def test_the_gpu_recipe_pins_its_batches(make_cfg):
     cfg = make_cfg("trainer=gpu")
     dm, module = data_and_module(cfg)
     assert dm.train_dataloader().pin_memory and dm.val_dataloader().pin_memory
+
+
+class _LearningRates(pl.Callback):
+    """The learning rate each training step used, per epoch."""
+
+    def __init__(self):
+        self.rates: dict[int, list[float]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        rates = [group["lr"] for group in trainer.optimizers[0].param_groups]
+        self.rates.setdefault(trainer.current_epoch, []).extend(rates)
+
+
+@pytest.mark.parametrize("scst_lr", [3e-5, None])
+def test_scst_epochs_train_at_scst_lr_and_cross_entropy_epochs_at_the_schedules(make_cfg, one_thread, scst_lr):
+    cfg = make_cfg("model.scst.start_epoch=1", f"model.scst.lr={scst_lr if scst_lr else 'null'}",
+                   "model.optimizer.lr=2e-3", "model.scheduler.T_max=4", "model.scheduler.eta_min=0")
+    dm, module = data_and_module(cfg, setup=False)
+    rates = _LearningRates()
+    trainer = pl.Trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=0, callbacks=[rates], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=dm)
+    cosine = [2e-3 * (1 + torch.cos(torch.tensor(torch.pi * e / 4)).item()) / 2 for e in range(3)]
+    assert rates.rates[0] == pytest.approx([cosine[0]] * 2)
+    expected = [scst_lr, scst_lr] if scst_lr else cosine[1:]
+    assert [rates.rates[e] for e in (1, 2)] == [pytest.approx([r] * len(rates.rates[1])) for r in expected]

@@ -60,6 +60,8 @@ def test_scst_options_are_checked():
         SCST(baseline="mean", num_samples=1)
     with pytest.raises(ImcapError, match="temperature"):  # 0 would be greedy: every sample the same
         SCST(temperature=0.0)
+    with pytest.raises(ImcapError, match="model.scst.lr"):
+        SCST(lr=0.0)
 
 
 def test_scst_samples_and_baseline_obey_the_decoding_rules():
