@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -78,8 +79,13 @@ def build_captioner(
     check_pair(arch["decoder"], arch.get("attention"))
     encoder_cfg = dict(arch["encoder"])
     # the options that name pretrained weights: torchvision's `weights`, timm's `pretrained`, ...
-    weight_options = getattr(_class(encoder_cfg.get("_target_")), "WEIGHT_OPTIONS", ("weights", "weights_path"))
-    if not pretrained:
+    encoder_class = _class(encoder_cfg.get("_target_"))
+    weight_options = getattr(encoder_class, "WEIGHT_OPTIONS", ("weights", "weights_path"))
+    if not pretrained and encoder_class is not None and "load_weights" in inspect.signature(encoder_class).parameters:
+        # named but not read: the weights' input normalisation (and open_clip's activation) are
+        # part of the trained model; clearing the name rebuilt a model that saw other inputs
+        encoder_cfg["load_weights"] = False
+    elif not pretrained:
         encoder_cfg.update(dict.fromkeys(weight_options))
     elif not any(encoder_cfg.get(option) for option in weight_options):
         log.warning("The encoder starts from random weights (model.encoder.%s=null)", weight_options[0])

@@ -76,6 +76,8 @@ class OpenClipEncoder(GridEncoder):
     init), found in the Hugging Face cache or downloaded when online. weights_path: a local
     safetensors or torch file with an open_clip state dict of this model (whole CLIP or its
     `visual` tower) instead; with a tag as well, the tag still sets QuickGELU and preprocessing.
+    load_weights: False builds the tower for the tag (QuickGELU, preprocessing) without reading
+    any weights: a checkpoint supplies them.
     image_size: what ViT towers are built for (position embeddings resampled); None keeps the
     model's. pooled: class_token | embedding | mean, or None for the tower's default
     (class_token for ViTs, mean for ResNets). finetune: `none` | `last_k` (the last
@@ -97,6 +99,7 @@ class OpenClipEncoder(GridEncoder):
         image_size: int | None = None,
         crop: bool = False,
         output_stride: int | None = None,
+        load_weights: bool = True,
     ):
         import open_clip
         from open_clip.transformer import VisionTransformer
@@ -132,9 +135,10 @@ class OpenClipEncoder(GridEncoder):
         if not self.is_vit:
             del visual.attnpool  # pooled is the grid mean: the attention pool is not used
         state, source = None, None
-        if weights_path:
+        # load_weights=False: a checkpoint supplies the tensors; the tag still set preprocessing and QuickGELU
+        if weights_path and load_weights:
             state, source = read_weights_file(weights_path), f"model.encoder.weights_path={weights_path}"
-        elif pretrained:
+        elif pretrained and load_weights:
             path = weight_files.fetch(weights_file(name, pretrained))
             state, source = read_weights_file(path, option=f"the cached open_clip weights {path}"), str(path)
         if state is not None:

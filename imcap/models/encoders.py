@@ -240,6 +240,16 @@ def _resolve_weights(name: str, weights: str):
                          f"{options}, or null for a random init") from e
 
 
+def weights_normalisation(name: str, weights: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input normalisation (mean, std) named weights were trained with, read from their
+    metadata: no weight file is opened or downloaded."""
+    entry = _resolve_weights(name, weights)
+    if isinstance(entry, PackagedWeights):
+        return entry.mean, entry.std
+    preprocess = entry.transforms()
+    return tuple(preprocess.mean), tuple(preprocess.std)
+
+
 def _load_pretrained(name: str, weights: str) -> tuple[dict, tuple[float, ...], tuple[float, ...]]:
     """State dict and the input normalisation (mean, std) the weights were trained with."""
     entry = _resolve_weights(name, weights)
@@ -359,8 +369,10 @@ class GridEncoder(nn.Module):
     The base class does the rest: a frozen encoder stays in eval mode (fixed BatchNorm
     statistics, so cached features stay valid), the cache fingerprint, and what a feature cache
     stores: the grid alone where pooled is its mean, else the pooled vector as a first row.
-    `WEIGHT_OPTIONS` are the options that name pretrained weights, cleared when a checkpoint
-    supplies the weights.
+    `WEIGHT_OPTIONS` are the options that name pretrained weights. When a checkpoint supplies
+    the weights, an encoder that takes `load_weights=False` is built with them named but not
+    read, so that what they imply besides their tensors (input normalisation, activations)
+    is rebuilt as trained; for any other encoder they are cleared.
     """
 
     WEIGHT_OPTIONS: tuple[str, ...] = ("weights", "weights_path")
@@ -408,6 +420,8 @@ class TorchvisionEncoder(GridEncoder):
     grid_size: adaptive-average-pool the feature map to grid_size x grid_size (None: native).
     output_stride: end the trunk at its last layer with this output stride, e.g. 16 (None: the
     whole trunk, stride 32 for most backbones).
+    load_weights: False builds the backbone for the named weights (their input normalisation)
+    without reading them: a checkpoint supplies the tensors.
     """
 
     def __init__(
@@ -420,6 +434,7 @@ class TorchvisionEncoder(GridEncoder):
         grid_size: int | None = None,
         channels_last: bool = True,
         output_stride: int | None = None,
+        load_weights: bool = True,
     ):
         super().__init__(finetune)
         if name not in BACKBONES:
@@ -430,9 +445,11 @@ class TorchvisionEncoder(GridEncoder):
         model = backbone.build() if backbone.build else torchvision.models.get_model(name, weights=None)
         convert = backbone.convert or (lambda state: state)
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
-        if weights_path:
+        if weights_path and load_weights:
             self._load_file(model, weights_path, convert)
-        elif weights:
+        elif weights and not weights_path and not load_weights:
+            self.mean, self.std = weights_normalisation(name, weights)
+        elif weights and not weights_path:
             state, self.mean, self.std = _load_pretrained(name, weights)
             model.load_state_dict(convert(state))
         self.trunk = BACKBONES[name].trunk(model)

@@ -46,3 +46,33 @@ def test_a_checkpoint_naming_the_old_lstm_module_still_loads(tmp_path):
     stored = load_checkpoint(path)[CHECKPOINT_KEY]["architecture"]
     assert stored["decoder"]["_target_"] == MOVED_TARGETS[old]
     assert type(build_captioner(stored, VOCAB, 64, pretrained=False).decoder) is LSTMDecoder
+
+
+def test_a_checkpoint_rebuilds_the_input_normalisation_its_encoder_weights_were_trained_with(tmp_path):
+    """EfficientNet-Lite0's weights expect inputs in [-1, 1], not ImageNet's mean and std. A
+    model rebuilt from a checkpoint (imcap.eval, imcap.caption, the hub) reads no weight file,
+    yet must preprocess and encode an image exactly as the trained one did."""
+    from PIL import Image
+
+    from imcap.models.captioner import Captioner
+    from imcap.models.encoders import PACKAGED_WEIGHTS
+
+    if PACKAGED_WEIGHTS["efficientnet_lite0"]["IMAGENET1K_V1"].locate() is None:
+        pytest.skip("EfficientNet-Lite0 weights not provisioned (make install)")
+    arch = architecture("lstm", "additive")
+    arch["encoder"].update(name="efficientnet_lite0", weights="IMAGENET1K_V1")
+    trained = build_captioner(arch, VOCAB, 64).eval()
+    path = tmp_path / "run.ckpt"
+    torch.save({CHECKPOINT_KEY: {"architecture": trained.architecture, "vocab": VOCAB.itos, "image_size": 64},
+                "state_dict": {f"captioner.{k}": v for k, v in trained.state_dict().items()}}, path)
+    rebuilt = Captioner.from_checkpoint(path)
+
+    image = Image.new("RGB", (80, 64), (200, 30, 90))
+    x, y = (c.encoder.image_transform(64)(image) for c in (trained, rebuilt))
+    torch.testing.assert_close(y, x)
+    assert x.min() < -0.5  # scaled to [-1, 1] as Lite0 was trained (ImageNet scaling gives about -1.4)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.encoder(y[None])[0], trained.encoder(x[None])[0])
+    # the same feature cache key: evaluating a run reuses the features it trained on
+    transform = repr(trained.encoder.image_transform(64))
+    assert rebuilt.encoder.fingerprint(transform) == trained.encoder.fingerprint(transform)

@@ -190,3 +190,27 @@ def test_the_demo_recipes_output_stride_is_noted_and_unused(make_cfg, caplog):
         enc = OpenClipEncoder("ViT-B-32", pretrained=None, image_size=64, output_stride=16)
     assert "output_stride=16 is for torchvision encoders; open_clip ViT-B-32 ignores it" in caplog.text
     assert enc(torch.randn(1, 3, 64, 64))[0].shape[1] == 4  # 2x2 patches of 32 px
+
+
+def test_a_checkpoint_rebuilds_the_tags_activation_and_preprocessing_without_its_weights(clip):
+    """build_captioner(pretrained=False), as a checkpoint is loaded: the tag's QuickGELU and
+    preprocessing stay, no weight file is looked for (none is reachable here), and the model
+    computes what the trained one did."""
+    from imcap.data.vocab import Vocabulary
+    from imcap.models.captioner import build_captioner
+    from tests.helpers.decoders import architecture
+
+    _, safetensors_file, _ = clip
+    arch = architecture("lstm", "additive")
+    arch["encoder"] = {"_target_": "imcap.models.clip_encoder.OpenClipEncoder", "name": "ViT-B-32",
+                       "pretrained": "openai", "weights_path": str(safetensors_file), "image_size": 64}
+    vocab = Vocabulary.build([["a", "dog"]])
+    trained = build_captioner(arch, vocab, 64).eval()
+    arch["encoder"]["weights_path"] = "/nowhere/visual.safetensors"  # sent by someone else: not on this machine
+    rebuilt = build_captioner(arch, vocab, 64, pretrained=False).eval()
+    rebuilt.load_state_dict(trained.state_dict())
+    assert type(rebuilt.encoder.trunk.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    assert rebuilt.encoder.preprocess == trained.encoder.preprocess
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.encoder(x)[0], trained.encoder(x)[0])
