@@ -24,6 +24,28 @@ def test_eval_reproduces_the_test_metrics_exactly(trained, make_cfg, tmp_path):
         (out / "predictions" / "test.json").read_text())
 
 
+def test_eval_of_a_run_on_the_real_photo_encoder_reproduces_its_captions(make_cfg, tmp_path):
+    """EfficientNet-Lite0 (the encoder of every real data option) normalises its inputs to
+    [-1, 1]. A new `python -m imcap.eval` process, in another folder, with only the checkpoint,
+    must preprocess as training did and write the same captions."""
+    from imcap.models.encoders import PACKAGED_WEIGHTS
+    from imcap.train import train
+
+    if PACKAGED_WEIGHTS["efficientnet_lite0"]["IMAGENET1K_V1"].locate() is None:
+        pytest.skip("EfficientNet-Lite0 weights not provisioned (make install)")
+    run = tmp_path / "run"
+    metrics = train(make_cfg("model/encoder=efficientnet_lite0", "model.test_metrics=[BLEU,CIDEr-D]", out=run))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = module("eval", f"ckpt_path={run}/checkpoints/best.ckpt", "metrics=[BLEU,CIDEr-D]",
+                    "hydra.run.dir=eval", cwd=elsewhere)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((elsewhere / "eval" / "predictions" / "test.json").read_text()) == json.loads(
+        (run / "predictions" / "test.json").read_text())
+    evaluated = json.loads((elsewhere / "eval" / "metrics.json").read_text())
+    assert evaluated["test/CIDEr-D"] == pytest.approx(metrics["test/CIDEr-D"], rel=1e-6)
+
+
 def test_eval_on_the_val_split_with_beam_search_and_a_gallery(trained, make_cfg, tmp_path):
     out, _ = trained
     cfg = make_cfg(f"ckpt_path={out}/checkpoints/best.ckpt", "split=val", "trainer.enable_progress_bar=false",
