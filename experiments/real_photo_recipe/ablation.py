@@ -1,7 +1,7 @@
 """Train recipe variants on the real Flickr8k photos in ../shared over seeds and image splits.
 
     python experiments/real_photo_recipe/ablation.py                          # every variant
-    python experiments/real_photo_recipe/ablation.py --variants default,no_scst --seeds 0,1,2 --splits 0,1
+    python experiments/real_photo_recipe/ablation.py --variants default,glove_ls --seeds 0,1,2 --splits 0,1
     python experiments/real_photo_recipe/ablation.py --report                 # tables only
 
 Every run is a new `python -m imcap.train data=flickr8k data.root=DIR` process with the
@@ -30,11 +30,12 @@ METRICS = ("test/BLEU-4", "test/METEOR", "test/ROUGE-L", "test/CIDEr-D")
 # itself: no overrides, as a user runs it.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "default": ("the default recipe", []),
-    "no_scst": ("cross-entropy only, same 12 epochs", ["model.scst.start_epoch=null"]),
     "mobilenet_v2": ("MobileNetV2 features instead of EfficientNet-Lite0", ["model/encoder=mobilenet_v2"]),
     "previous_defaults": ("imcap's defaults before this recipe: MobileNetV2, greedy, cross-entropy, 10 epochs",
                           ["model/encoder=mobilenet_v2", "model.decoding.method=greedy",
                            "model.scst.start_epoch=null", "trainer.max_epochs=10"]),
+    "glove_ls": ("GloVe 6B-50d word vectors (frozen) and label smoothing 0.1",
+                 ["model/embedding=glove", "model.label_smoothing=0.1"]),
 }
 # decoding-only variants: the default recipe's checkpoints, evaluated again (python -m imcap.eval)
 DECODING = {"greedy": ("default recipe, greedy decoding at test", ["decoding.method=greedy"])}
