@@ -250,16 +250,14 @@ def weights_normalisation(name: str, weights: str) -> tuple[tuple[float, ...], t
     return tuple(preprocess.mean), tuple(preprocess.std)
 
 
-def _load_pretrained(name: str, weights: str) -> tuple[dict, tuple[float, ...], tuple[float, ...]]:
-    """State dict and the input normalisation (mean, std) the weights were trained with."""
+def _load_pretrained(name: str, weights: str) -> dict:
+    """The state dict of named weights (from the hub cache, downloaded when absent)."""
     entry = _resolve_weights(name, weights)
     if isinstance(entry, PackagedWeights):
-        return entry.get_state_dict(name), entry.mean, entry.std
+        return entry.get_state_dict(name)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(entry.url).name
     try:
-        state = entry.get_state_dict(progress=True, check_hash=True)
-        preprocess = entry.transforms()
-        return state, tuple(preprocess.mean), tuple(preprocess.std)
+        return entry.get_state_dict(progress=True, check_hash=True)
     except (urllib.error.URLError, OSError, RuntimeError) as e:
         raise ImcapError(
             f"pretrained {name} weights {weights} are not in {cached.parent} and could not be "
@@ -445,13 +443,13 @@ class TorchvisionEncoder(GridEncoder):
         model = backbone.build() if backbone.build else torchvision.models.get_model(name, weights=None)
         convert = backbone.convert or (lambda state: state)
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
-        if weights_path and load_weights:
-            self._load_file(model, weights_path, convert)
-        elif weights and not weights_path and not load_weights:
+        if weights_path:
+            if load_weights:
+                self._load_file(model, weights_path, convert)
+        elif weights:
             self.mean, self.std = weights_normalisation(name, weights)
-        elif weights and not weights_path:
-            state, self.mean, self.std = _load_pretrained(name, weights)
-            model.load_state_dict(convert(state))
+            if load_weights:
+                model.load_state_dict(convert(_load_pretrained(name, weights)))
         self.trunk = BACKBONES[name].trunk(model)
         self.out_channels = BACKBONES[name].channels
         if output_stride is not None:
