@@ -135,7 +135,7 @@ class OpenClipEncoder(GridEncoder):
         if not self.is_vit:
             del visual.attnpool  # pooled is the grid mean: the attention pool is not used
         state, source = None, None
-        # load_weights=False: a checkpoint supplies the tensors; the tag still set preprocessing and QuickGELU
+        # load_weights=False: a checkpoint supplies the tensors; the tag has still set preprocessing and QuickGELU
         if weights_path and load_weights:
             state, source = read_weights_file(weights_path), f"model.encoder.weights_path={weights_path}"
         elif pretrained and load_weights:

@@ -36,7 +36,8 @@ class SCST:
     temperature: float = 1.0
     # learning rate of every parameter group in SCST epochs (null: the schedule's). Policy
     # gradients are far noisier than cross-entropy's: at the rate cosine decay has reached
-    # when SCST starts (about 4e-4 in a 10-epoch run) SCST collapsed on Flickr8k-1k.
+    # when SCST starts (about 4e-4 in a 10-epoch run) SCST collapsed on Flickr8k-1k. A small
+    # rate alone did not make it pay there (experiments/real_photo_recipe/).
     lr: float | None = None
 
     def __post_init__(self) -> None:
