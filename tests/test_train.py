@@ -60,6 +60,15 @@ def test_fast_dev_run_runs_the_whole_path_in_one_batch(make_cfg, tmp_path):
     assert "train/loss" in metrics
 
 
+def test_hflip_trains_on_a_mirrored_cache_of_the_training_images(make_cfg, tmp_path, data_dir):
+    caches = lambda: set((data_dir / "features").glob("*.npy"))  # noqa: E731
+    train(make_cfg("debug=fast_dev_run", out=tmp_path / "plain"))
+    before = caches()
+    metrics = train(make_cfg("debug=fast_dev_run", "data.hflip=true", out=tmp_path / "hflip"))
+    assert "train/loss" in metrics
+    assert len(caches() - before) == 1  # the mirrored training images; val and test are read as they were
+
+
 def test_show_and_tell_has_no_grounding_metric(make_cfg, tmp_path):
     metrics = train(make_cfg("model/attention=none", "trainer.limit_train_batches=1", out=tmp_path / "st"))
     assert "test/BLEU-4" in metrics and "test/grounding" not in metrics

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from imcap.data.buckets import LengthBucketBatchSampler, bucket_widths
 from imcap.data.dataset import CaptionDataset, EpochSeededSampler, collate
 from imcap.data.features import PRECISIONS, extract_features
+from imcap.data.mirror import mirrored_transform
 from imcap.data.records import SPLITS, CaptionRecord
 from imcap.data.sources import CaptionSource
 from imcap.data.text import tokenize
@@ -54,6 +55,7 @@ class CaptionDataModule(pl.LightningDataModule):
         root: str | None = None,
         pad_to_multiple: int = 1,
         length_buckets: list[int] | None = None,
+        hflip: bool = False,
     ):
         super().__init__()
         if features not in FEATURE_MODES:
@@ -83,6 +85,7 @@ class CaptionDataModule(pl.LightningDataModule):
         self.pad_to_multiple = pad_to_multiple  # caption widths rounded up to a multiple (GPU recipe)
         # training batches from one length bucket each, padded to its width (imcap.data.buckets)
         self.bucket_widths = bucket_widths(length_buckets, max_caption_length)
+        self.hflip = hflip  # mirror half of the training items each epoch (imcap.data.mirror)
         self.vocab: Vocabulary | None = None
         self.encoder = None
         self._records: dict[str, list[CaptionRecord]] | None = None
@@ -148,19 +151,26 @@ class CaptionDataModule(pl.LightningDataModule):
         if not records:
             raise ImcapError(f"data source {self.source_name!r} has no {split} images{self._under_root}")
         transform = self.encoder.image_transform(self.image_size)
+        mirror = self.hflip and split == "train"
         kwargs: dict = {"transform": transform}
         if self._use_cached_features():
-            cache_dir = self.cache_dir or Path(records[0].image_path).parent / ".imcap-features"
-            kwargs = {"features": extract_features(
-                self.encoder, [r.image_path for r in records], transform, cache_dir,
-                fingerprint=self.encoder.fingerprint(transform_desc=repr(transform)),
-                batch_size=self.eval_batch_size, num_workers=0 if self.num_workers == "auto" else self.num_workers,
-                description=split, precision=self.feature_precision,
-            )}
+            kwargs = {"features": self._features(records, transform, split)}
+            if mirror:
+                kwargs["mirrored_features"] = self._features(records, mirrored_transform(transform), f"{split}, mirrored")
         dataset = CaptionDataset(records, self.vocab, per_caption=split == "train",
-                                 max_length=self.max_caption_length, **kwargs)
+                                 max_length=self.max_caption_length, mirror=mirror, seed=self.seed, **kwargs)
         self.datasets[split] = dataset
         return dataset
+
+    def _features(self, records: list[CaptionRecord], transform, description: str):
+        """The frozen encoder's cached grids of `records`' images under `transform`."""
+        cache_dir = self.cache_dir or Path(records[0].image_path).parent / ".imcap-features"
+        return extract_features(
+            self.encoder, [r.image_path for r in records], transform, cache_dir,
+            fingerprint=self.encoder.fingerprint(transform_desc=repr(transform)),
+            batch_size=self.eval_batch_size, num_workers=0 if self.num_workers == "auto" else self.num_workers,
+            description=description, precision=self.feature_precision,
+        )
 
     def setup(self, stage: str | None = None) -> None:
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": (self.eval_split,)}.get(stage or "", SPLITS)
@@ -188,7 +198,7 @@ class CaptionDataModule(pl.LightningDataModule):
         order = None
         if train:
             order = EpochSeededSampler(len(dataset), self.seed, dataset.groups(), self.captions_per_image,
-                                       self.one_caption_per_image_from)
+                                       self.one_caption_per_image_from, on_epoch=dataset.set_epoch)
             # Lightning counts an epoch's batches from len(loader) when it (re)loads it
             order.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
         batching: dict = {"batch_size": self.batch_size if train else self.eval_batch_size, "sampler": order}

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from imcap.data.images import load_image
+from imcap.data.mirror import mirror_words, mirrored_items
 from imcap.data.records import CaptionRecord
 from imcap.data.text import normalize
 from imcap.data.vocab import Vocabulary
@@ -34,20 +35,18 @@ class CaptionDataset(Dataset):
         max_length: int = 30,
         transform: Callable | None = None,
         features: np.ndarray | None = None,
+        mirror: bool = False,
+        mirrored_features: np.ndarray | None = None,
+        seed: int = 0,
     ):
         if (transform is None) == (features is None):
             raise ValueError("give exactly one of transform (images) or features (cached grids)")
+        if mirror and features is not None and mirrored_features is None:
+            raise ValueError("mirror=True with cached features needs the mirrored images' features")
         self.records = list(records)
         self.references = [[normalize(c) for c in r.captions] for r in self.records]
-        self.tokens: list[list[list[int]]] = []
-        truncated = 0
-        for refs in self.references:
-            encoded = []
-            for ref in refs:
-                words = ref.split()
-                truncated += len(words) > max_length
-                encoded.append(vocab.encode(words[:max_length]))
-            self.tokens.append(encoded)
+        truncated = sum(len(ref.split()) > max_length for refs in self.references for ref in refs)
+        self.tokens = self._encode(self.references, vocab, max_length)
         if truncated:
             log.info("Truncated %d captions longer than %d tokens (data.max_caption_length)",
                      truncated, max_length)
@@ -57,6 +56,19 @@ class CaptionDataset(Dataset):
             else [(i, 0) for i in range(len(self.records))]
         )
         self.transform, self.features = transform, features
+        self.mirror, self.mirrored_features, self.seed = mirror, mirrored_features, seed
+        if mirror:
+            self.mirrored_references = [[mirror_words(c) for c in refs] for refs in self.references]
+            self.mirrored_tokens = self._encode(self.mirrored_references, vocab, max_length)
+        self.set_epoch(0)
+
+    @staticmethod
+    def _encode(references: list[list[str]], vocab: Vocabulary, max_length: int) -> list[list[list[int]]]:
+        return [[vocab.encode(ref.split()[:max_length]) for ref in refs] for refs in references]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the items this epoch mirrors (none without `mirror`)."""
+        self.mirrored = mirrored_items(len(self.index), self.seed, epoch) if self.mirror else None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -75,9 +87,12 @@ class CaptionDataset(Dataset):
     def __getitem__(self, k: int) -> dict[str, Any]:
         i, j = self.index[k]
         record = self.records[i]
+        mirrored = self.mirrored is not None and bool(self.mirrored[k])
+        tokens, references = ((self.mirrored_tokens, self.mirrored_references) if mirrored
+                              else (self.tokens, self.references))
         item: dict[str, Any] = {
-            "tokens": torch.tensor(self.tokens[i][j], dtype=torch.long),
-            "references": self.references[i],
+            "tokens": torch.tensor(tokens[i][j], dtype=torch.long),
+            "references": references[i],
             "raw_references": list(record.captions),  # as written, for the official metrics
             "image_id": record.image_id,
             "index": i,
@@ -87,9 +102,11 @@ class CaptionDataset(Dataset):
             "extent": record.extra.get("image_size"),
         }
         if self.features is not None:
-            item["grid"] = torch.from_numpy(np.asarray(self.features[i], dtype=np.float32))
+            features = self.mirrored_features if mirrored else self.features
+            item["grid"] = torch.from_numpy(np.asarray(features[i], dtype=np.float32))
         else:
-            item["image"] = self.transform(load_image(record.image_path))
+            image = self.transform(load_image(record.image_path))  # (3, H, W)
+            item["image"] = image.flip(-1) if mirrored else image
         return item
 
 
@@ -134,17 +151,22 @@ class EpochSeededSampler(Sampler[int]):
     From epoch `one_per_group_from` on, each epoch draws one item per image (SCST: its reward
     scores a sample against all of the image's references, so further captions of the same
     image would only repeat the image).
+    `on_epoch(epoch)` is called with every new epoch.
     """
 
     def __init__(self, length: int, seed: int = 0, groups: Sequence[Sequence[int]] | None = None,
-                 per_group: int | None = None, one_per_group_from: int | None = None):
+                 per_group: int | None = None, one_per_group_from: int | None = None,
+                 on_epoch: Callable[[int], None] | None = None):
         self.length, self.seed, self.epoch = length, seed, 0
+        self.on_epoch = on_epoch  # told each new epoch (the dataset's per-epoch mirroring)
         needs_groups = groups is not None and (per_group or one_per_group_from is not None)
         self.groups = [list(g) for g in groups] if needs_groups else None
         self.per_group, self.one_per_group_from = per_group, one_per_group_from
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self.on_epoch is not None:
+            self.on_epoch(epoch)
 
     def draws_per_group(self) -> int | None:
         """Items drawn per group this epoch (None: all)."""

@@ -70,3 +70,32 @@ def test_feature_precision_reaches_the_extraction(monkeypatch, tmp_path):
 def test_unknown_feature_precision_names_the_option():
     with pytest.raises(ImcapError, match=r"data.feature_precision='fp8'; choose one of \['fp32', 'bf16'\]"):
         CaptionDataModule(source=None, feature_precision="fp8")
+
+
+def test_hflip_gives_the_training_split_a_mirrored_cache_and_leaves_evaluation_alone(monkeypatch, tmp_path):
+    from imcap.data import datamodule
+    from imcap.data.images import image_transform
+    from imcap.data.records import CaptionRecord
+    from imcap.data.vocab import Vocabulary
+
+    transforms = []
+
+    def fake_extract(encoder, paths, transform, cache_dir, fingerprint, **kwargs):
+        transforms.append((kwargs["description"], transform))
+        return torch.zeros(len(paths), 2, 3).numpy()
+
+    monkeypatch.setattr(datamodule, "extract_features", fake_extract)
+    records = [CaptionRecord("a", str(tmp_path / "a.jpg"), ("a dog on the left",), "train"),
+               CaptionRecord("b", str(tmp_path / "b.jpg"), ("a cat",), "val")]
+    dm = CaptionDataModule(source=SimpleNamespace(name="toy", records=lambda: records), hflip=True,
+                           cache_dir=str(tmp_path))
+    plain = image_transform(8, (0.5,) * 3, (0.5,) * 3)
+    dm.attach_encoder(SimpleNamespace(trainable=False, image_transform=lambda size: plain,
+                                      fingerprint=lambda transform_desc: transform_desc))
+    dm.build_vocab()
+    dm.setup("fit")
+    assert [d for d, _ in transforms] == ["train", "train, mirrored", "val"]
+    image = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)
+    assert torch.equal(transforms[1][1](image), plain(image).flip(-1))
+    assert dm.datasets["train"].mirror and not dm.datasets["val"].mirror
+    assert dm.datasets["val"].mirrored is None

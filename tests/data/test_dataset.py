@@ -93,3 +93,53 @@ def test_sampler_draws_one_caption_per_image_from_the_scst_epoch_on():
         assert len(order) == len(sampler) == expected
         assert sorted(next(g for g in range(3) if i in groups[g]) for i in order) == \
             sorted(g for g in range(3) for _ in range(len(groups[g]) if expected == 6 else 1))
+
+
+def _mirrored_dataset() -> tuple[CaptionDataset, Vocabulary]:
+    records = _records()
+    vocab = Vocabulary.build([c.lower().replace(".", "").split() for r in records for c in r.captions] + [["right"]])
+    features = np.zeros((2, 4, 3), dtype=np.float16)  # the mirrored images' grids are ones
+    return CaptionDataset(records, vocab, per_caption=True, features=features, mirror=True,
+                          mirrored_features=np.ones((2, 4, 3), dtype=np.float16), seed=0), vocab
+
+
+def test_mirrored_items_read_the_mirrored_grid_and_swap_left_and_right():
+    ds, vocab = _mirrored_dataset()
+    seen = set()
+    for epoch in range(20):
+        ds.set_epoch(epoch)
+        item = ds[2]  # "a blue square left of a red circle"
+        mirrored = bool(item["grid"][0, 0] == 1)
+        word = "right" if mirrored else "left"
+        assert item["references"] == [f"a blue square {word} of a red circle"]
+        assert vocab.decode_text(item["tokens"]) == f"a blue square {word} of a red circle"
+        seen.add(mirrored)
+    assert seen == {True, False}  # each epoch draws again
+
+
+def test_images_are_flipped_when_their_item_is_mirrored(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "a.png"
+    pixels = np.zeros((4, 6, 3), dtype=np.uint8)
+    pixels[:, 0] = 255  # a white left edge
+    Image.fromarray(pixels).save(path)
+    records = [CaptionRecord(1, str(path), ("a white edge on the left",), "train")]
+    vocab = Vocabulary.build([["a", "white", "edge", "on", "the", "left", "right"]])
+    to_tensor = lambda image: torch.from_numpy(np.array(image)).permute(2, 0, 1)  # noqa: E731
+    ds = CaptionDataset(records, vocab, per_caption=True, transform=to_tensor, mirror=True)
+    for epoch in range(20):
+        ds.set_epoch(epoch)
+        item = ds[0]
+        white_column = 5 if "right" in item["references"][0] else 0
+        assert item["image"][:, :, white_column].eq(255).all()
+
+
+def test_the_sampler_tells_the_dataset_each_new_epoch():
+    ds, _ = _mirrored_dataset()
+    sampler = EpochSeededSampler(len(ds), seed=0, on_epoch=ds.set_epoch)
+    draws = set()
+    for epoch in range(8):
+        sampler.set_epoch(epoch)
+        draws.add(tuple(ds.mirrored))
+    assert len(draws) > 1
