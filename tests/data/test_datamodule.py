@@ -76,7 +76,6 @@ def test_hflip_gives_the_training_split_a_mirrored_cache_and_leaves_evaluation_a
     from imcap.data import datamodule
     from imcap.data.images import image_transform
     from imcap.data.records import CaptionRecord
-    from imcap.data.vocab import Vocabulary
 
     transforms = []
 
