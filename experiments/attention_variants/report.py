@@ -11,6 +11,7 @@ Holm's correction for the number of pairs compared on that metric.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,8 +211,8 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     metrics = [m for m in COMPARED if any(m in r.metrics for r in rows)]
-    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(6.0, 0.55 * len(rows) + 2), 2.6 * len(metrics) + 0.8),
-                             sharex=True, squeeze=False)
+    width = max(6.0, 0.55 * len(rows) + 2)  # inches
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(width, 2.6 * len(metrics) + 0.8), sharex=True, squeeze=False)
     xs = list(range(len(rows)))
     for ax, metric in zip(axes[:, 0], metrics):
         summaries = [r.metrics.get(metric) for r in rows]
@@ -228,7 +229,7 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> None:
             ax.legend(fontsize=7, loc="upper right")
         ax.set_ylabel(metric.removeprefix("test/"))
     axes[-1, 0].set_xticks(xs, [f"{r.decoder}\n{r.attention}\nn={r.runs}" for r in rows], fontsize=7)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, width=int(width * 12)), fontsize=9)  # ~12 characters an inch at 9 pt
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
