@@ -60,15 +60,26 @@ class CaptionDataset(Dataset):
         if mirror:
             self.mirrored_references = [[mirror_words(c) for c in refs] for refs in self.references]
             self.mirrored_tokens = self._encode(self.mirrored_references, vocab, max_length)
-        self.set_epoch(0)
+        # the epoch, in shared memory: persistent loader workers hold copies of this dataset
+        self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
+        self._draw: tuple[int, np.ndarray] | None = None  # (epoch, mirrored items) in this process
 
     @staticmethod
     def _encode(references: list[list[str]], vocab: Vocabulary, max_length: int) -> list[list[list[int]]]:
         return [[vocab.encode(ref.split()[:max_length]) for ref in refs] for refs in references]
 
     def set_epoch(self, epoch: int) -> None:
-        """Draw the items this epoch mirrors (none without `mirror`)."""
-        self.mirrored = mirrored_items(len(self.index), self.seed, epoch) if self.mirror else None
+        """The epoch whose items are served next (it decides which are mirrored)."""
+        self._epoch[0] = epoch
+
+    def is_mirrored(self, k: int) -> bool:
+        """Whether item `k` is mirrored in the current epoch."""
+        if not self.mirror:
+            return False
+        epoch = int(self._epoch[0])
+        if self._draw is None or self._draw[0] != epoch:
+            self._draw = epoch, mirrored_items(len(self.index), self.seed, epoch)
+        return bool(self._draw[1][k])
 
     def __len__(self) -> int:
         return len(self.index)
@@ -87,7 +98,7 @@ class CaptionDataset(Dataset):
     def __getitem__(self, k: int) -> dict[str, Any]:
         i, j = self.index[k]
         record = self.records[i]
-        mirrored = self.mirrored is not None and bool(self.mirrored[k])
+        mirrored = self.is_mirrored(k)
         tokens, references = ((self.mirrored_tokens, self.mirrored_references) if mirrored
                               else (self.tokens, self.references))
         item: dict[str, Any] = {

@@ -135,11 +135,16 @@ def test_images_are_flipped_when_their_item_is_mirrored(tmp_path):
         assert item["image"][:, :, white_column].eq(255).all()
 
 
-def test_the_sampler_tells_the_dataset_each_new_epoch():
+def test_persistent_loader_workers_mirror_the_items_of_the_epoch_the_sampler_was_told():
+    from torch.utils.data import DataLoader
+
+    from imcap.data.mirror import mirrored_items
+
     ds, _ = _mirrored_dataset()
     sampler = EpochSeededSampler(len(ds), seed=0, on_epoch=ds.set_epoch)
-    draws = set()
-    for epoch in range(8):
-        sampler.set_epoch(epoch)
-        draws.add(tuple(ds.mirrored))
-    assert len(draws) > 1
+    loader = DataLoader(ds, sampler=sampler, batch_size=None, num_workers=1, persistent_workers=True)
+    for epoch in range(6):
+        sampler.set_epoch(epoch)  # as Lightning does before each epoch's iter(loader)
+        served = {int(item["item_id"]): bool(item["grid"][0, 0] == 1) for item in loader}
+        expected = mirrored_items(len(ds), seed=0, epoch=epoch)
+        assert served == {k: bool(expected[k]) for k in range(len(ds))}
