@@ -25,6 +25,10 @@ class CaptionDataset(Dataset):
 
     `per_caption=True` yields every (image, caption) pair (training); otherwise one item per
     image whose `tokens` are its first caption (evaluation, where decoding uses only the image).
+
+    `mirror=True` (training with `data.hflip`) mirrors half of the items each epoch
+    (`set_epoch`): the image is flipped, or its grid read from `mirrored_features` (the cache of
+    the mirrored images), and "left" and "right" trade places in its tokens and references.
     """
 
     def __init__(
