@@ -33,7 +33,7 @@ from imcap.training.module import CaptionModule
 
 log = logging.getLogger("imcap.train")
 
-MODULE_OPTIONS = ("optimizer", "scheduler", "encoder_lr", "label_smoothing", "attention_reg", "decoding",
+MODULE_OPTIONS = ("optimizer", "scheduler", "encoder_lr", "label_smoothing", "feature_dropout", "attention_reg", "decoding",
                   "val_metrics", "test_metrics", "monitor", "scst", "scheduled_sampling", "compile")
 
 

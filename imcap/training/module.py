@@ -9,10 +9,12 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from hydra.utils import instantiate
 from torchmetrics import MaxMetric
 
 from imcap.data.vocab import Vocabulary
+from imcap.errors import ImcapError
 from imcap.metrics.cider import cider_d_scores, document_frequencies
 from imcap.metrics.coco import CaptionMetrics
 from imcap.metrics.grounding import GroundingRate
@@ -56,6 +58,7 @@ class CaptionModule(pl.LightningModule):
         scheduler: dict | None = None,
         encoder_lr: float | None = None,
         label_smoothing: float = 0.0,
+        feature_dropout: float = 0.0,
         attention_reg: float = 1.0,
         decoding: dict | None = None,
         pretrained: bool = True,
@@ -74,6 +77,9 @@ class CaptionModule(pl.LightningModule):
         self.optimizer_cfg, self.scheduler_cfg = optimizer, scheduler
         self.encoder_lr = encoder_lr
         self.label_smoothing, self.attention_reg = label_smoothing, attention_reg
+        if not 0.0 <= feature_dropout < 1.0:
+            raise ImcapError(f"model.feature_dropout={feature_dropout!r}; use a probability in [0, 1)")
+        self.feature_dropout = feature_dropout  # on the image features, in cross-entropy training
         self.decoding = Decoding(**(decoding or {}))
         self.captioner.decoding = self.decoding
         self.data_config = data_config  # stored in checkpoints so eval can rebuild the data
@@ -123,6 +129,9 @@ class CaptionModule(pl.LightningModule):
         tokens = batch["tokens"]  # (B, L): <bos> w1 .. wn <eos> <pad>..
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         grid, pooled = self.features(batch)
+        if self.training and self.feature_dropout > 0:  # the decoder cannot learn one image's exact grid
+            grid = F.dropout(grid, self.feature_dropout)  # (B, N, C)
+            pooled = F.dropout(pooled, self.feature_dropout)  # (B, C)
         probability = self.scheduled_sampling.probability(self.current_epoch) if self.training else 0.0
         if probability > 0:
             logits, weights = scheduled_sampling_forward(self.captioner.decoder, grid, pooled, inputs, probability)

@@ -203,3 +203,37 @@ def test_scst_epochs_train_at_scst_lr_and_cross_entropy_epochs_at_the_schedules(
     assert rates.rates[0] == pytest.approx([cosine[0]] * 2)
     expected = [scst_lr, scst_lr] if scst_lr else cosine[1:]
     assert [rates.rates[e] for e in (1, 2)] == [pytest.approx([r] * len(rates.rates[1])) for r in expected]
+
+
+def test_feature_dropout_drops_image_features_in_training_only(make_cfg, monkeypatch):
+    cfg = make_cfg("model.feature_dropout=0.5", "model.decoder.dropout=0.0")
+    dm, module = data_and_module(cfg)
+    batch = next(iter(dm.train_dataloader()))
+    seen = []
+    decoder_forward = type(module.captioner).forward
+
+    def record(captioner, grid, pooled, *args):
+        seen.append((grid.detach().clone(), pooled.detach().clone()))
+        return decoder_forward(captioner, grid, pooled, *args)
+
+    monkeypatch.setattr(type(module.captioner), "forward", record)
+    clean_grid, clean_pooled = module.features(batch)
+    module.train()
+    module.loss(batch)
+    module.eval()
+    module.loss(batch)
+    (train_grid, train_pooled), (eval_grid, eval_pooled) = seen
+    nonzero = clean_grid != 0
+    dropped = (train_grid == 0) & nonzero
+    assert 0.4 < dropped.sum() / nonzero.sum() < 0.6 and ((train_pooled == 0) & (clean_pooled != 0)).any()
+    # inverted dropout: what is kept is scaled by 1 / (1 - p), so the expected feature is unchanged
+    kept = nonzero & ~dropped
+    assert torch.allclose(train_grid[kept], 2 * clean_grid[kept])
+    assert torch.equal(eval_grid, clean_grid) and torch.equal(eval_pooled, clean_pooled)
+
+
+def test_feature_dropout_outside_0_to_1_names_the_option(make_cfg):
+    from imcap.errors import ImcapError
+
+    with pytest.raises(ImcapError, match=r"model.feature_dropout=1.0; use a probability in \[0, 1\)"):
+        data_and_module(make_cfg("model.feature_dropout=1.0"), setup=False)
