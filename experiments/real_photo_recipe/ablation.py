@@ -30,12 +30,14 @@ METRICS = ("test/BLEU-4", "test/METEOR", "test/ROUGE-L", "test/CIDEr-D")
 # itself: no overrides, as a user runs it.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "default": ("the default recipe", []),
-    "mobilenet_v2": ("MobileNetV2 features instead of EfficientNet-Lite0", ["model/encoder=mobilenet_v2"]),
-    "previous_defaults": ("imcap's defaults before this recipe: MobileNetV2, greedy, cross-entropy, 10 epochs",
+    "width_512": ("LSTM, attention and word embedding 512 wide (the previous default)", ["model.decoder.hidden_dim=512"]),
+    "mobilenet_v2": ("MobileNetV2 features instead of EfficientNet-Lite0, at width 512",
+                     ["model/encoder=mobilenet_v2", "model.decoder.hidden_dim=512"]),
+    "previous_defaults": ("imcap's defaults before this recipe: MobileNetV2, greedy, cross-entropy, 10 epochs, width 512",
                           ["model/encoder=mobilenet_v2", "model.decoding.method=greedy",
-                           "model.scst.start_epoch=null", "trainer.max_epochs=10"]),
-    "glove_ls": ("GloVe 6B-50d word vectors (frozen) and label smoothing 0.1",
-                 ["model/embedding=glove", "model.label_smoothing=0.1"]),
+                           "model.scst.start_epoch=null", "trainer.max_epochs=10", "model.decoder.hidden_dim=512"]),
+    "glove_ls": ("GloVe 6B-50d word vectors (frozen) and label smoothing 0.1, at width 512",
+                 ["model/embedding=glove", "model.label_smoothing=0.1", "model.decoder.hidden_dim=512"]),
 }
 # decoding-only variants: the default recipe's checkpoints, evaluated again (python -m imcap.eval)
 DECODING = {"greedy": ("default recipe, greedy decoding at test", ["decoding.method=greedy"])}
