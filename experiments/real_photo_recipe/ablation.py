@@ -118,8 +118,8 @@ def mean_std(values: list[float], digits: int = 3) -> str:
 def report(out: Path, tag: str) -> None:
     order = [*VARIANTS, *DECODING]
     results = sorted((json.loads(p.read_text(encoding="utf-8")) for p in out.glob("*/*/result.json")),
-                     key=lambda r: (order.index(r["variant"]) if r["variant"] in order else 99,
-                                    r["split"], r["seed"]))
+                     key=lambda r: (order.index(r["variant"]) if r["variant"] in order else len(order),
+                                    r["variant"], r["split"], r["seed"]))
     (HERE / f"results-{tag}.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     rows = ["| variant | what changes | runs (splits × seeds) | test BLEU-4 | METEOR | ROUGE-L | CIDEr-D "
             "| distinct captions | wall (s) |", "|---|---|---|---|---|---|---|---|---|"]
