@@ -73,6 +73,19 @@ def test_common_overrides_work(make_cfg, tmp_path):
     assert cfg.model.scheduler.T_max == 3
 
 
+@pytest.mark.parametrize("overrides,width", [
+    (["data=flickr8k", "data.root=x"], 256),  # the real-photo recipe
+    (["data=custom", "data.root=x"], 256),
+    ([], 512),  # the shapes demo keeps the width its figures were measured with
+    (["data=flickr8k", "data.root=x", "model/decoder=topdown"], 512),
+    (["data=flickr8k", "data.root=x", "model.decoder.hidden_dim=384"], 384),
+])
+def test_attention_and_embedding_take_the_decoders_width(make_cfg, overrides, width):
+    model = make_cfg(*overrides, tiny=False).model
+    assert (model.decoder.hidden_dim, model.attention.attention_dim, model.embedding.dim) == (width,) * 3
+    assert make_cfg(*overrides, "model.attention.attention_dim=64", tiny=False).model.attention.attention_dim == 64
+
+
 def test_eval_and_caption_configs_compose(make_cfg):
     ev = make_cfg("ckpt_path=x.ckpt", name="eval")
     assert ev.get("data") is None and ev.split == "test"
