@@ -365,6 +365,9 @@ class ShardDataModule(CaptionDataModule):
         if source is not None:
             raise ImcapError("data=shards reads the shards under data.root; it takes no data.source")
         super().__init__(source=None, root=str(root), **kwargs)
+        if self.hflip:  # a stream has no second, mirrored cache to read from
+            raise ImcapError("data.hflip=true is not available with data=shards; set data.hflip=false, or train "
+                             "from the data option the shards were written from")
         check_choice(bad_samples, BAD_SAMPLES, "data.bad_samples")
         if shuffle_buffer < 1:
             raise ImcapError(f"data.shuffle_buffer={shuffle_buffer}; use a number of items >= 1")

@@ -135,6 +135,13 @@ def test_resume_with_other_settings_is_a_one_line_error(split):
         loader(stream(split), 0, 2, 0).load_state_dict(state)
 
 
+def test_hflip_on_shards_is_a_one_line_error_not_ignored():
+    from imcap.data.streaming import ShardDataModule
+
+    with pytest.raises(ImcapError, match=r"data.hflip=true is not available with data=shards; set data.hflip=false"):
+        ShardDataModule(root="shards", hflip=True)
+
+
 def test_batches_split_evenly_and_too_little_data_is_an_error():
     plan = RankPlan.make(items=10, world=3, rank=2, batch_size=2, per_chunk=1, split="train")
     assert plan.batches == 2 and np.diff(plan.bounds).tolist() == [2, 2]
