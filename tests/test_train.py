@@ -38,8 +38,9 @@ def test_run_directory_holds_every_artefact(trained):
     assert (out / "csv" / "metrics.csv").is_file()
 
 
-def test_resumed_run_ends_with_the_same_test_metrics(make_cfg, tmp_path):
-    run = ["trainer.max_epochs=4", "model.optimizer.lr=5e-3"]
+@pytest.mark.parametrize("data", [[], ["data.hflip=true"]], ids=["plain", "hflip"])
+def test_resumed_run_ends_with_the_same_test_metrics(make_cfg, tmp_path, data):
+    run = ["trainer.max_epochs=4", "model.optimizer.lr=5e-3", *data]  # hflip: the resumed epochs mirror the same items
     straight = train(make_cfg(*run, out=tmp_path / "straight"))
     crash = [*run, "+callbacks.crash._target_=tests.helpers.callbacks.CrashAtEpoch",
              "+callbacks.crash.epoch=2"]
