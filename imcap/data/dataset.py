@@ -64,8 +64,9 @@ class CaptionDataset(Dataset):
         if mirror:
             self.mirrored_references = [[mirror_words(c) for c in refs] for refs in self.references]
             self.mirrored_tokens = self._encode(self.mirrored_references, vocab, max_length)
-        # the epoch, in shared memory: persistent loader workers hold copies of this dataset
-        self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
+        self._epoch = torch.zeros(1, dtype=torch.long)
+        if mirror:  # in shared memory: persistent loader workers hold copies of this dataset
+            self._epoch.share_memory_()
         self._draw: tuple[int, np.ndarray] | None = None  # (epoch, mirrored items) in this process
 
     @staticmethod
