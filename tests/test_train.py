@@ -12,6 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from imcap.config import compose_config
 from imcap.data.vocab import Vocabulary
 from imcap.train import train
 from tests.helpers.paths import ROOT
@@ -61,13 +62,14 @@ def test_fast_dev_run_runs_the_whole_path_in_one_batch(make_cfg, tmp_path):
     assert "train/loss" in metrics
 
 
-def test_hflip_trains_on_a_mirrored_cache_of_the_training_images(make_cfg, tmp_path, data_dir):
-    caches = lambda: set((data_dir / "features").glob("*.npy"))  # noqa: E731
-    train(make_cfg("debug=fast_dev_run", out=tmp_path / "plain"))
+def test_hflip_trains_on_a_mirrored_cache_of_the_training_images(tmp_path):
+    data = tmp_path / "data"  # a feature cache of its own: other tests fill the shared one, with hflip too
+    caches = lambda: set((data / "features").glob("*.npy"))  # noqa: E731
+    train(compose_config("train", [*TINY, "debug=fast_dev_run"], tmp_path / "plain", data))
     before = caches()
-    metrics = train(make_cfg("debug=fast_dev_run", "data.hflip=true", out=tmp_path / "hflip"))
+    metrics = train(compose_config("train", [*TINY, "debug=fast_dev_run", "data.hflip=true"], tmp_path / "hflip", data))
     assert "train/loss" in metrics
-    assert len(caches() - before) == 1  # the mirrored training images; val and test are read as they were
+    assert before and len(caches() - before) == 1  # the mirrored training images; the others are read as they were
 
 
 def test_show_and_tell_has_no_grounding_metric(make_cfg, tmp_path):
