@@ -40,7 +40,7 @@ MODULE_OPTIONS = ("optimizer", "scheduler", "encoder_lr", "label_smoothing", "fe
 def build_module(cfg: DictConfig, vocab: Vocabulary) -> CaptionModule:
     model = OmegaConf.to_container(cfg.model, resolve=True)
     return CaptionModule(
-        architecture={k: model.get(k) for k in COMPONENTS},
+        architecture={**{k: model.get(k) for k in COMPONENTS}, "ensemble": model.get("ensemble", 1)},
         vocab=vocab.itos,
         image_size=cfg.data.image_size,
         data_config=OmegaConf.to_container(cfg.data, resolve=True),

@@ -25,12 +25,13 @@ from imcap.data.images import load_image
 from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
 from imcap.models.decoder import require_attention
+from imcap.models.ensemble import DecoderEnsemble, ensemble_size
 from imcap.models.search import Decoding, SearchResult, generate
 from imcap.stored_config import check_stored_config
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "imcap"  # where a checkpoint keeps what rebuilds the model: config + vocab
-COMPONENTS = ("encoder", "decoder", "attention", "embedding")
+COMPONENTS = ("encoder", "decoder", "attention", "embedding")  # an architecture also holds `ensemble` (absent: 1)
 # _target_s that moved: checkpoints written before the move name the old path
 MOVED_TARGETS = {"imcap.models.decoders.LSTMDecoder": "imcap.models.lstm.LSTMDecoder",
                  "imcap.data.sources.flickr.Flickr8kSource": "imcap.data.sources.flickr8k.Flickr8kSource"}
@@ -95,10 +96,19 @@ def build_captioner(
 
 
 def build_decoder(arch: dict, vocab: Vocabulary, feature_dim: int, pretrained: bool = True) -> nn.Module:
-    """Embedding, attention and decoder of `arch` for grid features of `feature_dim` channels.
+    """Embedding, attention and decoder of `arch` for grid features of `feature_dim` channels;
+    with `arch["ensemble"]` = K > 1, K of them, each freshly initialised, as one
+    `DecoderEnsemble`.
 
     Records the word-vector dimension in `arch` so that a checkpoint rebuilds without the file.
     """
+    k = ensemble_size(arch.get("ensemble", 1))
+    members = [build_one_decoder(arch, vocab, feature_dim, pretrained) for _ in range(k)]
+    return members[0] if k == 1 else DecoderEnsemble(members)
+
+
+def build_one_decoder(arch: dict, vocab: Vocabulary, feature_dim: int, pretrained: bool = True) -> nn.Module:
+    """One decoder of `arch` with its embedding and attention."""
     check_pair(arch["decoder"], arch.get("attention"))
     embedding_cfg = dict(arch["embedding"])
     if not pretrained and getattr(_class(embedding_cfg.get("_target_")), "reads_vectors", False):

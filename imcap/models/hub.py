@@ -122,6 +122,8 @@ def model_card(config: dict, vocab_size: int, data: dict | None, metrics: dict[s
         if kind == "encoder" and isinstance(arch.get(kind), dict) and arch[kind].get("name"):
             choice = f"{choice} ({arch[kind]['name']})"
         lines.append(f"| {kind} | {choice} |")
+    if int(arch.get("ensemble") or 1) > 1:
+        lines.append(f"| ensemble | {arch['ensemble']} decoders, word probabilities averaged |")
     lines += [f"| vocabulary | {vocab_size} words |", f"| image size | {config['image_size']} |",
               f"| decoding | {config['decoding'].get('method')} |", "", "## Training data", ""]
     if data:

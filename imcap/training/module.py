@@ -19,6 +19,7 @@ from imcap.metrics.cider import cider_d_scores, document_frequencies
 from imcap.metrics.coco import CaptionMetrics
 from imcap.metrics.grounding import GroundingRate
 from imcap.models.captioner import CHECKPOINT_KEY, Caption, build_captioner
+from imcap.models.ensemble import decoder_members
 from imcap.models.search import Decoding
 from imcap.training.losses import caption_cross_entropy, doubly_stochastic_penalty
 from imcap.training.scheduled_sampling import ScheduledSampling, scheduled_sampling_forward
@@ -126,27 +127,38 @@ class CaptionModule(pl.LightningModule):
         return self.captioner.encode(batch["images"])
 
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The training loss and its parts. An ensemble (`model.ensemble`) sums its members'
+        losses, so each member gets the gradient it would get alone; the parts are their means."""
         tokens = batch["tokens"]  # (B, L): <bos> w1 .. wn <eos> <pad>..
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         grid, pooled = self.features(batch)
         if self.training and self.feature_dropout > 0:  # the decoder cannot learn one image's exact grid
             grid = F.dropout(grid, self.feature_dropout)  # (B, N, C)
             pooled = F.dropout(pooled, self.feature_dropout)  # (B, C)
+        lengths = host_target_lengths(batch)  # (B,) no compute on padding, planned on the host
+        if lengths is None:
+            lengths = (targets != self.vocab.pad_id).sum(dim=1)
+        parts = [self.decoder_loss(member, grid, pooled, inputs, targets, lengths)
+                 for member in decoder_members(self.captioner.decoder)]
+        out = {name: torch.stack([p[name] for p in parts]).mean() for name in parts[0]}
+        out["loss"] = torch.stack([p["loss"] for p in parts]).sum()
+        return out
+
+    def decoder_loss(self, decoder: torch.nn.Module, grid: torch.Tensor, pooled: torch.Tensor,
+                     inputs: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cross-entropy (+ the attention regulariser) of one decoder on inputs/targets (B, T)."""
         probability = self.scheduled_sampling.probability(self.current_epoch) if self.training else 0.0
         if probability > 0:
-            logits, weights = scheduled_sampling_forward(self.captioner.decoder, grid, pooled, inputs, probability)
+            logits, weights = scheduled_sampling_forward(decoder, grid, pooled, inputs, probability)
         else:
-            lengths = host_target_lengths(batch)  # (B,) no compute on padding, planned on the host
-            if lengths is None:
-                lengths = (targets != self.vocab.pad_id).sum(dim=1)
-            logits, weights = self.captioner(grid, pooled, inputs, lengths)  # (B, T, V), (B, T, N)
+            logits, weights = decoder(grid, pooled, inputs, lengths)  # (B, T, V), (B, T, N)
         xe = caption_cross_entropy(logits, targets, self.vocab.pad_id, self.label_smoothing)
         out = {"loss": xe, "xe": xe}
         if weights is not None and self.attention_reg > 0:
             penalty = doubly_stochastic_penalty(weights, targets != self.vocab.pad_id)
             out["attention_reg"] = penalty
             out["loss"] = xe + self.attention_reg * penalty
-        beta = getattr(self.captioner.decoder, "last_beta", None)
+        beta = getattr(decoder, "last_beta", None)
         if beta is not None:  # adaptive attention: the sentinel's share per word, "how much not to look"
             valid = targets != self.vocab.pad_id
             out["beta"] = (beta * valid).sum() / valid.sum()  # the mean over words, without a boolean index (a sync)
@@ -254,8 +266,15 @@ class CaptionModule(pl.LightningModule):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-        else:
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        # each ensemble member's norm is clipped alone, as if it trained alone; then the rest
+        members = [{id(p) for p in m.parameters()} for m in decoder_members(self.captioner.decoder)]
+        if len(members) == 1:
+            members = []
+        for ids in members:
+            torch.nn.utils.clip_grad_norm_([p for p in params if id(p) in ids], gradient_clip_val)
+        in_members = set().union(*members)
+        torch.nn.utils.clip_grad_norm_([p for p in params if id(p) not in in_members], gradient_clip_val)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {

@@ -39,7 +39,8 @@ def test_a_round_trip_gives_the_same_weights_and_captions(captioner, images, tmp
     folder = captioner.save_pretrained(tmp_path / "shared", metrics={"test/BLEU-4": 0.25, "val/loss": 1.0})
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors", "vocab.json"]
     config = json.loads((folder / "config.json").read_text())
-    targets = [node["_target_"] for node in config["architecture"].values() if node.get("_target_")]
+    targets = [node["_target_"] for node in config["architecture"].values()
+               if isinstance(node, dict) and node.get("_target_")]
     assert targets and all(t in allowed_targets() for t in targets)
     assert "| test/BLEU-4 | 0.2500 |" in (folder / "README.md").read_text()
     assert len(load_file(folder / "model.safetensors")) > 0  # plain tensors, no pickle

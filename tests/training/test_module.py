@@ -210,13 +210,13 @@ def test_feature_dropout_drops_image_features_in_training_only(make_cfg, monkeyp
     dm, module = data_and_module(cfg)
     batch = next(iter(dm.train_dataloader()))
     seen = []
-    decoder_forward = type(module.captioner).forward
+    decoder_forward = type(module.captioner.decoder).forward
 
-    def record(captioner, grid, pooled, *args):
+    def record(decoder, grid, pooled, *args):
         seen.append((grid.detach().clone(), pooled.detach().clone()))
-        return decoder_forward(captioner, grid, pooled, *args)
+        return decoder_forward(decoder, grid, pooled, *args)
 
-    monkeypatch.setattr(type(module.captioner), "forward", record)
+    monkeypatch.setattr(type(module.captioner.decoder), "forward", record)
     clean_grid, clean_pooled = module.features(batch)
     module.train()
     module.loss(batch)
@@ -237,3 +237,58 @@ def test_feature_dropout_outside_0_to_1_names_the_option(make_cfg):
 
     with pytest.raises(ImcapError, match=r"model.feature_dropout=1.0; use a probability in \[0, 1\)"):
         data_and_module(make_cfg("model.feature_dropout=1.0"), setup=False)
+
+
+def test_an_ensemble_trains_each_member_on_its_own_loss(make_cfg, one_thread):
+    """model.ensemble=2: the loss is the sum of the members' losses, so each member gets the
+    gradient of its own loss alone (no parameter shared, no mixture trained), and the logged
+    parts are the members' means."""
+    from imcap.models.ensemble import decoder_members
+
+    dm, module = data_and_module(make_cfg("model.ensemble=2", "model.decoder.dropout=0.0"))
+    batch = next(iter(dm.train_dataloader()))
+    module.train()
+    losses = module.loss(batch)
+    losses["loss"].backward()
+    members = decoder_members(module.captioner.decoder)
+    assert len(members) == 2
+    together = [[p.grad.clone() for p in m.parameters() if p.requires_grad] for m in members]
+    tokens = batch["tokens"]
+    grid, pooled = module.features(batch)
+    lengths = (tokens[:, 1:] != module.vocab.pad_id).sum(dim=1)
+    alone = []
+    for member in members:
+        module.zero_grad()
+        parts = module.decoder_loss(member, grid, pooled, tokens[:, :-1], tokens[:, 1:], lengths)
+        parts["loss"].backward()
+        alone.append(parts)
+        for got, expected in zip(together[members.index(member)], [p.grad for p in member.parameters()
+                                                                   if p.requires_grad]):
+            torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(losses["loss"], alone[0]["loss"] + alone[1]["loss"])
+    torch.testing.assert_close(losses["xe"], (alone[0]["xe"] + alone[1]["xe"]) / 2)
+    assert alone[0]["xe"].item() != pytest.approx(alone[1]["xe"].item())  # two different initialisations
+
+
+def test_gradient_clipping_clips_each_ensemble_member_alone(make_cfg, one_thread):
+    """As if each member trained alone: every member's norm is at most gradient_clip_val, and
+    together they exceed it (one joint clip would shrink each member by the others' norm)."""
+    from imcap.models.ensemble import decoder_members
+
+    class MemberNorms(pl.Callback):
+        def __init__(self):
+            self.norms = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # clipped by then
+            self.norms.append([torch.linalg.vector_norm(torch.stack(
+                [p.grad.norm() for p in m.parameters() if p.grad is not None])).item()
+                for m in decoder_members(pl_module.captioner.decoder)])
+
+    dm, module = data_and_module(make_cfg("model.ensemble=3"), setup=False)
+    norms = MemberNorms()
+    trainer = pl.Trainer(max_steps=2, gradient_clip_val=1e-3, callbacks=[norms], logger=False, limit_val_batches=0,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=dm)
+    assert len(norms.norms) == 2
+    for step in norms.norms:
+        assert all(n == pytest.approx(1e-3, rel=1e-3) for n in step), step
