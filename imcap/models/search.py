@@ -151,6 +151,16 @@ def _block_repeated_trigrams(logp: torch.Tensor, history: torch.Tensor) -> None:
     logp.masked_fill_(repeats > 0, float("-inf"))
 
 
+def _unless_nothing_is_left(scores: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+    """`scores` (R, V) with repeated trigrams blocked, except in a row where that would block
+    every token: a single caption (greedy, sampling) has no other hypothesis to fall back on,
+    so it may repeat rather than emit an impossible token."""
+    blocked = scores.clone()
+    _block_repeated_trigrams(blocked, history)
+    nothing_left = torch.isneginf(blocked).all(dim=-1, keepdim=True)  # (R, 1)
+    return torch.where(nothing_left, scores, blocked)
+
+
 def _leaves(state: Any) -> list[torch.Tensor]:
     leaves: list[torch.Tensor] = []
     map_state(state, lambda x: leaves.append(x) or x)
@@ -297,10 +307,12 @@ def sample(
     min_length: int = 1,
     never: Sequence[int] = (),
     bad_endings: Sequence[int] = (),
+    block_trigrams: bool = False,
     check_every: int | None = None,
 ) -> SearchResult:
     """Ancestral sampling with temperature, top-k and nucleus (top-p) truncation, for the whole
     batch at once; temperature=0 takes the most probable token at every step (greedy search).
+    `block_trigrams` forbids a token that would repeat a trigram of the caption so far.
     Stops when every sequence has emitted <eos> or after `max_length` tokens; whether they all
     have is read back from the device every `check_every` steps only (`beam_search`), and the
     steps run past the end (<pad> only) are cut off.
@@ -323,9 +335,13 @@ def sample(
         logits, state, weights = decoder.step(state, prev)
         if temperature == 0:
             logp = constrain(torch.log_softmax(logits.float(), dim=-1), prev, t)  # (B, V)
+            if block_trigrams and tokens:
+                logp = _unless_nothing_is_left(logp, torch.stack(tokens, dim=1))
             token_logp, token = logp.max(dim=-1)
         else:
             logits = constrain(logits.float() / temperature, prev, t)
+            if block_trigrams and tokens:
+                logits = _unless_nothing_is_left(logits, torch.stack(tokens, dim=1))
             logp = torch.log_softmax(_truncate(logits, top_k, top_p), dim=-1)  # (B, V)
             token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
             token_logp = logp.gather(1, token.unsqueeze(1)).squeeze(1)
@@ -357,11 +373,13 @@ def greedy_search(
     min_length: int = 1,
     never: Sequence[int] = (),
     bad_endings: Sequence[int] = (),
+    block_trigrams: bool = False,
     check_every: int | None = None,
 ) -> SearchResult:
     """The most probable token at every step: `sample` at temperature 0."""
     return sample(decoder, grid, pooled, bos_id, eos_id, pad_id, max_length, temperature=0.0,
-                  min_length=min_length, never=never, bad_endings=bad_endings, check_every=check_every)
+                  min_length=min_length, never=never, bad_endings=bad_endings, block_trigrams=block_trigrams,
+                  check_every=check_every)
 
 
 def _truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -384,7 +402,8 @@ def generate(decoder: nn.Module, grid: torch.Tensor, pooled: torch.Tensor, vocab
     ids = (vocab.bos_id, vocab.eos_id, vocab.pad_id)
     rules = decoding_rules(vocab, decoding)
     if decoding.method == "greedy":
-        return greedy_search(decoder, grid, pooled, *ids, decoding.max_length, **rules)
+        return greedy_search(decoder, grid, pooled, *ids, decoding.max_length, block_trigrams=decoding.block_trigrams,
+                             **rules)
     if decoding.method == "beam":
         return beam_search(decoder, grid, pooled, *ids, decoding.beam_size, decoding.max_length,
                            length_penalty=decoding.length_penalty, block_trigrams=decoding.block_trigrams, **rules)

@@ -229,13 +229,15 @@ def test_min_length_forbids_early_end():
         assert row.index(EOS) == 3  # three words, then <eos>
 
 
-def test_trigram_blocking_leaves_no_repeated_trigram():
-    dec = decoder(vocab=6)
+@pytest.mark.parametrize("search,vocab", [(partial(beam_search, beam_size=3), 6), (greedy_search, 9)],
+                         ids=["beam", "greedy"])
+def test_trigram_blocking_leaves_no_repeated_trigram(search, vocab):
+    dec = decoder(vocab=vocab)
     with torch.no_grad():
         dec.output.bias[EOS] = -50.0  # never stop: repetition is then likely
     grid, pooled = features(4)
-    plain = beam_search(dec, grid, pooled, BOS, EOS, PAD, beam_size=3, max_length=15)
-    blocked = beam_search(dec, grid, pooled, BOS, EOS, PAD, beam_size=3, max_length=15, block_trigrams=True)
+    plain = search(dec, grid, pooled, BOS, EOS, PAD, max_length=15)
+    blocked = search(dec, grid, pooled, BOS, EOS, PAD, max_length=15, block_trigrams=True)
 
     def repeats(row):
         grams = [tuple(row[i : i + 3]) for i in range(len(row) - 2)]
@@ -243,6 +245,19 @@ def test_trigram_blocking_leaves_no_repeated_trigram():
 
     assert any(repeats(r) for r in plain.tokens.tolist())  # the check has something to catch
     assert not any(repeats(r) for r in blocked.tokens.tolist())
+    assert torch.isfinite(blocked.scores).all()
+
+
+def test_greedy_trigram_blocking_repeats_rather_than_break_when_nothing_else_is_left():
+    """Two words and no end (min_length = max_length): after a few steps every continuation
+    repeats a trigram. The caption then repeats one (a finite score, real words) instead of
+    emitting <pad>."""
+    dec = decoder(vocab=6)
+    grid, pooled = features(4)
+    result = greedy_search(dec, grid, pooled, BOS, EOS, PAD, max_length=15, min_length=15, never=(UNK,),
+                           block_trigrams=True)
+    assert torch.isfinite(result.scores).all()
+    assert set(result.tokens.unique().tolist()) <= {4, 5}
 
 
 def test_length_penalty_prefers_longer_captions():
