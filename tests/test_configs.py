@@ -86,6 +86,16 @@ def test_attention_and_embedding_take_the_decoders_width(make_cfg, overrides, wi
     assert make_cfg(*overrides, "model.attention.attention_dim=64", tiny=False).model.attention.attention_dim == 64
 
 
+@pytest.mark.parametrize("overrides,method,block_trigrams", [
+    (["data=flickr8k", "data.root=x"], "beam", True),  # the real-photo recipe
+    (["data=coco", "data.root=x"], "beam", True),
+    ([], "greedy", False),  # the shapes demo decodes as its figures were measured
+])
+def test_real_photos_decode_with_beam_search_and_trigram_blocking(make_cfg, overrides, method, block_trigrams):
+    decoding = make_cfg(*overrides, tiny=False).model.decoding
+    assert (decoding.method, decoding.block_trigrams) == (method, block_trigrams)
+
+
 def test_eval_and_caption_configs_compose(make_cfg):
     ev = make_cfg("ckpt_path=x.ckpt", name="eval")
     assert ev.get("data") is None and ev.split == "test"

@@ -40,7 +40,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                  ["model/embedding=glove", "model.label_smoothing=0.1", "model.decoder.hidden_dim=512"]),
 }
 # decoding-only variants: the default recipe's checkpoints, evaluated again (python -m imcap.eval)
-DECODING = {"greedy": ("default recipe, greedy decoding at test", ["decoding.method=greedy"])}
+DECODING = {"greedy": ("default recipe, greedy decoding at test", ["decoding.method=greedy"]),
+            "no_trigram_blocking": ("default recipe, decoded without trigram blocking (the previous decoding)",
+                                    ["decoding.block_trigrams=false"])}
 
 
 def run_dir(out: Path, variant: str, split: int, seed: int) -> Path:
