@@ -5,6 +5,10 @@ was trained on; decodes the split as the checkpoint was trained to (greedy or be
 `decoding.*` overrides change that) and reports the coco-caption metrics in `metrics`. Writes
 metrics.json and predictions/<split>.json into its own run directory. With the same decoding,
 the metrics equal the ones the training run reported for the same checkpoint.
+
+`ckpt_path=[a.ckpt,b.ckpt,...]` evaluates the ensemble of separately trained checkpoints (e.g.
+other seeds of one recipe): their decoders' word probabilities are averaged at every step
+(`imcap.models.ensemble`). They must share the vocabulary and the encoder.
 """
 
 from __future__ import annotations
@@ -21,7 +25,13 @@ from imcap.ddp import ddp_job
 from imcap.entry import hydra_entry
 from imcap.errors import ImcapError
 from imcap.files import write_json
-from imcap.models.captioner import CHECKPOINT_KEY, load_checkpoint, load_state
+from imcap.models.captioner import (
+    CHECKPOINT_KEY,
+    checkpoint_list,
+    join_ensemble,
+    load_checkpoint,
+    load_state,
+)
 from imcap.runtime import build_trainer, scalar_metrics
 from imcap.training.module import CaptionModule
 from imcap.viz.gallery import write_gallery
@@ -32,11 +42,12 @@ log = logging.getLogger("imcap.eval")
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.split not in ("val", "test"):
         raise ImcapError(f"split={cfg.split!r}; choose val or test")
-    checkpoint = load_checkpoint(cfg.ckpt_path)
+    first, *others = checkpoint_list(cfg.ckpt_path)  # several: their ensemble
+    checkpoint = load_checkpoint(first)
     meta = checkpoint[CHECKPOINT_KEY]
     data_cfg = cfg.data if cfg.get("data") else OmegaConf.create(meta["data"])
     if not data_cfg:
-        raise ImcapError(f"checkpoint {cfg.ckpt_path} stores no data config; pass data=NAME")
+        raise ImcapError(f"checkpoint {first} stores no data config; pass data=NAME")
     run_dir = Path(cfg.paths.output_dir)
 
     datamodule = instantiate(data_cfg)
@@ -53,7 +64,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         eval_prefix=cfg.split,
         test_metrics=list(cfg.metrics),
     )
-    load_state(module, checkpoint["state_dict"], cfg.ckpt_path)
+    load_state(module, checkpoint["state_dict"], first)
+    if others:
+        join_ensemble(module.captioner, others, first)
+        log.info("Evaluating the ensemble of %d checkpoints (%d decoders)", 1 + len(others),
+                 len(module.captioner.decoder.members))
     datamodule.attach_encoder(module.captioner.encoder)
     datamodule.eval_split = cfg.split
 
@@ -67,7 +82,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     write_json(run_dir / "predictions" / f"{cfg.split}.json", module.predictions)
     if cfg.get("gallery"):
         gallery = write_gallery(datamodule.records[cfg.split], module.predictions[: cfg.gallery],
-                                run_dir / "gallery.html", title=f"{cfg.ckpt_path} — {cfg.split}")
+                                run_dir / "gallery.html", title=f"{' + '.join([first, *others])} — {cfg.split}")
         log.info("Gallery of %d images: %s", min(cfg.gallery, len(module.predictions)), gallery)
     for name, value in metrics.items():
         log.info("%s = %.4f", name, value)

@@ -47,6 +47,16 @@ def test_captioner_loads_without_lightning_and_captions_files(trained, make_cfg,
 
 
 @pytest.mark.slow
+def test_a_list_of_checkpoints_captions_as_their_ensemble(trained_run, tmp_path):
+    from imcap.models.ensemble import DecoderEnsemble
+
+    best = trained_run / "checkpoints" / "best.ckpt"
+    alone, both = Captioner.load(best), Captioner.load([str(best), str(best)])
+    assert isinstance(both.decoder, DecoderEnsemble) and len(both.decoder.members) == 2
+    images = [Image.new("RGB", (64, 64), c) for c in ((200, 30, 30), (30, 30, 200))]
+    assert [c.text for c in both.caption(images)] == [c.text for c in alone.caption(images)]
+
+
 def test_unreadable_image_names_the_file(tmp_path):
     # a foreign checkpoint is refused before images are read
     import torch

@@ -75,3 +75,30 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
     result = module("eval", f"ckpt_path={tmp_path}/broken.ckpt", cwd=tmp_path)
     assert result.returncode == 2
     assert_one_line_error(result, "broken.ckpt is corrupt")
+
+
+def test_a_list_of_checkpoints_is_evaluated_as_their_ensemble(trained, tmp_path):
+    """A new process in another folder, as a user ensembles runs: the ensemble of a checkpoint
+    with itself decodes exactly what the checkpoint alone does (the mean of equal word
+    distributions is that distribution), so the plumbing adds nothing of its own."""
+    out, _ = trained
+    best = out / "checkpoints" / "best.ckpt"
+    result = module("eval", f"ckpt_path=[{best},{best}]", "metrics=[BLEU,CIDEr-D]", "hydra.run.dir=ens", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Evaluating the ensemble of 2 checkpoints (2 decoders)" in result.stderr + result.stdout
+    assert json.loads((tmp_path / "ens" / "predictions" / "test.json").read_text()) == json.loads(
+        (out / "predictions" / "test.json").read_text())
+
+
+def test_ensembling_a_checkpoint_with_another_vocabulary_is_a_one_line_error(trained, tmp_path):
+    import torch
+
+    out, _ = trained
+    best = out / "checkpoints" / "best.ckpt"
+    checkpoint = torch.load(best, weights_only=True)
+    vocab = checkpoint["imcap"]["vocab"]
+    vocab[-1], vocab[-2] = vocab[-2], vocab[-1]  # the same words, other ids: its probabilities mean other words
+    torch.save(checkpoint, tmp_path / "other.ckpt")
+    result = module("eval", f"ckpt_path=[{best},{tmp_path}/other.ckpt]", cwd=tmp_path)
+    assert result.returncode == 2
+    assert_one_line_error(result, "other.ckpt has another vocabulary than", "same captions")

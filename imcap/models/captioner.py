@@ -25,7 +25,7 @@ from imcap.data.images import load_image
 from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
 from imcap.models.decoder import require_attention
-from imcap.models.ensemble import DecoderEnsemble, ensemble_size
+from imcap.models.ensemble import DecoderEnsemble, decoder_members, ensemble_size
 from imcap.models.search import Decoding, SearchResult, generate
 from imcap.stored_config import check_stored_config
 
@@ -206,11 +206,53 @@ class Captioner(nn.Module):
         return load_pretrained(source, map_location, revision)
 
     @classmethod
-    def load(cls, source: str | Path, map_location: str = "cpu") -> Captioner:
-        """From a training checkpoint (a file), or a pretrained folder or Hub repo id."""
+    def load(cls, source: str | Path | Sequence[str | Path], map_location: str = "cpu") -> Captioner:
+        """From a training checkpoint (a file), or a pretrained folder or Hub repo id; from a
+        list of training checkpoints, their ensemble (`join_ensemble`)."""
+        if not isinstance(source, (str, Path)):
+            first, *others = checkpoint_list(source)
+            return join_ensemble(cls.from_checkpoint(first, map_location), others, first, map_location)
         if Path(source).is_file() or Path(source).suffix == ".ckpt":
             return cls.from_checkpoint(source, map_location)
         return cls.from_pretrained(source, str(map_location))
+
+
+def checkpoint_list(value: Any) -> list[str]:
+    """`ckpt_path` as given (one path, or a list for an ensemble) -> a list of paths."""
+    if isinstance(value, (str, Path)):
+        return [str(value)]
+    paths = [str(v) for v in value]
+    if not paths:
+        raise ImcapError("ckpt_path=[] names no checkpoint; pass one, or a list of checkpoints to ensemble")
+    return paths
+
+
+def join_ensemble(captioner: Captioner, paths: Sequence[str | Path], first: str | Path,
+                  map_location: str | torch.device = "cpu") -> Captioner:
+    """Make `captioner` (built from checkpoint `first`) decode as one ensemble with the decoders
+    of the checkpoints at `paths`: separately trained models, e.g. other seeds, whose word
+    probabilities are averaged at every step. They must share its vocabulary (the same training
+    captions and data.min_freq) and its image features (encoder and image size)."""
+    members = decoder_members(captioner.decoder)
+    for path in paths:
+        checkpoint = load_checkpoint(path, map_location)
+        meta = checkpoint[CHECKPOINT_KEY]
+        if list(meta["vocab"]) != list(captioner.vocab.itos):
+            raise ImcapError(f"checkpoint {path} has another vocabulary than {first}; an ensemble averages word "
+                             "probabilities, so its models must be trained on the same captions (data, split and "
+                             "data.min_freq)")
+        if meta["architecture"].get("encoder") != captioner.architecture.get("encoder") \
+                or meta["image_size"] != captioner.image_size:
+            raise ImcapError(f"checkpoint {path} encodes images differently from {first} (encoder or image size); "
+                             "an ensemble decodes one set of image features: use checkpoints of the same encoder")
+        decoder = build_decoder(copy.deepcopy(meta["architecture"]), captioner.vocab, captioner.encoder.out_channels,
+                                pretrained=False)
+        prefix = "captioner.decoder."
+        load_state(decoder, {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)},
+                   path)
+        members += decoder_members(decoder)
+    captioner.decoder = DecoderEnsemble(members).to(next(captioner.parameters()).device).eval()
+    return captioner
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
