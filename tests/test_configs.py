@@ -96,6 +96,21 @@ def test_real_photos_decode_with_beam_search_and_trigram_blocking(make_cfg, over
     assert (decoding.method, decoding.block_trigrams) == (method, block_trigrams)
 
 
+@pytest.mark.parametrize("overrides,attention", [
+    (["data=flickr8k", "data.root=x"], "AdaptiveAttention"),  # the real-photo recipe
+    (["data=custom", "data.root=x"], "AdaptiveAttention"),
+    ([], "AdditiveAttention"),  # the demo keeps the attention its figures were measured with
+    (["data=flickr8k", "data.root=x", "model/attention=additive"], "AdditiveAttention"),
+    (["data=flickr8k", "data.root=x", "model/decoder=topdown"], "AdaptiveAttention"),
+    # adaptive needs an LSTM: the transformer brings its own default, and an explicit choice wins
+    (["data=flickr8k", "data.root=x", "model/decoder=transformer"], "MultiHeadAttention"),
+    (["data=flickr8k", "data.root=x", "model/decoder=transformer", "model/attention=scaled_dot"],
+     "ScaledDotAttention"),
+])
+def test_the_attention_default_comes_with_the_data_and_the_decoder(make_cfg, overrides, attention):
+    assert make_cfg(*overrides, tiny=False).model.attention._target_ == f"imcap.models.attention.{attention}"
+
+
 def test_eval_and_caption_configs_compose(make_cfg):
     ev = make_cfg("ckpt_path=x.ckpt", name="eval")
     assert ev.get("data") is None and ev.split == "test"
