@@ -30,15 +30,25 @@ METRICS = ("test/BLEU-4", "test/METEOR", "test/ROUGE-L", "test/CIDEr-D")
 # itself: no overrides, as a user runs it.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "default": ("the default recipe", []),
-    "width_512": ("LSTM, attention and word embedding 512 wide (the previous default)", ["model.decoder.hidden_dim=512"]),
-    "mobilenet_v2": ("MobileNetV2 features instead of EfficientNet-Lite0, at width 512",
-                     ["model/encoder=mobilenet_v2", "model.decoder.hidden_dim=512"]),
+    "soft_attention": ("Show-Attend-Tell's soft attention instead of adaptive attention (the previous default)",
+                       ["model/attention=additive"]),
+}
+# rows measured before the recipe took adaptive attention and trigram blocking: their overrides
+# pin what they were measured with, so a rerun reproduces them
+BEFORE = ["model/attention=additive", "model.decoding.block_trigrams=false"]
+VARIANTS.update({
+    "width_512": ("soft attention, no trigram blocking, LSTM, attention and word embedding 512 wide",
+                  ["model.decoder.hidden_dim=512", *BEFORE]),
+    "width_256": ("soft attention, no trigram blocking, width 256 (the default before this revision)", BEFORE),
+    "mobilenet_v2": ("MobileNetV2 features instead of EfficientNet-Lite0, at width 512, soft attention",
+                     ["model/encoder=mobilenet_v2", "model.decoder.hidden_dim=512", *BEFORE]),
     "previous_defaults": ("imcap's defaults before this recipe: MobileNetV2, greedy, cross-entropy, 10 epochs, width 512",
                           ["model/encoder=mobilenet_v2", "model.decoding.method=greedy",
-                           "model.scst.start_epoch=null", "trainer.max_epochs=10", "model.decoder.hidden_dim=512"]),
-    "glove_ls": ("GloVe 6B-50d word vectors (frozen) and label smoothing 0.1, at width 512",
-                 ["model/embedding=glove", "model.label_smoothing=0.1", "model.decoder.hidden_dim=512"]),
-}
+                           "model.scst.start_epoch=null", "trainer.max_epochs=10", "model.decoder.hidden_dim=512",
+                           *BEFORE]),
+    "glove_ls": ("GloVe 6B-50d word vectors (frozen) and label smoothing 0.1, at width 512, soft attention",
+                 ["model/embedding=glove", "model.label_smoothing=0.1", "model.decoder.hidden_dim=512", *BEFORE]),
+})
 # decoding-only variants: the default recipe's checkpoints, evaluated again (python -m imcap.eval)
 DECODING = {"greedy": ("default recipe, greedy decoding at test", ["decoding.method=greedy"]),
             "no_trigram_blocking": ("default recipe, decoded without trigram blocking (the previous decoding)",
@@ -108,6 +118,36 @@ def evaluate_again(name: str, overrides: list[str], args: argparse.Namespace) ->
     return results
 
 
+SEED_ENSEMBLE = ("seed_ensemble", "the default recipe's best checkpoints of all seeds of a split, decoded as one "
+                 "ensemble (`python -m imcap.eval 'ckpt_path=[...]'`)")
+
+
+def evaluate_seed_ensembles(args: argparse.Namespace) -> list[dict]:
+    """Per image split, the ensemble of the default recipe's runs of every seed: one row per split."""
+    name, results = SEED_ENSEMBLE[0], []
+    runs: dict[int, list[Path]] = {}
+    for folder in sorted((args.out / "default").glob("split*-seed*")):
+        if (folder / "result.json").is_file():
+            runs.setdefault(json.loads((folder / "result.json").read_text(encoding="utf-8"))["split"], []).append(folder)
+    for split, folders in sorted(runs.items()):
+        again = args.out / name / f"split{split}"
+        if len(folders) < 2:
+            continue
+        if not (again / "result.json").is_file():
+            checkpoints = ",".join(str(f / "checkpoints" / "best.ckpt") for f in folders)
+            subprocess.run([sys.executable, "-m", "imcap.eval", f"ckpt_path=[{checkpoints}]", f"hydra.run.dir={again}"],
+                           check=True, capture_output=True, env={**os.environ, "IMCAP_DATA_DIR": str(args.data_dir)})
+            metrics = json.loads((again / "metrics.json").read_text(encoding="utf-8"))
+            predictions = json.loads((again / "predictions" / "test.json").read_text(encoding="utf-8"))
+            seeds = [json.loads((f / "result.json").read_text(encoding="utf-8")) for f in folders]
+            result = {"variant": name, "overrides": [], "split": split, "seed": "+".join(str(r["seed"]) for r in seeds),
+                      "wall_s": round(sum(r["wall_s"] for r in seeds), 1), **{k: metrics.get(k) for k in METRICS},
+                      **caption_stats(predictions)}
+            (again / "result.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+        results.append(json.loads((again / "result.json").read_text(encoding="utf-8")))
+    return results
+
+
 def mean_std(values: list[float], digits: int = 3) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -118,7 +158,7 @@ def mean_std(values: list[float], digits: int = 3) -> str:
 
 
 def report(out: Path, tag: str) -> None:
-    order = [*VARIANTS, *DECODING]
+    order = [*VARIANTS, *DECODING, SEED_ENSEMBLE[0]]
     results = sorted((json.loads(p.read_text(encoding="utf-8")) for p in out.glob("*/*/result.json")),
                      key=lambda r: (order.index(r["variant"]) if r["variant"] in order else len(order),
                                     r["variant"], r["split"], r["seed"]))
@@ -128,7 +168,7 @@ def report(out: Path, tag: str) -> None:
     by_variant: dict[str, list[dict]] = {}
     for r in results:
         by_variant.setdefault(r["variant"], []).append(r)
-    described = {**VARIANTS, **DECODING}
+    described = {**VARIANTS, **DECODING, SEED_ENSEMBLE[0]: SEED_ENSEMBLE[1:]}
     for variant, runs in by_variant.items():
         splits, seeds = sorted({r["split"] for r in runs}), sorted({r["seed"] for r in runs})
         rows.append(
@@ -168,6 +208,7 @@ def main() -> None:
                     print(json.dumps(result), flush=True)
         for name, (_, overrides) in DECODING.items():
             evaluate_again(name, overrides, args)
+        evaluate_seed_ensembles(args)
     report(args.out, args.tag)
 
 
