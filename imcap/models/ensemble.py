@@ -7,7 +7,9 @@ the gradient it would get alone). Search and the teacher-forced path see one dec
 members' word distributions are averaged, probabilities not logits, and their attention maps
 are averaged for the figures. Averaging independently initialised captioners is the usual
 ensemble of the captioning literature (Vinyals et al. 2015; ImageCaptioning.pytorch's
-`eval_ensemble`); here it is one model, one checkpoint, one command.
+`eval_ensemble`); here it is one model, one checkpoint, one command. Separately trained
+checkpoints are joined the same way at evaluation (`imcap.models.captioner.join_ensemble`:
+`imcap.eval` and `imcap.caption` with a list of checkpoints).
 """
 
 from __future__ import annotations

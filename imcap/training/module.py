@@ -140,6 +140,8 @@ class CaptionModule(pl.LightningModule):
             lengths = (targets != self.vocab.pad_id).sum(dim=1)
         parts = [self.decoder_loss(member, grid, pooled, inputs, targets, lengths)
                  for member in decoder_members(self.captioner.decoder)]
+        if len(parts) == 1:
+            return parts[0]
         out = {name: torch.stack([p[name] for p in parts]).mean() for name in parts[0]}
         out["loss"] = torch.stack([p["loss"] for p in parts]).sum()
         return out
