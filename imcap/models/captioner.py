@@ -184,9 +184,7 @@ class Captioner(nn.Module):
         meta = checkpoint[CHECKPOINT_KEY]
         captioner = build_captioner(meta["architecture"], Vocabulary(meta["vocab"]),
                                     meta["image_size"], pretrained=False)
-        prefix = "captioner."
-        state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-        load_state(captioner, state, path)
+        load_state(captioner, weights_under(checkpoint, "captioner."), path)
         captioner.decoding = Decoding(**meta.get("decoding", {}))
         return captioner.eval()
 
@@ -247,12 +245,16 @@ def join_ensemble(captioner: Captioner, paths: Sequence[str | Path], first: str 
                              "an ensemble decodes one set of image features: use checkpoints of the same encoder")
         decoder = build_decoder(copy.deepcopy(meta["architecture"]), captioner.vocab, captioner.encoder.out_channels,
                                 pretrained=False)
-        prefix = "captioner.decoder."
-        load_state(decoder, {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)},
-                   path)
+        load_state(decoder, weights_under(checkpoint, "captioner.decoder."), path)
         members += decoder_members(decoder)
     captioner.decoder = DecoderEnsemble(members).to(next(captioner.parameters()).device).eval()
     return captioner
+
+
+def weights_under(checkpoint: Mapping[str, Any], prefix: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights of the module at `prefix` ("captioner.", "captioner.decoder."),
+    keyed as that module names them."""
+    return {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

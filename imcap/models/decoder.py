@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -24,7 +25,7 @@ import torch
 from imcap import registry
 from imcap.errors import ImcapError
 from imcap.models.attention import NO_ATTENTION, attention_name
-from imcap.models.packing import Packing, first_rows, pack, stack_steps
+from imcap.models.packing import Packing, first_rows, map_state, pack, stack_steps
 
 
 @runtime_checkable
@@ -54,6 +55,15 @@ class AttentionSupport:
 
     none: bool  # it works without attention (model/attention=none)
     sentinel: bool  # it can produce the visual sentinel an attention with `needs_sentinel` mixes in
+
+
+def expand_for_beams(decoder: Any, state: Any, beams: int) -> Any:
+    """`state` with `beams` rows per image, image by image (beam search): the decoder's own
+    `expand_state` where it has one (it may keep per-image leaves unexpanded), else every leaf's
+    rows repeated."""
+    if hasattr(decoder, "expand_state"):
+        return decoder.expand_state(state, beams)
+    return map_state(state, partial(torch.repeat_interleave, repeats=beams, dim=0))
 
 
 def accepts(decoder: type, attention: object) -> bool:

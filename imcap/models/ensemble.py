@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
 from imcap.errors import ImcapError
-from imcap.models.packing import map_state
+from imcap.models.decoder import expand_for_beams
+from imcap.models.packing import valid_mask
 
 
 def _mean_maps(maps: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
@@ -57,23 +57,17 @@ class DecoderEnsemble(nn.Module):
         return _mixture(logits), tuple(states), _mean_maps(maps)  # (B, V), state, (B, N) or None
 
     def expand_state(self, state: tuple, beams: int) -> tuple:
-        """Each member's state with `beams` rows per image (its own `expand_state` if it has one)."""
-        out = []
-        for member, member_state in zip(self.members, state):
-            if hasattr(member, "expand_state"):
-                out.append(member.expand_state(member_state, beams))
-            else:
-                out.append(map_state(member_state, partial(torch.repeat_interleave, repeats=beams, dim=0)))
-        return tuple(out)
+        """Each member's state with `beams` rows per image, as search expands that member's."""
+        return tuple(expand_for_beams(m, s, beams) for m, s in zip(self.members, state))
 
     def forward(self, grid: torch.Tensor, pooled: torch.Tensor, tokens: torch.Tensor,
                 lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The mixture, teacher-forced: log-probabilities (B, T, V) and mean weights (B, T, N)."""
         logits, maps = zip(*(m(grid, pooled, tokens, lengths) for m in self.members))
         mixed = _mixture(logits)
-        if lengths is not None:  # the contract's zeros past each row's end (the mixture of zeros is not)
-            steps = torch.arange(tokens.shape[1], device=mixed.device)
-            mixed = mixed.masked_fill((steps >= lengths.to(mixed.device).unsqueeze(1)).unsqueeze(-1), 0.0)
+        valid = valid_mask(lengths, tokens.shape[1])  # (B, T) or None: every position is valid
+        if valid is not None:  # the contract's zeros past each row's end (the mixture of zeros is not)
+            mixed = mixed.masked_fill(~valid.to(mixed.device).unsqueeze(-1), 0.0)
         return mixed, _mean_maps(maps)
 
     def compile_steps(self, **options: Any) -> None:

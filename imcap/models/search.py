@@ -22,6 +22,7 @@ from torch import nn
 
 from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
+from imcap.models.decoder import expand_for_beams
 from imcap.models.packing import map_state
 
 # Words a caption may not end on: ImageCaptioning.pytorch's remove_bad_endings list (articles,
@@ -213,10 +214,7 @@ def beam_search(
     logits, state, weights = decoder.step(state, torch.full((B,), bos_id, dtype=torch.long, device=device))
     logits = logits.index_select(0, expand)
     weights = weights.index_select(0, expand) if weights is not None else None
-    if hasattr(decoder, "expand_state"):  # a decoder may keep per-image leaves unexpanded
-        state = decoder.expand_state(state, K)
-    else:
-        state = map_state(state, partial(torch.index_select, dim=0, index=expand))
+    state = expand_for_beams(decoder, state, K)  # a decoder may keep per-image leaves unexpanded
     # the same for an image's beams while passed through (values keep them alive: ids stay unique)
     shared = {id(x): x for x in _leaves(state)}
     scores = torch.full((B, K), float("-inf"), device=device)

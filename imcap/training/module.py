@@ -269,13 +269,16 @@ class CaptionModule(pl.LightningModule):
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
             return
-        # each ensemble member's norm is clipped alone, as if it trained alone; then the rest
-        members = [{id(p) for p in m.parameters()} for m in decoder_members(self.captioner.decoder)]
+        members = decoder_members(self.captioner.decoder)
         if len(members) == 1:
-            members = []
-        for ids in members:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        # each ensemble member's norm is clipped alone, as if it trained alone; then the rest
+        in_members: set[int] = set()
+        for member in members:
+            ids = {id(p) for p in member.parameters()}
+            in_members |= ids
             torch.nn.utils.clip_grad_norm_([p for p in params if id(p) in ids], gradient_clip_val)
-        in_members = set().union(*members)
         torch.nn.utils.clip_grad_norm_([p for p in params if id(p) not in in_members], gradient_clip_val)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
