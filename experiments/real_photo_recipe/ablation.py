@@ -97,6 +97,18 @@ def train_one(variant: str, overrides: list[str], split: int, seed: int, args: a
     return result
 
 
+def read_json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def evaluate(ckpt_path: str, overrides: list[str], folder: Path, args: argparse.Namespace) -> dict:
+    """`python -m imcap.eval` of `ckpt_path` into `folder`: its test metrics and caption stats."""
+    subprocess.run([sys.executable, "-m", "imcap.eval", f"ckpt_path={ckpt_path}", *overrides, f"hydra.run.dir={folder}"],
+                   check=True, capture_output=True, env={**os.environ, "IMCAP_DATA_DIR": str(args.data_dir)})
+    metrics = read_json(folder / "metrics.json")
+    return {**{k: metrics.get(k) for k in METRICS}, **caption_stats(read_json(folder / "predictions" / "test.json"))}
+
+
 def evaluate_again(name: str, overrides: list[str], args: argparse.Namespace) -> list[dict]:
     """The default recipe's best checkpoints decoded with `overrides`: a row without training."""
     results = []
@@ -106,15 +118,10 @@ def evaluate_again(name: str, overrides: list[str], args: argparse.Namespace) ->
         if not base.is_file():
             continue
         if not (again / "result.json").is_file():
-            subprocess.run([sys.executable, "-m", "imcap.eval", f"ckpt_path={folder}/checkpoints/best.ckpt",
-                            *overrides, f"hydra.run.dir={again}"], check=True, capture_output=True,
-                           env={**os.environ, "IMCAP_DATA_DIR": str(args.data_dir)})
-            metrics = json.loads((again / "metrics.json").read_text(encoding="utf-8"))
-            predictions = json.loads((again / "predictions" / "test.json").read_text(encoding="utf-8"))
-            source = json.loads(base.read_text(encoding="utf-8"))
-            result = {**source, "variant": name, **{k: metrics.get(k) for k in METRICS}, **caption_stats(predictions)}
+            scores = evaluate(f"{folder}/checkpoints/best.ckpt", overrides, again, args)
+            result = {**read_json(base), "variant": name, **scores}
             (again / "result.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
-        results.append(json.loads((again / "result.json").read_text(encoding="utf-8")))
+        results.append(read_json(again / "result.json"))
     return results
 
 
@@ -128,23 +135,19 @@ def evaluate_seed_ensembles(args: argparse.Namespace) -> list[dict]:
     runs: dict[int, list[Path]] = {}
     for folder in sorted((args.out / "default").glob("split*-seed*")):
         if (folder / "result.json").is_file():
-            runs.setdefault(json.loads((folder / "result.json").read_text(encoding="utf-8"))["split"], []).append(folder)
+            runs.setdefault(read_json(folder / "result.json")["split"], []).append(folder)
     for split, folders in sorted(runs.items()):
         again = args.out / name / f"split{split}"
         if len(folders) < 2:
             continue
         if not (again / "result.json").is_file():
             checkpoints = ",".join(str(f / "checkpoints" / "best.ckpt") for f in folders)
-            subprocess.run([sys.executable, "-m", "imcap.eval", f"ckpt_path=[{checkpoints}]", f"hydra.run.dir={again}"],
-                           check=True, capture_output=True, env={**os.environ, "IMCAP_DATA_DIR": str(args.data_dir)})
-            metrics = json.loads((again / "metrics.json").read_text(encoding="utf-8"))
-            predictions = json.loads((again / "predictions" / "test.json").read_text(encoding="utf-8"))
-            seeds = [json.loads((f / "result.json").read_text(encoding="utf-8")) for f in folders]
+            scores = evaluate(f"[{checkpoints}]", [], again, args)
+            seeds = [read_json(f / "result.json") for f in folders]
             result = {"variant": name, "overrides": [], "split": split, "seed": "+".join(str(r["seed"]) for r in seeds),
-                      "wall_s": round(sum(r["wall_s"] for r in seeds), 1), **{k: metrics.get(k) for k in METRICS},
-                      **caption_stats(predictions)}
+                      "wall_s": round(sum(r["wall_s"] for r in seeds), 1), **scores}
             (again / "result.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
-        results.append(json.loads((again / "result.json").read_text(encoding="utf-8")))
+        results.append(read_json(again / "result.json"))
     return results
 
 
