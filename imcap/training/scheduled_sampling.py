@@ -42,10 +42,12 @@ def scheduled_sampling_forward(
     `probability`, a word sampled from the model's previous output distribution.
 
     tokens: (B, T) inputs starting with <bos> -> logits (B, T, V), weights (B, T, N) or None.
+    Like the teacher-forced forward, it leaves beta (B, T) (adaptive attention) or None in
+    `decoder.last_beta`: a stale one from another batch is another length.
     """
     state = decoder.init_state(grid, pooled)
     prev = tokens[:, 0]
-    all_logits, all_weights = [], []
+    all_logits, all_weights, all_beta = [], [], []
     for t in range(tokens.shape[1]):
         if t > 0:
             use_model = torch.rand(tokens.shape[0], device=tokens.device) < probability
@@ -57,5 +59,8 @@ def scheduled_sampling_forward(
         logits, state, weights = decoder.step(state, prev)
         all_logits.append(logits)
         all_weights.append(weights)
+        all_beta.append(getattr(state, "beta", None))  # (B,) or None
     stacked = torch.stack(all_weights, 1) if all_weights[0] is not None else None
+    if hasattr(decoder, "last_beta"):
+        decoder.last_beta = torch.stack(all_beta, 1).detach() if all_beta[0] is not None else None
     return torch.stack(all_logits, 1), stacked

@@ -30,3 +30,23 @@ def test_zero_probability_is_teacher_forcing_and_one_feeds_the_model(pair):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mixed[:, 0], expected[:, 0], rtol=1e-5, atol=1e-5)  # the first input is <bos>
     assert not torch.allclose(mixed[:, 1:], expected[:, 1:])  # later inputs came from the model
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_it_leaves_this_batchs_sentinel_share_as_teacher_forcing_does(pair):
+    # the training loss logs decoder.last_beta against this batch's words: a stale one from a
+    # longer teacher-forced batch crashed adaptive attention at the first scheduled epoch
+    dec = make_decoder(*pair)
+    grid, pooled, tokens = inputs()
+    with torch.no_grad():
+        dec(grid, pooled, tokens)  # a teacher-forced batch of length T
+        short = tokens[:, :-2]
+        dec(grid, pooled, short)
+        expected = getattr(dec, "last_beta", None)
+        dec(grid, pooled, tokens)
+        scheduled_sampling_forward(dec, grid, pooled, short, 0.0)
+    got = getattr(dec, "last_beta", None)
+    assert (got is None) == (expected is None) == (pair[1] != "adaptive")
+    if expected is not None:
+        assert got.shape == short.shape
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
