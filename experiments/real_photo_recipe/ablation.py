@@ -49,10 +49,13 @@ VARIANTS.update({
     "glove_ls": ("GloVe 6B-50d word vectors (frozen) and label smoothing 0.1, at width 512, soft attention",
                  ["model/embedding=glove", "model.label_smoothing=0.1", "model.decoder.hidden_dim=512", *BEFORE]),
 })
-# decoding-only variants: the default recipe's checkpoints, evaluated again (python -m imcap.eval)
+# variants without training: the default recipe's runs, evaluated again (python -m imcap.eval) with
+# other decoding options, or their other checkpoint (the last epoch instead of the best on validation)
 DECODING = {"greedy": ("default recipe, greedy decoding at test", ["decoding.method=greedy"]),
             "no_trigram_blocking": ("default recipe, decoded without trigram blocking (the previous decoding)",
-                                    ["decoding.block_trigrams=false"])}
+                                    ["decoding.block_trigrams=false"]),
+            "last_epoch": ("default recipe, the last epoch's checkpoint instead of the best on validation", [])}
+CHECKPOINT = {"last_epoch": "last.ckpt"}  # which checkpoint of a run a row evaluates; best.ckpt otherwise
 
 
 def run_dir(out: Path, variant: str, split: int, seed: int) -> Path:
@@ -110,7 +113,8 @@ def evaluate(ckpt_path: str, overrides: list[str], folder: Path, args: argparse.
 
 
 def evaluate_again(name: str, overrides: list[str], args: argparse.Namespace) -> list[dict]:
-    """The default recipe's best checkpoints decoded with `overrides`: a row without training."""
+    """The default recipe's checkpoints (best.ckpt, or CHECKPOINT[name]) decoded with `overrides`:
+    a row without training."""
     results = []
     for folder in sorted((args.out / "default").glob("split*-seed*")):
         base = folder / "result.json"
@@ -118,20 +122,24 @@ def evaluate_again(name: str, overrides: list[str], args: argparse.Namespace) ->
         if not base.is_file():
             continue
         if not (again / "result.json").is_file():
-            scores = evaluate(f"{folder}/checkpoints/best.ckpt", overrides, again, args)
+            scores = evaluate(f"{folder}/checkpoints/{CHECKPOINT.get(name, 'best.ckpt')}", overrides, again, args)
             result = {**read_json(base), "variant": name, **scores}
             (again / "result.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
         results.append(read_json(again / "result.json"))
     return results
 
 
-SEED_ENSEMBLE = ("seed_ensemble", "the default recipe's best checkpoints of all seeds of a split, decoded as one "
-                 "ensemble (`python -m imcap.eval 'ckpt_path=[...]'`)")
+# name -> (what it is, which checkpoint of each run)
+SEED_ENSEMBLES = {
+    "seed_ensemble": ("the default recipe's best checkpoints of all seeds of a split, decoded as one ensemble "
+                      "(`python -m imcap.eval 'ckpt_path=[...]'`)", "best.ckpt"),
+    "seed_ensemble_last": ("the same with each seed's last-epoch checkpoint", "last.ckpt"),
+}
 
 
-def evaluate_seed_ensembles(args: argparse.Namespace) -> list[dict]:
+def evaluate_seed_ensembles(name: str, args: argparse.Namespace) -> list[dict]:
     """Per image split, the ensemble of the default recipe's runs of every seed: one row per split."""
-    name, results = SEED_ENSEMBLE[0], []
+    checkpoint, results = SEED_ENSEMBLES[name][1], []
     runs: dict[int, list[Path]] = {}
     for folder in sorted((args.out / "default").glob("split*-seed*")):
         if (folder / "result.json").is_file():
@@ -141,7 +149,7 @@ def evaluate_seed_ensembles(args: argparse.Namespace) -> list[dict]:
         if len(folders) < 2:
             continue
         if not (again / "result.json").is_file():
-            checkpoints = ",".join(str(f / "checkpoints" / "best.ckpt") for f in folders)
+            checkpoints = ",".join(str(f / "checkpoints" / checkpoint) for f in folders)
             scores = evaluate(f"[{checkpoints}]", [], again, args)
             seeds = [read_json(f / "result.json") for f in folders]
             result = {"variant": name, "overrides": [], "split": split, "seed": "+".join(str(r["seed"]) for r in seeds),
@@ -161,7 +169,7 @@ def mean_std(values: list[float], digits: int = 3) -> str:
 
 
 def report(out: Path, tag: str) -> None:
-    order = [*VARIANTS, *DECODING, SEED_ENSEMBLE[0]]
+    order = [*VARIANTS, *DECODING, *SEED_ENSEMBLES]
     results = sorted((json.loads(p.read_text(encoding="utf-8")) for p in out.glob("*/*/result.json")),
                      key=lambda r: (order.index(r["variant"]) if r["variant"] in order else len(order),
                                     r["variant"], r["split"], r["seed"]))
@@ -171,7 +179,7 @@ def report(out: Path, tag: str) -> None:
     by_variant: dict[str, list[dict]] = {}
     for r in results:
         by_variant.setdefault(r["variant"], []).append(r)
-    described = {**VARIANTS, **DECODING, SEED_ENSEMBLE[0]: SEED_ENSEMBLE[1:]}
+    described = {**VARIANTS, **DECODING, **SEED_ENSEMBLES}
     for variant, runs in by_variant.items():
         splits, seeds = sorted({r["split"] for r in runs}), sorted({r["seed"] for r in runs})
         rows.append(
@@ -211,7 +219,8 @@ def main() -> None:
                     print(json.dumps(result), flush=True)
         for name, (_, overrides) in DECODING.items():
             evaluate_again(name, overrides, args)
-        evaluate_seed_ensembles(args)
+        for name in SEED_ENSEMBLES:
+            evaluate_seed_ensembles(name, args)
     report(args.out, args.tag)
 
 
