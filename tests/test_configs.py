@@ -97,12 +97,12 @@ def test_real_photos_decode_with_beam_search_and_trigram_blocking(make_cfg, over
 
 
 @pytest.mark.parametrize("overrides,attention", [
-    (["data=flickr8k", "data.root=x"], "AdaptiveAttention"),  # the real-photo recipe
-    (["data=custom", "data.root=x"], "AdaptiveAttention"),
-    ([], "AdditiveAttention"),  # the demo keeps the attention its figures were measured with
-    (["data=flickr8k", "data.root=x", "model/attention=additive"], "AdditiveAttention"),
-    (["data=flickr8k", "data.root=x", "model/decoder=topdown"], "AdaptiveAttention"),
-    # adaptive needs an LSTM: the transformer brings its own default, and an explicit choice wins
+    (["data=flickr8k", "data.root=x"], "AdditiveAttention"),  # the real-photo recipe
+    (["data=custom", "data.root=x"], "AdditiveAttention"),
+    ([], "AdditiveAttention"),  # the demo
+    (["data=flickr8k", "data.root=x", "model/attention=adaptive"], "AdaptiveAttention"),
+    (["data=flickr8k", "data.root=x", "model/decoder=topdown"], "AdditiveAttention"),
+    # the transformer brings Vaswani et al.'s multi-head attention, and an explicit choice wins
     (["data=flickr8k", "data.root=x", "model/decoder=transformer"], "MultiHeadAttention"),
     (["data=flickr8k", "data.root=x", "model/decoder=transformer", "model/attention=scaled_dot"],
      "ScaledDotAttention"),
