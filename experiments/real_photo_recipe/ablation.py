@@ -1,7 +1,7 @@
 """Train recipe variants on the real Flickr8k photos in ../shared over seeds and image splits.
 
     python experiments/real_photo_recipe/ablation.py                          # every variant
-    python experiments/real_photo_recipe/ablation.py --variants default,glove_ls --seeds 0,1,2 --splits 0,1
+    python experiments/real_photo_recipe/ablation.py --variants default,glove_ls --seeds 0,1,2 --splits 0,1,2
     python experiments/real_photo_recipe/ablation.py --report                 # tables only
 
 Every run is a new `python -m imcap.train data=flickr8k data.root=DIR` process with the
@@ -30,16 +30,16 @@ METRICS = ("test/BLEU-4", "test/METEOR", "test/ROUGE-L", "test/CIDEr-D")
 # itself: no overrides, as a user runs it.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "default": ("the default recipe", []),
-    "soft_attention": ("Show-Attend-Tell's soft attention instead of adaptive attention (the previous default)",
-                       ["model/attention=additive"]),
+    "adaptive_attention": ("adaptive attention with a visual sentinel (Lu et al. 2017) instead of soft attention "
+                           "(the default of the last revision)", ["model/attention=adaptive"]),
 }
-# rows measured before the recipe took adaptive attention and trigram blocking: their overrides
-# pin what they were measured with, so a rerun reproduces them
+# rows measured before the recipe took trigram blocking: their overrides pin what they were
+# measured with, so a rerun reproduces them
 BEFORE = ["model/attention=additive", "model.decoding.block_trigrams=false"]
 VARIANTS.update({
     "width_512": ("soft attention, no trigram blocking, LSTM, attention and word embedding 512 wide",
                   ["model.decoder.hidden_dim=512", *BEFORE]),
-    "width_256": ("soft attention, no trigram blocking, width 256 (the default before this revision)", BEFORE),
+    "width_256": ("the default without trigram blocking (the default two revisions ago)", BEFORE),
     "mobilenet_v2": ("MobileNetV2 features instead of EfficientNet-Lite0, at width 512, soft attention",
                      ["model/encoder=mobilenet_v2", "model.decoder.hidden_dim=512", *BEFORE]),
     "previous_defaults": ("imcap's defaults before this recipe: MobileNetV2, greedy, cross-entropy, 10 epochs, width 512",
@@ -196,7 +196,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default="all", help="'all' or comma-separated names of VARIANTS")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--splits", default="0,1")
+    parser.add_argument("--splits", default="0,1,2")
     parser.add_argument("--root", type=Path, default=SHARED, help="Flickr8k (Kaggle layout) with its images")
     parser.add_argument("--out", type=Path, default=Path("logs/real_photo_recipe"))
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="feature cache shared by the runs")
