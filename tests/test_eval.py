@@ -24,17 +24,28 @@ def test_eval_reproduces_the_test_metrics_exactly(trained, make_cfg, tmp_path):
         (out / "predictions" / "test.json").read_text())
 
 
-def test_eval_of_a_run_on_the_real_photo_encoder_reproduces_its_captions(make_cfg, tmp_path):
+@pytest.mark.parametrize("finetune", ["none", "last_k"])
+def test_eval_of_a_run_on_the_real_photo_encoder_reproduces_its_captions(make_cfg, tmp_path, finetune):
     """EfficientNet-Lite0 (the encoder of every real data option) normalises its inputs to
     [-1, 1]. A new `python -m imcap.eval` process, in another folder, with only the checkpoint,
-    must preprocess as training did and write the same captions."""
-    from imcap.models.encoders import PACKAGED_WEIGHTS
+    must preprocess as training did and write the same captions; with `finetune=last_k`, from the
+    cached prefix and the head convolution as the run trained it."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from imcap.models.encoders import PACKAGED_WEIGHTS, TorchvisionEncoder
     from imcap.train import train
 
     if PACKAGED_WEIGHTS["efficientnet_lite0"]["IMAGENET1K_V1"].locate() is None:
         pytest.skip("EfficientNet-Lite0 weights not provisioned (make install)")
     run = tmp_path / "run"
-    metrics = train(make_cfg("model/encoder=efficientnet_lite0", "model.test_metrics=[BLEU,CIDEr-D]", out=run))
+    metrics = train(make_cfg("model/encoder=efficientnet_lite0", f"model.encoder.finetune={finetune}",
+                             "model.encoder_lr=1e-3", "model.test_metrics=[BLEU,CIDEr-D]", out=run))
+    state = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    options = OmegaConf.to_container(OmegaConf.load(run / "config.yaml").model.encoder)
+    pretrained = TorchvisionEncoder(**{k: v for k, v in options.items() if k != "_target_"}).state_dict()
+    changed = {k for k, v in pretrained.items() if not torch.equal(state[f"captioner.encoder.{k}"], v)}
+    assert bool(changed) == (finetune == "last_k")  # the last stage trained; the frozen encoder did not
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     result = module("eval", f"ckpt_path={run}/checkpoints/best.ckpt", "metrics=[BLEU,CIDEr-D]",

@@ -136,11 +136,12 @@ class CaptionDataModule(pl.LightningDataModule):
         self.encoder = encoder
 
     def _use_cached_features(self) -> bool:
-        frozen = not self.encoder.trainable
-        if self.features == "cached" and not frozen:
-            raise ImcapError("data.features=cached needs a frozen encoder; set model.encoder.finetune=none "
-                             "or data.features=auto")
-        return self.features == "cached" or (self.features == "auto" and frozen)
+        # frozen, or frozen in front of the stages that train (model.encoder.finetune=last_k)
+        cacheable = self.encoder.cacheable
+        if self.features == "cached" and not cacheable:
+            raise ImcapError("data.features=cached needs an encoder that is frozen, or trains its last stages "
+                             "only; set model.encoder.finetune=none or last_k, or data.features=auto")
+        return self.features == "cached" or (self.features == "auto" and cacheable)
 
     def _dataset(self, split: str) -> CaptionDataset:
         if split in self.datasets:

@@ -229,7 +229,8 @@ def extract_features(
     """(num_images, N, C) grid features of `encoder` for `image_paths`, memory-mapped.
 
     `encoder(images) -> (grid (B, N, C), pooled (B, C))`; the cache stores
-    `encoder.cache_rows(grid, pooled)` (the grid alone where pooled is its mean) and training
+    `encoder.encode_for_cache(images)` (the grid alone where pooled is its mean; the map in front
+    of the stages that train, for an encoder that fine-tunes from a cached prefix) and training
     reads it back with `encoder.from_cache`. `dtype` is how features are stored;
     `precision` ("fp32" or "bf16") what the encoder computes in (bf16: about twice as fast on a
     CPU with bf16 instructions; its features are cached apart from fp32's). `lock_timeout`:
@@ -363,7 +364,7 @@ def _extract(encoder, image_paths, transform, cache_dir: Path, key: str, final: 
             for images in _batches(remaining, batch_size, num_workers, pin_memory=device.type == "cuda"):
                 images = images.to(device, in_dtype, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 # (B, N, C): the grid, or with a pooled vector that is not its mean, (B, 1 + N, C)
-                grid = torch.cat([model.cache_rows(*model(part)) for part in images.split(rows)])
+                grid = torch.cat([model.encode_for_cache(part) for part in images.split(rows)])
                 if store is None:
                     shape = (len(image_paths), *grid.shape[1:])
                     store = _create_store(partial, progress, shape, dtype)

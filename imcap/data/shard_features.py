@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 def feature_path(shard: str, cache_dir: str | None, fingerprint: str, dtype: str, precision: str) -> Path:
     st = os.stat(shard)
-    key = hashlib.sha256(f"{fingerprint}\0{dtype}\0{precision}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    # "rows": the file holds encoder.encode_for_cache's rows (files keyed without it held the grid alone)
+    key = hashlib.sha256(f"{fingerprint}\0{dtype}\0{precision}\0{st.st_size}\0{st.st_mtime_ns}\0rows".encode()).hexdigest()[:16]
     index = index_path(shard, cache_dir)
     return index.with_name(f"{Path(shard).stem}.features-{key}.npy")
 
@@ -115,7 +116,7 @@ def _extract(encoder, shard: str, samples: list[Sample], path: Path, transform, 
                     continue
                 images = torch.stack([x for _, x in loaded]).to(device, in_dtype, non_blocking=True)
                 images = images.contiguous(memory_format=torch.channels_last)
-                grid = torch.cat([model(chunk)[0] for chunk in images.split(rows)])  # (B, N, C)
+                grid = torch.cat([model.encode_for_cache(chunk) for chunk in images.split(rows)])  # (B, N, C)
                 if store is None:
                     store = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype,
                                                       shape=(len(samples), *grid.shape[1:]))

@@ -388,9 +388,21 @@ class GridEncoder(nn.Module):
     def trainable(self) -> bool:
         return self.finetune != "none"
 
+    @property
+    def caches_prefix(self) -> bool:
+        """True where the feature cache holds the map of a frozen prefix and the stages that
+        train run on it (`from_cache`), so fine-tuning them costs no image decoding."""
+        return False
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether a feature cache can stand in for running the encoder on images."""
+        return not self.trainable or self.caches_prefix
+
     def train(self, mode: bool = True) -> GridEncoder:
-        # A frozen encoder keeps BatchNorm statistics fixed, so cached features stay valid.
-        super().train(mode and self.trainable)
+        # A frozen encoder keeps BatchNorm statistics fixed, so cached features stay valid; so
+        # does one that trains from a cached prefix (a caption batch repeats its images).
+        super().train(mode and self.trainable and not self.caches_prefix)
         return self
 
     def identity(self) -> str:
@@ -403,6 +415,10 @@ class GridEncoder(nn.Module):
     def cache_rows(self, grid: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         """What a feature cache stores per image: (B, N, C), or (B, 1 + N, C) with pooled first."""
         return grid if self.pooled_is_grid_mean else torch.cat([pooled[:, None], grid], dim=1)
+
+    def encode_for_cache(self, images: torch.Tensor) -> torch.Tensor:
+        """The rows a feature cache stores for `images` (B, 3, H, W); `from_cache` reads them."""
+        return self.cache_rows(*self(images))
 
     def from_cache(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(grid, pooled) from cached rows (B, N, C) or (B, 1 + N, C) (the inverse of cache_rows)."""
@@ -420,6 +436,10 @@ class TorchvisionEncoder(GridEncoder):
     whole trunk, stride 32 for most backbones).
     load_weights: False builds the backbone for the named weights (their input normalisation)
     without reading them: a checkpoint supplies the tensors.
+
+    With `last_k`, the feature cache holds the map in front of the last k stages (e.g. 7×7×320
+    for EfficientNet-Lite0's last stage, its 1×1 head convolution) and they train on it, with
+    their BatchNorm statistics fixed: fine-tuning at the cost of a frozen encoder.
     """
 
     def __init__(
@@ -470,8 +490,42 @@ class TorchvisionEncoder(GridEncoder):
                              f"backbone: {first}") from e
 
     def _set_trainable(self, last_k: int) -> None:
-        stages = [m for m in self.trunk.children() if any(True for _ in m.parameters())]
+        children = list(self.trunk.children())
+        stages = [m for m in children if any(True for _ in m.parameters())]
+        if self.finetune == "last_k" and not 1 <= last_k <= len(stages):
+            raise ImcapError(f"model.encoder.finetune_last_k={last_k}; {self.name} has {len(stages)} stages")
         set_trainable(self.trunk, stages, self.finetune, last_k)
+        # where the trunk's frozen prefix ends: the first layer that trains
+        self.prefix_end = children.index(stages[-last_k]) if self.finetune == "last_k" else None
+
+    @property
+    def caches_prefix(self) -> bool:
+        return self.prefix_end is not None
+
+    def fingerprint(self, transform_desc: str = "") -> str:
+        if not self.caches_prefix:
+            return super().fingerprint(transform_desc)
+        # only the frozen prefix determines what is cached: training the rest keeps the cache
+        identity = f"{self.identity()}|prefix{self.prefix_end}|{transform_desc}"
+        return weights_fingerprint(identity, self.trunk[:self.prefix_end])
+
+    def encode_for_cache(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.caches_prefix:
+            return super().encode_for_cache(images)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        fmap = self.trunk[:self.prefix_end](images)  # (B, C', H', W')
+        return fmap.flatten(2).transpose(1, 2).contiguous()  # (B, N, C')
+
+    def from_cache(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.caches_prefix:
+            return super().from_cache(rows)
+        b, n, c = rows.shape  # the prefix's map, (B, N, C') on a square grid
+        side = math.isqrt(n)
+        fmap = rows.transpose(1, 2).reshape(b, c, side, side)
+        if self.channels_last:
+            fmap = fmap.contiguous(memory_format=torch.channels_last)
+        return self._grid(self.trunk[self.prefix_end:](fmap))
 
     def image_transform(self, image_size: int) -> Callable:
         return image_transform(image_size, self.mean, self.std)
@@ -484,7 +538,10 @@ class TorchvisionEncoder(GridEncoder):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        fmap = self.trunk(images)  # (B, C, H', W')
+        return self._grid(self.trunk(images))
+
+    def _grid(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(grid (B, N, C), pooled (B, C)) of the trunk's map (B, C, H', W')."""
         if self.grid_size:
             fmap = F.adaptive_avg_pool2d(fmap, self.grid_size)
         grid = fmap.flatten(2).transpose(1, 2).contiguous()  # (B, N, C)

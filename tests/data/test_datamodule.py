@@ -11,14 +11,15 @@ from imcap.data.datamodule import CaptionDataModule
 from imcap.errors import ImcapError
 
 
-def _dm(trainable: bool, **kwargs) -> CaptionDataModule:
+def _dm(trainable: bool, cacheable: bool | None = None, **kwargs) -> CaptionDataModule:
     dm = CaptionDataModule(source=None, **kwargs)
-    dm.attach_encoder(SimpleNamespace(trainable=trainable))
+    dm.attach_encoder(SimpleNamespace(trainable=trainable, cacheable=not trainable if cacheable is None else cacheable))
     return dm
 
 
 def test_auto_reads_cached_features_in_process():
     assert _dm(trainable=False).loader_workers() == 0
+    assert _dm(trainable=True, cacheable=True).loader_workers() == 0  # last_k trains from a cached prefix
 
 
 def test_auto_decodes_images_in_a_worker_per_core_when_the_encoder_trains(monkeypatch):
@@ -60,7 +61,7 @@ def test_feature_precision_reaches_the_extraction(monkeypatch, tmp_path):
     monkeypatch.setattr(datamodule, "extract_features", fake_extract)
     source = SimpleNamespace(name="toy", records=lambda: [CaptionRecord("a", str(tmp_path / "a.jpg"), ("a dog",), "train")])
     dm = CaptionDataModule(source=source, feature_precision="bf16", cache_dir=str(tmp_path))
-    dm.attach_encoder(SimpleNamespace(trainable=False, image_transform=lambda size: None,
+    dm.attach_encoder(SimpleNamespace(trainable=False, cacheable=True, image_transform=lambda size: None,
                                       fingerprint=lambda transform_desc: "f"))
     dm.build_vocab(Vocabulary(["<pad>", "<bos>", "<eos>", "<unk>", "a", "dog"]))
     dm._dataset("train")  # the train split alone: the fake source has no val images
@@ -89,7 +90,7 @@ def test_hflip_gives_the_training_split_a_mirrored_cache_and_leaves_evaluation_a
     dm = CaptionDataModule(source=SimpleNamespace(name="toy", records=lambda: records), hflip=True,
                            cache_dir=str(tmp_path))
     plain = image_transform(8, (0.5,) * 3, (0.5,) * 3)
-    dm.attach_encoder(SimpleNamespace(trainable=False, image_transform=lambda size: plain,
+    dm.attach_encoder(SimpleNamespace(trainable=False, cacheable=True, image_transform=lambda size: plain,
                                       fingerprint=lambda transform_desc: transform_desc))
     dm.build_vocab()
     dm.setup("fit")

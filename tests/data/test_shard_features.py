@@ -17,17 +17,20 @@ from imcap.data.images import image_transform
 from imcap.data.shard_features import extract_shard_features
 from imcap.data.streaming import ShardSplit
 from imcap.errors import ImcapError
+from imcap.models.encoders import GridEncoder
 
 
-class TinyEncoder(nn.Module):
+class TinyEncoder(GridEncoder):
     """(B, 3, 8, 8) -> grid (B, 4, 2), pooled (B, 2)."""
+
+    out_channels = 2
 
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(3, 2, 4, stride=4)
+        self.trunk = nn.Conv2d(3, 2, 4, stride=4)
 
     def forward(self, images):
-        grid = self.conv(images).flatten(2).transpose(1, 2)
+        grid = self.trunk(images).flatten(2).transpose(1, 2)
         return grid, grid.mean(1)
 
 

@@ -230,6 +230,41 @@ def test_finetune_policies_choose_trainable_parameters():
     assert all(p.requires_grad for p in full.parameters()) and full.train().training
 
 
+@pytest.mark.parametrize("last_k,channels", [(1, 320), (2, 192)])
+def test_last_k_trains_from_a_cache_of_the_map_in_front_of_it(last_k, channels):
+    # EfficientNet-Lite0: its head convolution (320 -> 1280), and the last stage before it
+    torch.manual_seed(0)
+    enc = TorchvisionEncoder("efficientnet_lite0", weights=None, finetune="last_k", finetune_last_k=last_k)
+    x = torch.randn(2, 3, 64, 64)
+    rows = enc.encode_for_cache(x)
+    assert enc.caches_prefix and enc.cacheable and rows.shape == (2, 4, channels)
+    grid, pooled = enc.from_cache(rows)
+    with torch.no_grad():
+        expected, _ = enc(x)  # the whole trunk on the images
+    torch.testing.assert_close(grid, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pooled, grid.mean(1))
+    grid.sum().backward()  # the stages after the cache learn; nothing in front of it is asked to
+    trained = {n for n, p in enc.named_parameters() if p.grad is not None}
+    assert trained == {n for n, p in enc.named_parameters() if p.requires_grad} and trained
+    assert not enc.train().training and not any(m.training for m in enc.modules())  # BatchNorm statistics fixed
+
+
+def test_a_cached_prefix_keeps_its_key_while_the_stages_after_it_train():
+    enc = TorchvisionEncoder("mobilenet_v2", weights=None, finetune="last_k", finetune_last_k=1)
+    frozen = TorchvisionEncoder("mobilenet_v2", weights=None)
+    key = enc.fingerprint("t")
+    with torch.no_grad():
+        enc.trunk[-1][0].weight.add_(1.0)  # the head convolution, which trains
+        assert enc.fingerprint("t") == key  # a checkpoint's tuned head reads the same cache
+        enc.trunk[0][0].weight.add_(1.0)  # the stem, in front of the cache
+    assert len({enc.fingerprint("t"), key, frozen.fingerprint("t")}) == 3
+
+
+def test_a_finetune_last_k_beyond_the_trunk_names_the_option():
+    with pytest.raises(ImcapError, match=r"model.encoder.finetune_last_k=30; mobilenet_v2 has 19 stages"):
+        TorchvisionEncoder("mobilenet_v2", weights=None, finetune="last_k", finetune_last_k=30)
+
+
 def test_list_encoders_with_wildcards():
     assert list_encoders("resnet*") == ["resnet101", "resnet152", "resnet18", "resnet34", "resnet50"]
 
