@@ -32,6 +32,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "default": ("the default recipe", []),
     "adaptive_attention": ("adaptive attention with a visual sentinel (Lu et al. 2017) instead of soft attention "
                            "(the default of the last revision)", ["model/attention=adaptive"]),
+    "finetune_head": ("EfficientNet-Lite0's last stage (its 1×1 head convolution) fine-tuned, from a cache of the "
+                      "map in front of it", ["model.encoder.finetune=last_k"]),
 }
 # rows measured before the recipe took trigram blocking: their overrides pin what they were
 # measured with, so a rerun reproduces them
