@@ -52,12 +52,13 @@ VARIANTS.update({
                  ["model/embedding=glove", "model.label_smoothing=0.1", "model.decoder.hidden_dim=512", *BEFORE]),
 })
 # variants without training: the default recipe's runs, evaluated again (python -m imcap.eval) with
-# other decoding options, or their other checkpoint (the last epoch instead of the best on validation)
-DECODING = {"greedy": ("default recipe, greedy decoding at test", ["decoding.method=greedy"]),
+# other decoding options, or their other checkpoint (the last epoch instead of the best on validation).
+# name -> (what it is, overrides, which checkpoint of each run)
+DECODING = {"greedy": ("default recipe, greedy decoding at test", ["decoding.method=greedy"], "best.ckpt"),
             "no_trigram_blocking": ("default recipe, decoded without trigram blocking (the previous decoding)",
-                                    ["decoding.block_trigrams=false"]),
-            "last_epoch": ("default recipe, the last epoch's checkpoint instead of the best on validation", [])}
-CHECKPOINT = {"last_epoch": "last.ckpt"}  # which checkpoint of a run a row evaluates; best.ckpt otherwise
+                                    ["decoding.block_trigrams=false"], "best.ckpt"),
+            "last_epoch": ("default recipe, the last epoch's checkpoint instead of the best on validation", [],
+                           "last.ckpt")}
 
 
 def run_dir(out: Path, variant: str, split: int, seed: int) -> Path:
@@ -114,9 +115,9 @@ def evaluate(ckpt_path: str, overrides: list[str], folder: Path, args: argparse.
     return {**{k: metrics.get(k) for k in METRICS}, **caption_stats(read_json(folder / "predictions" / "test.json"))}
 
 
-def evaluate_again(name: str, overrides: list[str], args: argparse.Namespace) -> list[dict]:
-    """The default recipe's checkpoints (best.ckpt, or CHECKPOINT[name]) decoded with `overrides`:
-    a row without training."""
+def evaluate_again(name: str, overrides: list[str], checkpoint: str, args: argparse.Namespace) -> list[dict]:
+    """The default recipe's `checkpoint` (best.ckpt, last.ckpt) of every run decoded with
+    `overrides`: a row without training."""
     results = []
     for folder in sorted((args.out / "default").glob("split*-seed*")):
         base = folder / "result.json"
@@ -124,7 +125,7 @@ def evaluate_again(name: str, overrides: list[str], args: argparse.Namespace) ->
         if not base.is_file():
             continue
         if not (again / "result.json").is_file():
-            scores = evaluate(f"{folder}/checkpoints/{CHECKPOINT.get(name, 'best.ckpt')}", overrides, again, args)
+            scores = evaluate(f"{folder}/checkpoints/{checkpoint}", overrides, again, args)
             result = {**read_json(base), "variant": name, **scores}
             (again / "result.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
         results.append(read_json(again / "result.json"))
@@ -219,8 +220,8 @@ def main() -> None:
                     args.load_before = os.getloadavg()[0]
                     result = train_one(name, VARIANTS[name][1], split, seed, args)
                     print(json.dumps(result), flush=True)
-        for name, (_, overrides) in DECODING.items():
-            evaluate_again(name, overrides, args)
+        for name, (_, overrides, checkpoint) in DECODING.items():
+            evaluate_again(name, overrides, checkpoint, args)
         for name in SEED_ENSEMBLES:
             evaluate_seed_ensembles(name, args)
     report(args.out, args.tag)
