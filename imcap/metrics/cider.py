@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from imcap.metrics.corpus import CaptionCorpusMetric
 
@@ -23,8 +24,16 @@ def ngram_counts(sentence: str, n: int = NGRAMS) -> Counter:
     return Counter(tuple(words[i : i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
 
 
-def _tfidf(counts: Counter, df: Counter, log_images: float, n: int) -> tuple[list[dict], list[float], int]:
-    """Per n-gram order: {ngram: tf * idf}, the vector's norm, and the bigram count."""
+class TfIdf(NamedTuple):
+    """A caption's CIDEr vector: per n-gram order {ngram: tf * idf}, the norms, the bigram count."""
+
+    vectors: list[dict]
+    norms: list[float]
+    length: int
+
+
+def tfidf(counts: Counter, df: Counter, log_images: float, n: int = NGRAMS) -> TfIdf:
+    """The tf-idf vector of one caption's n-gram `counts` under document frequencies `df`."""
     vec: list[dict] = [{} for _ in range(n)]
     norm = [0.0] * n
     for gram, tf in counts.items():
@@ -32,7 +41,20 @@ def _tfidf(counts: Counter, df: Counter, log_images: float, n: int) -> tuple[lis
         weight = float(tf) * (log_images - math.log(max(1.0, df[gram])))
         vec[k][gram] = weight
         norm[k] += weight**2
-    return vec, [math.sqrt(x) for x in norm], sum(tf for g, tf in counts.items() if len(g) == 2)
+    return TfIdf(vec, [math.sqrt(x) for x in norm], sum(tf for g, tf in counts.items() if len(g) == 2))
+
+
+def similarity(candidate: TfIdf, reference: TfIdf, sigma: float = SIGMA) -> float:
+    """CIDEr-D of a candidate against one reference, before the x10 scale: the clipped cosine
+    per n-gram order, averaged over orders, times the Gaussian length penalty."""
+    penalty = math.e ** (-(float(candidate.length - reference.length) ** 2) / (2 * sigma**2))
+    total = 0.0
+    for vec, vec_r, norm, norm_r in zip(candidate.vectors, reference.vectors, candidate.norms, reference.norms):
+        val = sum(min(w, vec_r.get(g, 0.0)) * vec_r.get(g, 0.0) for g, w in vec.items())
+        if norm != 0 and norm_r != 0:
+            val /= norm * norm_r
+        total += val * penalty
+    return total / len(candidate.vectors)
 
 
 def document_frequencies(references: Sequence[Sequence[str]], n: int = NGRAMS) -> tuple[Counter, float]:
@@ -62,17 +84,9 @@ def cider_d_scores(candidates: Sequence[str], references: Sequence[Sequence[str]
         df, log_images = frequencies
     scores = []
     for candidate, refs in zip(candidates, ref_counts):
-        vec, norm, length = _tfidf(ngram_counts(candidate, n), df, log_images, n)
-        total = [0.0] * n
-        for ref in refs:
-            vec_r, norm_r, length_r = _tfidf(ref, df, log_images, n)
-            penalty = math.e ** (-(float(length - length_r) ** 2) / (2 * sigma**2))
-            for k in range(n):
-                val = sum(min(w, vec_r[k].get(g, 0.0)) * vec_r[k].get(g, 0.0) for g, w in vec[k].items())
-                if norm[k] != 0 and norm_r[k] != 0:
-                    val /= norm[k] * norm_r[k]
-                total[k] += val * penalty
-        scores.append(sum(total) / n / len(refs) * SCALE)
+        vec = tfidf(ngram_counts(candidate, n), df, log_images, n)
+        total = sum(similarity(vec, tfidf(ref, df, log_images, n), sigma) for ref in refs)
+        scores.append(total / len(refs) * SCALE)
     return scores
 
 
