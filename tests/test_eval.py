@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from imcap.errors import ImcapError
 from imcap.eval import evaluate
 from tests.helpers.runs import assert_one_line_error, module
 
@@ -113,3 +114,38 @@ def test_ensembling_a_checkpoint_with_another_vocabulary_is_a_one_line_error(tra
     result = module("eval", f"ckpt_path=[{best},{tmp_path}/other.ckpt]", cwd=tmp_path)
     assert result.returncode == 2
     assert_one_line_error(result, "other.ckpt has another vocabulary than", "same captions")
+
+
+def test_a_reranking_run_carries_its_neighbour_memory_to_eval_caption_and_export(make_cfg, tmp_path, data_dir):
+    """Consensus reranking votes with the training captions. The checkpoint carries them: a new
+    `python -m imcap.eval` process in another folder writes the run's test captions, and
+    `Captioner` (imcap.caption) and an exported folder caption with the same memory."""
+    import torch
+
+    from imcap.models.captioner import Captioner
+    from imcap.train import train
+
+    run = tmp_path / "run"
+    train(make_cfg("model.decoding.method=beam", "model.decoding.rerank_neighbours=3",
+                   "model.decoding.rerank_beams=4", "trainer.max_epochs=2", out=run))
+    state = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert state["captioner.memory.features"].shape[0] == 48  # every training image
+    assert state["captioner.memory.image_starts"][-1] == state["captioner.memory.caption_starts"].shape[0] - 1
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = module("eval", f"ckpt_path={run}/checkpoints/best.ckpt", "metrics=[BLEU,CIDEr-D]",
+                    "hydra.run.dir=eval", cwd=elsewhere)
+    assert result.returncode == 0, result.stderr[-3000:]
+    predicted = json.loads((run / "predictions" / "test.json").read_text())
+    assert json.loads((elsewhere / "eval" / "predictions" / "test.json").read_text()) == predicted
+
+    captioner = Captioner.from_checkpoint(run / "checkpoints" / "best.ckpt")
+    assert torch.equal(captioner.memory.words, state["captioner.memory.words"])
+    images = sorted(data_dir.rglob("train_000*.png"))[:4]
+    captions = [c.text for c in captioner.caption(images)]
+    shared = Captioner.from_pretrained(captioner.save_pretrained(tmp_path / "shared"))
+    assert torch.equal(shared.memory.features, captioner.memory.features)
+    assert [c.text for c in shared.caption(images)] == captions
+    captioner.memory = None  # a model without one cannot rerank: it says so
+    with pytest.raises(ImcapError, match="rerank_neighbours=0"):
+        captioner.caption(images)

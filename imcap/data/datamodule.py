@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from imcap.data.buckets import LengthBucketBatchSampler, bucket_widths
 from imcap.data.dataset import CaptionDataset, EpochSeededSampler, collate
@@ -217,6 +217,16 @@ class CaptionDataModule(pl.LightningDataModule):
             pin_memory=self.pin(),
             persistent_workers=workers > 0,
         )
+
+    def memory_loader(self) -> DataLoader:
+        """Every training image once, in order, each with all its captions (`references`): what
+        consensus reranking's neighbour memory is built from (`imcap.models.rerank`)."""
+        dataset = self._dataset("train")
+        first_items = [items[0] for items in dataset.groups()]  # one (image, caption) item per image
+        workers = self.loader_workers()
+        return DataLoader(Subset(dataset, first_items), batch_size=self.eval_batch_size,
+                          collate_fn=partial(collate, pad_id=Vocabulary.pad_id), num_workers=workers,
+                          pin_memory=self.pin())
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -359,6 +359,9 @@ class ShardDataModule(CaptionDataModule):
     max_vocab_size stay training options and shards from img2dataset work as they are.
     """
 
+    # streamed: no training image one by one, so no neighbour memory for consensus reranking
+    memory_loader = None
+
     def __init__(self, root: str, train: str | Sequence[str] = "train/*.tar", val: str | Sequence[str] | None = "val/*.tar",
                  test: str | Sequence[str] | None = "test/*.tar", bad_samples: str = "error",
                  shuffle_buffer: int = 2048, source: None = None, **kwargs):

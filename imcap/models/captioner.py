@@ -26,6 +26,7 @@ from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
 from imcap.models.decoder import require_attention
 from imcap.models.ensemble import DecoderEnsemble, decoder_members, ensemble_size
+from imcap.models.rerank import NeighbourMemory
 from imcap.models.search import Decoding, SearchResult, generate
 from imcap.stored_config import check_stored_config
 
@@ -138,6 +139,9 @@ class Captioner(nn.Module):
         self.vocab, self.image_size = vocab, image_size
         self.architecture = architecture or {}
         self.decoding = Decoding()  # how caption() decodes; checkpoints store the trained setting
+        # the training images' features and captions that consensus reranking votes with
+        # (imcap.models.rerank); in the weights when set, so checkpoints and exports carry it
+        self.memory: NeighbourMemory | None = None
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder(images)  # (B, N, C), (B, C)
@@ -150,7 +154,7 @@ class Captioner(nn.Module):
 
     def generate(self, grid: torch.Tensor, pooled: torch.Tensor, decoding: Decoding | None = None) -> SearchResult:
         """Captions for grid features (B, N, C) with greedy decoding or beam search."""
-        return generate(self.decoder, grid, pooled, self.vocab, decoding or self.decoding)
+        return generate(self.decoder, grid, pooled, self.vocab, decoding or self.decoding, self.memory)
 
     def to_captions(self, result: SearchResult) -> list[Caption]:
         captions = []
@@ -280,8 +284,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return checkpoint
 
 
+def attach_memory_for(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Give each `Captioner` in `model` whose weights in `state` hold a neighbour memory an empty
+    memory of that size (its size is the training set's), so that a strict load fills it."""
+    for name, module in model.named_modules():
+        if isinstance(module, Captioner):
+            prefix = f"{name}.memory." if name else "memory."
+            buffers = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            module.memory = NeighbourMemory.empty(buffers) if buffers else None
+
+
 def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path) -> None:
     """Strict load with a one-line error when the architecture differs from the checkpoint."""
+    attach_memory_for(model, state)
     missing, unexpected = [], []
     own = model.state_dict()
     missing = [k for k in own if k not in state]

@@ -8,6 +8,10 @@ Every method obeys the same rules on what may be generated (`_constrain`): never
 or the ids in `never` (<unk> unless `decoding.allow_unk`), no <eos> before `min_length` words,
 and no caption that ends on a word of `bad_endings` ("a", "the", "of", ...): <eos> is
 forbidden after one, and so is one at the last step, where `max_length` cuts the caption.
+
+`generate` runs the configured method; with consensus reranking (`Decoding.reranks`) it keeps,
+of beam search's final hypotheses, the one the captions of the nearest training images agree
+with most (`imcap.models.rerank`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
 from imcap.models.decoder import expand_for_beams
 from imcap.models.packing import map_state
+from imcap.models.rerank import NeighbourMemory, choose
 
 # Words a caption may not end on: ImageCaptioning.pytorch's remove_bad_endings list (articles,
 # prepositions, "is/are/am") plus conjunctions and possessives that also leave a sentence open.
@@ -50,6 +55,13 @@ class Decoding:
     block_trigrams: bool = False
     allow_unk: bool = False  # whether <unk> may be generated
     bad_endings: tuple[str, ...] | None = None  # words a caption may not end on (None: BAD_ENDINGS, (): any)
+    # consensus reranking (imcap.models.rerank), beam search only: > 0 keeps, of `rerank_beams`
+    # final hypotheses, the one whose CIDEr-D against the captions of this many nearest training
+    # images, plus rerank_logprob_weight x its log-probability, is highest
+    rerank_neighbours: int = 0
+    rerank_beams: int = 16
+    rerank_logprob_weight: float = 0.02
+    rerank_memory_images: int = 20000  # training images the memory keeps at most (evenly spaced)
 
     def __post_init__(self) -> None:
         if self.method not in ("greedy", "beam"):
@@ -57,11 +69,20 @@ class Decoding:
         if self.beam_size < 1 or self.max_length < 1 or not 0 <= self.min_length <= self.max_length:
             raise ImcapError("decoding needs beam_size >= 1, max_length >= 1 and 0 <= min_length <= max_length; "
                              f"got {self.beam_size}, {self.max_length}, {self.min_length}")
+        if self.rerank_neighbours < 0 or self.rerank_beams < 1 or self.rerank_memory_images < 1:
+            raise ImcapError("decoding needs rerank_neighbours >= 0 (0: off), rerank_beams >= 1 and "
+                             f"rerank_memory_images >= 1; got {self.rerank_neighbours}, {self.rerank_beams}, "
+                             f"{self.rerank_memory_images}")
         words = BAD_ENDINGS if self.bad_endings is None else self.bad_endings
         if isinstance(words, str) or not all(isinstance(w, str) for w in words):
             raise ImcapError(f"decoding.bad_endings={self.bad_endings!r}; give a list of words, "
                              "e.g. decoding.bad_endings=[a,the] (or [] to allow any ending)")
         object.__setattr__(self, "bad_endings", tuple(words))  # YAML gives a list; checkpoints store the words
+
+    @property
+    def reranks(self) -> bool:
+        """Whether captions are chosen by consensus reranking (which needs a neighbour memory)."""
+        return self.method == "beam" and self.rerank_neighbours > 0
 
     def to_config(self) -> dict[str, Any]:
         """The fields as plain values (lists, not tuples), as checkpoints store them."""
@@ -185,6 +206,7 @@ def beam_search(
     never: Sequence[int] = (),
     bad_endings: Sequence[int] = (),
     check_every: int | None = None,
+    all_hypotheses: bool = False,
 ) -> SearchResult:
     """Beam search over the whole batch x beam at once (no per-image Python loops).
 
@@ -193,6 +215,8 @@ def beam_search(
     hypotheses stay in the beam with a frozen score (they may only extend by <pad>).
     The rules of `_constrain` apply to every hypothesis; the best one per image is chosen by
     score / ((5 + length) / 6) ** length_penalty. beam_size=1 gives exactly greedy search.
+    `all_hypotheses=True` returns all K final hypotheses of each image instead, best first:
+    tokens (B, K, L), scores (B, K), attention (B, K, L, N), for a reranker to choose from.
 
     Work per step stays O(1) in the step count: the initial state is computed once per image
     and copied to its K beams (by the decoder's `expand_state(state, K)` where it has one: it
@@ -275,7 +299,10 @@ def beam_search(
     sources, tokens, maps = sources[:steps], tokens[:steps], maps[:steps]
 
     normalised = scores / ((5.0 + lengths.view(B, K).float()) / 6.0) ** length_penalty
-    best = normalised.argmax(dim=-1) + offsets.squeeze(1)  # (B,) row of the best final hypothesis
+    if all_hypotheses:  # every final hypothesis, each image's best first
+        best = (normalised.argsort(dim=-1, descending=True) + offsets).view(-1)  # (B*K,)
+    else:
+        best = normalised.argmax(dim=-1) + offsets.squeeze(1)  # (B,) row of the best final hypothesis
     final_scores = scores.view(-1).index_select(0, best)
     # follow the back-pointers from the last step to the first
     path, path_maps, row = [], [], best
@@ -285,7 +312,11 @@ def beam_search(
         if maps:
             path_maps.append(maps[t].index_select(0, row))  # its attention when it chose the token
     attention = torch.stack(path_maps[::-1], dim=1) if maps else None
-    return SearchResult(torch.stack(path[::-1], dim=1), final_scores, attention)
+    found = torch.stack(path[::-1], dim=1)
+    if all_hypotheses:
+        return SearchResult(found.view(B, K, -1), final_scores.view(B, K),
+                            attention.view(B, K, *attention.shape[1:]) if attention is not None else None)
+    return SearchResult(found, final_scores, attention)
 
 
 @torch.no_grad()
@@ -395,14 +426,28 @@ def _truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 
 def generate(decoder: nn.Module, grid: torch.Tensor, pooled: torch.Tensor, vocab: Vocabulary,
-             decoding: Decoding) -> SearchResult:
-    """Decode grid (B, N, C) and pooled (B, C) features with the configured method and rules."""
+             decoding: Decoding, memory: NeighbourMemory | None = None) -> SearchResult:
+    """Decode grid (B, N, C) and pooled (B, C) features with the configured method and rules;
+    with consensus reranking (`decoding.reranks`), by the training captions in `memory`."""
     ids = (vocab.bos_id, vocab.eos_id, vocab.pad_id)
     rules = decoding_rules(vocab, decoding)
     if decoding.method == "greedy":
         return greedy_search(decoder, grid, pooled, *ids, decoding.max_length, block_trigrams=decoding.block_trigrams,
                              **rules)
-    if decoding.method == "beam":
+    if decoding.method != "beam":
+        raise ValueError(f"unknown decoding method {decoding.method!r}")
+    if not decoding.reranks:
         return beam_search(decoder, grid, pooled, *ids, decoding.beam_size, decoding.max_length,
                            length_penalty=decoding.length_penalty, block_trigrams=decoding.block_trigrams, **rules)
-    raise ValueError(f"unknown decoding method {decoding.method!r}")
+    if memory is None:
+        raise ImcapError(f"decoding.rerank_neighbours={decoding.rerank_neighbours} reranks captions by the training "
+                         "captions, and this model carries none (it was saved without reranking); set "
+                         "decoding.rerank_neighbours=0")
+    found = beam_search(decoder, grid, pooled, *ids, decoding.rerank_beams, decoding.max_length,
+                        length_penalty=decoding.length_penalty, block_trigrams=decoding.block_trigrams,
+                        all_hypotheses=True, **rules)  # tokens (B, K, L)
+    pick = choose(found.tokens, found.scores, pooled, memory, decoding.rerank_neighbours,
+                  decoding.rerank_logprob_weight, vocab.eos_id)  # (B,)
+    rows = torch.arange(found.tokens.shape[0], device=pick.device)
+    return SearchResult(found.tokens[rows, pick], found.scores[rows, pick],
+                        found.attention[rows, pick] if found.attention is not None else None)

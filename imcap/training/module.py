@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -18,8 +20,9 @@ from imcap.errors import ImcapError
 from imcap.metrics.cider import cider_d_scores, document_frequencies
 from imcap.metrics.coco import CaptionMetrics
 from imcap.metrics.grounding import GroundingRate
-from imcap.models.captioner import CHECKPOINT_KEY, Caption, build_captioner
+from imcap.models.captioner import CHECKPOINT_KEY, Caption, attach_memory_for, build_captioner
 from imcap.models.ensemble import decoder_members
+from imcap.models.rerank import NeighbourMemory
 from imcap.models.search import Decoding
 from imcap.training.losses import caption_cross_entropy, doubly_stochastic_penalty
 from imcap.training.scheduled_sampling import ScheduledSampling, scheduled_sampling_forward
@@ -30,6 +33,7 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
+log = logging.getLogger(__name__)
 HOST_LENGTHS = "host_lengths"  # the batch's `lengths` (<bos> .. <eos> per caption) left on the host
 
 
@@ -217,8 +221,47 @@ class CaptionModule(pl.LightningModule):
             self.val_best.update(scores[self.monitor].float())
             self.log(f"val/{self.monitor}_best", self.val_best.compute())
 
+    def on_validation_epoch_start(self) -> None:
+        # while training, an encoder that learns moves the memory's features: built anew
+        self.prepare_memory(refresh=self.trainer.state.fn == "fit")
+
     def on_test_epoch_start(self) -> None:
         self.predictions = []
+        self.prepare_memory(refresh=False)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        attach_memory_for(self, checkpoint["state_dict"])  # sized, before Lightning's strict load
+
+    def prepare_memory(self, refresh: bool) -> None:
+        """Build consensus reranking's neighbour memory (`imcap.models.rerank`) from the training
+        images, where decoding reranks and the captioner has none yet (a checkpoint's is kept), or
+        anew on `refresh` when the encoder trains."""
+        if not self.decoding.reranks:
+            return
+        tuned = any(p.requires_grad for p in self.captioner.encoder.parameters())
+        if self.captioner.memory is not None and not (refresh and tuned):
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if getattr(datamodule, "memory_loader", None) is None:
+            log.warning("decoding.rerank_neighbours=%d needs the training images one by one, which %s does not "
+                        "give (streamed data): decoding without reranking", self.decoding.rerank_neighbours,
+                        type(datamodule).__name__)
+            self.decoding = replace(self.decoding, rerank_neighbours=0)
+            self.captioner.decoding = self.decoding
+            return
+        self.captioner.memory = self.memory_from(datamodule.memory_loader())
+
+    @torch.no_grad()
+    def memory_from(self, loader: Iterable[dict]) -> NeighbourMemory:
+        """The neighbour memory of the images in `loader` (one item per image, with `references`)."""
+        pooled, captions = [], []
+        for batch in loader:
+            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            pooled.append(self.features(batch)[1].float().cpu())  # (B, C)
+            captions += [[self.vocab.encode(ref.split(), add_bos_eos=False) for ref in refs]
+                         for refs in batch["references"]]
+        memory = NeighbourMemory.build(torch.cat(pooled), captions, self.decoding.rerank_memory_images)
+        return memory.to(self.device)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         generated = self.decode_captions(batch)

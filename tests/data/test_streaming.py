@@ -228,6 +228,8 @@ def test_two_ddp_processes_see_every_caption_once_per_epoch(shapes_shards, tmp_p
         assert sorted(seen[epoch]) == expected, f"epoch {epoch}: {Counter(seen[epoch]).most_common(2)}"
     assert seen[0] != seen[1]
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    # streamed shards give no training image one by one: the default decoding says it does not rerank
+    assert "which ShardDataModule does not give (streamed data): decoding without reranking" in done.stdout + done.stderr
 
 
 def _free_port() -> int:

@@ -219,6 +219,41 @@ def test_each_image_is_decoded_independently_of_the_batch():
         assert (together.tokens[b, width:] == PAD).all()
 
 
+def test_all_hypotheses_are_the_final_beam_best_first():
+    dec = decoder()
+    grid, pooled = features(3)
+    best = beam_search(dec, grid, pooled, BOS, EOS, PAD, beam_size=4, max_length=8)
+    every = beam_search(dec, grid, pooled, BOS, EOS, PAD, beam_size=4, max_length=8, all_hypotheses=True)
+    assert every.tokens.shape[:2] == (3, 4) and every.attention.shape[:3] == every.tokens.shape
+    assert torch.equal(every.tokens[:, 0], best.tokens) and torch.equal(every.scores[:, 0], best.scores)
+    assert (every.scores[:, :-1] >= every.scores[:, 1:]).all()
+    for b in range(3):
+        rows = [[t for t in row if t != PAD] for row in every.tokens[b].tolist()]
+        assert len({tuple(r) for r in rows}) == 4  # four different captions
+        for row, score in zip(rows, every.scores[b].tolist()):
+            assert score == pytest.approx(sequence_logprob(dec, grid[b : b + 1], pooled[b : b + 1], row), abs=1e-4)
+
+
+def test_reranking_chooses_among_the_beams_by_the_neighbours_captions():
+    from imcap.models.rerank import NeighbourMemory
+
+    dec, vocab = decoder(), Vocabulary([*SPECIALS, *(str(i) for i in range(4, 9))])
+    grid, pooled = features(3)
+    rerank = Decoding(method="beam", max_length=8, bad_endings=[], rerank_neighbours=1, rerank_beams=4,
+                      rerank_logprob_weight=0.0)
+    every = beam_search(dec, grid, pooled, BOS, EOS, PAD, beam_size=4, max_length=8, all_hypotheses=True,
+                        **decoding_rules(vocab, rerank))
+    with pytest.raises(ImcapError, match="decoding.rerank_neighbours=0"):
+        generate(dec, grid, pooled, vocab, rerank)  # no memory to vote with
+    for k in range(4):  # every image's only neighbour says what its k-th hypothesis says
+        said = [[[t for t in row.tolist() if t not in (PAD, EOS)]] for row in every.tokens[:, k]]
+        memory = NeighbourMemory.build(pooled, said)
+        chosen = generate(dec, grid, pooled, vocab, rerank, memory)
+        assert torch.equal(chosen.tokens[:, : every.tokens.shape[2]], every.tokens[:, k])
+        assert torch.equal(chosen.scores, every.scores[:, k])
+        assert torch.equal(chosen.attention, every.attention[:, k])
+
+
 def test_min_length_forbids_early_end():
     dec = decoder()
     with torch.no_grad():
@@ -561,6 +596,10 @@ def test_decoding_options_are_checked():
         decoding_rules(Vocabulary([*SPECIALS, "a", "the"]), Decoding())
     with pytest.raises(ImcapError, match="method"):
         Decoding(method="sample")
+    with pytest.raises(ImcapError, match="rerank_neighbours >= 0"):
+        Decoding(rerank_neighbours=-1)
+    assert Decoding(method="beam", rerank_neighbours=5).reranks
+    assert not Decoding(method="greedy", rerank_neighbours=5).reranks  # one candidate: nothing to rerank
 
 
 def test_decoding_round_trips_through_a_checkpoints_plain_config():
