@@ -28,20 +28,23 @@ METRICS = ("test/BLEU-4", "test/METEOR", "test/ROUGE-L", "test/CIDEr-D")
 
 # name -> (what it changes against the default recipe, overrides). "default" is the recipe
 # itself: no overrides, as a user runs it.
-VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "default": ("the default recipe", []),
-    "adaptive_attention": ("adaptive attention with a visual sentinel (Lu et al. 2017) instead of soft attention "
-                           "(the default of the last revision)", ["model/attention=adaptive"]),
+VARIANTS: dict[str, tuple[str, list[str]]] = {"default": ("the default recipe", [])}
+# rows measured before the recipe took consensus reranking, and before trigram blocking: their
+# overrides pin what they were measured with, so a rerun reproduces them
+NO_RERANK = ["model.decoding.rerank_neighbours=0"]
+BEFORE = ["model/attention=additive", "model.decoding.block_trigrams=false", *NO_RERANK]
+VARIANTS.update({
+    "no_rerank": ("the default without consensus reranking: beam 3's most probable caption (the default of the "
+                  "last revision)", NO_RERANK),
+    "adaptive_attention": ("adaptive attention with a visual sentinel (Lu et al. 2017) instead of soft attention, "
+                           "without reranking", ["model/attention=adaptive", *NO_RERANK]),
     "finetune_head": ("EfficientNet-Lite0's last stage (its 1×1 head convolution) fine-tuned, from a cache of the "
-                      "map in front of it", ["model.encoder.finetune=last_k"]),
-}
-# rows measured before the recipe took trigram blocking: their overrides pin what they were
-# measured with, so a rerun reproduces them
-BEFORE = ["model/attention=additive", "model.decoding.block_trigrams=false"]
+                      "map in front of it, without reranking", ["model.encoder.finetune=last_k", *NO_RERANK]),
+})
 VARIANTS.update({
     "width_512": ("soft attention, no trigram blocking, LSTM, attention and word embedding 512 wide",
                   ["model.decoder.hidden_dim=512", *BEFORE]),
-    "width_256": ("the default without trigram blocking (the default two revisions ago)", BEFORE),
+    "width_256": ("no_rerank without trigram blocking (the default three revisions ago)", BEFORE),
     "mobilenet_v2": ("MobileNetV2 features instead of EfficientNet-Lite0, at width 512, soft attention",
                      ["model/encoder=mobilenet_v2", "model.decoder.hidden_dim=512", *BEFORE]),
     "previous_defaults": ("imcap's defaults before this recipe: MobileNetV2, greedy, cross-entropy, 10 epochs, width 512",
@@ -51,14 +54,18 @@ VARIANTS.update({
     "glove_ls": ("GloVe 6B-50d word vectors (frozen) and label smoothing 0.1, at width 512, soft attention",
                  ["model/embedding=glove", "model.label_smoothing=0.1", "model.decoder.hidden_dim=512", *BEFORE]),
 })
-# variants without training: the default recipe's runs, evaluated again (python -m imcap.eval) with
-# other decoding options, or their other checkpoint (the last epoch instead of the best on validation).
-# name -> (what it is, overrides, which checkpoint of each run)
-DECODING = {"greedy": ("default recipe, greedy decoding at test", ["decoding.method=greedy"], "best.ckpt"),
-            "no_trigram_blocking": ("default recipe, decoded without trigram blocking (the previous decoding)",
-                                    ["decoding.block_trigrams=false"], "best.ckpt"),
-            "last_epoch": ("default recipe, the last epoch's checkpoint instead of the best on validation", [],
-                           "last.ckpt")}
+# variants without training: a trained variant's runs (`base`), evaluated again (python -m
+# imcap.eval) with other decoding options, or their other checkpoint (the last epoch instead of the
+# best on validation). name -> (what it is, overrides, which checkpoint of each run, base)
+DECODING = {"rerank_at_test": ("no_rerank's checkpoints decoded with consensus reranking (the same weights)",
+                               ["decoding.rerank_neighbours=50"], "best.ckpt", "no_rerank"),
+            "greedy": ("no_rerank, greedy decoding at test", ["decoding.method=greedy"], "best.ckpt", "no_rerank"),
+            "no_trigram_blocking": ("no_rerank, decoded without trigram blocking (the decoding before it)",
+                                    ["decoding.block_trigrams=false"], "best.ckpt", "no_rerank"),
+            "last_epoch": ("no_rerank, the last epoch's checkpoint instead of the best on validation", [],
+                           "last.ckpt", "no_rerank"),
+            "last_epoch_rerank": ("the default recipe, the last epoch's checkpoint instead of the best on validation",
+                                  [], "last.ckpt", "default")}
 
 
 def run_dir(out: Path, variant: str, split: int, seed: int) -> Path:
@@ -115,11 +122,11 @@ def evaluate(ckpt_path: str, overrides: list[str], folder: Path, args: argparse.
     return {**{k: metrics.get(k) for k in METRICS}, **caption_stats(read_json(folder / "predictions" / "test.json"))}
 
 
-def evaluate_again(name: str, overrides: list[str], checkpoint: str, args: argparse.Namespace) -> list[dict]:
-    """The default recipe's `checkpoint` (best.ckpt, last.ckpt) of every run decoded with
+def evaluate_again(name: str, overrides: list[str], checkpoint: str, base: str, args: argparse.Namespace) -> list[dict]:
+    """`checkpoint` (best.ckpt, last.ckpt) of every run of variant `base` decoded with
     `overrides`: a row without training."""
     results = []
-    for folder in sorted((args.out / "default").glob("split*-seed*")):
+    for folder in sorted((args.out / base).glob("split*-seed*")):
         base = folder / "result.json"
         again = args.out / name / folder.name
         if not base.is_file():
@@ -132,24 +139,26 @@ def evaluate_again(name: str, overrides: list[str], checkpoint: str, args: argpa
     return results
 
 
-# name -> (what it is, which checkpoint of each run)
+# name -> (what it is, which checkpoint of each run, which variant's runs)
 SEED_ENSEMBLES = {
     "seed_ensemble": ("the default recipe's best checkpoints of all seeds of a split, decoded as one ensemble "
-                      "(`python -m imcap.eval 'ckpt_path=[...]'`)", "best.ckpt"),
-    "seed_ensemble_last": ("the same with each seed's last-epoch checkpoint", "last.ckpt"),
+                      "(`python -m imcap.eval 'ckpt_path=[...]'`)", "best.ckpt", "default"),
+    "seed_ensemble_beam3": ("the same for no_rerank (beam 3's most probable caption)", "best.ckpt", "no_rerank"),
+    "seed_ensemble_last": ("no_rerank's last-epoch checkpoints, ensembled the same way", "last.ckpt", "no_rerank"),
 }
 
 
 def evaluate_seed_ensembles(name: str, args: argparse.Namespace) -> list[dict]:
-    """Per image split, the ensemble of the default recipe's runs of every seed: one row per split."""
-    checkpoint, results = SEED_ENSEMBLES[name][1], []
+    """Per image split, the ensemble of a variant's runs of every seed: one row per split."""
+    _, checkpoint, base = SEED_ENSEMBLES[name]
+    results: list[dict] = []
     runs: dict[int, list[Path]] = {}
-    for folder in sorted((args.out / "default").glob("split*-seed*")):
+    for folder in sorted((args.out / base).glob("split*-seed*")):
         if (folder / "result.json").is_file():
             runs.setdefault(read_json(folder / "result.json")["split"], []).append(folder)
     for split, folders in sorted(runs.items()):
         again = args.out / name / f"split{split}"
-        if len(folders) < 2:
+        if len(folders) < len(args.seeds.split(",")):  # not every seed has finished: no partial ensemble
             continue
         if not (again / "result.json").is_file():
             checkpoints = ",".join(str(f / "checkpoints" / checkpoint) for f in folders)
@@ -220,8 +229,8 @@ def main() -> None:
                     args.load_before = os.getloadavg()[0]
                     result = train_one(name, VARIANTS[name][1], split, seed, args)
                     print(json.dumps(result), flush=True)
-        for name, (_, overrides, checkpoint) in DECODING.items():
-            evaluate_again(name, overrides, checkpoint, args)
+        for name, (_, overrides, checkpoint, base) in DECODING.items():
+            evaluate_again(name, overrides, checkpoint, base, args)
         for name in SEED_ENSEMBLES:
             evaluate_seed_ensembles(name, args)
     report(args.out, args.tag)
