@@ -45,6 +45,10 @@ PHOTO_PAIRS = ("lstm-none,lstm-additive,lstm-dot,lstm-general,lstm-scaled_dot,ls
                "topdown-additive,transformer-multihead")
 # what a run does not need to show: progress bars and a model summary per run
 QUIET = ["callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+# Each variant is judged by the caption it finds most probable itself: consensus reranking (the
+# real-photo default since this study's tables were made) chooses by the training captions, which
+# would blur the attention's part, and a resumed study must not mix runs decoded both ways.
+STUDY_DECODING = ["model.decoding.rerank_neighbours=0"]
 
 
 def parse_pairs(text: str, data: str) -> list[tuple[str, str]]:
@@ -73,7 +77,7 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
     """What every run of the study shares: the data option and its root, the trainer, the
     epochs and the user's extra overrides; everything else is the project's recipe."""
     data = [] if args.data == "shapes" else [f"data={args.data}", f"data.root={Path(args.root).resolve()}"]
-    return [*data, f"trainer={args.accelerator}", *QUIET,
+    return [*data, f"trainer={args.accelerator}", *QUIET, *STUDY_DECODING,
             *([f"trainer.max_epochs={args.epochs}"] if args.epochs is not None else []), *args.override]
 
 

@@ -112,6 +112,7 @@ def test_the_gpu_study_uses_the_gpu_trainer_and_the_recipe_with_only_the_study_f
     base = study.base_overrides(args)
     assert base[:3] == ["data=flickr8k", f"data.root={tmp_path.resolve()}", "trainer=gpu"]
     assert [o for o in base if not o.startswith(("callbacks.progress_bar", "trainer.enable_"))][3:] == [
-        "trainer.max_epochs=5"]
+        "model.decoding.rerank_neighbours=0", "trainer.max_epochs=5"]  # variants judged by their own best caption
     cfg = compose_config("train", base)  # what each run composes, before its pair and seed
     assert (cfg.trainer.accelerator, cfg.trainer.max_epochs, cfg.data.root) == ("gpu", 5, str(tmp_path.resolve()))
+    assert cfg.model.decoding.rerank_neighbours == 0
