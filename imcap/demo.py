@@ -28,7 +28,7 @@ from imcap.viz.attention import attention_overlay
 log = logging.getLogger("imcap.demo")
 # set before gradio is imported: it reads them at import time
 OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-MAX_BEAM, MAX_LENGTH = 10, 50
+MAX_BEAM, MAX_LENGTH = 20, 50
 DISPLAY_SIZE = 256  # the attention overlay's shorter side is at least this many pixels
 
 
@@ -79,9 +79,11 @@ class Demo:
     def caption(self, image: Image.Image | None, beam_size: int, max_length: int) -> Caption:
         if image is None:
             raise ImcapError("no image: upload or drop a photo first")
+        # a reranking model's beams are the candidates it chooses among (decoding.rerank_beams)
+        beams = {"rerank_beams": int(beam_size)} if self.captioner.decoding.reranks else {}
         decoding = replace(self.captioner.decoding, method="beam" if beam_size > 1 else "greedy",
                            beam_size=int(beam_size), max_length=int(max_length),
-                           min_length=min(self.captioner.decoding.min_length, int(max_length)))
+                           min_length=min(self.captioner.decoding.min_length, int(max_length)), **beams)
         return self.captioner.caption([image.convert("RGB")], decoding)[0]
 
     @staticmethod
@@ -130,8 +132,9 @@ def build_app(captioner: Captioner, examples: list[Path]) -> Any:
             with gr.Column():
                 image = gr.Image(type="pil", sources=["upload", "clipboard"], label="photo", elem_id="photo",
                                  height=300)
-                beam = gr.Slider(1, MAX_BEAM, value=default.beam_size if default.method == "beam" else 1, step=1,
-                                 label="beam size (1: greedy)")
+                beams = default.rerank_beams if default.reranks else default.beam_size
+                beam = gr.Slider(1, MAX_BEAM, value=beams if default.method == "beam" else 1, step=1,
+                                 label="beams (1: greedy; a reranking model chooses among them)")
                 length = gr.Slider(1, MAX_LENGTH, value=default.max_length, step=1, label="maximum length (words)")
                 button = gr.Button("Caption", variant="primary", elem_id="caption-button")
                 if examples:

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from imcap.demo import example_images, load_model
 from imcap.models.search import Decoding
@@ -155,3 +156,23 @@ def test_browser_uploads_a_photo_and_shows_its_caption(demo_server, trained_run,
     urls = {m["params"]["request"]["url"] for m in requests if m["method"] == "Network.requestWillBeSent"}
     outside = sorted(u for u in urls if not u.startswith((demo_server, "data:", "blob:")))
     assert urls and not outside  # the page loads nothing from anywhere else
+
+
+def test_a_reranking_model_chooses_among_the_beams_the_slider_sets(trained_run, photo):
+    from dataclasses import replace
+
+    import torch
+
+    from imcap.demo import Demo
+    from imcap.models.rerank import NeighbourMemory
+
+    captioner = load_model(f"{trained_run}/checkpoints/best.ckpt")
+    torch.manual_seed(0)
+    captions = [[[5, 6, 7]], [[8, 9]], [[5, 9, 6]]]  # three "training images"
+    captioner.memory = NeighbourMemory.build(torch.randn(3, captioner.encoder.out_channels), captions)
+    captioner.decoding = replace(captioner.decoding, method="beam", rerank_neighbours=2, rerank_beams=16)
+    image = Image.open(photo).convert("RGB")
+    for beams in (2, 6):
+        shown = Demo(captioner).caption(image, beams, 12).text
+        wanted = replace(captioner.decoding, beam_size=beams, rerank_beams=beams, max_length=12)
+        assert shown == captioner.caption([image], wanted)[0].text

@@ -149,3 +149,20 @@ def test_a_reranking_run_carries_its_neighbour_memory_to_eval_caption_and_export
     captioner.memory = None  # a model without one cannot rerank: it says so
     with pytest.raises(ImcapError, match="rerank_neighbours=0"):
         captioner.caption(images)
+
+
+def test_a_greedy_run_with_reranking_set_carries_the_memory_for_beams_later(make_cfg, tmp_path, data_dir):
+    """Trained and validated greedily, a run whose decoding.rerank_neighbours is set still saves
+    the memory: `imcap.caption decoding.method=beam` (or the demo's beam slider) reranks then."""
+    from dataclasses import replace
+
+    from imcap.models.captioner import Captioner
+    from imcap.train import train
+
+    run = tmp_path / "run"
+    train(make_cfg("model.decoding.method=greedy", "model.decoding.rerank_neighbours=3",
+                   "model.decoding.rerank_beams=4", out=run))
+    captioner = Captioner.from_checkpoint(run / "checkpoints" / "best.ckpt")
+    assert len(captioner.memory) == 48
+    images = sorted(data_dir.rglob("test_000*.png"))[:2]
+    assert all(c.words for c in captioner.caption(images, replace(captioner.decoding, method="beam")))

@@ -234,9 +234,10 @@ class CaptionModule(pl.LightningModule):
 
     def prepare_memory(self, refresh: bool) -> None:
         """Build consensus reranking's neighbour memory (`imcap.models.rerank`) from the training
-        images, where decoding reranks and the captioner has none yet (a checkpoint's is kept), or
-        anew on `refresh` when the encoder trains."""
-        if not self.decoding.reranks:
+        images, where decoding.rerank_neighbours is set and the captioner has none yet (a
+        checkpoint's is kept), or anew on `refresh` when the encoder trains. Also under greedy
+        decoding: the checkpoint then reranks when `imcap.caption` or the demo switch to beams."""
+        if self.decoding.rerank_neighbours <= 0:
             return
         tuned = any(p.requires_grad for p in self.captioner.encoder.parameters())
         if self.captioner.memory is not None and not (refresh and tuned):
