@@ -32,6 +32,7 @@ from imcap.stored_config import check_stored_config
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "imcap"  # where a checkpoint keeps what rebuilds the model: config + vocab
+MEMORY = "memory."  # a Captioner's neighbour memory in its weights (imcap.models.rerank)
 COMPONENTS = ("encoder", "decoder", "attention", "embedding")  # an architecture also holds `ensemble` (absent: 1)
 # _target_s that moved: checkpoints written before the move name the old path
 MOVED_TARGETS = {"imcap.models.decoders.LSTMDecoder": "imcap.models.lstm.LSTMDecoder",
@@ -289,7 +290,7 @@ def attach_memory_for(model: nn.Module, state: Mapping[str, torch.Tensor]) -> No
     memory of that size (its size is the training set's), so that a strict load fills it."""
     for name, module in model.named_modules():
         if isinstance(module, Captioner):
-            prefix = f"{name}.memory." if name else "memory."
+            prefix = f"{name}.{MEMORY}" if name else MEMORY
             buffers = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             module.memory = NeighbourMemory.empty(buffers) if buffers else None
 

@@ -55,9 +55,10 @@ def save_pretrained(captioner: Captioner, folder: str | Path, data: dict | None 
 
 def load_pretrained(source: str | Path, map_location: str = "cpu", revision: str | None = None) -> Captioner:
     """A captioner from a folder written by `save_pretrained`, or from a Hub repo id."""
-    from safetensors.torch import load_file, load_model
+    from safetensors import safe_open
+    from safetensors.torch import load_model
 
-    from imcap.models.captioner import attach_memory_for, build_captioner
+    from imcap.models.captioner import MEMORY, attach_memory_for, build_captioner
     from imcap.models.search import Decoding
 
     folder = resolve_folder(source, revision)
@@ -76,7 +77,9 @@ def load_pretrained(source: str | Path, map_location: str = "cpu", revision: str
     captioner = build_captioner(config["architecture"], Vocabulary.load(folder / VOCAB),
                                 int(config.get("image_size", 224)), pretrained=False)
     try:
-        attach_memory_for(captioner, load_file(str(folder / WEIGHTS)))  # sized before the strict load
+        with safe_open(str(folder / WEIGHTS), framework="pt") as weights:  # the memory alone, to size it
+            attach_memory_for(captioner, {k: weights.get_tensor(k) for k in weights.keys()
+                                          if k.startswith(MEMORY)})
         load_model(captioner, str(folder / WEIGHTS), strict=True, device=str(map_location))
     except Exception as e:  # wrong keys or shapes, a damaged file
         raise ImcapError(f"{folder / WEIGHTS} does not fit {origin} ({type(e).__name__}: "

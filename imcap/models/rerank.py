@@ -36,7 +36,7 @@ BUFFERS = ("features", "words", "caption_starts", "image_starts")
 
 
 class NeighbourMemory(nn.Module):
-    """Training images' pooled features and captions, for `rerank`.
+    """Training images' pooled features and captions, for `choose`.
 
     features (M, C) fp16, L2-normalised; words (W,) int32: every caption's word ids, one after
     another; caption_starts (Ncap + 1,): where each caption begins in `words`; image_starts
