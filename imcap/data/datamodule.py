@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from imcap.data.buckets import LengthBucketBatchSampler, bucket_widths
 from imcap.data.dataset import CaptionDataset, EpochSeededSampler, collate
@@ -193,10 +194,11 @@ class CaptionDataModule(pl.LightningDataModule):
         """data.pin_memory, or with auto: pinned batches when a GPU will read them."""
         return torch.cuda.is_available() if self.pin_memory == "auto" else bool(self.pin_memory)
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def _loader(self, split: str, train: bool, items: Sequence[int] | None = None) -> DataLoader:
+        """The loader of `split`: shuffled by epoch for training, else in order (of `items`, when given)."""
         dataset = self._dataset(split)
         workers = self.loader_workers()
-        order = None
+        order = items
         if train:
             order = EpochSeededSampler(len(dataset), self.seed, dataset.groups(), self.captions_per_image,
                                        self.one_caption_per_image_from, on_epoch=dataset.set_epoch)
@@ -221,12 +223,8 @@ class CaptionDataModule(pl.LightningDataModule):
     def memory_loader(self) -> DataLoader:
         """Every training image once, in order, each with all its captions (`references`): what
         consensus reranking's neighbour memory is built from (`imcap.models.rerank`)."""
-        dataset = self._dataset("train")
-        first_items = [items[0] for items in dataset.groups()]  # one (image, caption) item per image
-        workers = self.loader_workers()
-        return DataLoader(Subset(dataset, first_items), batch_size=self.eval_batch_size,
-                          collate_fn=partial(collate, pad_id=Vocabulary.pad_id), num_workers=workers,
-                          pin_memory=self.pin())
+        first_items = [items[0] for items in self._dataset("train").groups()]  # one (image, caption) item per image
+        return self._loader("train", train=False, items=first_items)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -25,6 +25,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from itertools import accumulate
 
 import torch
 from torch import nn
@@ -65,9 +66,8 @@ class NeighbourMemory(nn.Module):
                      max_images, len(captions))
         features = nn.functional.normalize(pooled[list(keep)].float(), dim=-1).half()
         flat = [list(c) for i in keep for c in captions[i]]
-        caption_starts = torch.tensor([0, *torch.tensor([len(c) for c in flat]).cumsum(0).tolist()], dtype=torch.long)
-        image_starts = torch.tensor([0, *torch.tensor([len(captions[i]) for i in keep]).cumsum(0).tolist()],
-                                    dtype=torch.long)
+        caption_starts = torch.tensor([0, *accumulate(len(c) for c in flat)], dtype=torch.long)
+        image_starts = torch.tensor([0, *accumulate(len(captions[i]) for i in keep)], dtype=torch.long)
         words = torch.tensor([w for c in flat for w in c], dtype=torch.int32)
         return cls(features.cpu(), words, caption_starts, image_starts)
 
