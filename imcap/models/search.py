@@ -436,16 +436,16 @@ def generate(decoder: nn.Module, grid: torch.Tensor, pooled: torch.Tensor, vocab
                              **rules)
     if decoding.method != "beam":
         raise ValueError(f"unknown decoding method {decoding.method!r}")
-    if not decoding.reranks:
-        return beam_search(decoder, grid, pooled, *ids, decoding.beam_size, decoding.max_length,
-                           length_penalty=decoding.length_penalty, block_trigrams=decoding.block_trigrams, **rules)
-    if memory is None:
+    if decoding.reranks and memory is None:
         raise ImcapError(f"decoding.rerank_neighbours={decoding.rerank_neighbours} reranks captions by the training "
                          "captions, and this model carries none (it was saved without reranking); set "
                          "decoding.rerank_neighbours=0")
-    found = beam_search(decoder, grid, pooled, *ids, decoding.rerank_beams, decoding.max_length,
-                        length_penalty=decoding.length_penalty, block_trigrams=decoding.block_trigrams,
-                        all_hypotheses=True, **rules)  # tokens (B, K, L)
+    found = beam_search(decoder, grid, pooled, *ids, decoding.rerank_beams if decoding.reranks else decoding.beam_size,
+                        decoding.max_length, length_penalty=decoding.length_penalty,
+                        block_trigrams=decoding.block_trigrams, all_hypotheses=decoding.reranks, **rules)
+    if not decoding.reranks:
+        return found
+    # tokens (B, K, L): keep each image's hypothesis the neighbours' captions back most
     pick = choose(found.tokens, found.scores, pooled, memory, decoding.rerank_neighbours,
                   decoding.rerank_logprob_weight, vocab.eos_id)  # (B,)
     rows = torch.arange(found.tokens.shape[0], device=pick.device)
