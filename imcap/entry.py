@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from imcap.config import CONF_DIR
 from imcap.errors import report_user_errors
+from imcap.plugins import load_plugins
 
 
 class _HeldStderr:
@@ -68,7 +69,11 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Cal
         def run_task(cfg: DictConfig) -> Any:
             if stderr is not None and stderr.holding:
                 stderr.release()  # the config composed: from here on everything shows as it comes
-            return report_user_errors(task)(cfg)
+            return report_user_errors(task_with_plugins)(cfg)
+
+        def task_with_plugins(cfg: DictConfig) -> Any:
+            load_plugins(cfg.get("plugins"))  # the user's own components, before anything is built or loaded
+            return task(cfg)
 
         hydra_main = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(run_task)
 

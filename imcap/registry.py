@@ -9,19 +9,19 @@ and everything that needs a list of names derives it from here: the valid decode
 pairs, the sweep over attention variants, the test matrix, and the allowlist of `_target_`s a
 checkpoint may name (a checkpoint names components; it never names code).
 
-A component of one's own registers the same way from its own module; that module has to be
-imported before a checkpoint naming it is loaded (Hydra imports it when a config's `_target_`
-names it; `import_components` imports modules by name).
+A component of one's own registers the same way from its own module, a plugin: loaded with
+`plugins=[my_pkg.attention]` or an installed package's `imcap.plugins` entry point (imcap.plugins).
+The registry imports imcap's own modules and the installed plugins the first time it is consulted.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import importlib
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from imcap.errors import ImcapError
+from imcap.plugins import import_modules, load_installed_plugins
 
 T = TypeVar("T", bound=type)
 
@@ -76,15 +76,11 @@ def register(kind: str, name: str) -> Callable[[T], T]:
 
 
 def import_components(modules: Iterable[str] = BUILTIN_MODULES) -> None:
-    """Import modules so that the components they define are registered."""
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise  # a real import error inside the module keeps its traceback
-            raise ImcapError(f"component module {module!r} cannot be imported; "
-                             "install it or check the name") from e
+    """Import modules so that the components they define are registered; with the default,
+    imcap's own modules and then the installed plugins (`imcap.plugins` entry points)."""
+    import_modules(modules)
+    if modules is BUILTIN_MODULES:
+        load_installed_plugins()
 
 
 def components(kind: str) -> dict[str, type]:

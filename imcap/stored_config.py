@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from imcap.errors import ImcapError
+from imcap.plugins import how_to_provide
 from imcap.registry import allowed_targets
 
 # where a component may be named in a stored config, and which kind it must be
@@ -71,6 +72,9 @@ def check_stored_config(tree: Any, origin: str, path: str = "") -> None:
             raise refuse(where, f"names {value!r} where no component goes")
         if value is None:  # e.g. model/attention=none
             return
+        if isinstance(value, str) and value not in allowed:  # perhaps a plugin's: say how to load it
+            raise ImcapError(f"{origin} is refused: {where} names the {kind} {value!r}, which no loaded "
+                             f"module registers; {how_to_provide(value)}")
         if not isinstance(value, str) or allowed.get(value, (None,))[0] != kind:
             raise refuse(where, f"names {value!r}, which is not a registered {kind}")
 

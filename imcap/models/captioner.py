@@ -28,6 +28,7 @@ from imcap.models.decoder import require_attention
 from imcap.models.ensemble import DecoderEnsemble, decoder_members, ensemble_size
 from imcap.models.rerank import NeighbourMemory
 from imcap.models.search import Decoding, SearchResult, generate
+from imcap.plugins import load_plugins
 from imcap.stored_config import check_stored_config
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,11 @@ class Captioner(nn.Module):
         return out
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Captioner:
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu",
+                        plugins: Sequence[str] = ()) -> Captioner:
+        """A captioner from a training checkpoint; `plugins`: modules of one's own that register
+        components the checkpoint names (imcap.plugins), imported first."""
+        load_plugins(plugins)
         checkpoint = load_checkpoint(path, map_location)
         meta = checkpoint[CHECKPOINT_KEY]
         captioner = build_captioner(meta["architecture"], Vocabulary(meta["vocab"]),
@@ -202,16 +207,22 @@ class Captioner(nn.Module):
         return save_pretrained(self, folder, data, metrics)
 
     @classmethod
-    def from_pretrained(cls, source: str | Path, map_location: str = "cpu", revision: str | None = None) -> Captioner:
-        """A captioner from a folder written by `save_pretrained`, or a Hugging Face Hub repo id."""
+    def from_pretrained(cls, source: str | Path, map_location: str = "cpu", revision: str | None = None,
+                        plugins: Sequence[str] = ()) -> Captioner:
+        """A captioner from a folder written by `save_pretrained`, or a Hugging Face Hub repo id;
+        `plugins` as for `from_checkpoint`."""
         from imcap.models.hub import load_pretrained
 
+        load_plugins(plugins)
         return load_pretrained(source, map_location, revision)
 
     @classmethod
-    def load(cls, source: str | Path | Sequence[str | Path], map_location: str = "cpu") -> Captioner:
+    def load(cls, source: str | Path | Sequence[str | Path], map_location: str = "cpu",
+             plugins: Sequence[str] = ()) -> Captioner:
         """From a training checkpoint (a file), or a pretrained folder or Hub repo id; from a
-        list of training checkpoints, their ensemble (`join_ensemble`)."""
+        list of training checkpoints, their ensemble (`join_ensemble`); `plugins` as for
+        `from_checkpoint`."""
+        load_plugins(plugins)
         if not isinstance(source, (str, Path)):
             first, *others = checkpoint_list(source)
             return join_ensemble(cls.from_checkpoint(first, map_location), others, first, map_location)
