@@ -17,6 +17,12 @@ CIDEr-D by about 0.05 over beam 3 (experiments/real_photo_recipe/).
 `NeighbourMemory` keeps what that needs, as buffers of the captioner, so checkpoints and
 exported folders carry it and `imcap.caption` reranks on a machine without the training data:
 the training images' L2-normalised pooled features (fp16) and their captions as word ids.
+
+`choose` scores a whole batch of candidates at once with tensors (`consensus_scores`): every
+memory caption's CIDEr vector is flattened once into a `ReferenceTable`, and the clipped dot
+products of all candidate x reference pairs of the batch are one gather and one index_add.
+`consensus` is the plain path it is held to (one candidate and one reference at a time, with
+`imcap.metrics.cider.similarity`): the scores agree to float64 rounding (tests/models/test_rerank.py).
 """
 
 from __future__ import annotations
@@ -26,14 +32,28 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from itertools import accumulate
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from imcap.metrics.cider import SCALE, TfIdf, ngram_counts, similarity, tfidf
+from imcap.metrics.cider import NGRAMS, SCALE, SIGMA, TfIdf, ngram_counts, similarity, tfidf
 
 log = logging.getLogger(__name__)
 BUFFERS = ("features", "words", "caption_starts", "image_starts")
+
+
+class ReferenceTable(NamedTuple):
+    """Every memory caption's CIDEr vector (`tfidf`, the same float64 values) as flat tensors:
+    caption j's entries are rows starts[j]:starts[j + 1] of ids/weights/orders."""
+
+    grams: dict[tuple[str, ...], int]  # n-gram -> id
+    ids: torch.Tensor  # (E,) long: the n-gram of each entry
+    weights: torch.Tensor  # (E,) float64: its tf-idf weight
+    orders: torch.Tensor  # (E,) long: n - 1
+    starts: torch.Tensor  # (Ncap + 1,) long
+    norms: torch.Tensor  # (Ncap, NGRAMS) float64
+    lengths: torch.Tensor  # (Ncap,) long: bigram counts (CIDEr's length)
 
 
 class NeighbourMemory(nn.Module):
@@ -51,6 +71,7 @@ class NeighbourMemory(nn.Module):
             self.register_buffer(name, value)
         self._vectors: dict[int, list[TfIdf]] = {}  # per image, built on first use
         self._frequencies: tuple[Counter, float] | None = None
+        self._table: ReferenceTable | None = None
 
     @classmethod
     def build(cls, pooled: torch.Tensor, captions: Sequence[Sequence[Sequence[int]]],
@@ -83,7 +104,7 @@ class NeighbourMemory(nn.Module):
         return self.features.shape[0]
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._vectors, self._frequencies = {}, None  # new captions: what was cached is stale
+        self._vectors, self._frequencies, self._table = {}, None, None  # new captions: the caches are stale
         super()._load_from_state_dict(*args, **kwargs)
 
     def nearest(self, pooled: torch.Tensor, k: int) -> torch.Tensor:
@@ -108,6 +129,30 @@ class NeighbourMemory(nn.Module):
             self._vectors[image] = [tfidf(ngram_counts(c), df, log_images) for c in self._captions(image)]
         return self._vectors[image]
 
+    def reference_table(self) -> ReferenceTable:
+        """All captions' CIDEr vectors as a `ReferenceTable`, built on first use (about as long
+        as `frequencies`: one pass over the captions in Python)."""
+        if self._table is None:
+            df, log_images = self.frequencies()
+            grams: dict[tuple[str, ...], int] = {}
+            ids, weights, orders, counts, norms, lengths = [], [], [], [], [], []
+            for image in range(len(self)):
+                for caption in self._captions(image):
+                    vector = tfidf(ngram_counts(caption), df, log_images)
+                    for order, entries in enumerate(vector.vectors):
+                        for gram, weight in entries.items():
+                            ids.append(grams.setdefault(gram, len(grams)))
+                            weights.append(weight)
+                            orders.append(order)
+                    counts.append(sum(len(v) for v in vector.vectors))
+                    norms.append(vector.norms)
+                    lengths.append(vector.length)
+            self._table = ReferenceTable(
+                grams, torch.tensor(ids, dtype=torch.long), torch.tensor(weights, dtype=torch.float64),
+                torch.tensor(orders, dtype=torch.long), torch.tensor([0, *accumulate(counts)], dtype=torch.long),
+                torch.tensor(norms, dtype=torch.float64).view(-1, NGRAMS), torch.tensor(lengths, dtype=torch.long))
+        return self._table
+
     def _captions(self, image: int) -> list[str]:
         """Image `image`'s captions as strings of word ids ("4 17 9"), the form CIDEr counts n-grams in."""
         starts, bounds = self.caption_starts, self.image_starts
@@ -126,15 +171,93 @@ def consensus(memory: NeighbourMemory, candidates: Sequence[str], neighbours: Se
     return scores
 
 
+def _ranges(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The concatenated aranges starts[i] .. starts[i] + counts[i] - 1 (1-D long tensors)."""
+    offsets = torch.cumsum(counts, 0) - counts  # where each range begins in the output
+    return torch.repeat_interleave(starts - offsets, counts) + torch.arange(int(counts.sum()))
+
+
+def _length_penalties(differences: torch.Tensor, sigma: float = SIGMA) -> torch.Tensor:
+    """CIDEr-D's Gaussian length penalty of integer length differences, float64, computed as
+    `similarity` computes it (math.e ** x, per distinct difference), so that it is the same number."""
+    span = int(differences.abs().max()) if differences.numel() else 0
+    table = torch.tensor([math.e ** (-(float(d) ** 2) / (2 * sigma**2)) for d in range(-span, span + 1)],
+                         dtype=torch.float64)
+    return table[differences + span]
+
+
+def consensus_scores(memory: NeighbourMemory, candidates: Sequence[Sequence[str]],
+                     neighbours: torch.Tensor) -> torch.Tensor:
+    """`consensus` for a batch: float64 (B, K) CIDEr-D of candidates[b][k] (strings of word ids;
+    K per image) against the captions of the training images neighbours[b] (B, k), with tensors.
+
+    Only n-grams a candidate holds add to its clipped dot products, so each reference entry
+    whose n-gram some candidate of its image holds is gathered once against the K candidates'
+    weights for it, and the products are summed per (reference, n-gram order) by index_add.
+    """
+    table = memory.reference_table()
+    df, log_images = memory.frequencies()
+    B, K = len(candidates), len(candidates[0]) if candidates else 0
+    G = max(len(table.grams), 1)
+    # the candidates' vectors: the same `tfidf` as the plain path
+    vectors = [tfidf(ngram_counts(text), df, log_images) for row in candidates for text in row]
+    cand_norms = torch.tensor([v.norms for v in vectors], dtype=torch.float64).view(B, K, NGRAMS)
+    cand_lengths = torch.tensor([v.length for v in vectors], dtype=torch.long).view(B, K)
+    keys, rows, values = [], [], []  # candidate entries whose n-gram some reference holds
+    for i, vector in enumerate(vectors):
+        b, k = divmod(i, K)
+        for entries in vector.vectors:
+            for gram, weight in entries.items():
+                gram_id = table.grams.get(gram)
+                if gram_id is not None:
+                    keys.append(b * G + gram_id)
+                    rows.append(k)
+                    values.append(weight)
+    keys_ = torch.tensor(keys, dtype=torch.long)
+    columns, column_of = torch.unique(keys_, return_inverse=True)  # one column per (image, n-gram)
+    weights = torch.zeros(K, len(columns), dtype=torch.float64)  # (K, J)
+    weights[torch.tensor(rows, dtype=torch.long), column_of] = torch.tensor(values, dtype=torch.float64)
+
+    # the references: every caption of every neighbour, one slot per (image, caption)
+    neighbours = neighbours.cpu().long()
+    first = memory.image_starts.cpu()[neighbours]  # (B, k)
+    counts = memory.image_starts.cpu()[neighbours + 1] - first
+    captions = _ranges(first.view(-1), counts.view(-1))  # (P,) memory caption of each slot
+    per_image = counts.sum(dim=1)  # (B,) references per image
+    slot_image = torch.repeat_interleave(torch.arange(B), per_image)  # (P,)
+    P = len(captions)
+    entry_counts = table.starts[captions + 1] - table.starts[captions]
+    entries = _ranges(table.starts[captions], entry_counts)  # (E,) entries of every slot's caption
+    entry_slot = torch.repeat_interleave(torch.arange(P), entry_counts)
+    entry_keys = slot_image[entry_slot] * G + table.ids[entries]
+    at = torch.searchsorted(columns, entry_keys).clamp(max=max(len(columns) - 1, 0))
+    held = columns[at] == entry_keys if len(columns) else torch.zeros_like(entry_keys, dtype=torch.bool)
+    entries, entry_slot, at = entries[held], entry_slot[held], at[held]
+    reference_weight = table.weights[entries]  # (E',)
+    clipped = torch.minimum(weights[:, at], reference_weight) * reference_weight  # (K, E')
+    dots = torch.zeros(K, P * NGRAMS, dtype=torch.float64)
+    dots.index_add_(1, entry_slot * NGRAMS + table.orders[entries], clipped)
+    dots = dots.view(K, P, NGRAMS)
+
+    norms = cand_norms[slot_image].transpose(0, 1) * table.norms[captions]  # (K, P, NGRAMS)
+    cosines = torch.where(norms != 0, dots / norms.where(norms != 0, 1.0), dots)
+    penalty = _length_penalties(cand_lengths[slot_image].T - table.lengths[captions])  # (K, P)
+    per_reference = cosines[..., 0] * penalty
+    for order in range(1, NGRAMS):  # summed order by order, as `similarity` does
+        per_reference = per_reference + cosines[..., order] * penalty
+    per_reference = per_reference / NGRAMS
+    totals = torch.zeros(K, B, dtype=torch.float64).index_add_(1, slot_image, per_reference)
+    return (totals / per_image.clamp(min=1).double() * SCALE).T  # (B, K)
+
+
 def choose(tokens: torch.Tensor, scores: torch.Tensor, pooled: torch.Tensor, memory: NeighbourMemory,
            neighbours: int, logprob_weight: float, eos_id: int) -> torch.Tensor:
     """Index (B,) of the hypothesis to keep per image, from hypotheses tokens (B, K, L) with
     their log-probabilities (B, K) (-inf: a hypothesis the search never filled)."""
     near = memory.nearest(pooled, neighbours)  # (B, k)
-    picks = []
-    for b, rows in enumerate(tokens.tolist()):
-        texts = [" ".join(map(str, row[: row.index(eos_id)] if eos_id in row else row)) for row in rows]
-        agreement = torch.tensor(consensus(memory, texts, near[b].tolist()), dtype=torch.float64)
-        total = agreement + logprob_weight * scores[b].double().cpu()  # -inf stays -inf
-        picks.append(int(total.argmax()) if torch.isfinite(total).any() else 0)
-    return torch.tensor(picks, dtype=torch.long, device=tokens.device)
+    texts = [[" ".join(map(str, row[: row.index(eos_id)] if eos_id in row else row)) for row in rows]
+             for rows in tokens.tolist()]
+    agreement = consensus_scores(memory, texts, near)  # (B, K) float64
+    total = agreement + logprob_weight * scores.double().cpu()  # -inf stays -inf
+    picks = torch.where(torch.isfinite(total).any(dim=1), total.argmax(dim=1), 0)
+    return picks.to(tokens.device)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from imcap.metrics.cider import cider_d_scores
-from imcap.models.rerank import NeighbourMemory, choose, consensus
+from imcap.models.rerank import NeighbourMemory, choose, consensus, consensus_scores
 
 EOS = 2
 # three training images: two of dogs (features near [1, 0]), one of a boat (near [0, 1])
@@ -71,3 +71,76 @@ def test_a_loaded_memory_scores_with_its_own_captions_not_the_cached_ones(memory
     memory.load_state_dict(other.state_dict())
     assert memory._captions(0) == ["20 21", "20 22", "20 21 22"]
     assert consensus(memory, ["10 11"], [0]) == consensus(other, ["10 11"], [0])
+
+
+def plain_choose(tokens, scores, pooled, memory, neighbours, logprob_weight, eos_id) -> list[int]:
+    """`choose` as it was before it scored with tensors: `consensus` per image, in Python."""
+    near = memory.nearest(pooled, neighbours)
+    picks = []
+    for b, rows in enumerate(tokens.tolist()):
+        texts = [" ".join(map(str, row[: row.index(eos_id)] if eos_id in row else row)) for row in rows]
+        agreement = torch.tensor(consensus(memory, texts, near[b].tolist()), dtype=torch.float64)
+        total = agreement + logprob_weight * scores[b].double()
+        picks.append(int(total.argmax()) if torch.isfinite(total).any() else 0)
+    return picks
+
+
+def assert_tensor_scores_equal_the_plain_ones(memory, tokens, scores, pooled, neighbours):
+    near = memory.nearest(pooled, neighbours)
+    texts = [[" ".join(map(str, row[: row.index(EOS)] if EOS in row else row)) for row in rows]
+             for rows in tokens.tolist()]
+    fast = consensus_scores(memory, texts, near)
+    plain = torch.tensor([consensus(memory, row, near[b].tolist()) for b, row in enumerate(texts)],
+                         dtype=torch.float64)
+    assert fast.shape == plain.shape and fast.dtype == torch.float64
+    assert torch.allclose(fast, plain, rtol=1e-12, atol=1e-12)  # the same sums, in another order
+    assert choose(tokens, scores, pooled, memory, neighbours, 0.02, EOS).tolist() == \
+        plain_choose(tokens, scores, pooled, memory, neighbours, 0.02, EOS)
+
+
+def test_tensor_scores_equal_the_plain_ones_on_random_captions():
+    g = torch.Generator().manual_seed(0)
+    words = lambda n: torch.randint(4, 30, (n,), generator=g).tolist()  # noqa: E731 (a small vocabulary: shared n-grams)
+    captions = [[words(int(torch.randint(1, 12, (1,), generator=g))) for _ in range(int(torch.randint(1, 6, (1,), generator=g)))]
+                for _ in range(40)]
+    memory = NeighbourMemory.build(torch.randn(40, 8, generator=g), captions)
+    B, K, L = 6, 5, 14
+    tokens = torch.randint(4, 30, (B, K, L), generator=g)
+    tokens[:, :, -1] = EOS
+    ends = torch.randint(0, L, (B, K), generator=g)  # <eos> anywhere, also first (an empty caption)
+    tokens.scatter_(2, ends.unsqueeze(2), EOS)
+    tokens[0, 1] = tokens[0, 0]  # a repeated hypothesis
+    tokens[1, 2, :] = 99  # words no training caption has, and no <eos>
+    scores = -torch.rand(B, K, generator=g) * 10
+    scores[2, :] = float("-inf")  # an image with no filled hypothesis
+    scores[3, 1:] = float("-inf")
+    for neighbours in (1, 7, 40):
+        assert_tensor_scores_equal_the_plain_ones(memory, tokens, scores, torch.randn(B, 8, generator=g), neighbours)
+
+
+@pytest.mark.realdata
+def test_tensor_scores_equal_the_plain_ones_on_real_captions():
+    import csv
+
+    from imcap.data.text import tokenize
+    from tests.helpers.paths import FLICKR_1K
+
+    by_image: dict[str, list[list[str]]] = {}
+    with open(FLICKR_1K / "captions.txt", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            by_image.setdefault(row["image"], []).append(tokenize(row["caption"]))
+    ids: dict[str, int] = {}
+    captions = [[[ids.setdefault(w, len(ids) + 4) for w in c] for c in caps] for caps in by_image.values()]
+    g = torch.Generator().manual_seed(1)
+    memory = NeighbourMemory.build(torch.randn(len(captions) - 100, 16, generator=g), captions[100:])
+    # candidates: other images' real captions, 16 per image as the default decoding reranks
+    B, K = 8, 16
+    L = max(len(c) for caps in captions for c in caps) + 1
+    tokens = torch.zeros(B, K, L, dtype=torch.long)
+    for b in range(B):
+        for k in range(K):
+            words = captions[(b * K + k) // 5 % 100][(b * K + k) % len(captions[(b * K + k) // 5 % 100])]
+            tokens[b, k, : len(words)] = torch.tensor(words)
+            tokens[b, k, len(words)] = EOS
+    scores = -torch.rand(B, K, generator=g) * 20
+    assert_tensor_scores_equal_the_plain_ones(memory, tokens, scores, torch.randn(B, 16, generator=g), 50)
