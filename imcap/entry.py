@@ -1,20 +1,33 @@
 """`@hydra_entry(name)`: how train, eval and caption start. `@hydra.main` on conf/<name>.yaml
-with imcap's error policy (imcap.errors): a user error is one `error:` line, exit status 2."""
+with imcap's error policy (imcap.errors): a user error is one `error:` line, exit status 2.
+
+In a multirun (`-m`, `hparams_search=...`) a failing job does not end the sweep: its error is
+printed as it happens, the job raises `JobFailed` (an Exception, which Hydra's launchers record
+and go past, and the Optuna sweeper tells its study as a FAILED trial), and at the end one
+summary names every failed job; the exit status is then 2, or 1 if any job met a bug.
+"""
 
 from __future__ import annotations
 
 import functools
 import io
+import json
+import os
 import re
 import sys
+import tempfile
+import traceback
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import hydra
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 from imcap.config import CONF_DIR
-from imcap.errors import report_user_errors
+from imcap.console import quiet_libraries
+from imcap.errors import report_user_errors, user_error
 from imcap.plugins import load_plugins
 
 
@@ -38,6 +51,10 @@ class _HeldStderr:
         self.holding = False
         self.real.write(self.held.getvalue())
 
+    def hold(self) -> None:
+        """Hold what is written from now on (again)."""
+        self.held, self.holding = io.StringIO(), True
+
     def one_line(self) -> str | None:
         """Hydra's message as one line; None if what was held is a traceback (a bug)."""
         text = self.held.getvalue()
@@ -57,6 +74,78 @@ class _HeldStderr:
         return "; ".join(parts) or None
 
 
+# where the jobs of this command's sweep record how they ended (set by `main`, inherited by the
+# joblib launcher's worker processes): one JSON line per job
+SWEEP_RECORD = "IMCAP_SWEEP_RECORD"
+
+
+class JobFailed(CompactHydraException):
+    """A multirun job that failed; its message names the job and its one-line error. Raised
+    instead of SystemExit, which would leave Hydra's launcher and end the whole sweep."""
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _record_job(error: str | None, bug: bool = False) -> str:
+    """Append how this job ended to the sweep's record; returns the job's name."""
+    from hydra.core.hydra_config import HydraConfig
+
+    num, overrides = HydraConfig.get().job.num, list(HydraConfig.get().overrides.task)
+    path = os.environ.get(SWEEP_RECORD)
+    if path:
+        with open(path, "a", encoding="utf-8") as f:  # one short line per append: jobs in parallel do not mix
+            f.write(json.dumps({"num": num, "overrides": overrides, "error": error, "bug": bug}) + "\n")
+    return f"job {num} ({' '.join(overrides)})"
+
+
+def _sweep_jobs(path: str) -> list[dict]:
+    """How each job of this command's sweep ended, in the order they ended ([] if none ran)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def _run_job(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """One job of a multirun: a user error is printed as one line, a bug with its traceback,
+    and either is raised again as JobFailed so that the sweep goes on to its next job."""
+    try:
+        result = task(cfg)
+    except Exception as exc:
+        user = user_error(exc)
+        if user is not None:
+            message, bug = str(user), False
+        else:
+            traceback.print_exc()
+            message, bug = f"{type(exc).__name__}: {exc}".splitlines()[0], True
+        name = _record_job(message, bug)
+        print(f"error: {name}: {message}", file=sys.stderr, flush=True)
+        raise JobFailed(f"{name} failed: {message}") from None
+    _record_job(None)
+    return result
+
+
+def _sweep_summary(jobs: list[dict]) -> int | None:
+    """Print which jobs of the sweep failed, each named by the overrides that set it apart from
+    the other jobs; the sweep's exit status (None: no job failed)."""
+    failed = sorted((j for j in jobs if j["error"] is not None), key=lambda j: j["num"])
+    if not failed:
+        return None
+    shared = set.intersection(*(set(j["overrides"]) for j in jobs)) if len(jobs) > 1 else set()
+    lines = [f"error: {len(failed)} of {len(jobs)} sweep jobs failed:"]
+    for job in failed:
+        own = " ".join(o for o in job["overrides"] if o not in shared) or "no overrides of its own"
+        lines.append(f"  job {job['num']} ({own}): {job['error']}")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    return 1 if any(j["bug"] for j in failed) else 2
+
+
 def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
     """`@hydra.main` on conf/<config_name>.yaml with imcap's error policy: a user error (an
     ImcapError, an unknown option or config choice) is one `error:` line and exit status 2; a
@@ -69,9 +158,18 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Cal
         def run_task(cfg: DictConfig) -> Any:
             if stderr is not None and stderr.holding:
                 stderr.release()  # the config composed: from here on everything shows as it comes
-            return report_user_errors(task_with_plugins)(cfg)
+            if not _in_multirun():
+                return report_user_errors(task_with_plugins)(cfg)
+            try:
+                return _run_job(task_with_plugins, cfg)
+            finally:
+                # what a sweeper prints between jobs shows when the next starts; after the last,
+                # Hydra's basic sweeper raises a failed job again, which the summary replaces
+                if stderr is not None:
+                    stderr.hold()
 
         def task_with_plugins(cfg: DictConfig) -> Any:
+            quiet_libraries()  # library messages a user cannot act on: imcap.console names each
             load_plugins(cfg.get("plugins"))  # the user's own components, before anything is built or loaded
             return task(cfg)
 
@@ -83,19 +181,34 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Cal
             real = sys.stderr
             stderr = _HeldStderr(real)
             sys.stderr = stderr
+            record = os.path.join(tempfile.gettempdir(), f"imcap-sweep-{uuid.uuid4().hex}.jsonl")
+            os.environ[SWEEP_RECORD] = record
             try:
-                return hydra_main()
-            except SystemExit as exc:
-                message = stderr.one_line() if stderr.holding and exc.code == 1 else None
-                if message is None:
-                    raise
-                stderr.holding = False  # Hydra refused the command line or a config file: one line
-                print(f"error: {message}", file=real, flush=True)
-                raise SystemExit(2) from None
+                try:
+                    result = hydra_main()
+                except SystemExit as exc:
+                    jobs = _sweep_jobs(record)
+                    if jobs:  # a sweep whose jobs ended; the basic sweeper ends one by raising a failed job again
+                        if "Traceback" not in stderr.held.getvalue():
+                            stderr.hold()  # its re-raise of a job that the summary names: not shown
+                        status = _sweep_summary(jobs)
+                        raise SystemExit(status if status is not None and exc.code == 1 else exc.code) from None
+                    message = stderr.one_line() if stderr.holding and exc.code == 1 else None
+                    if message is None:
+                        raise
+                    stderr.holding = False  # Hydra refused the command line or a config file: one line
+                    print(f"error: {message}", file=real, flush=True)
+                    raise SystemExit(2) from None
+                status = _sweep_summary(_sweep_jobs(record))  # a sweeper that goes past failed jobs (Optuna) returns
+                if status is not None:
+                    raise SystemExit(status)
+                return result
             finally:
                 sys.stderr = real
                 if stderr.holding:
                     stderr.release()
+                if os.path.exists(record):
+                    os.remove(record)
 
         return main
 

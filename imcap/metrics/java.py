@@ -28,6 +28,8 @@ log = logging.getLogger("imcap.metrics")
 _noted: set[str] = set()
 
 SPICE_CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+# the archive pycocoevalcap's get_stanford_models.py fetches them from
+SPICE_CORENLP_URL = "https://nlp.stanford.edu/software/stanford-corenlp-full-2015-12-09.zip"
 _METEOR_CHUNK = 256  # SCORE lines written before reading their answers (no pipe ever fills up)
 _PIPE_BUF = 4096  # a write this small into a pipe that select() calls writable does not block
 
@@ -215,7 +217,8 @@ class SpiceScorer:
         if folder is None or not all((folder / "lib" / jar).is_file() for jar in SPICE_CORENLP_JARS):
             where = folder / "lib" if folder else "pycocoevalcap/spice/lib"
             note_once("spice-corenlp", f"SPICE skipped: it needs Stanford CoreNLP 3.6.0 in {where} "
-                      f"({', '.join(SPICE_CORENLP_JARS)}), which is not installed")
+                      f"({', '.join(SPICE_CORENLP_JARS)}), which is not installed; to enable it, copy those "
+                      f"two jars there from {SPICE_CORENLP_URL}")
             return False
         return True
 

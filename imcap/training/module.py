@@ -70,7 +70,7 @@ class CaptionModule(pl.LightningModule):
         data_config: dict | None = None,
         eval_prefix: str = "test",
         val_metrics: Sequence[str] = ("BLEU", "ROUGE-L", "CIDEr-D"),
-        test_metrics: Sequence[str] = ("BLEU", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE"),
+        test_metrics: Sequence[str] = ("BLEU", "METEOR", "ROUGE-L", "CIDEr-D"),
         monitor: str = "CIDEr-D",
         scst: dict | None = None,
         scheduled_sampling: dict | None = None,
