@@ -222,12 +222,12 @@ def format_features(results: list[dict[str, Any]], encoder: str) -> str:
 def run_shards(overrides: Sequence[str]) -> list[str]:
     """Write every split of the configured source as shards; `out=` and `shard_size=` are
     this command's own options, the rest are Hydra overrides."""
-    from imcap.data.shards import load_index, write_shards
+    from imcap.data.shards import glob_shards, join, load_index, local_path, shown, write_shards
 
     options = {k: v for k, _, v in (o.partition("=") for o in overrides if o.split("=")[0] in ("out", "shard_size"))}
     rest = [o for o in overrides if o.split("=")[0] not in ("out", "shard_size")]
     if "out" not in options:
-        raise ImcapError("shards needs out=DIR, the folder to write {train,val,test}/*.tar into")
+        raise ImcapError("shards needs out=DIR, the folder (or s3://BUCKET/PATH) to write {train,val,test}/*.tar into")
     try:
         shard_size = int(options.get("shard_size", 1000))
     except ValueError:
@@ -239,15 +239,15 @@ def run_shards(overrides: Sequence[str]) -> list[str]:
     for split, records in datamodule.records.items():
         if not records:
             continue
-        folder = Path(options["out"]) / split
-        if any(folder.glob("*.tar")):
-            raise ImcapError(f"{folder} already holds shards; choose another out= or remove them")
+        folder = join(options["out"], split)  # a folder or an fsspec URL (s3://, gs://, ...)
+        if glob_shards(join(folder, "*.tar")):
+            raise ImcapError(f"{shown(folder)} already holds shards; choose another out= or remove them")
         start = time.perf_counter()
         shards = write_shards(records, folder, shard_size)
-        for shard in shards:
+        for shard in shards if local_path(folder) is not None else ():  # remote: uploaded with its index
             load_index(shard)  # training then starts without a first pass over the tars
         lines.append(f"{split:<5} {len(records):>8,} images  {len(shards):>5} shards  "
-                     f"{time.perf_counter() - start:6.1f} s  {folder}")
+                     f"{time.perf_counter() - start:6.1f} s  {shown(folder)}")
     return lines
 
 

@@ -4,7 +4,9 @@ read memory-mapped features instead of decoding JPEGs and running the CNN every 
 `NAME.features-KEY.npy` (rows = the shard's sample positions, (n, N, C)) and
 `NAME.features-KEY.json` (the positions whose image would not decode) sit beside the shard's
 index: next to the shard, or under data.cache_dir. KEY hashes the encoder fingerprint, the
-storage dtype, the precision and the shard file's size and mtime. Each process starts at a
+storage dtype, the precision and the shard file's size and mtime (size and ETag for a shard in
+object storage, which is downloaded beside its feature file for the one pass that extracts it
+and removed after: local disk holds the features, plus one shard per process). Each process starts at a
 different shard (`first`, its rank) and takes a lock per shard, so DDP ranks and nodes on
 shared storage split the work and then read each other's files. A process waiting for a shard's
 lock says so and gives up, as `imcap.data.features` does, after `IMCAP_FEATURE_LOCK_TIMEOUT`
@@ -26,7 +28,7 @@ import torch
 
 from imcap.data.features import PRECISIONS, _to_numpy, inference_encoder, wait_for_lock
 from imcap.data.images import accepts_uint8_tensor
-from imcap.data.shards import Sample, index_path, load_index, read_image_bytes
+from imcap.data.shards import Sample, index_path, load_index, local_copy, read_image_bytes, shown, stamp
 from imcap.data.streaming import ShardSplit, decode_image
 from imcap.errors import ImcapError
 
@@ -34,11 +36,12 @@ log = logging.getLogger(__name__)
 
 
 def feature_path(shard: str, cache_dir: str | None, fingerprint: str, dtype: str, precision: str) -> Path:
-    st = os.stat(shard)
+    this = stamp(shard)  # size and mtime of a local shard, size and ETag of a remote one
+    version = this.get("mtime_ns", this.get("version"))
     # "rows": the file holds encoder.encode_for_cache's rows (files keyed without it held the grid alone)
-    key = hashlib.sha256(f"{fingerprint}\0{dtype}\0{precision}\0{st.st_size}\0{st.st_mtime_ns}\0rows".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{fingerprint}\0{dtype}\0{precision}\0{this['bytes']}\0{version}\0rows".encode()).hexdigest()[:16]
     index = index_path(shard, cache_dir)
-    return index.with_name(f"{Path(shard).stem}.features-{key}.npy")
+    return index.with_name(f"{index.name.removesuffix('.index.json')}.features-{key}.npy")
 
 
 def extract_shard_features(encoder: torch.nn.Module, split: ShardSplit, transform: Callable, cache_dir: str | None,
@@ -69,11 +72,12 @@ def _ensure(encoder, shard: str, path: Path, transform, cache_dir, batch_size, p
         return json.loads(bad_file.read_text(encoding="utf-8"))["bad"]
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w", encoding="utf-8") as lock:
-        wait_for_lock(lock, progress_path(path), f"shard {shard}", lock_timeout)
+        wait_for_lock(lock, progress_path(path), f"shard {shown(shard)}", lock_timeout)
         if path.is_file() and bad_file.is_file():
             return json.loads(bad_file.read_text(encoding="utf-8"))["bad"]
         samples = load_index(shard, cache_dir)
-        bad = _extract(encoder, shard, samples, path, transform, batch_size, precision, policy, dtype)
+        with local_copy(shard, path.parent) as source:  # a remote shard: downloaded once, removed after
+            bad = _extract(encoder, shard, source, samples, path, transform, batch_size, precision, policy, dtype)
         bad_file.write_text(json.dumps({"bad": bad}), encoding="utf-8")
     return bad
 
@@ -83,7 +87,7 @@ def progress_path(path: Path) -> Path:
     return path.with_suffix(".progress")
 
 
-def _extract(encoder, shard: str, samples: list[Sample], path: Path, transform, batch_size: int, precision: str,
+def _extract(encoder, shard: str, source: str, samples: list[Sample], path: Path, transform, batch_size: int, precision: str,
              policy: str, dtype: str) -> list[int]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     was_training = encoder.training
@@ -95,9 +99,9 @@ def _extract(encoder, shard: str, samples: list[Sample], path: Path, transform, 
     bad: list[int] = []
 
     def load(i: int) -> torch.Tensor | None:
-        where = f"key {samples[i].key} in {shard}"
+        where = f"key {samples[i].key} in {shown(shard)}"
         try:
-            return transform(decode_image(read_image_bytes(shard, samples[i]), where, as_tensor))
+            return transform(decode_image(read_image_bytes(source, samples[i]), where, as_tensor))
         except ImcapError:
             if policy == "error":
                 raise
@@ -126,10 +130,10 @@ def _extract(encoder, shard: str, samples: list[Sample], path: Path, transform, 
         if model is encoder:
             encoder.to("cpu").train(was_training)
     if store is None:
-        raise ImcapError(f"shard {shard} has no image that decodes; remove it from the shard list")
+        raise ImcapError(f"shard {shown(shard)} has no image that decodes; remove it from the shard list")
     store.flush()
     del store
     os.replace(partial, path)
     progress_path(path).unlink(missing_ok=True)
-    log.info("Cached features of %d images of %s in %s", len(todo) - len(bad), shard, path)
+    log.info("Cached features of %d images of %s in %s", len(todo) - len(bad), shown(shard), path)
     return sorted(bad)

@@ -11,21 +11,34 @@ image id, captions, and the byte offset and size of its image. With it a reader 
 sample directly, which is what makes sharding by sample, shuffling and mid-epoch resume cheap.
 Samples without an image, without captions, or whose image is not one are bad samples:
 `bad_samples=error` stops, `skip` leaves them out and reports how many.
+
+Shards can live in object storage: any fsspec URL (`s3://`, `gs://`, `https://`; `file://` and
+plain paths are local). Writing stages one shard at a time on local disk and uploads it with its
+index beside it (`NAME.index.json`). Reading fetches each image by a byte-range request; the
+index is read once from beside the shard (or built by one streamed pass) and kept on local disk
+under data.cache_dir, mirroring the URL (`CACHE/s3/BUCKET/PATH/NAME.index.json`). Credentials
+come the store's standard way (for S3: AWS_* variables, ~/.aws/config, AWS_ENDPOINT_URL),
+never from imcap's config or logs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import json
 import logging
+import os
 import tarfile
+import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+from urllib.parse import urlsplit
 
+import fsspec
 from PIL import Image, UnidentifiedImageError
 from webdataset import ShardWriter
 from webdataset.tariterators import base_plus_ext
@@ -41,19 +54,124 @@ INDEX_VERSION = 1
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 BAD_SAMPLES = ("error", "skip")
 HEADER_BYTES = 1 << 16  # enough of an image for PIL to read its header (format, size)
+# an unreachable endpoint fails in seconds, not after botocore's minutes of retries
+S3_DEFAULTS = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 60,
+                                 "retries": {"max_attempts": 2, "mode": "standard"}}}
+
+
+# -- where shards are: local paths or fsspec URLs -------------------------------------------------
+def local_path(location: str | Path) -> str | None:
+    """The local path of `location` (a path or a file:// URL), None for a remote URL."""
+    text = str(location)
+    if text.startswith("file://"):
+        return text[len("file://"):]
+    return None if "://" in text else text
+
+
+def shown(url: str | Path) -> str:
+    """`url` as it may be printed: without the user:password@ some https URLs carry."""
+    parts = urlsplit(str(url))
+    if parts.scheme and "@" in parts.netloc:
+        return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
+    return str(url)
+
+
+def join(root: str | Path, relative: str) -> str:
+    """`relative` under `root`; an absolute path or a URL stays as it is."""
+    if "://" in relative or Path(relative).is_absolute():
+        return relative
+    if local_path(root) is not None:
+        return str(Path(local_path(root)) / relative)
+    return str(root).rstrip("/") + "/" + relative
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """The fsspec filesystem of a remote `url` and the path within it. Options come from
+    fsspec's config (data.storage_options, FSSPEC_<PROTOCOL>_* variables) and the store's own
+    credential chain; S3 gets short timeouts unless they are configured."""
+    protocol = url.split("://", 1)[0]
+    configured = fsspec.config.conf.get(protocol, {})
+    options = {k: v for k, v in S3_DEFAULTS.items() if k not in configured} if protocol in ("s3", "s3a") else {}
+    try:
+        return fsspec.core.url_to_fs(url, **options)
+    except ImportError as e:
+        raise ImcapError(f"{protocol}:// URLs need fsspec's {protocol} filesystem ({e}); install it, e.g. "
+                         f"pip install {'gcsfs' if protocol in ('gs', 'gcs') else 's3fs'}") from e
+    except ValueError as e:
+        raise ImcapError(f"{shown(url)}: {e}; use a local path or an fsspec URL (s3://, gs://, https://)") from e
+
+
+@contextlib.contextmanager
+def storage_errors(url: str | Path, what: str):
+    """Errors of the store as one `error:` line naming `url` (never its credentials)."""
+    try:
+        yield
+    except (ImcapError, tarfile.TarError, EOFError):  # not the store's: the caller names them
+        raise
+    except FileNotFoundError as e:
+        raise ImcapError(f"{what} not found: {shown(url)}; check data.root and data.train/val/test") from e
+    except PermissionError as e:
+        raise ImcapError(f"no access to {shown(url)} ({type(e).__name__}); check the store's credentials "
+                         "(for S3: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws/config)") from e
+    except Exception as e:  # botocore, aiohttp, socket: the store could not be reached
+        if local_path(url) is not None and isinstance(e, OSError):
+            raise ImcapError(f"cannot read {what} {url}: {e.strerror or e}") from e
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise ImcapError(f"cannot reach {shown(url)} ({reason}); check the endpoint (for S3: AWS_ENDPOINT_URL), "
+                         "the network and the credentials") from e
+
+
+def glob_shards(pattern: str) -> list[str]:
+    """Shards matching a glob `pattern`, a local path or a URL of a store that lists."""
+    if local_path(pattern) is not None:
+        import glob
+
+        return sorted(glob.glob(local_path(pattern)))
+    fs, path = filesystem(pattern)
+    with storage_errors(pattern, "shards"):
+        return sorted(fs.unstrip_protocol(p) for p in fs.glob(path))
+
+
+def _put(local: str, url: str) -> None:
+    fs, path = filesystem(url)
+    with storage_errors(url, "shard folder"):
+        fs.put_file(local, path)
+        fs.invalidate_cache(path)
 
 
 # -- writing -------------------------------------------------------------------------------------
 def write_shards(records: Iterable[CaptionRecord], folder: str | Path, shard_size: int) -> list[str]:
     """Write `records` as shards of `shard_size` samples, `folder/000000.tar` ...; returns the
-    shard paths. Image files are copied byte for byte (their extension names the member)."""
+    shard paths (URLs for a remote `folder`). Image files are copied byte for byte (their
+    extension names the member). A remote shard is staged on local disk (one at a time, in the
+    temporary folder), indexed, and uploaded with its index."""
     if shard_size < 1:
         raise ImcapError(f"shard_size={shard_size}; use a count of samples per shard >= 1")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if local_path(folder) is not None:
+        target = Path(local_path(folder))
+        target.mkdir(parents=True, exist_ok=True)
+        return _write_tars(records, target, shard_size, lambda name: str(Path(name)))
+    with tempfile.TemporaryDirectory(prefix="imcap-shards-") as staging:
+        return _write_tars(records, Path(staging), shard_size, lambda name: _upload(name, str(folder)))
+
+
+def _upload(staged: str, folder: str) -> str:
+    """Upload a staged shard and its index into `folder`; returns the shard's URL."""
+    url = join(folder, Path(staged).name)
+    samples = _read_samples(staged, staged)
+    _put(staged, url)
+    index = Path(staged).with_suffix(".index.json")
+    write_json(index, _index_json(remote_stamp(url), samples), indent=None)
+    _put(str(index), sidecar(url))
+    for done in (staged, index):
+        os.unlink(done)
+    return url
+
+
+def _write_tars(records: Iterable[CaptionRecord], folder: Path, shard_size: int, post) -> list[str]:
     written: list[str] = []
     with ShardWriter(str(folder / "%06d.tar"), maxcount=shard_size, verbose=0,
-                     post=lambda name: written.append(name)) as sink:
+                     post=lambda name: written.append(post(name))) as sink:
         for n, record in enumerate(records):
             ext = Path(record.image_path).suffix.lower().lstrip(".")
             if ext not in IMAGE_EXTENSIONS:
@@ -65,7 +183,7 @@ def write_shards(records: Iterable[CaptionRecord], folder: str | Path, shard_siz
             meta = {"image_id": record.image_id, "captions": list(record.captions)}
             sink.write({"__key__": f"{n:09d}", ext: image, "txt": "\n".join(record.captions),
                         "json": json.dumps(meta, ensure_ascii=False)})
-    return sorted(str(Path(p)) for p in written) or []
+    return sorted(written)
 
 
 # -- indexing ------------------------------------------------------------------------------------
@@ -100,7 +218,17 @@ def _image_problem(head: bytes) -> str | None:
         return "not an image"
 
 
-def _read_samples(path: Path) -> list[Sample]:
+def open_shard(shard: str | Path) -> IO[bytes]:
+    """`shard` opened for reading: a local file, or a remote object read ahead in large blocks
+    (an index pass reads it front to back)."""
+    if local_path(shard) is not None:
+        return open(local_path(shard), "rb")
+    fs, path = filesystem(str(shard))
+    return fs.open(path, "rb", block_size=8 << 20, cache_type="readahead")
+
+
+def _read_samples(path: str | Path, source: str | Path) -> list[Sample]:
+    """Index the shard `path` (named so in errors), read from `source` (a path or URL)."""
     samples: list[Sample] = []
     members: dict[str, tarfile.TarInfo] = {}
     key: str | None = None
@@ -129,7 +257,7 @@ def _read_samples(path: Path) -> list[Sample]:
                               (image.offset_data, image.size) if image is not None else None, problem))
 
     try:
-        with tarfile.open(path, "r:") as f:
+        with storage_errors(source, "shard"), open_shard(source) as raw, tarfile.open(fileobj=raw, mode="r:") as f:
             for info in f:  # headers only: the data of each member is seeked over
                 if not info.isfile():
                     continue
@@ -143,31 +271,70 @@ def _read_samples(path: Path) -> list[Sample]:
                 members[ext.lower()] = info
             close(f)
     except (tarfile.TarError, EOFError) as e:
-        raise ImcapError(f"shard {path} is not a readable tar file ({e}); rewrite or remove it") from e
+        raise ImcapError(f"shard {shown(path)} is not a readable tar file ({e}); rewrite or remove it") from e
     return samples
 
 
 def index_path(shard: str | Path, cache_dir: str | Path | None) -> Path:
-    """Where the index (and, beside it, the feature cache) of `shard` lives: next to it, or
-    with `cache_dir` under cache_dir/<the shard's absolute folder>."""
-    shard = Path(shard).resolve()
-    folder = shard.parent if cache_dir is None else Path(cache_dir) / str(shard.parent).lstrip("/")
-    return folder / f"{shard.stem}.index.json"
+    """Where the index (and, beside it, the feature cache) of `shard` lives: next to a local
+    shard, or with `cache_dir` under cache_dir/<the shard's absolute folder>; a remote shard's
+    under cache_dir/<protocol>/<host>/<path> (it needs a cache_dir)."""
+    local = local_path(shard)
+    if local is not None:
+        shard = Path(local).resolve()
+        folder = shard.parent if cache_dir is None else Path(cache_dir) / str(shard.parent).lstrip("/")
+        return folder / f"{shard.stem}.index.json"
+    if cache_dir is None:
+        raise ImcapError(f"shards in object storage ({shown(shard)}) need a local folder for their indexes and "
+                         "features; set data.cache_dir=DIR")
+    parts = urlsplit(shown(shard))
+    host = parts.netloc.replace(":", "_") or "_"
+    remote = Path(parts.path.lstrip("/"))
+    return Path(cache_dir) / parts.scheme / host / remote.parent / f"{remote.stem}.index.json"
 
 
-def _stamp(shard: Path) -> dict[str, int]:
-    st = shard.stat()
+_REMOTE_STAMPS: dict[str, dict[str, Any]] = {}  # a run reads each object's stamp once (workers inherit it)
+
+
+def remote_stamp(url: str) -> dict[str, Any]:
+    """Size and version tag (ETag, else the modification time) of the object at `url`."""
+    if url not in _REMOTE_STAMPS:
+        fs, path = filesystem(url)
+        with storage_errors(url, "shard"):
+            info = fs.info(path)
+        if info.get("type") == "directory":
+            raise ImcapError(f"shard not found: {shown(url)} is a folder; check data.root and data.train/val/test")
+        tag = next((info[k] for k in ("ETag", "etag", "md5Hash", "LastModified", "mtime", "updated") if info.get(k)), "")
+        _REMOTE_STAMPS[url] = {"bytes": int(info.get("size") or 0), "version": str(tag)}
+    return _REMOTE_STAMPS[url]
+
+
+def stamp(shard: str | Path) -> dict[str, Any]:
+    """What identifies this very shard file: size and mtime (local), size and ETag (remote)."""
+    local = local_path(shard)
+    if local is None:
+        return remote_stamp(str(shard))
+    try:
+        st = os.stat(local)
+    except FileNotFoundError:
+        raise ImcapError(f"shard not found: {shard}; check data.root and data.train/val/test") from None
+    if not Path(local).is_file():
+        raise ImcapError(f"shard not found: {shard}; check data.root and data.train/val/test")
     return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _index_json(shard_stamp: dict[str, Any], samples: Sequence[Sample]) -> dict[str, Any]:
+    return {"version": INDEX_VERSION, "shard": shard_stamp,
+            "samples": [[s.key, s.image_id, list(s.captions), s.image, s.problem] for s in samples]}
 
 
 def load_index(shard: str | Path, cache_dir: str | Path | None = None) -> list[Sample]:
     """The samples of `shard`, from its cached index or by indexing it now (one process at a
-    time per shard: DDP ranks wait for the first and read its index)."""
-    shard = Path(shard)
-    if not shard.is_file():
-        raise ImcapError(f"shard not found: {shard}; check data.root and data.train/val/test")
+    time per shard: DDP ranks wait for the first and read its index). A remote shard's index
+    is copied from beside it when it is there and made from this very object."""
+    this = stamp(shard)
     path = index_path(shard, cache_dir)
-    cached = _read_index(path, shard)
+    cached = _read_index(path, this)
     if cached is not None:
         return cached
     try:
@@ -178,25 +345,45 @@ def load_index(shard: str | Path, cache_dir: str | Path | None = None) -> list[S
                          "data.cache_dir=A_WRITABLE_DIR") from e
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        cached = _read_index(path, shard)
+        cached = _read_index(path, this)
         if cached is not None:
             return cached
-        samples = _read_samples(shard)
-        write_json(path, {"version": INDEX_VERSION, "shard": _stamp(shard),
-                          "samples": [[s.key, s.image_id, list(s.captions), s.image, s.problem] for s in samples]},
-                   indent=None)
-    return samples
+        data = _remote_index(str(shard), this) if local_path(shard) is None else None
+        if data is None:
+            data = _index_json(this, _read_samples(shard, shard))
+        write_json(path, data, indent=None)
+    return _samples_of(data)
 
 
-def _read_index(path: Path, shard: Path) -> list[Sample] | None:
-    """The cached index if it was made from this very shard file (same size and mtime)."""
+def sidecar(shard: str) -> str:
+    """The index beside a shard in its store: NAME.index.json next to NAME.tar."""
+    return (shard[: -len(".tar")] if shard.endswith(".tar") else shard) + ".index.json"
+
+
+def _remote_index(url: str, this: dict[str, Any]) -> dict[str, Any] | None:
+    """The index written beside a remote shard, if it was made from this very object."""
+    fs, path = filesystem(url)
+    try:
+        data = json.loads(fs.cat_file(sidecar(path)))
+    except Exception:  # no index beside it (img2dataset's shards): index the shard itself
+        return None
+    ok = isinstance(data, dict) and data.get("version") == INDEX_VERSION and data.get("shard") == this
+    return data if ok else None
+
+
+def _samples_of(data: dict[str, Any]) -> list[Sample]:
+    return [Sample(k, i, tuple(c), tuple(im) if im else None, p) for k, i, c, im, p in data["samples"]]
+
+
+def _read_index(path: Path, this: dict[str, Any]) -> list[Sample] | None:
+    """The cached index if it was made from this very shard file (same size and mtime or ETag)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if data.get("version") != INDEX_VERSION or data.get("shard") != _stamp(shard):
+    if data.get("version") != INDEX_VERSION or data.get("shard") != this:
         return None
-    return [Sample(k, i, tuple(c), tuple(im) if im else None, p) for k, i, c, im, p in data["samples"]]
+    return _samples_of(data)
 
 
 def usable(samples_by_shard: Sequence[tuple[str, Sequence[Sample]]], policy: str, split: str) -> None:
@@ -208,18 +395,43 @@ def usable(samples_by_shard: Sequence[tuple[str, Sequence[Sample]]], policy: str
         return
     shard, first = bad[0]
     if policy == "error":
-        raise ImcapError(f"{len(bad)} {split} samples cannot be used (first: key {first.key} in {shard}: "
+        raise ImcapError(f"{len(bad)} {split} samples cannot be used (first: key {first.key} in {shown(shard)}: "
                          f"{first.problem}); fix the shards or set data.bad_samples=skip")
     total = sum(len(samples) for _, samples in samples_by_shard)
     reasons = ", ".join(f"{n} {why}" for why, n in sorted(Counter(s.problem for _, s in bad).items()))
     log.warning("Skipped %d of %d %s samples (%s; first: key %s in %s)", len(bad), total, split, reasons,
-                first.key, shard)
+                first.key, shown(shard))
 
 
 def read_image_bytes(shard: str | Path, sample: Sample) -> bytes:
-    """The image file of `sample`, read directly at its offset in the shard."""
+    """The image file of `sample`, read directly at its offset in the shard (one byte-range
+    request for a remote shard)."""
     assert sample.image is not None
     offset, size = sample.image
-    with open(shard, "rb") as f:
-        f.seek(offset)
-        return f.read(size)
+    local = local_path(shard)
+    if local is not None:
+        with open(local, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+    fs, path = filesystem(str(shard))
+    with storage_errors(shard, "shard"):
+        return fs.cat_file(path, start=offset, end=offset + size)
+
+
+@contextlib.contextmanager
+def local_copy(shard: str | Path, folder: Path):
+    """A local path holding `shard`: the shard itself, or a remote one downloaded into
+    `folder` for the duration (one pass over every image reads it whole)."""
+    if local_path(shard) is not None:
+        yield local_path(shard)
+        return
+    fs, path = filesystem(str(shard))
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, copy = tempfile.mkstemp(prefix=f"{Path(path).stem}.", suffix=".download.tar", dir=folder)
+    os.close(fd)
+    try:
+        with storage_errors(shard, "shard"):
+            fs.get_file(path, copy)
+        yield copy
+    finally:
+        os.unlink(copy)

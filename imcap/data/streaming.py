@@ -20,7 +20,6 @@ worker skips the batches already trained, so nothing repeats and nothing is skip
 
 from __future__ import annotations
 
-import glob
 import io
 import logging
 import math
@@ -42,7 +41,7 @@ from imcap.data.datamodule import CaptionDataModule
 from imcap.data.dataset import collate
 from imcap.data.images import JPEG_MAGIC, accepts_uint8_tensor
 from imcap.data.images import _check_jpeg_header as check_jpeg_header
-from imcap.data.shards import BAD_SAMPLES, Sample, load_index, read_image_bytes, usable
+from imcap.data.shards import BAD_SAMPLES, Sample, glob_shards, join, load_index, local_path, read_image_bytes, shown, usable
 from imcap.data.sources.policy import check_choice
 from imcap.data.text import normalize, tokenize
 from imcap.data.vocab import Vocabulary
@@ -241,7 +240,7 @@ class ShardStream(IterableDataset):
 
     def _image(self, shard: int, sample: Sample) -> torch.Tensor:
         data = read_image_bytes(self.split.shards[shard], sample)
-        where = f"key {sample.key} in {self.split.shards[shard]}"
+        where = f"key {sample.key} in {shown(self.split.shards[shard])}"
         return self.transform(decode_image(data, where, tensor=accepts_uint8_tensor(self.transform)))
 
     def _item(self, shard: int, position: int, caption: int) -> dict[str, Any]:
@@ -339,15 +338,33 @@ class StreamingLoader(DataLoader):
 
 # -- the data module -------------------------------------------------------------------------------
 def expand_shards(root: str | Path, patterns: str | Sequence[str] | None) -> list[str]:
-    """Shard paths of glob and brace patterns (`{000000..000099}.tar`), relative to `root`."""
+    """Shard paths or URLs of glob and brace patterns (`{000000..000099}.tar`), relative to
+    `root` (a folder or an fsspec URL; globs need a store that lists, as S3 and GCS do)."""
     if patterns is None:
         return []
     found: list[str] = []
     for pattern in [patterns] if isinstance(patterns, str) else list(patterns):
         for p in braceexpand(str(pattern)):
-            path = p if Path(p).is_absolute() else str(Path(root) / p)
-            found += sorted(glob.glob(path)) if glob.has_magic(path) else [path]
+            path = join(root, p)
+            # "?" is left to URLs: a signed https URL's query is not a pattern
+            magic = "*" in path or "[" in path or (local_path(path) is not None and "?" in path)
+            found += glob_shards(path) if magic else [path]
     return list(dict.fromkeys(found))
+
+
+def use_storage_options(options: dict[str, dict[str, Any]] | None) -> None:
+    """data.storage_options, per protocol ({s3: {endpoint_url: ...}}), as fsspec's own config:
+    every filesystem this process (and its forked loader workers) opens takes them."""
+    import fsspec
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(options, DictConfig):
+        options = OmegaConf.to_container(options, resolve=True)
+    for protocol, values in (options or {}).items():
+        if not isinstance(values, dict):
+            raise ImcapError(f"data.storage_options.{protocol} must map option names to values, e.g. "
+                             "data.storage_options={s3:{endpoint_url:http://HOST:PORT}}")
+        fsspec.config.conf.setdefault(str(protocol), {}).update(dict(values))
 
 
 @register("datamodule", "shards")
@@ -364,10 +381,14 @@ class ShardDataModule(CaptionDataModule):
 
     def __init__(self, root: str, train: str | Sequence[str] = "train/*.tar", val: str | Sequence[str] | None = "val/*.tar",
                  test: str | Sequence[str] | None = "test/*.tar", bad_samples: str = "error",
-                 shuffle_buffer: int = 2048, source: None = None, **kwargs):
+                 shuffle_buffer: int = 2048, source: None = None, remote_cache_dir: str | None = None,
+                 storage_options: dict[str, dict[str, Any]] | None = None, **kwargs):
         if source is not None:
             raise ImcapError("data=shards reads the shards under data.root; it takes no data.source")
         super().__init__(source=None, root=str(root), **kwargs)
+        use_storage_options(storage_options)
+        if self.cache_dir is None and local_path(root) is None:  # shards in object storage: indexes on local disk
+            self.cache_dir = remote_cache_dir
         if self.hflip:  # a stream has no second, mirrored cache to read from
             raise ImcapError("data.hflip=true is not available with data=shards; set data.hflip=false, or train "
                              "from the data option the shards were written from")
@@ -380,7 +401,7 @@ class ShardDataModule(CaptionDataModule):
 
     def prepare_data(self) -> None:
         if not expand_shards(self.root, self.patterns["train"]):
-            raise ImcapError(f"no train shards match data.train={self.patterns['train']!r} under data.root={self.root}; "
+            raise ImcapError(f"no train shards match data.train={self.patterns['train']!r} under data.root={shown(self.root)}; "
                              "write some with `python -m imcap.data shards data=NAME out=DIR`")
 
     @property
@@ -393,7 +414,7 @@ class ShardDataModule(CaptionDataModule):
             shards = expand_shards(self.root, self.patterns[split])
             if not shards:
                 raise ImcapError(f"no {split} shards match data.{split}={self.patterns[split]!r} under "
-                                 f"data.root={self.root}")
+                                 f"data.root={shown(self.root)}")
             self.splits[split] = ShardSplit.load(split, shards, self.cache_dir, self.bad_samples)
             s = self.splits[split]
             log.info("Shards %s: %d shards, %d images, %d captions", split, len(shards), s.images, s.captions)
