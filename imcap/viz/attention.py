@@ -14,6 +14,31 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
+# The figure's panels are about 190 px wide at its 80 dpi: a photo is drawn from at most this
+# many pixels a side, so a 48-megapixel photo costs no more memory than a thumbnail.
+FIGURE_SIDE = 512
+
+
+def fit_size(size: tuple[int, int], short: int, long: int) -> tuple[int, int]:
+    """(width, height) scaled so the short side reaches `short` unless the long side would pass
+    `long`: a bounded size for any shape (a 1 x 5000 strip stays 1 x `long`, never 256 x 1.3M)."""
+    width, height = size
+    scale = min(short / min(width, height), long / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def bounded(image: Image.Image, side: int) -> Image.Image:
+    """`image` shrunk (never enlarged) so that neither side is longer than `side`."""
+    if max(image.size) <= side:
+        return image
+    return image.resize(fit_size(image.size, side, side), Image.BILINEAR)
+
+
+def _jet_table() -> np.ndarray:
+    """The jet colour map as 256 uint8 RGB rows: a heat map is coloured by lookup in uint8,
+    not through matplotlib's float64 RGBA of the whole canvas (32 bytes a pixel, not 3)."""
+    return (plt.get_cmap("jet")(np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
+
 
 def attention_heatmap(weights: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """Upsample one word's weights over an N = g x g grid to an (H, W) map in [0, 1]."""
@@ -30,8 +55,8 @@ def attention_overlay(image: Image.Image, weights: torch.Tensor, alpha: float = 
     """One word's attention as a jet heat map blended over the image (the figure's panel,
     without matplotlib's axes; for interactive use)."""
     image = image.convert("RGB")
-    heat = attention_heatmap(weights, (image.height, image.width))  # (H, W) in [0, 1]
-    colours = (plt.get_cmap("jet")(heat)[..., :3] * 255).astype(np.uint8)  # (H, W, 3)
+    heat = attention_heatmap(weights, (image.height, image.width))  # (H, W) float32 in [0, 1]
+    colours = _jet_table()[(heat * 255).round().astype(np.uint8)]  # (H, W, 3) uint8
     return Image.blend(image, Image.fromarray(colours), alpha)
 
 
@@ -42,7 +67,7 @@ def caption_attention_figure(
 
     attention: (len(words), N) weights per word.
     """
-    image = image.convert("RGB")
+    image = bounded(image.convert("RGB"), FIGURE_SIDE)
     panels = len(words) + 1
     rows = math.ceil(panels / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.6 * rows), squeeze=False)
