@@ -21,6 +21,17 @@ def _mkdir(path: str) -> str:
 OmegaConf.register_new_resolver("imcap_mkdir", _mkdir, replace=True)
 
 
+def _run_stamp() -> str:
+    from imcap.files import run_stamp
+
+    return run_stamp()
+
+
+# `${imcap_run_stamp:}` in conf/hydra: a run directory's name, start time + a random part (cached
+# like Hydra's `now`, so every job of a sweep and every read of the config see one value).
+OmegaConf.register_new_resolver("imcap_run_stamp", _run_stamp, use_cache=True, replace=True)
+
+
 def _attentions_for(decoder_target: str) -> str:
     from hydra.utils import get_class
 

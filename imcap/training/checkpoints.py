@@ -1,6 +1,6 @@
 """How checkpoints are written and carried across a resume.
 
-- `AtomicCheckpointIO`: every checkpoint is written to `<name>.tmp` beside its target and moved
+- `AtomicCheckpointIO`: every checkpoint is written to a temporary file beside its target and moved
   over it (imcap.files.write_atomic). Lightning's own writer stages the file in the system temp
   directory and, when that is another filesystem, copies it over the target: a kill during the
   copy leaves a truncated `last.ckpt`, and any kill leaves a checkpoint-sized file in /tmp.
