@@ -8,7 +8,8 @@
   new run directory (`python -m imcap.train ckpt_path=.../last.ckpt` from anywhere). Lightning
   drops the best score when the directory changes, so the first epoch after the resume would
   overwrite best.ckpt whatever its score; here the best checkpoint so far is copied into the
-  new directory and its score carried across.
+  new directory and its score carried across. A checkpoint of non-finite weights is refused
+  (one `error:` line): it would be kept as best.ckpt when a run diverges in its first epoch.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from imcap.errors import ImcapError
 from imcap.files import write_atomic
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,15 @@ class RunCheckpoint(ModelCheckpoint):
     def _generate_state_key(self, **kwargs: Any) -> str:
         # the key ModelCheckpoint uses: checkpoints written with either class resume with either
         return f"ModelCheckpoint{kwargs!r}"
+
+    def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
+        params = [p.detach() for p in trainer.lightning_module.parameters()]
+        largest = torch._foreach_norm(params, float("inf")) if params else []  # inf or NaN if any weight is
+        if largest and not bool(torch.isfinite(torch.stack([n.float().cpu() for n in largest])).all()):
+            from imcap.training.module import diverged
+
+            raise ImcapError(diverged(trainer, f"the weights are not finite, so {Path(filepath).name} is not written"))
+        super()._save_checkpoint(trainer, filepath)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         old_dir = state_dict.get("dirpath")

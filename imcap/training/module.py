@@ -201,11 +201,28 @@ class CaptionModule(pl.LightningModule):
                                self.scst_reward, self.scst, self.decoding)
             for name, value in losses.items():
                 self.log(f"train/scst_{name}" if name != "loss" else "train/loss", value, prog_bar=True, batch_size=bs)
+            self.stop_if_diverged("loss", losses["loss"])
             return losses["loss"]
         losses = self.loss(batch)
         for name, value in losses.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=bs)
+        self.stop_if_diverged("loss", losses["loss"])
         return losses["loss"]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return  # float16's GradScaler skips a step with non-finite gradients and lowers its scale
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:  # one fused norm per device and dtype, then one sync: a NaN anywhere makes the total NaN
+            self.stop_if_diverged("gradient norm", torch.linalg.vector_norm(torch.stack(
+                [n.to(grads[0].device, torch.float32) for n in torch._foreach_norm(grads)])))
+
+    def stop_if_diverged(self, what: str, value: torch.Tensor) -> None:
+        """A non-finite loss or gradient ends the run with one line. Going on would spread the NaN
+        to every weight (clipping divides by a NaN norm), and NaN logits still decode to a finite,
+        near-zero CIDEr-D that early stopping and best.ckpt would take as a real score."""
+        if not bool(torch.isfinite(value)):
+            raise ImcapError(diverged(self.trainer, f"the {what} is {float(value.detach())}"))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         bs = batch["tokens"].shape[0]
@@ -335,6 +352,15 @@ class CaptionModule(pl.LightningModule):
             "wandb_run_id": self.wandb_run_id,
             "format": 1,
         }
+
+
+def diverged(trainer: pl.Trainer, what: str) -> str:
+    """The one line that says where training diverged and what to try."""
+    lr = (getattr(trainer.lightning_module, "optimizer_cfg", None) or {}).get("lr")
+    return (f"training diverged at step {trainer.global_step} (epoch {trainer.current_epoch}): {what}; try a "
+            f"lower model.optimizer.lr{f' (now {lr:g})' if lr is not None else ''} or gradient clipping "
+            f"(trainer.gradient_clip_val, now {trainer.gradient_clip_val})"
+            + (f" or trainer.precision=32-true (now {trainer.precision})" if trainer.precision != "32-true" else ""))
 
 
 def gather_predictions(predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
