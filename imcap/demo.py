@@ -5,12 +5,22 @@ length adjustable), then select a word to see where the model looked for it. Exa
 come from the test split of the data the model was trained on. The page is served offline on
 127.0.0.1 by default: Gradio's analytics and Hugging Face calls are off, the theme uses the
 system's fonts, and no share link is made.
+
+Safe to share: uploads are limited in size and deleted after a while, the queue of waiting
+requests is bounded, the attention overlay has a bounded size for any image shape, Gradio
+serves the example files only (never their folders), and a login can be required (auth_file).
 """
 
 from __future__ import annotations
 
+import atexit
+import ipaddress
 import logging
 import os
+import re
+import shutil
+import signal
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,13 +33,17 @@ from imcap.caption import expand_images
 from imcap.entry import hydra_entry
 from imcap.errors import ImcapError
 from imcap.models.captioner import CHECKPOINT_KEY, Caption, Captioner, load_checkpoint
-from imcap.viz.attention import attention_overlay
+from imcap.viz.attention import attention_overlay, fit_size
 
 log = logging.getLogger("imcap.demo")
 # set before gradio is imported: it reads them at import time
 OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 MAX_BEAM, MAX_LENGTH = 20, 50
-DISPLAY_SIZE = 256  # the attention overlay's shorter side is at least this many pixels
+# The attention overlay's short side is enlarged to DISPLAY_SIZE (the shapes demo's 64 px images)
+# unless its long side would pass DISPLAY_LONG_SIDE: a thin 1 x N upload once became 256 x 256N
+# pixels (a 71-byte 1 x 100 PNG cost 474 MB), now at most 1 x DISPLAY_LONG_SIDE.
+DISPLAY_SIZE, DISPLAY_LONG_SIDE = 256, 1024
+FILE_SIZE_UNITS = {"b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}  # Gradio's units (1 kb = 1024 b)
 
 
 def load_model(source: str | Path, device: str = "cpu") -> Captioner:
@@ -91,14 +105,75 @@ class Demo:
         """The image under word `index`'s attention (None for a model without attention)."""
         if caption.attention is None or not 0 <= index < len(caption.words):
             return None
-        scale = -(-DISPLAY_SIZE // min(image.size))  # small images (the shapes demo) shown larger
-        if scale > 1:
-            image = image.resize((image.width * scale, image.height * scale), Image.BILINEAR)
+        size = fit_size(image.size, DISPLAY_SIZE, DISPLAY_LONG_SIDE)
+        if size != image.size:
+            image = image.resize(size, Image.BILINEAR)
         return attention_overlay(image, caption.attention[index])
 
 
-def build_app(captioner: Captioner, examples: list[Path]) -> Any:
-    """The Gradio Blocks page (not yet launched)."""
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach a server bound to `host`."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def network_warning(host: str, auth_file: str | None) -> str | None:
+    """The one-line warning for a page that other machines can open (None on loopback)."""
+    if is_loopback(host):
+        return None
+    login = ("a login from auth_file is required" if auth_file else "anyone who can reach this machine can use "
+             "it and upload files; set auth_file=FILE (lines user:password) to require a login, or host=127.0.0.1")
+    return f"host={host} makes the demo reachable from the network: {login}"
+
+
+def read_logins(auth_file: str | Path) -> list[tuple[str, str]]:
+    """(user, password) pairs from a file of `user:password` lines (blank and # lines skipped).
+
+    A file, not a command-line option: Hydra writes options and overrides into the run directory.
+    """
+    path = Path(auth_file)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ImcapError(f"cannot read auth_file={path} ({e}); give a text file of user:password lines") from None
+    logins = []
+    for number, line in enumerate(lines, 1):
+        user, colon, password = line.strip().partition(":")
+        if not line.strip() or line.strip().startswith("#"):
+            continue
+        if not (colon and user and password):  # the line itself is never shown: it may hold a password
+            raise ImcapError(f"auth_file={path} line {number} is not user:password; write one login a line")
+        logins.append((user, password))
+    if not logins:
+        raise ImcapError(f"auth_file={path} holds no user:password line; add one login a line")
+    return logins
+
+
+def file_size_bytes(size: str | int) -> int:
+    """`max_file_size` (bytes, or a number with b, kb, mb or gb) in bytes."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmg]?b)?\s*", str(size).lower())
+    if not match or int(match[1]) < 1:
+        raise ImcapError(f"max_file_size={size} is not a size; write e.g. max_file_size=20mb (units: b, kb, mb, gb)")
+    return int(match[1]) * FILE_SIZE_UNITS[match[2] or "b"]
+
+
+def private_upload_dir() -> Path:
+    """A folder only this demo writes its uploads and overlays to (Gradio's GRADIO_TEMP_DIR), removed
+    when it stops: Gradio serves every file in its temp folder, and /tmp/gradio is shared by every
+    Gradio app of the machine and kept after they stop."""
+    folder = Path(tempfile.mkdtemp(prefix="imcap-demo-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def build_app(captioner: Captioner, examples: list[Path], queue_size: int | None = None,
+              delete_cache: tuple[int, int] | None = None) -> Any:
+    """The Gradio Blocks page (not yet launched): at most `queue_size` requests wait; every
+    delete_cache[0] seconds, uploads and overlays older than delete_cache[1] seconds are deleted."""
     os.environ.update(OFFLINE_ENV)
     import gradio as gr
 
@@ -124,7 +199,7 @@ def build_app(captioner: Captioner, examples: list[Path]) -> Any:
         attention = torch.tensor(state["attention"])
         return demo.overlay(image, Caption(" ".join(state["words"]), state["words"], attention), index)
 
-    with gr.Blocks(title="imcap demo", analytics_enabled=False) as app:
+    with gr.Blocks(title="imcap demo", analytics_enabled=False, delete_cache=delete_cache) as app:
         gr.Markdown("## imcap: caption a photo\nUpload or drop a photo; then pick a word to see "
                     "where the model looked while writing it.")
         state = gr.State()
@@ -148,22 +223,46 @@ def build_app(captioner: Captioner, examples: list[Path]) -> Any:
         button.click(caption, [image, beam, length], outputs, api_name="caption")
         image.upload(caption, [image, beam, length], outputs, api_name=False)
         word.change(show_word, [image, word, state], heat, api_name=False)
-    return app
+    return app.queue(max_size=queue_size)
+
+
+def serving_options(cfg: DictConfig) -> dict[str, Any]:
+    """The checked safety options of conf/demo.yaml, as `build_app` and Gradio's `launch` take them."""
+    if cfg.queue_size is not None and int(cfg.queue_size) < 1:
+        raise ImcapError(f"queue_size={cfg.queue_size} lets no request wait; set queue_size=20 (or null: no limit)")
+    delete_cache = None
+    if cfg.delete_cache is not None:
+        if len(cfg.delete_cache) != 2 or min(int(v) for v in cfg.delete_cache) < 1:
+            raise ImcapError(f"delete_cache={list(cfg.delete_cache)} is not [every_seconds, age_seconds]; "
+                             "write e.g. delete_cache=[600,3600] (or null: keep uploads until the demo stops)")
+        delete_cache = (int(cfg.delete_cache[0]), int(cfg.delete_cache[1]))
+    return {"queue_size": cfg.queue_size, "delete_cache": delete_cache,
+            "max_file_size": None if cfg.max_file_size is None else file_size_bytes(cfg.max_file_size),
+            "auth": read_logins(cfg.auth_file) if cfg.auth_file else None}
 
 
 def launch(cfg: DictConfig) -> None:
+    options = serving_options(cfg)  # a bad option fails before the model loads
+    if warning := network_warning(str(cfg.host), cfg.auth_file):
+        log.warning(warning)
     ckpt_path = cfg.ckpt_path or newest_checkpoint(cfg.paths.log_dir)
     captioner = load_model(ckpt_path, cfg.device)
     examples = (expand_images(str(cfg.examples)) if cfg.get("examples")
                 else example_images(ckpt_path, cfg.num_examples))[: cfg.num_examples]
-    app = build_app(captioner, examples)
+    if not os.environ.get("GRADIO_TEMP_DIR"):  # set before gradio is imported: some modules read it then
+        os.environ["GRADIO_TEMP_DIR"] = str(private_upload_dir())
+    # SIGTERM (kill, systemd, docker stop) stops the server as Ctrl-C does, so the uploads are deleted
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    app = build_app(captioner, examples, options["queue_size"], options["delete_cache"])
     import gradio as gr
 
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # no web fonts to fetch
     log.info("Serving the demo on http://%s:%s (Ctrl-C stops it)", cfg.host, cfg.port or "7860+")
+    # the example files themselves, never their folders: Gradio serves everything below an allowed folder
     app.launch(server_name=cfg.host, server_port=cfg.port, share=False, inbrowser=False, ssr_mode=False,
-               theme=theme, allowed_paths=[str(p.parent) for p in examples], quiet=False)
+               theme=theme, allowed_paths=[str(p.resolve()) for p in examples], quiet=False,
+               max_file_size=options["max_file_size"], auth=options["auth"])
 
 
 @hydra_entry("demo")

@@ -1,24 +1,41 @@
 """The web demo as people use it: a server started from the command line on a free local
-port, driven through gradio_client and through a real headless Chromium that uploads a photo."""
+port, driven through gradio_client, plain HTTP and a real headless Chromium that uploads a photo;
+and the same demo set up to be shared: a login, an upload limit, uploads deleted, thin images."""
 
 from __future__ import annotations
 
+import http.cookiejar
+import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from imcap.demo import example_images, load_model
+from imcap.config import compose_config
+from imcap.demo import (
+    DISPLAY_LONG_SIDE,
+    build_app,
+    example_images,
+    load_model,
+    network_warning,
+    serving_options,
+)
+from imcap.errors import ImcapError
 from imcap.models.search import Decoding
 from tests.helpers.paths import ROOT
+from tests.helpers.runs import assert_one_line_error
 
 pytestmark = pytest.mark.slow
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -30,33 +47,98 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def demo_server(trained_run, tmp_path_factory):
-    """`make demo` after `make train`: `python -m imcap.demo` in its own process, in a folder
-    whose logs/ hold the trained run, without ckpt_path (the newest run is served); yields the URL."""
-    port, work = free_port(), tmp_path_factory.mktemp("demo")
-    (work / "logs" / "train" / "runs").mkdir(parents=True)
-    (work / "logs" / "train" / "runs" / "2026-11-30_10-00-00").symlink_to(trained_run)
+def start_demo(work: Path, *overrides: str) -> tuple[subprocess.Popen, str]:
+    """`python -m imcap.demo overrides...` in its own process on a free loopback port, its output in
+    work/demo.out; returns once the page is served (the process, the URL)."""
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADIO_")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "imcap.demo", f"port={port}"],
+        [sys.executable, "-m", "imcap.demo", f"port={port}", *overrides],
         cwd=work, env={**env, "IMCAP_ROOT": str(work), "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+        stdout=(work / "demo.out").open("w"), stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 300  # a limit for a loaded machine, not a speed requirement
     while True:
-        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert process.poll() is None, (work / "demo.out").read_text()[-3000:]
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 if response.status == 200:
-                    break
+                    return process, url
+        except urllib.error.HTTPError:
+            return process, url  # serving (a login page answers 401 to some requests)
         except OSError:
             pass
         assert time.monotonic() < deadline, "the demo did not start serving"
         time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def demo_server(trained_run, tmp_path_factory):
+    """`make demo` after `make train`: `python -m imcap.demo` in its own process, in a folder
+    whose logs/ hold the trained run, without ckpt_path (the newest run is served); yields the URL."""
+    work = tmp_path_factory.mktemp("demo")
+    (work / "logs" / "train" / "runs").mkdir(parents=True)
+    (work / "logs" / "train" / "runs" / "2026-11-30_10-00-00").symlink_to(trained_run)
+    process, url = start_demo(work)
     yield url
     process.kill()  # as Ctrl-C would, without waiting for Gradio's shutdown
     process.wait()
+
+
+USER, PASSWORD = "alice", "correct-horse-battery-7"
+SHARED = ["max_file_size=100kb", "delete_cache=[1,10]"]  # small limits the tests can reach
+
+
+@pytest.fixture(scope="module")
+def shared_demo(trained_run, photo, tmp_path_factory):
+    """The demo as someone shares it: examples from a folder that also holds a private file, a
+    login from an auth file, a 100 kB upload limit, uploads deleted after 10 s. Yields
+    (URL, server process, example photo, private file beside it, run folder)."""
+    work, private = tmp_path_factory.mktemp("shared"), tmp_path_factory.mktemp("private")
+    folder = work / "photos"
+    folder.mkdir()
+    example = Path(shutil.copy(photo, folder / "beach.png"))
+    secret = folder / "secret.txt"
+    secret.write_text("AWS_SECRET_ACCESS_KEY=do-not-serve\n")
+    (private / "logins.txt").write_text(f"# who may open the demo\n{USER}:{PASSWORD}\n")
+    process, url = start_demo(work, f"ckpt_path={trained_run}/checkpoints/best.ckpt", f"examples={folder}",
+                              f"auth_file={private / 'logins.txt'}", *SHARED)
+    yield url, process, example, secret, work
+    process.kill()
+    process.wait()
+
+
+def logged_in(url: str, user: str = USER, password: str = PASSWORD) -> urllib.request.OpenerDirector:
+    """An HTTP client holding the session cookie of Gradio's login form."""
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    form = urllib.parse.urlencode({"username": user, "password": password}).encode()
+    with opener.open(url + "login", data=form, timeout=30) as response:
+        assert json.loads(response.read()) == {"success": True}
+    return opener
+
+
+def http_status(opener: urllib.request.OpenerDirector, url: str, data: bytes | None = None,
+                headers: dict | None = None) -> tuple[int, bytes]:
+    try:
+        with opener.open(urllib.request.Request(url, data=data, headers=headers or {}), timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def upload(opener: urllib.request.OpenerDirector, url: str, name: str, content: bytes) -> tuple[int, bytes]:
+    """POST one file to Gradio's upload route as a browser's file input does (multipart form)."""
+    boundary = "imcap-test-boundary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+            f"Content-Type: image/png\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+    return http_status(opener, url + "gradio_api/upload", body,
+                       {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+
+def peak_memory(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), in bytes."""
+    (line,) = [ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("VmHWM:")]
+    return int(line.split()[1]) * 1024
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +258,123 @@ def test_a_reranking_model_chooses_among_the_beams_the_slider_sets(trained_run, 
         shown = Demo(captioner).caption(image, beams, 12).text
         wanted = replace(captioner.decoding, beam_size=beams, rerank_beams=beams, max_length=12)
         assert shown == captioner.caption([image], wanted)[0].text
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_thin_images_get_a_bounded_overlay_in_bounded_server_memory(shared_demo, tmp_path):
+    from gradio_client import Client, handle_file
+
+    url, process, example, _, _ = shared_demo
+    client = Client(url, auth=(USER, PASSWORD), verbose=False)
+    client.predict(handle_file(str(example)), 1, 8, api_name="/caption")  # the first caption's allocations
+    before = peak_memory(process.pid)
+    for size in ((1, 3000), (3000, 1)):  # a few hundred bytes each; the overlay once took 256 px x 256N
+        path = tmp_path / f"strip_{size[0]}x{size[1]}.png"
+        Image.linear_gradient("L").resize(size).convert("RGB").save(path)
+        assert path.stat().st_size < 100 * 1024
+        text, _, heat = client.predict(handle_file(str(path)), 1, 8, api_name="/caption")
+        overlay = Image.open(heat)
+        assert text and max(overlay.size) <= DISPLAY_LONG_SIDE, overlay.size
+        assert overlay.width * overlay.height <= DISPLAY_LONG_SIDE**2
+    grown = peak_memory(process.pid) - before
+    assert grown < 150 * 2**20, f"the server's peak memory grew by {grown / 2**20:.0f} MB"
+
+
+def test_an_upload_over_the_size_limit_is_refused(shared_demo):
+    url = shared_demo[0]
+    too_big = png_bytes(Image.frombytes("RGB", (256, 256), os.urandom(256 * 256 * 3)))  # noise: no compression
+    assert len(too_big) > 100 * 1024
+    status, body = upload(logged_in(url), url, "noise.png", too_big)
+    assert status == 413, (status, body)
+
+
+def test_uploads_are_deleted_after_their_age(shared_demo):
+    url = shared_demo[0]
+    status, body = upload(logged_in(url), url, "dot.png", png_bytes(Image.new("RGB", (8, 8), "red")))
+    assert status == 200, body
+    (stored,) = [Path(p) for p in json.loads(body)]
+    assert stored.is_file()
+    deadline = time.monotonic() + 120  # deleted 10 s after upload, checked every second
+    while stored.exists():
+        assert time.monotonic() < deadline, f"{stored} was not deleted"
+        time.sleep(1)
+
+
+def test_only_the_example_itself_is_served_never_a_file_beside_it(shared_demo):
+    url, _, example, secret, _ = shared_demo
+    opener = logged_in(url)
+    status, body = http_status(opener, f"{url}gradio_api/file={example}")
+    assert status == 200 and body == example.read_bytes()
+    for private in (secret, example.parent, example.parent / "beach.png.bak"):
+        status, body = http_status(opener, f"{url}gradio_api/file={private}")
+        assert 400 <= status < 500 and b"do-not-serve" not in body, (private, status)
+
+
+def test_with_an_auth_file_nothing_is_served_without_a_login(shared_demo):
+    from gradio_client import Client
+
+    url, _, example, _, work = shared_demo
+    anonymous = urllib.request.build_opener()
+    for path in ("config", "gradio_api/info", f"gradio_api/file={example}"):
+        status, _ = http_status(anonymous, url + path)
+        assert status == 401, (path, status)
+    with pytest.raises(urllib.error.HTTPError):
+        logged_in(url, USER, "wrong password")
+    with pytest.raises(Exception):  # noqa: B017 (gradio_client raises a bare ValueError or httpx error)
+        Client(url, verbose=False)
+    assert "Caption" in http_status(logged_in(url), url + "config")[1].decode()
+    written = [p for p in work.rglob("*") if p.is_file() and p.suffix not in (".png", ".ckpt")]
+    assert written and not [p for p in written if PASSWORD in p.read_text(errors="replace")]  # never logged
+
+
+def test_sigterm_stops_the_server_and_deletes_its_uploads(trained_run, tmp_path):
+    process, url = start_demo(tmp_path, f"ckpt_path={trained_run}/checkpoints/best.ckpt", "examples=null",
+                              "num_examples=0")
+    try:
+        status, body = upload(urllib.request.build_opener(), url, "dot.png",
+                              png_bytes(Image.new("RGB", (8, 8), "blue")))
+        assert status == 200, body
+        (stored,) = [Path(p) for p in json.loads(body)]
+        uploads = stored.parent.parent  # Gradio keeps each upload in a folder named by its hash
+        assert stored.is_file() and uploads != Path(tempfile.gettempdir()) / "gradio"  # its own folder
+        process.send_signal(signal.SIGTERM)  # kill, systemd and docker stop send it
+        process.wait(timeout=120)
+    finally:
+        process.kill()
+    assert not uploads.exists(), sorted(uploads.rglob("*"))
+
+
+def test_a_network_host_warns_and_says_how_to_require_a_login(tmp_path):
+    for host, warned in (("0.0.0.0", True), ("127.0.0.1", False)):
+        result = subprocess.run([sys.executable, "-m", "imcap.demo", f"host={host}",
+                                 f"ckpt_path={tmp_path / 'missing.ckpt'}"], cwd=tmp_path, capture_output=True,
+                                text=True, env={**os.environ, "IMCAP_ROOT": str(tmp_path), "PYTHONPATH": str(ROOT)},
+                                timeout=300, stdin=subprocess.DEVNULL)
+        assert_one_line_error(result, "missing.ckpt")  # the check comes before the model loads: nothing binds
+        lines = [ln for ln in result.stderr.splitlines() if "reachable from the network" in ln]
+        assert len(lines) == warned, result.stderr
+        if warned:
+            assert "host=0.0.0.0" in lines[0] and "auth_file=" in lines[0] and "WARNING" in lines[0]
+    assert "a login from auth_file is required" in network_warning("0.0.0.0", "logins.txt")
+    assert network_warning("localhost", None) is None and network_warning("::1", None) is None
+    assert network_warning("192.168.1.20", None) and network_warning("my-host.local", None)
+
+
+def test_the_safety_options_reach_gradio_and_bad_ones_are_one_line(trained_run, tmp_path):
+    options = serving_options(compose_config("demo"))
+    assert options == {"queue_size": 20, "delete_cache": (600, 3600), "max_file_size": 20 * 2**20, "auth": None}
+    app = build_app(load_model(f"{trained_run}/checkpoints/best.ckpt"), [], queue_size=3, delete_cache=(5, 60))
+    assert app._queue.max_size == 3 and app.delete_cache == (5, 60)
+    (tmp_path / "bad.txt").write_text("alice secret-in-a-bad-line\n")
+    for override, fragment in (("max_file_size=lots", "max_file_size=lots"), ("queue_size=0", "queue_size=0"),
+                               ("delete_cache=[600]", "delete_cache="), ("max_file_size=0mb", "max_file_size="),
+                               (f"auth_file={tmp_path / 'none.txt'}", "cannot read auth_file"),
+                               (f"auth_file={tmp_path / 'bad.txt'}", "line 1 is not user:password")):
+        with pytest.raises(ImcapError, match="; ") as raised:
+            serving_options(compose_config("demo", [override]))
+        assert fragment in str(raised.value) and "secret-in-a-bad-line" not in str(raised.value)
