@@ -1,12 +1,13 @@
 """Grid-feature cache: run a frozen encoder once per image, read memory-mapped features after.
 
 A cache file is keyed by a hash of the encoder's weights, its transform, the image list (path,
-size, mtime and a content fingerprint of each file) and the precision the encoder ran in, so a
-stale cache is never read. Writes go to `<key>.partial.npy` with a progress counter beside it
-(`<key>.progress.json`, replaced atomically) and are renamed into place when complete: an
-interrupted extraction, even a `kill -9`, resumes where it stopped. The partial file's blocks are
-reserved before it is memory-mapped (posix_fallocate), so a full disk is a one-line error, not a
-SIGBUS, and what was written is removed. One process extracts a cache entry at a time; the others
+size, mtime and a content fingerprint of each file), the precision the encoder ran in and how
+files become pixels (`imcap.data.images.PIXELS_VERSION`), so a stale cache is never read. Writes
+go to `<key>.partial.npy` with a progress counter beside it (`<key>.progress.json`, replaced
+atomically) and are renamed into place when complete: an interrupted extraction, even a
+`kill -9`, resumes where it stopped. The partial file's blocks are reserved before it is
+memory-mapped (posix_fallocate), so a full disk is a one-line error, not a SIGBUS, and what was
+written is removed. One process extracts a cache entry at a time; the others
 wait for it, saying so, and give up after `IMCAP_FEATURE_LOCK_TIMEOUT` seconds (default 900)
 without progress.
 
@@ -42,7 +43,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from imcap.data.images import accepts_uint8_tensor, load_image, load_image_tensor
+from imcap.data.images import PIXELS_VERSION, accepts_uint8_tensor, load_image, load_image_tensor
 from imcap.errors import ImcapError
 from imcap.files import write_json
 
@@ -90,6 +91,7 @@ def content_fingerprint(path: str) -> str:
 def cache_key(encoder_fingerprint: str, image_paths: Sequence[str], dtype: str, precision: str = "fp32") -> str:
     h = hashlib.sha256(encoder_fingerprint.encode())
     h.update(dtype.encode())
+    h.update(f"pixels={PIXELS_VERSION}".encode())  # caches of files read another way are not reused
     if precision != "fp32":  # fp32 keys are those of caches written before `precision` existed
         h.update(f"precision={precision}".encode())
     with ThreadPoolExecutor(8) as pool:  # hashing releases the GIL; reads overlap

@@ -1,64 +1,168 @@
-"""Image loading and the per-encoder image transform."""
+"""Image files to the pixels an image viewer shows, and the per-encoder image transform.
+
+Every reader of images (training, the feature cache, eval, `imcap.caption`, the demo, shards)
+goes through `load_image`, `load_image_tensor`, `decode_image` or `as_viewed`, so all of them see:
+
+- the EXIF orientation applied: phones store a portrait photo sideways with an orientation tag,
+  and viewers (and Gradio, for the demo's uploads) turn it upright;
+- the pixel mode converted as a viewer shows it: 16-bit greyscale (`I;16`, `I`) scaled to 8 bits
+  (65535 is white; `convert("RGB")` clips every value over 255 to white), 32-bit float (`F`) read
+  as 0..1, palette (`P`), 1-bit and CMYK images through PIL's conversions (PIL's JPEG reader has
+  already un-inverted Adobe's inverted CMYK);
+- transparency (`RGBA`, `LA`, `PA`, palette or colour-key transparency) composited on WHITE,
+  the page behind an image in a browser or viewer; `convert("RGB")` keeps whatever colour lies
+  under the transparent pixels, usually black, which turns a logo into a dark square;
+- a refusal of any image over `PIL.Image.MAX_IMAGE_PIXELS`, from the header before any pixel is
+  decoded (PIL itself only warns up to twice that number);
+- every damaged or unreadable file as one `ImcapError` line naming it: PIL raises OSError,
+  SyntaxError (a broken PNG chunk), ValueError, EOFError, IndexError or struct.error for them.
+
+Only the first frame of an animated or multi-page file is read, as thumbnails show it.
+"""
 
 from __future__ import annotations
 
 import io
+import struct
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
+import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2 as T
 
 from imcap.errors import ImcapError
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+# How a file becomes pixels; part of every feature-cache key, so that a cache holding pixels read
+# another way is never reused. Change it whenever the pixels of some file change.
+PIXELS_VERSION = "viewer-2"
+
+# What PIL raises for a damaged file, at open or while decoding (each seen fuzzing PNG, GIF, TIFF,
+# JPEG, WebP and BMP files). Only PIL's own calls on the file's bytes run under this net.
+_DAMAGED = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
 @contextmanager
-def _read_errors(path: str) -> Iterator[None]:
-    """Turn what reading or decoding the image at `path` can raise into a one-line error naming
-    the file: missing, over PIL's pixel limit, or unreadable."""
+def _read_errors(name: str, verb: str = "read", fix: str = "replace or remove the file") -> Iterator[None]:
+    """Turn what opening or decoding an image can raise into one line naming it (`name`: "image
+    photos/a.jpg"): missing, over PIL's pixel limit, or damaged."""
     try:
-        yield
+        with warnings.catch_warnings():
+            # PIL only warns between 1x and 2x its limit; as an exception it stops the open
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
     except FileNotFoundError as e:
-        raise ImcapError(f"image not found: {path}") from e
-    except Image.DecompressionBombError as e:
-        raise ImcapError(f"image {path} is too large to decode safely ({e}); shrink it or remove it") from e
-    except (UnidentifiedImageError, OSError) as e:
-        raise ImcapError(f"cannot read image {path}: {e}; replace or remove the file") from e
+        raise ImcapError(f"image not found: {e.filename}") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImcapError(f"{name} is too large to decode safely ({e}); shrink it or remove it") from e
+    except UnidentifiedImageError as e:
+        reason = "not an image file PIL can read" if "BytesIO" in str(e) else str(e)  # no object reprs
+        raise ImcapError(f"cannot {verb} {name}: {reason}; {fix}") from e
+    except _DAMAGED as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ImcapError(f"cannot {verb} {name}: {reason} (a damaged or truncated file); {fix}") from e
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1: upright, 2-8: flipped and/or turned), 1 when there is none."""
+    value = im.getexif().get(ExifTags.Base.Orientation, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def as_viewed(im: Image.Image) -> Image.Image:
+    """RGB image as a viewer shows `im` (module docstring): turned upright by its EXIF
+    orientation, its pixel mode converted, transparency on white. `im` must be loaded."""
+    if _orientation(im) != 1:
+        im = ImageOps.exif_transpose(im)
+    if im.mode == "RGB":
+        return im
+    if im.mode in _SIXTEEN_BIT:  # 16 bits per sample: 65535 is white
+        grey = np.asarray(im).astype(np.float64)
+        return Image.fromarray((np.clip(grey, 0, 65535) / 257).round().astype(np.uint8), "L").convert("RGB")
+    if im.mode == "F":  # float samples, 0 black and 1 white (as TIFF float images are written)
+        grey = np.nan_to_num(np.asarray(im, dtype=np.float64))
+        return Image.fromarray((np.clip(grey, 0, 1) * 255).round().astype(np.uint8), "L").convert("RGB")
+    if im.mode in _ALPHA or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        page = Image.new("RGB", im.size, "white")
+        page.paste(rgba, mask=rgba.getchannel("A"))
+        return page
+    return im.convert("RGB")
+
+
+def _viewed(source: str | io.BytesIO, name: str, verb: str = "read", fix: str = "replace or remove the file") -> Image.Image:
+    with _read_errors(name, verb, fix), Image.open(source) as im:
+        im.load()
+        _orientation(im)  # a damaged EXIF block is the file's fault: read it under the net
+    try:
+        return as_viewed(im)
+    except ValueError as e:  # a mode PIL cannot convert to RGB (LAB, multi-channel TIFF, ...)
+        raise ImcapError(f"cannot {verb} {name}: its pixel mode {im.mode} has no RGB conversion; "
+                         f"save it as RGB first") from e
 
 
 def load_image(path: str) -> Image.Image:
-    """RGB image, or a one-line error naming the file (also for one over PIL's pixel limit,
-    `PIL.Image.MAX_IMAGE_PIXELS`, which PIL checks from the header before decoding)."""
-    with _read_errors(path), Image.open(path) as im:
-        return im.convert("RGB")
+    """RGB image as a viewer shows the file (module docstring), or a one-line error naming it."""
+    return _viewed(path, f"image {path}")
 
 
-def _check_jpeg_header(path: str, data: bytes) -> None:
-    """PIL's pixel limit, from the JPEG header alone (PIL stops reading at the first scan), before
-    torchvision allocates H x W x 3 bytes: a 60000 x 60000 header would ask for 10 GB."""
-    with _read_errors(path), Image.open(io.BytesIO(data)):
-        pass
+# EXIF orientation -> the same turn on a (C, H, W) tensor as ImageOps.exif_transpose's on the image
+_ORIENT: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
+    2: lambda x: x.flip(-1),
+    3: lambda x: x.flip(-1, -2),
+    4: lambda x: x.flip(-2),
+    5: lambda x: x.transpose(-1, -2),
+    6: lambda x: x.rot90(-1, (-2, -1)),
+    7: lambda x: x.transpose(-1, -2).flip(-1, -2),
+    8: lambda x: x.rot90(1, (-2, -1)),
+}
+
+
+def _jpeg_tensor(data: bytes, name: str, verb: str, fix: str) -> torch.Tensor | None:
+    """(3, H, W) uint8 of a colour JPEG decoded by torchvision and turned upright, or None where
+    PIL must decode it (grey, CMYK, or a file torchvision refuses). PIL reads the header first:
+    its pixel limit before torchvision allocates H x W x 3 bytes (a 60000 x 60000 header asks for
+    10 GB), and its reading of the orientation tag, so both paths turn a file the same way."""
+    with _read_errors(name, verb, fix), Image.open(io.BytesIO(data)) as im:  # PIL stops at the first scan
+        orientation = _orientation(im)
+    try:
+        image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+    except RuntimeError:
+        return None  # PIL gives the one-line error, or succeeds where torchvision did not
+    if image.shape[0] != 3:  # grey and CMYK go through PIL's conversions
+        return None
+    return _ORIENT[orientation](image).contiguous() if orientation != 1 else image
 
 
 def load_image_tensor(path: str) -> torch.Tensor:
     """(3, H, W) uint8 RGB, the pixels of `PILToTensor()(load_image(path))`: colour JPEG files
     are decoded by torchvision straight into a tensor (libjpeg-turbo, as in PIL, with the same
     pixels; faster by the conversions it saves); anything else through PIL."""
-    with _read_errors(path), open(path, "rb") as f:
+    with _read_errors(f"image {path}"), open(path, "rb") as f:
         data = f.read()
     if data.startswith(JPEG_MAGIC):
-        _check_jpeg_header(path, data)
-        try:
-            image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
-            if image.shape[0] == 3:  # YCbCr (or RGB); grey and CMYK go through PIL's conversion below
-                return image
-        except RuntimeError:
-            pass  # PIL below gives the one-line error, or succeeds where torchvision did not
+        image = _jpeg_tensor(data, f"image {path}", "read", "replace or remove the file")
+        if image is not None:
+            return image
     return T.PILToTensor()(load_image(path))
+
+
+def decode_image(data: bytes, name: str, tensor: bool, fix: str) -> torch.Tensor | Image.Image:
+    """The image in `data` (named `name` in errors: "the image of key 7 in a.tar"; `fix`: what
+    to do about a damaged one) as viewers show it: a (3, H, W) uint8 tensor (`tensor=True`;
+    colour JPEGs decoded by torchvision) or an RGB PIL image."""
+    if tensor and data.startswith(JPEG_MAGIC):
+        image = _jpeg_tensor(data, name, "decode", fix)
+        if image is not None:
+            return image
+    rgb = _viewed(io.BytesIO(data), name, "decode", fix)
+    return T.PILToTensor()(rgb) if tensor else rgb
 
 
 def accepts_uint8_tensor(transform: Callable) -> bool:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from imcap.data.features import PRECISIONS, _to_numpy, inference_encoder, wait_for_lock
-from imcap.data.images import accepts_uint8_tensor
+from imcap.data.images import PIXELS_VERSION, accepts_uint8_tensor
 from imcap.data.shards import Sample, index_path, load_index, local_copy, read_image_bytes, shown, stamp
 from imcap.data.streaming import ShardSplit, decode_image
 from imcap.errors import ImcapError
@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 def feature_path(shard: str, cache_dir: str | None, fingerprint: str, dtype: str, precision: str) -> Path:
     this = stamp(shard)  # size and mtime of a local shard, size and ETag of a remote one
     version = this.get("mtime_ns", this.get("version"))
-    # "rows": the file holds encoder.encode_for_cache's rows (files keyed without it held the grid alone)
-    key = hashlib.sha256(f"{fingerprint}\0{dtype}\0{precision}\0{this['bytes']}\0{version}\0rows".encode()).hexdigest()[:16]
+    # "rows": the file holds encoder.encode_for_cache's rows (files keyed without it held the grid alone);
+    # PIXELS_VERSION: how the images became pixels (files read another way are not reused)
+    key = hashlib.sha256(f"{fingerprint}\0{dtype}\0{precision}\0{this['bytes']}\0{version}\0rows\0{PIXELS_VERSION}".encode()).hexdigest()[:16]
     index = index_path(shard, cache_dir)
     return index.with_name(f"{index.name.removesuffix('.index.json')}.features-{key}.npy")
 

@@ -20,7 +20,6 @@ worker skips the batches already trained, so nothing repeats and nothing is skip
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 from collections import OrderedDict
@@ -32,15 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 from braceexpand import braceexpand
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import v2 as T
 
+from imcap.data import images
 from imcap.data.datamodule import CaptionDataModule
 from imcap.data.dataset import collate
-from imcap.data.images import JPEG_MAGIC, accepts_uint8_tensor
-from imcap.data.images import _check_jpeg_header as check_jpeg_header
+from imcap.data.images import accepts_uint8_tensor
 from imcap.data.shards import BAD_SAMPLES, Sample, glob_shards, join, load_index, local_path, read_image_bytes, shown, usable
 from imcap.data.sources.policy import check_choice
 from imcap.data.text import normalize, tokenize
@@ -272,24 +269,11 @@ class ShardStream(IterableDataset):
 
 
 def decode_image(data: bytes, where: str, tensor: bool) -> torch.Tensor | Image.Image:
-    """A (3, H, W) uint8 tensor (`tensor=True`; JPEGs decoded by torchvision) or an RGB PIL image."""
-    if tensor and data.startswith(JPEG_MAGIC):
-        check_jpeg_header(where, data)  # PIL's pixel limit before torchvision allocates
-        try:
-            image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
-            if image.shape[0] == 3:
-                return image
-        except RuntimeError:
-            pass  # PIL below decodes it or names the problem
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            rgb = im.convert("RGB")
-    except Image.DecompressionBombError as e:
-        raise ImcapError(f"the image of {where} is too large to decode safely ({e}); remove it from the shard") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # PIL: SyntaxError for a broken PNG
-        raise ImcapError(f"cannot decode the image of {where}: {e}; rewrite the shard or set "
-                         "data.bad_samples=skip with a frozen encoder (decoded once, into the feature cache)") from e
-    return T.PILToTensor()(rgb) if tensor else rgb
+    """A (3, H, W) uint8 tensor (`tensor=True`; JPEGs decoded by torchvision) or an RGB PIL image,
+    as viewers show it (imcap.data.images: EXIF orientation, pixel modes, limits, damage)."""
+    return images.decode_image(data, f"the image of {where}", tensor,
+                               fix="rewrite the shard or set data.bad_samples=skip with a frozen encoder "
+                                   "(decoded once, into the feature cache)")
 
 
 # -- the loader ------------------------------------------------------------------------------------

@@ -71,18 +71,27 @@ def test_interrupted_extraction_resumes_without_redoing_finished_batches(tmp_pat
 
 
 # -- the fast extraction path ------------------------------------------------------------------
-def test_the_cache_key_hashes_path_size_mtime_and_content_and_only_bf16_adds_precision(images):
+def test_the_cache_key_hashes_pixels_path_size_mtime_and_content_and_only_bf16_adds_precision(images):
     import hashlib
     import os
 
     h = hashlib.sha256(b"fingerprint")
     h.update(b"float16")
+    h.update(b"pixels=viewer-2")  # how files become pixels: EXIF orientation, modes as viewers show
     for p in images:
         st = os.stat(p)
         content = hashlib.sha256(open(p, "rb").read()).hexdigest()  # small files are hashed whole
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0{content}\n".encode())
     assert features_mod.cache_key("fingerprint", images, "float16") == h.hexdigest()[:20]
     assert features_mod.cache_key("fingerprint", images, "float16", "bf16") != h.hexdigest()[:20]
+
+
+def test_a_cache_of_pixels_read_another_way_is_not_reused(images, monkeypatch):
+    """Caches written before EXIF orientation and viewer-like pixel modes hold sideways phone
+    photos: reading files differently changes the key."""
+    now = features_mod.cache_key("fingerprint", images, "float16")
+    monkeypatch.setattr(features_mod, "PIXELS_VERSION", "another")
+    assert features_mod.cache_key("fingerprint", images, "float16") != now
 
 
 def test_bf16_features_are_cached_apart_and_close_to_fp32(tmp_path, images, encoder):

@@ -1,5 +1,6 @@
 """Untrusted images and image lists: decompression bombs (by their header: nothing large is
-allocated here) and records naming files outside the data root."""
+allocated here), phone photos, pixel modes and damaged files read as viewers show them, and
+records naming files outside the data root."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import os
 import struct
 import zlib
 
+import numpy as np
 import pytest
-from PIL import Image
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import v2 as T
 
-from imcap.data.images import load_image, load_image_tensor
+from imcap.data.images import decode_image, load_image, load_image_tensor
 from imcap.data.sources.coco import CocoSource
 from imcap.data.sources.flickr8k import Flickr8kSource
 from imcap.data.sources.flickr30k import Flickr30kSource
@@ -52,10 +56,229 @@ def test_a_huge_image_is_one_line_naming_the_file_before_any_decoding(tmp_path, 
     assert "\n" not in str(e.value)
 
 
+def header_only_png(path, width, height):
+    """A PNG whose header claims width x height, with one tiny data chunk."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return str(path)
+
+
+@pytest.mark.parametrize("load", [load_image_tensor, load_image])
+@pytest.mark.parametrize("suffix", ["png", "jpg"])
+def test_the_pixel_limit_is_pil_s_limit_itself_not_twice_it(tmp_path, monkeypatch, load, suffix):
+    """Between 1x and 2x MAX_IMAGE_PIXELS PIL only warns and decodes; imcap refuses from the header."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    path = tmp_path / f"big.{suffix}"
+    Image.new("RGB", (40, 40), "red").save(path)  # 1600 pixels: 1.6x the limit
+    with pytest.raises(ImcapError, match=rf"image {path} is too large to decode safely") as e:
+        load(str(path))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ImcapError, match="too large to decode safely"):
+        decode_image(path.read_bytes(), "the image of key 1 in a.tar", suffix == "jpg", fix="rewrite it")
+    Image.new("RGB", (25, 40), "red").save(path)  # exactly the limit: allowed
+    assert load(str(path)) is not None
+
+
+def test_a_header_of_1_1_times_pil_s_default_limit_is_refused_before_decoding(tmp_path):
+    path = header_only_png(tmp_path / "big.png", 10_000, 10_000)  # 1e8 pixels, PIL's limit is 8.9e7
+    with pytest.raises(ImcapError, match="too large to decode safely"):
+        load_image(path)
+
+
 def test_an_image_under_the_limit_still_decodes_on_the_fast_path(tmp_path):
     path = tmp_path / "ok.jpg"
     Image.new("RGB", (40, 30), "blue").save(path)
     assert tuple(load_image_tensor(str(path)).shape) == (3, 30, 40)
+
+
+# -- phone photos: EXIF orientation ------------------------------------------------------------
+def two_halves(width=40, height=60):
+    """An upright picture: red top half, blue bottom half."""
+    im = Image.new("RGB", (width, height), (0, 0, 255))
+    im.paste((255, 0, 0), (0, 0, width, height // 2))
+    return im
+
+
+def sideways_jpeg(path, orientation=6):
+    """`two_halves` stored as a phone stores a portrait photo: pixels turned, the turn in EXIF."""
+    turn = {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270, 3: Image.Transpose.ROTATE_180}[orientation]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    two_halves().transpose(turn).save(path, exif=exif, quality=95)
+    return str(path)
+
+
+def assert_upright(pixels: torch.Tensor):
+    """(3, H, W) uint8: portrait, red on top, blue below."""
+    assert tuple(pixels.shape) == (3, 60, 40)
+    top, bottom = pixels[:, :25].float().mean((1, 2)), pixels[:, 35:].float().mean((1, 2))
+    assert top[0] > 200 and top[2] < 50 and bottom[2] > 200 and bottom[0] < 50, (top, bottom)
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_a_phone_photo_is_read_upright_by_every_loader(tmp_path, orientation):
+    path = sideways_jpeg(tmp_path / "phone.jpg", orientation)
+    data = open(path, "rb").read()
+    assert_upright(load_image_tensor(path))
+    assert_upright(T.PILToTensor()(load_image(path)))
+    assert_upright(decode_image(data, "the image of key 1 in a.tar", True, fix="rewrite it"))
+    assert_upright(T.PILToTensor()(decode_image(data, "the image of key 1 in a.tar", False, fix="rewrite it")))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_torchvision_s_jpeg_path_turns_each_orientation_as_pil_does(tmp_path, orientation):
+    """Equal pixels to `ImageOps.exif_transpose`, for all eight EXIF orientations."""
+    path = tmp_path / "o.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    noise = np.random.default_rng(orientation).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path, exif=exif)
+    with Image.open(path) as im:
+        expected = T.PILToTensor()(ImageOps.exif_transpose(im).convert("RGB"))
+    assert torch.equal(load_image_tensor(str(path)), expected)
+    assert torch.equal(T.PILToTensor()(load_image(str(path))), expected)
+
+
+def test_a_png_with_an_orientation_tag_is_turned_too(tmp_path):
+    path = tmp_path / "phone.png"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    two_halves().transpose(Image.Transpose.ROTATE_90).save(path, exif=exif)
+    assert_upright(load_image_tensor(str(path)))
+
+
+# -- pixel modes as a viewer shows them ---------------------------------------------------------
+def saved(path, image, **kwargs):
+    image.save(path, **kwargs)
+    return str(path)
+
+
+def palette(transparent: bool):
+    im = Image.new("P", (4, 4), 1)
+    im.putpalette([0, 0, 0, 0, 128, 0])  # index 0 black, 1 green
+    im.paste(0, (0, 0, 2, 4))  # left half: index 0
+    return im
+
+
+MODES = {
+    # name: (make(path) -> file, expected RGB of the pixel at (0, 0), tolerance)
+    "16-bit grey PNG at mid-grey": (lambda p: saved(p / "g.png", Image.fromarray(np.full((4, 4), 32896, np.uint16))),
+                                    (128, 128, 128), 0),
+    "32-bit int grey": (lambda p: saved(p / "i.png", Image.new("I", (4, 4), 65535)), (255, 255, 255), 0),
+    "float grey TIFF": (lambda p: saved(p / "f.tif", Image.fromarray(np.full((4, 4), 0.25, np.float32))),
+                        (64, 64, 64), 0),
+    "transparent RGBA": (lambda p: saved(p / "t.png", Image.new("RGBA", (4, 4), (0, 0, 0, 0))), (255, 255, 255), 0),
+    "half-transparent red": (lambda p: saved(p / "h.png", Image.new("RGBA", (4, 4), (255, 0, 0, 128))),
+                             (255, 127, 127), 1),
+    "transparent LA": (lambda p: saved(p / "la.png", Image.new("LA", (4, 4), (0, 0))), (255, 255, 255), 0),
+    "palette PNG with a transparent index": (lambda p: saved(p / "pt.png", palette(True), transparency=0),
+                                             (255, 255, 255), 0),
+    "palette GIF with a transparent index": (lambda p: saved(p / "pt.gif", palette(True), transparency=0),
+                                             (255, 255, 255), 0),
+    "palette PNG, opaque": (lambda p: saved(p / "p.png", palette(False)), (0, 0, 0), 0),
+    "CMYK JPEG (Adobe, inverted)": (lambda p: saved(p / "c.jpg", Image.new("CMYK", (8, 8), (0, 255, 255, 0))),
+                                    (255, 0, 0), 3),
+    "CMYK TIFF": (lambda p: saved(p / "c.tif", Image.new("CMYK", (8, 8), (255, 0, 255, 0))), (0, 255, 0), 0),
+    "1-bit": (lambda p: saved(p / "b.png", Image.new("1", (4, 4), 1)), (255, 255, 255), 0),
+    "grey with a transparent value": (lambda p: saved(p / "lt.png", Image.new("L", (4, 4), 7), transparency=7),
+                                      (255, 255, 255), 0),
+}
+
+
+@pytest.mark.parametrize("name", MODES)
+@pytest.mark.parametrize("load", [load_image_tensor, load_image])
+def test_pixel_modes_become_what_a_viewer_shows_with_transparency_on_white(tmp_path, name, load):
+    make, expected, tolerance = MODES[name]
+    path = make(tmp_path)
+    pixels = load(path)
+    pixels = pixels if isinstance(pixels, torch.Tensor) else T.PILToTensor()(pixels)
+    assert pixels.dtype == torch.uint8 and pixels.shape[0] == 3
+    got = pixels[:, 0, 0].tolist()
+    assert all(abs(g - e) <= tolerance for g, e in zip(got, expected)), (name, got, expected)
+
+
+def test_a_16_bit_gradient_keeps_its_steps(tmp_path):
+    """Not clipped to white above 255: the 16-bit scale maps onto the 8-bit one."""
+    ramp = np.tile(np.arange(0, 65536, 257, dtype=np.uint16), (2, 1))  # 0, 257, ... 65535: 256 steps
+    path = saved(tmp_path / "ramp.png", Image.fromarray(ramp))
+    assert load_image_tensor(path)[0, 0].tolist() == list(range(256))
+
+
+# -- damaged files: one line naming the file ------------------------------------------------------
+def image_bytes(fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def changed(data: bytes, offset: int, value: int) -> bytes:
+    return data[:offset] + bytes([value]) + data[offset + 1:]
+
+
+def png_with_chunks(chunk_size=64) -> bytes:
+    """A PNG whose pixel data spans many IDAT chunks, as cameras and browsers write them."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = np.random.default_rng(0).integers(0, 256, (40, 1 + 30 * 3), dtype=np.uint8)
+    rows[:, 0] = 0  # filter type per row
+    z = zlib.compress(rows.tobytes())
+    idat = b"".join(chunk(b"IDAT", z[i:i + chunk_size]) for i in range(0, len(z), chunk_size))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30, 40, 8, 2, 0, 0, 0)) + idat
+            + chunk(b"IEND", b""))
+
+
+def broken_chunk_name(data: bytes) -> bytes:
+    """The second IDAT chunk's name overwritten: PIL raises SyntaxError ("broken PNG file")."""
+    second = data.index(b"IDAT", data.index(b"IDAT") + 4)
+    return data[:second] + b"\0\0\0\0" + data[second + 4:]
+
+
+DAMAGED = {
+    # name: (file name, bytes); what PIL raises for each is in the comment
+    "PNG, a chunk name broken (SyntaxError)": ("a.png", lambda: broken_chunk_name(png_with_chunks())),
+    "PNG, IHDR length 0 (ValueError)": ("b.png", lambda: changed(image_bytes("PNG"), 11, 0)),
+    "PNG, truncated (OSError)": ("c.png", lambda: image_bytes("PNG")[:-200]),
+    "GIF, truncated": ("d.gif", lambda: image_bytes("GIF")[:-300]),
+    "TIFF, bad dimensions (ValueError)": ("e.tif", lambda: changed(image_bytes("TIFF"), 12, 1)),
+    "TIFF, truncated": ("f.tif", lambda: image_bytes("TIFF")[:-500]),
+    "JPEG, truncated": ("g.jpg", lambda: image_bytes("JPEG")[:300]),
+    "JPEG, magic then garbage": ("h.jpg", lambda: b"\xff\xd8\xff" + bytes(range(256)) * 4),
+    "WebP, truncated": ("i.webp", lambda: image_bytes("WEBP")[:-100]),
+    "BMP, bad compression field (ValueError)": ("j.bmp", lambda: changed(image_bytes("BMP"), 30, 1)),
+    "BMP, truncated": ("k.bmp", lambda: image_bytes("BMP")[:-500]),
+    "PNG magic then garbage": ("l.png", lambda: b"\x89PNG\r\n\x1a\n" + bytes(range(256))),
+    "zero bytes": ("m.jpg", lambda: b""),
+}
+
+
+@pytest.mark.parametrize("name", DAMAGED)
+def test_a_damaged_image_of_any_format_is_one_line_naming_the_file(tmp_path, name):
+    file_name, make = DAMAGED[name]
+    path = tmp_path / file_name
+    path.write_bytes(make())
+    for load in (load_image, load_image_tensor):
+        with pytest.raises(ImcapError, match=rf"cannot read image {path}: .*; replace or remove the file") as e:
+            load(str(path))
+        assert "\n" not in str(e.value) and "BytesIO" not in str(e.value)
+    for tensor in (True, False):  # a shard member
+        with pytest.raises(ImcapError, match=r"cannot decode the image of key 7 in a.tar: .*; rewrite it"):
+            decode_image(path.read_bytes(), "the image of key 7 in a.tar", tensor, fix="rewrite it")
+
+
+def test_a_damaged_png_is_one_error_line_from_imcap_caption(tmp_path, trained_run):
+    """Through the CLI, in a new process: no traceback, the file named."""
+    from tests.helpers.runs import assert_one_line_error, module
+
+    path = tmp_path / "broken.png"
+    path.write_bytes(broken_chunk_name(png_with_chunks()))
+    result = module("caption", f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}", f"images=[{path}]",
+                    cwd=tmp_path)
+    assert_one_line_error(result, str(path))
 
 
 # -- records naming files outside the root ----------------------------------------------------
