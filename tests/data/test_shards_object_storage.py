@@ -1,0 +1,220 @@
+"""Shards in object storage, against a real S3-compatible server (moto's) on 127.0.0.1: written
+with `python -m imcap.data shards out=s3://...`, indexed and feature-cached on local disk,
+streamed to 2 DDP ranks with every caption once, resumed after kill -9; credentials never shown."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+import torch
+from moto.server import ThreadedMotoServer
+from PIL import Image
+
+from imcap.data.records import CaptionRecord
+from imcap.data.shard_features import extract_shard_features
+from imcap.data.shards import index_path, load_index, read_image_bytes, write_shards
+from imcap.data.streaming import ShardSplit, ShardStream, StreamingLoader, expand_shards
+from imcap.data.vocab import Vocabulary
+from imcap.errors import ImcapError
+from tests.data.test_shard_features import TinyEncoder, transform
+from tests.data.test_streaming import TINY_TRAIN, seen_per_epoch
+from tests.helpers.paths import ROOT
+
+SECRET = "imcapTestSecret0123456789abcdefSECRET"  # must never appear in what a run prints or logs
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 with bucket `shards`; yields the environment a user sets."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "imcap-test-key",
+           "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # this process's own reads (the unit tests below) find the server too
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="shards")
+    try:
+        yield env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+def _records(folder: Path, count: int) -> list[CaptionRecord]:
+    records = []
+    for i in range(count):
+        path = folder / f"{i}.jpg"
+        Image.new("RGB", (8, 8), (i * 10, 100, 0)).save(path, "JPEG")
+        records.append(CaptionRecord(i, str(path), tuple(f"image {i} caption {j}" for j in range(1 + i % 3)), "train"))
+    return records
+
+
+def test_shards_written_to_s3_are_indexed_on_local_disk_and_streamed_once_per_epoch(s3, tmp_path):
+    records = _records(tmp_path, 11)
+    shards = write_shards(records, "s3://shards/unit/train", shard_size=4)
+    assert shards == [f"s3://shards/unit/train/{i:06d}.tar" for i in range(3)]
+    assert expand_shards("s3://shards/unit", "train/*.tar") == shards
+    assert expand_shards("s3://shards/unit", "train/{000001..000002}.tar") == shards[1:]
+    cache = tmp_path / "cache"
+    samples = load_index(shards[0], cache)
+    assert index_path(shards[0], cache) == cache / "s3" / "shards" / "unit" / "train" / "000000.index.json"
+    assert index_path(shards[0], cache).is_file()
+    assert [s.image_id for s in samples] == [0, 1, 2, 3]
+    assert read_image_bytes(shards[0], samples[2]) == Path(records[2].image_path).read_bytes()  # a range request
+    assert not list(Path(tempfile.gettempdir()).glob("imcap-shards-*"))  # staged shards are removed once uploaded
+
+    split = ShardSplit.load("train", shards, str(cache), "error")
+    vocab = Vocabulary.build([["image", "caption"]])
+    expected = sorted(f"{Path(s).name}/{x.key}#{c}" for s in shards for x in load_index(s, cache)
+                      for c in range(len(x.captions)))
+    seen = []
+    for rank in (0, 1):
+        ds = ShardStream(split, vocab, True, 4, seed=1, shuffle_buffer=8, max_length=10, per_image=None,
+                         cache_dir=str(cache), transform=transform)
+        ds.rank, ds.world = rank, 2
+        for batch in StreamingLoader(ds, epoch=lambda: 0, trained=lambda: 0, num_workers=2):  # forked workers read S3
+            assert batch["images"].shape[1:] == (3, 8, 8)
+            seen += batch["item_ids"]
+    assert sorted(seen) == expected
+
+
+def test_shards_of_other_writers_without_an_index_beside_them_are_indexed_from_the_store(s3, tmp_path):
+    """img2dataset's shards: a tar with KEY.jpg + KEY.txt, uploaded by another program."""
+    tar = tmp_path / "00000.tar"
+    with tarfile.open(tar, "w") as f:
+        for key, caption in (("000000001", b"a red square"), ("000000002", b"a green square")):
+            for name, payload in ((f"{key}.jpg", Path(_records(tmp_path, 1)[0].image_path).read_bytes()),
+                                  (f"{key}.txt", caption)):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                f.addfile(info, io.BytesIO(payload))
+    boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"]).upload_file(str(tar), "shards", "img2dataset/00000.tar")
+    samples = load_index("s3://shards/img2dataset/00000.tar", tmp_path / "cache")
+    assert [(s.key, s.captions) for s in samples] == [("000000001", ("a red square",)),
+                                                       ("000000002", ("a green square",))]
+    with pytest.raises(ImcapError, match=r"shard not found: s3://shards/img2dataset/missing.tar; check data.root"):
+        load_index("s3://shards/img2dataset/missing.tar", tmp_path / "cache")
+    with pytest.raises(ImcapError, match=r"shards in object storage \(s3://shards/img2dataset/00000.tar\) need a "
+                                         r"local folder .*set data.cache_dir=DIR"):
+        load_index("s3://shards/img2dataset/00000.tar", None)
+
+
+def test_the_feature_cache_of_remote_shards_is_on_local_disk_and_equals_the_local_one(s3, tmp_path):
+    records = _records(tmp_path, 5)
+    remote = write_shards(records, "s3://shards/features/train", shard_size=3)
+    local = write_shards(records, tmp_path / "local", shard_size=3)
+    encoder, cache = TinyEncoder(), tmp_path / "cache"
+    paths = extract_shard_features(encoder, ShardSplit.load("train", remote, str(cache), "error"), transform,
+                                   str(cache), "fp-1")
+    assert all(Path(p).is_relative_to(cache / "s3" / "shards" / "features" / "train") for p in paths)
+    expected = extract_shard_features(encoder, ShardSplit.load("train", local, None, "error"), transform, None, "fp-1")
+    for got, want in zip(paths, expected):
+        assert np.array_equal(np.load(got), np.load(want))
+    # on local disk: each shard's index and features, no downloaded shard left behind
+    left = sorted(p.name.split(".", 1)[1].split("-")[0] for p in cache.rglob("*") if p.is_file())
+    assert not list(cache.rglob("*.tar"))
+    assert set(left) == {"index.json", "index.lock", "features"}
+
+
+def test_an_unreachable_endpoint_is_a_one_line_error(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "imcap.train", "data=shards", "data.root=s3://shards/nowhere", "trainer.max_epochs=1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "IMCAP_ROOT": str(tmp_path), "PYTHONPATH": str(ROOT),
+             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": SECRET})
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "error: cannot reach s3://shards/nowhere/train/*.tar (Could not connect to the endpoint URL" in done.stderr
+    assert "check the endpoint (for S3: AWS_ENDPOINT_URL)" in done.stderr
+    assert SECRET not in done.stdout + done.stderr
+
+
+# -- as users run it: write to the bucket, train on 2 ranks, kill -9, resume ---------------------------
+def _run_env(home: Path, s3: dict[str, str]) -> dict[str, str]:
+    env = {**os.environ, **s3, "IMCAP_ROOT": str(home), "PYTHONPATH": str(ROOT)}
+    env.pop("IMCAP_DATA_DIR", None)  # the shard cache under IMCAP_ROOT/data, where the test looks
+    return env
+
+
+def _train_cmd(out: Path, record: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "imcap.train", *TINY_TRAIN, "data.root=s3://shards/shapes",
+            f"hydra.run.dir={out}", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+            "trainer.max_epochs=2", "data.num_workers=2", "+callbacks.last_checkpoint.every_n_train_steps=4",
+            "+callbacks.record._target_=tests.helpers.callbacks.RecordItems", f"+callbacks.record.path={record}", *extra]
+
+
+@pytest.mark.slow
+def test_two_ranks_from_s3_see_every_caption_once_and_resume_after_kill_9(s3, tmp_path):
+    """48 images x 5 captions written to s3://shards/shapes; 2 gloo ranks of batch 8: 15 steps
+    an epoch. The first run checkpoints every 4 steps and is killed -9 while both ranks wait
+    before step 10 (last checkpoint: step 8); the resumed run finishes epoch 0 and trains epoch 1."""
+    env = _run_env(tmp_path, s3)
+    written = subprocess.run([sys.executable, "-m", "imcap.data", "shards", "out=s3://shards/shapes", "shard_size=16",
+                              "data.source.num_images={train:48,val:8,test:8}", "data.source.image_size=64"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert written.returncode == 0, written.stderr[-3000:]
+    assert "train       48 images      3 shards" in written.stdout and "s3://shards/shapes/train" in written.stdout
+    client = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"])
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket="shards", Prefix="shapes/train/")["Contents"])
+    assert keys == [f"shapes/train/{i:06d}.{ext}" for i in range(3) for ext in ("index.json", "tar")]
+
+    record, run = tmp_path / "seen", tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(run, record, "+callbacks.record.stop_at_step=10"), cwd=tmp_path, env=env,
+                            stdout=open(tmp_path / "first.out", "w"), stderr=open(tmp_path / "first.log", "w"),
+                            start_new_session=True)
+    deadline = time.monotonic() + 900
+    while not Path(f"{record}.stopped").exists():
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # both ranks and their data-loader workers
+    proc.wait()
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 8
+    first = seen_per_epoch(record, max_step=8)
+    for path in tmp_path.glob("seen.rank*.jsonl"):
+        path.rename(path.with_name("first-" + path.name))
+
+    done = subprocess.run(_train_cmd(tmp_path / "resumed", record, f"ckpt_path={ckpt}"), cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Resuming epoch 0 of the train shards after 8 of 15 batches" in done.stdout + done.stderr
+    after = seen_per_epoch(record)
+    cache = tmp_path / "data" / "shard-cache" / "s3" / "shards" / "shapes" / "train"
+    expected = sorted(f"{i:06d}.tar/{s.key}#{c}" for i in range(3)
+                      for s in load_index(f"s3://shards/shapes/train/{i:06d}.tar", cache.parents[3])
+                      for c in range(len(s.captions)))
+    assert len(expected) == 240
+    assert sorted(first[0] + after[0]) == expected  # killed and resumed: each caption once
+    assert sorted(after[1]) == expected
+
+    # local disk: per shard its index and features (no copy of the shard); no credentials anywhere
+    assert sorted(p.name.split(".")[1].split("-")[0] for p in cache.glob("*.npy")) == ["features"] * 3
+    assert not list(cache.glob("*.tar"))
+    shown = [written.stdout, written.stderr, done.stdout, done.stderr,
+             *(p.read_text(errors="replace") for p in tmp_path.glob("first.*")),
+             *(p.read_text(errors="replace") for d in (run, tmp_path / "resumed") for p in d.rglob("*")
+               if p.is_file() and p.suffix in (".log", ".yaml", ".json", ".txt"))]
+    assert not [text for text in shown if SECRET in text]
