@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from imcap.caption import expand_images
+from imcap.data.images import as_viewed
 from imcap.entry import hydra_entry
 from imcap.errors import ImcapError
 from imcap.models.captioner import CHECKPOINT_KEY, Caption, Captioner, load_checkpoint
@@ -98,13 +99,14 @@ class Demo:
         decoding = replace(self.captioner.decoding, method="beam" if beam_size > 1 else "greedy",
                            beam_size=int(beam_size), max_length=int(max_length),
                            min_length=min(self.captioner.decoding.min_length, int(max_length)), **beams)
-        return self.captioner.caption([image.convert("RGB")], decoding)[0]
+        return self.captioner.caption([image], decoding)[0]  # as viewers show it: transparency on white
 
     @staticmethod
     def overlay(image: Image.Image, caption: Caption, index: int) -> Image.Image | None:
         """The image under word `index`'s attention (None for a model without attention)."""
         if caption.attention is None or not 0 <= index < len(caption.words):
             return None
+        image = as_viewed(image)  # what was captioned: upright, transparency on white
         size = fit_size(image.size, DISPLAY_SIZE, DISPLAY_LONG_SIDE)
         if size != image.size:
             image = image.resize(size, Image.BILINEAR)
@@ -205,7 +207,9 @@ def build_app(captioner: Captioner, examples: list[Path], queue_size: int | None
         state = gr.State()
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="pil", sources=["upload", "clipboard"], label="photo", elem_id="photo",
+                # image_mode=None: the file's own mode, converted by imcap as viewers show it (not Gradio's RGB)
+                image = gr.Image(type="pil", image_mode=None, sources=["upload", "clipboard"], label="photo",
+                                 elem_id="photo",
                                  height=300)
                 beams = default.rerank_beams if default.reranks else default.beam_size
                 beam = gr.Slider(1, MAX_BEAM, value=beams if default.method == "beam" else 1, step=1,

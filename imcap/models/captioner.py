@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import nn
 
-from imcap.data.images import load_image
+from imcap.data.images import as_viewed, load_image
 from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
 from imcap.models.decoder import require_attention
@@ -177,7 +177,7 @@ class Captioner(nn.Module):
         device = next(self.parameters()).device
         out: list[Caption] = []
         for start in range(0, len(images), batch_size):
-            chunk = [im if isinstance(im, Image.Image) else load_image(str(im))
+            chunk = [as_viewed(im) if isinstance(im, Image.Image) else load_image(str(im))  # upright, RGB
                      for im in images[start : start + batch_size]]
             pixels = torch.stack([transform(im) for im in chunk]).to(device)
             out.extend(self.to_captions(self.generate(*self.encode(pixels), decoding)))

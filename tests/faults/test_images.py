@@ -357,3 +357,27 @@ def test_an_image_folder_that_is_a_symlink_to_another_disk_still_works(tmp_path)
     (root / "dataset_coco.json").write_text(json.dumps({"images": items}))
     [record] = CocoSource(str(root)).records()
     assert record.image_path == str(root / "val2014" / "a.jpg")
+
+
+def test_a_pil_image_handed_to_the_captioner_is_read_as_a_viewer_shows_it(trained_run):
+    """The demo hands Gradio's upload over in the file's own mode: a transparent or sideways
+    image is captioned as the white or upright picture it shows."""
+    from imcap.models.captioner import Captioner
+
+    captioner = Captioner.from_checkpoint(trained_run / "checkpoints" / "best.ckpt")
+    picture = two_halves()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sideways = picture.transpose(Image.Transpose.ROTATE_90)
+    clear = Image.new("RGBA", (40, 60), (0, 0, 0, 0))
+    white = Image.new("RGB", (40, 60), "white")
+    [upright, turned, on_clear, on_white] = captioner.caption([picture, Image.open(io.BytesIO(
+        saved_bytes(sideways, exif))), clear, white])
+    assert turned.words == upright.words and torch.equal(turned.attention, upright.attention)
+    assert on_clear.words == on_white.words and torch.equal(on_clear.attention, on_white.attention)
+
+
+def saved_bytes(image, exif) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG", exif=exif)
+    return buf.getvalue()
