@@ -1,0 +1,151 @@
+"""The commands of README.md and docs/getting-started/*.md, run as a user runs them.
+
+Every ```bash, ```sh, ```console and ```python block of those pages runs, in page order, in a new
+process and a fresh working directory, where small folders stand in for the datasets a user would
+download (`write_fixtures`). A block that cannot run here (a download, a W&B account, a server
+that runs until stopped) is preceded by `<!-- docs-test: skip (reason) -->` and a visible line
+saying so. The blocks are run as written; what the test adds lives in two places below:
+`TINY_ARGS`, an `ARGS` environment variable that make reads when a block gives none (so
+`make train` trains for a few batches), and `SUBSTITUTIONS`, for the placeholders a user fills in.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.coco import write_official
+from tests.helpers.images import write_image
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs" / "getting-started").glob("*.md"))]
+RUNNABLE = ("bash", "sh", "console", "python")
+SKIP = re.compile(r"<!--\s*docs-test:\s*skip\s*\((?P<reason>[^)]+)\)\s*-->")
+FENCE = re.compile(r"^```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^```\s*$", re.M | re.S)
+
+# make reads ARGS from the environment when a command line gives none: a few batches, and no
+# METEOR (its Java start is tested in tests/metrics)
+TINY_ARGS = ("trainer.max_epochs=1 trainer.limit_train_batches=2 trainer.limit_val_batches=1 "
+             "trainer.limit_test_batches=1 data.eval_batch_size=16 model.test_metrics=[BLEU,CIDEr-D]")
+# placeholder in a page -> what stands in for it (a function of the working directory)
+SUBSTITUTIONS = {
+    "logs/train/runs/<run>": lambda cwd: newest_run(cwd),
+}
+
+
+@dataclass
+class Block:
+    page: Path
+    line: int
+    lang: str
+    text: str
+    skip: str | None  # the reason, when the page marks it
+
+    def __str__(self) -> str:
+        return f"{self.page.relative_to(REPO)}:{self.line}"
+
+
+def blocks(page: Path) -> list[Block]:
+    """The runnable fenced blocks of `page`, each with the skip marker just above it, if any."""
+    text = page.read_text(encoding="utf-8")
+    found, previous_end = [], 0
+    for match in FENCE.finditer(text):
+        lang = match["lang"].lower()
+        marker = SKIP.search(text, previous_end, match.start())  # between the previous block and this one
+        previous_end = match.end()
+        if lang in RUNNABLE:
+            found.append(Block(page, text.count("\n", 0, match.start()) + 1, lang, match["body"],
+                               marker["reason"] if marker else None))
+    return found
+
+
+def newest_run(cwd: Path) -> str:
+    runs = sorted((cwd / "logs" / "train" / "runs").glob("*/checkpoints/best.ckpt"), key=lambda p: p.stat().st_mtime)
+    assert runs, f"no trained run under {cwd}/logs/train/runs for the block to use"
+    return str(runs[-1].parents[1].relative_to(cwd))
+
+
+def substitute(text: str, cwd: Path) -> str:
+    for placeholder, value in SUBSTITUTIONS.items():
+        if placeholder in text:
+            text = text.replace(placeholder, value(cwd))
+    return text
+
+
+def commands(block: Block) -> str:
+    if block.lang == "console":  # `$ command` lines; the rest is what it prints
+        return "\n".join(line[2:] for line in block.text.splitlines() if line.startswith("$ "))
+    return block.text
+
+
+def run_block(block: Block, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "IMCAP_ROOT": str(cwd), "ARGS": TINY_ARGS, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    text = substitute(commands(block), cwd)
+    argv = [sys.executable, "-c", text] if block.lang == "python" else ["bash", "-e", "-o", "pipefail", "-c", text]
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def write_fixtures(cwd: Path) -> None:
+    """A working directory as a user has it: the checkout's Makefile and .venv, a photo, and
+    small folders in the layouts `make data` and `custom` read, standing in for the datasets."""
+    for name in ("Makefile", ".venv"):
+        (cwd / name).symlink_to(REPO / name)
+    colours = {"red": (200, 30, 30), "green": (30, 160, 60), "blue": (40, 60, 200), "yellow": (220, 200, 40),
+               "purple": (120, 40, 140), "orange": (230, 130, 30)}
+    things = ["dog", "ball", "car", "house", "boat"]
+    captions = {}
+    for i in range(30):
+        colour, thing = list(colours)[i % len(colours)], things[i % len(things)]
+        captions[i] = [f"a {colour} {thing} on the grass", f"the {thing} is {colour}", f"a {thing} that is {colour}",
+                       f"one {colour} {thing}", f"a small {colour} {thing} outside"]
+        write_image(cwd / "data" / "flickr8k" / "Flicker8k_Dataset" / f"{1000 + i}_fixture.jpg", colours[colour], 32)
+        write_image(cwd / "my_photos" / "beach" / f"img_{i:04d}.jpg", colours[colour], 32)
+    (cwd / "data" / "flickr8k" / "Flickr8k.token.txt").write_text("".join(
+        f"{1000 + i}_fixture.jpg#{k}\t{text}\n" for i, texts in captions.items() for k, text in enumerate(texts)),
+        encoding="utf-8")
+    (cwd / "my_photos" / "captions.csv").write_text("image,caption\n" + "".join(
+        f"beach/img_{i:04d}.jpg,{text}\n" for i, texts in captions.items() for text in texts), encoding="utf-8")
+    coco_captions = ["a red dog on the grass", "a blue car in the street", "a green ball on the grass",
+                     "the dog is red", "a car that is blue"]
+    write_official(cwd / "data" / "coco", "train", range(1, 25), captions=coco_captions, size=32)
+    write_official(cwd / "data" / "coco", "val", range(100, 112), captions=coco_captions, size=32)
+    write_image(cwd / "photo.jpg", colours["red"], 64)
+
+
+def page_id(page: Path) -> str:
+    return str(page.relative_to(REPO))
+
+
+def test_every_page_has_blocks_and_every_skip_says_why_in_the_page():
+    for page in PAGES:
+        found = blocks(page)
+        assert any(b.skip is None for b in found), f"{page_id(page)}: no block that runs"
+        text = page.read_text(encoding="utf-8")
+        for marker in SKIP.finditer(text):  # the HTML comment is invisible: a line the reader sees follows
+            after = text[marker.end():].lstrip("\n").split("\n", 1)[0]
+            assert after.startswith("*(Not run by the docs test"), f"{page_id(page)}: {marker[0]} has no visible note"
+
+
+def test_a_renamed_option_fails_its_block(tmp_path):
+    write_fixtures(tmp_path)
+    block = Block(REPO / "README.md", 0, "bash", 'make train ARGS="trainer.max_epochz=1"\n', None)
+    result = run_block(block, tmp_path)
+    assert result.returncode != 0 and "max_epochz" in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_the_commands_of_a_page_run(page, tmp_path):
+    write_fixtures(tmp_path)
+    for block in blocks(page):
+        if block.skip:
+            continue
+        result = run_block(block, tmp_path)
+        assert result.returncode == 0, f"{block} failed:\n{block.text}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
