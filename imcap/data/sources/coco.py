@@ -49,8 +49,12 @@ def read_official(path: Path, image_dir: Path) -> list[tuple[CaptionRecord, bool
     """Records from one official captions file; split is left empty for the caller."""
     data = load_json(path)
     try:
-        files = {im["id"]: require_str(im["file_name"], f"{path}: image id {im['id']}", "file_name")
-                 for im in data["images"]}
+        files: dict[int, str] = {}
+        for im in data["images"]:
+            name = require_str(im["file_name"], f"{path}: image id {im['id']}", "file_name")
+            if files.setdefault(im["id"], name) != name:  # whose captions would these be?
+                raise ImcapError(f"{path}: image id {im['id']} is listed twice in 'images', as {files[im['id']]!r} "
+                                 f"and {name!r}; its captions would go to one of them: give each image its own id")
         captions: dict[int, list[str]] = defaultdict(list)
         for k, ann in enumerate(data["annotations"]):
             caption = require_str(ann["caption"], f"{path}: annotation {k} (image id {ann['image_id']})", "caption")

@@ -103,3 +103,21 @@ def test_a_coco_2017_root_trains_given_only_its_root_and_both_years_ask_for_one(
     assert_one_line_error(both, f"error: COCO 2014 and 2017 are both under data.root={root}; choose one with "
                                 "data.source.year=2014 or data.source.year=2017")
     assert len(both.stderr.strip().splitlines()) == 1
+
+
+def test_an_image_id_listed_twice_is_one_line_naming_the_file_and_the_id(tmp_path):
+    """Two photos under one id: their captions would silently go to one of them."""
+    root = tmp_path / "coco"
+    path = write_official(root, "train", [1, 2, 3])
+    data = json.loads(path.read_text())
+    data["images"][2]["id"] = 2  # the third image (id 3) now claims id 2 too
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 3]
+    path.write_text(json.dumps(data))
+    result = module("train", "data=coco", f"data.root={root}", "debug=fast_dev_run", cwd=tmp_path)
+    assert_one_line_error(result, f"error: {path}: image id 2 is listed twice in 'images', as "
+                                  "'COCO_train2014_000000000002.jpg' and 'COCO_train2014_000000000003.jpg'")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+    data["images"][2]["file_name"] = data["images"][1]["file_name"]  # the same entry twice: nothing is ambiguous
+    path.write_text(json.dumps(data))
+    assert [r.image_id for r in CocoSource(str(root)).records()] == [1, 2]
