@@ -9,10 +9,10 @@ object per image ({"image", "caption", "attention_plot" when drawn}) appended to
 objects are written as a JSON list to `output` (in the order of `images`).
 
 Files that cannot be captioned never stop the run: a zero-byte, corrupt or unreadable file, a
-path that vanished, and a file in a format PIL cannot decode here (HEIC, AVIF, camera raw: "format
-not supported (convert to JPEG/PNG)") are skipped, each with a one-line reason on stderr and in
-`<output stem>.skipped.jsonl` (and `.skipped.json` at the end). The run ends with
-`captioned N, skipped M`, and exits with status 2 if M > 0. Files in a folder whose suffix is
+path that vanished, and a file in a format Pillow cannot decode here (HEIC, camera raw, AVIF
+without libavif: "format not supported (convert to JPEG/PNG)") are skipped, each with a
+one-line reason on stderr and in `<output stem>.skipped.jsonl` (and `.skipped.json` at the
+end). The run ends with `captioned N, skipped M`, and exits with status 2 if M > 0. Files in a folder whose suffix is
 neither an image's nor an unsupported image format's (notes, videos, sidecars) are not captioned
 and not counted: one log line names how many and the first few.
 
@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 
 import torch
 from omegaconf import DictConfig, ListConfig
+from PIL import features
 from torch.utils.data import DataLoader, Dataset
 
 from imcap.config import decoding_with_overrides
@@ -55,10 +56,12 @@ from imcap.models.captioner import Caption, Captioner
 from imcap.models.search import Decoding
 
 log = logging.getLogger("imcap.caption")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-# image formats phones and cameras write that this PIL does not decode: listed, never ignored
+# AVIF where this Pillow decodes it (Pillow >= 11.2 built with libavif)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff",
+                  *((".avif",) if features.check("avif") else ())}
+# image formats phones and cameras write that this Pillow does not decode: listed, never ignored
 UNSUPPORTED_SUFFIXES = {".heic", ".heif", ".avif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf",
-                        ".orf", ".rw2", ".psd", ".svg"}
+                        ".orf", ".rw2", ".psd", ".svg"} - IMAGE_SUFFIXES
 UNSUPPORTED = "format not supported (convert to JPEG/PNG)"
 
 
@@ -209,7 +212,8 @@ def caption_images(cfg: DictConfig) -> list[tuple[Path, Caption]]:
     if precision not in PRECISIONS:
         raise ImcapError(f"precision={precision!r}; choose one of {list(PRECISIONS)}")
     device = torch.device(cfg.device)
-    captioner = Captioner.load(cfg.ckpt_path, map_location=device).to(device).eval()  # .ckpt, folder or repo id
+    captioner = Captioner.load(cfg.ckpt_path, map_location=device,  # .ckpt, folder or repo id (at a revision)
+                               revision=cfg.get("revision")).to(device).eval()
     decoding = Decoding(**decoding_with_overrides(asdict(captioner.decoding), cfg.get("decoding")))
 
     checkpoints = cfg.ckpt_path if isinstance(cfg.ckpt_path, ListConfig) else [cfg.ckpt_path]

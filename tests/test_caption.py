@@ -1,13 +1,21 @@
 """`imcap.caption` and `Captioner` without Lightning: captions for image files, one attention plot
-per image even when names repeat; an unreadable image or a foreign checkpoint is a one-line error."""
+per image even when names repeat; a foreign checkpoint is a one-line error; bad files are
+skipped and listed; results stream to a JSONL and a run killed with SIGKILL resumes from it;
+the batched fast path gives the captions of the one-path `Captioner.caption`."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
-from PIL import Image
+import torch
+from PIL import Image, features
 
 from imcap.caption import caption_images
 from imcap.models.captioner import Captioner
@@ -59,7 +67,6 @@ def test_a_list_of_checkpoints_captions_as_their_ensemble(trained_run, tmp_path)
 
 def test_unreadable_image_names_the_file(tmp_path):
     # a foreign checkpoint is refused before images are read
-    import torch
 
     torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
     result = module("caption", f"ckpt_path={tmp_path}/foreign.ckpt", f"images=[{tmp_path}/x.jpg]", cwd=tmp_path)
@@ -67,3 +74,128 @@ def test_unreadable_image_names_the_file(tmp_path):
     (tmp_path / "x.jpg").write_text("not a jpeg")
     result = module("caption", f"ckpt_path={tmp_path}/foreign.ckpt", f"images=[{tmp_path}/x.jpg]", cwd=tmp_path)
     assert_one_line_error(result, "was not written by imcap training")
+
+
+def write_photos(folder, count: int, seed: int = 0) -> list:
+    """`count` small JPEG files as a camera app saves them (PIL, quality 90)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        pixels = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+        paths.append(folder / f"IMG_{i:04d}.jpg")
+        Image.fromarray(pixels).save(paths[-1], quality=90)
+    return paths
+
+
+def read_lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_bad_files_are_skipped_and_listed_and_the_others_captioned(make_cfg, tmp_path):
+    write_untrained_checkpoint(make_cfg(out=tmp_path / "train"), tmp_path / "model.ckpt")
+    photos = tmp_path / "photos"
+    good = write_photos(photos, 3)
+    (photos / "empty.jpg").touch()  # a copy that never got its bytes
+    data = good[0].read_bytes()
+    (photos / "cut.jpg").write_bytes(data[: len(data) // 2])  # a download stopped half-way
+    (photos / "noise.png").write_bytes(os.urandom(500))
+    (photos / "gone.jpg").symlink_to(tmp_path / "moved-away.jpg")  # the file it named vanished
+    (photos / "IMG_0100.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + os.urandom(64))
+    (photos / "IMG_0101.DNG").write_bytes(b"II*\x00" + os.urandom(64))
+    (photos / "locked.jpg").write_bytes(data)
+    (photos / "locked.jpg").chmod(0)
+    (photos / "notes.txt").write_text("holiday 2026")
+    bad = {"empty.jpg": "cannot read image", "cut.jpg": "cannot read image", "noise.png": "cannot read image",
+           "gone.jpg": "image not found", "IMG_0100.HEIC": "format not supported (convert to JPEG/PNG)",
+           "IMG_0101.DNG": "format not supported (convert to JPEG/PNG)"}
+    if os.geteuid() != 0:  # root reads a file whatever its mode
+        bad["locked.jpg"] = "Permission denied"
+    else:
+        good.append(photos / "locked.jpg")
+    result = module("caption", f"ckpt_path={tmp_path}/model.ckpt", f"images=[{photos}]", "batch_size=2",
+                    f"output={tmp_path}/out/captions.json", cwd=tmp_path)
+    assert_one_line_error(result, f"captioned {len(good)}, skipped {len(bad)}", "captions.skipped.json")
+    for name, reason in bad.items():
+        line = next(ln for ln in result.stderr.splitlines() if ln.startswith(f"skipped {photos / name}:"))
+        assert reason in line
+    assert "notes.txt" in result.stderr  # named as not captioned, not counted as a failure
+    assert sorted(line.split("\t")[0] for line in result.stdout.splitlines()) == sorted(map(str, good))
+    streamed = read_lines(tmp_path / "out" / "captions.jsonl")
+    assert sorted(e["image"] for e in streamed) == sorted(map(str, good))
+    assert json.loads((tmp_path / "out" / "captions.json").read_text()) == sorted(streamed, key=lambda e: e["image"])
+    skipped = json.loads((tmp_path / "out" / "captions.skipped.json").read_text())
+    assert {os.path.basename(s["image"]): s["reason"] for s in skipped}.keys() == bad.keys()
+    assert all("\n" not in s["reason"] for s in skipped)
+
+
+@pytest.mark.skipif(not features.check("avif"), reason="this Pillow has no AVIF decoder")
+def test_an_avif_photo_is_captioned_where_pillow_decodes_it(make_cfg, tmp_path):
+    write_untrained_checkpoint(make_cfg(out=tmp_path / "train"), tmp_path / "model.ckpt")
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(tmp_path / "photos" / "IMG_0001.avif")
+    result = module("caption", f"ckpt_path={tmp_path}/model.ckpt", f"images=[{tmp_path}/photos]", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "captioned 1, skipped 0" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_without_captioning_a_file_twice(make_cfg, tmp_path):
+    write_untrained_checkpoint(make_cfg(out=tmp_path / "train"), tmp_path / "model.ckpt")
+    photos = write_photos(tmp_path / "photos", 400)
+    command = [sys.executable, "-m", "imcap.caption", f"ckpt_path={tmp_path}/model.ckpt",
+               f"images=[{tmp_path}/photos]", "batch_size=2"]
+    work = tmp_path / "work"  # a new working directory; the default output, in logs/caption/runs/<time>
+    work.mkdir()
+    env = {**os.environ, "IMCAP_ROOT": str(work)}
+    first = subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(work.glob("logs/caption/runs/*/captions.jsonl")) or \
+            len(read_lines(next(work.glob("logs/caption/runs/*/captions.jsonl")))) < 4:
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.poll() else ""
+        time.sleep(0.2)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    (jsonl,) = work.glob("logs/caption/runs/*/captions.jsonl")
+    before = {e["image"] for e in read_lines(jsonl)}
+    assert 4 <= len(before) < len(photos)  # stopped part-way
+
+    time.sleep(1.1)  # the run directory is named by the second
+    second = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert f"captioned {len(photos)}, skipped 0" in second.stderr
+    again = {line.split("\t")[0] for line in second.stdout.splitlines()}
+    assert again == {str(p) for p in photos} - before  # only what the killed run had not written
+    lines = read_lines(jsonl)  # the same file, continued
+    assert sorted(e["image"] for e in lines) == sorted(str(p) for p in photos)  # each once
+    written = json.loads((jsonl.parent / "captions.json").read_text())
+    assert [e["image"] for e in written] == [str(p) for p in photos]
+    # finished: the same command now starts a new run
+    third = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0 and len(third.stdout.splitlines()) == len(photos)
+
+
+@pytest.mark.slow
+def test_the_batched_path_gives_the_captions_of_the_one_path_captioner(trained_run, make_cfg, tmp_path, data_dir,
+                                                                     monkeypatch):
+    """The fast path (workers, BatchNorm-folded encoder, batched search, tensor reranking) against
+    `Captioner.caption` with the Python reranking it replaced, for greedy, beam 3 and the default."""
+    from imcap.models import search
+    from tests.models.test_rerank import plain_choose
+
+    best = trained_run / "checkpoints" / "best.ckpt"
+    images = sorted(data_dir.rglob("test_*.png"))[:6]
+    captioner = Captioner.from_checkpoint(best)
+    assert captioner.decoding.reranks and captioner.memory is not None  # the default reranks
+    for name, overrides in (("greedy", ["decoding.method=greedy"]),
+                            ("beam3", ["decoding.method=beam", "decoding.rerank_neighbours=0"]),
+                            ("default", [])):
+        cfg = make_cfg(f"ckpt_path={best}", f"images=[{','.join(map(str, images))}]", "batch_size=4", *overrides,
+                       name="caption", out=tmp_path / name)
+        fast = [c.text for _, c in caption_images(cfg)]
+        with monkeypatch.context() as m:
+            m.setattr(search, "choose", lambda *a: torch.tensor(plain_choose(*a), dtype=torch.long))
+            decoding = search.Decoding(**{**captioner.decoding.to_config(), **{
+                "greedy": {"method": "greedy"}, "beam3": {"rerank_neighbours": 0}, "default": {}}[name]})
+            plain = [c.text for c in captioner.caption(images, decoding)]
+        assert fast == plain, name
