@@ -10,7 +10,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # anything else goes through ARGS="...".
 DATA_ARG := $(if $(dataset),data=$(dataset),) $(if $(root),data.root=$(root),)
 
-.PHONY: help install assets train eval caption demo export sweep compare bench data data-stats features test test-fast lint clean
+.PHONY: help install assets train eval caption demo export sweep compare bench data data-stats features test test-fast lint docs docs-serve clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -72,6 +72,12 @@ test-fast:  ## tests without the slow end-to-end ones
 
 lint:  ## ruff
 	$(VENV)/bin/ruff check imcap tests
+
+docs:  ## build the documentation site into site/ (--strict: a broken link or reference fails)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-serve:  ## serve the documentation on http://127.0.0.1:8000, rebuilt on every change
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 clean:  ## remove runs, the generated demo data, feature caches and Python caches (keeps .venv and downloads)
 	rm -rf logs multirun outputs data/shapes data/features .pytest_cache .ruff_cache

@@ -133,6 +133,24 @@ def test_every_page_has_blocks_and_every_skip_says_why_in_the_page():
             assert after.startswith("*(Not run by the docs test"), f"{page_id(page)}: {marker[0]} has no visible note"
 
 
+def test_every_module_the_architecture_page_names_imports():
+    page = (REPO / "docs" / "explanation" / "architecture.md").read_text(encoding="utf-8")
+    names = sorted(set(re.findall(r"`(imcap(?:\.\w+)*)`", page)))
+    assert len(names) > 20, names
+    result = subprocess.run([sys.executable, "-c", "import importlib, sys\nfor n in sys.argv[1:]: importlib.import_module(n)",
+                             *names], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_readme_is_a_page_for_users():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= 250
+    for command in ("make install", "make train", "make data dataset=flickr8k", "make train dataset=flickr8k",
+                    "make train dataset=custom root=DIR", "make sweep dataset=flickr8k ARGS=\"logger=wandb\"",
+                    "make compare"):
+        assert command in readme, command
+
+
 def test_a_renamed_option_fails_its_block(tmp_path):
     write_fixtures(tmp_path)
     block = Block(REPO / "README.md", 0, "bash", 'make train ARGS="trainer.max_epochz=1"\n', None)
