@@ -28,7 +28,15 @@ import torch
 
 from imcap.data.features import PRECISIONS, _to_numpy, inference_encoder, wait_for_lock
 from imcap.data.images import PIXELS_VERSION, accepts_uint8_tensor
-from imcap.data.shards import Sample, index_path, load_index, local_copy, read_image_bytes, shown, stamp
+from imcap.data.shards import (
+    Sample,
+    index_path,
+    load_index,
+    local_copy,
+    read_image_bytes,
+    shown,
+    stamp,
+)
 from imcap.data.streaming import ShardSplit, decode_image
 from imcap.errors import ImcapError
 

@@ -38,7 +38,17 @@ from imcap.data import images
 from imcap.data.datamodule import CaptionDataModule
 from imcap.data.dataset import collate
 from imcap.data.images import accepts_uint8_tensor
-from imcap.data.shards import BAD_SAMPLES, Sample, glob_shards, join, load_index, local_path, read_image_bytes, shown, usable
+from imcap.data.shards import (
+    BAD_SAMPLES,
+    Sample,
+    glob_shards,
+    join,
+    load_index,
+    local_path,
+    read_image_bytes,
+    shown,
+    usable,
+)
 from imcap.data.sources.policy import check_choice
 from imcap.data.text import normalize, tokenize
 from imcap.data.vocab import Vocabulary

@@ -4,14 +4,16 @@ streamed to 2 DDP ranks with every caption once, resumed after kill -9; credenti
 
 from __future__ import annotations
 
+import http.server
 import io
-import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -218,3 +220,90 @@ def test_two_ranks_from_s3_see_every_caption_once_and_resume_after_kill_9(s3, tm
              *(p.read_text(errors="replace") for d in (run, tmp_path / "resumed") for p in d.rglob("*")
                if p.is_file() and p.suffix in (".log", ".yaml", ".json", ".txt"))]
     assert not [text for text in shown if SECRET in text]
+
+
+# -- other stores: a web server, file:// URLs, a store whose package is missing --------------------
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves `server.files` as web servers serve shards: HEAD, and GET with `Range: bytes=A-B`."""
+
+    def _send(self, body: bool) -> None:
+        data = self.server.files.get(self.path.lstrip("/"))
+        if data is None:
+            self.send_error(404)
+            return
+        wanted = re.match(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
+        start, stop = (int(wanted[1]), int(wanted[2] or len(data) - 1) + 1) if wanted else (0, len(data))
+        self.send_response(206 if wanted else 200)
+        if wanted:
+            self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{len(data)}")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(stop - start))
+        self.end_headers()
+        if body:
+            self.wfile.write(data[start:stop])
+
+    def do_HEAD(self):  # noqa: N802 (http.server's naming)
+        self._send(body=False)
+
+    def do_GET(self):  # noqa: N802
+        self._send(body=True)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_shards_on_a_web_server_are_read_by_range_requests(tmp_path):
+    records = _records(tmp_path, 5)
+    shards = write_shards(records, tmp_path / "site" / "train", shard_size=3)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    httpd.files = {f"train/{Path(s).name}": Path(s).read_bytes() for s in shards}  # no index beside them
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        root = f"http://user:pa55word@127.0.0.1:{httpd.server_address[1]}"
+        urls = expand_shards(root, "train/{000000..000001}.tar")
+        assert urls == [f"{root}/train/00000{i}.tar" for i in range(2)]
+        cache = tmp_path / "cache"
+        samples = load_index(urls[1], cache)
+        assert index_path(urls[1], cache) == cache / "http" / f"127.0.0.1_{httpd.server_address[1]}" / "train" / \
+            "000001.index.json"  # the folder names no credentials
+        assert [s.image_id for s in samples] == [3, 4]
+        assert read_image_bytes(urls[1], samples[1]) == Path(records[4].image_path).read_bytes()
+        with pytest.raises(ImcapError) as missing:
+            load_index(f"{root}/train/000009.tar", cache)
+        assert "pa55word" not in str(missing.value) and f"127.0.0.1:{httpd.server_address[1]}/train/000009.tar" in \
+            str(missing.value)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_file_urls_are_local_shards(tmp_path):
+    shards = write_shards(_records(tmp_path, 4), f"file://{tmp_path}/shards/train", shard_size=2)
+    assert shards == [str(tmp_path / "shards" / "train" / f"00000{i}.tar") for i in range(2)]
+    assert expand_shards(f"file://{tmp_path}/shards", "train/*.tar") == shards
+    assert [s.image_id for s in load_index(f"file://{shards[1]}")] == [2, 3]
+    assert index_path(f"file://{shards[1]}", None) == tmp_path / "shards" / "train" / "000001.index.json"
+
+
+def test_a_store_without_its_package_names_the_package(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # as if not installed
+    with pytest.raises(ImcapError, match=r"gs:// URLs need fsspec's gs filesystem .*pip install gcsfs"):
+        load_index("gs://bucket/train/000000.tar", tmp_path)
+
+
+def test_storage_options_set_the_endpoint(s3, tmp_path, monkeypatch):
+    """data.storage_options={s3:{endpoint_url:...}} instead of AWS_ENDPOINT_URL."""
+    import fsspec
+
+    from imcap.data.streaming import ShardDataModule
+
+    write_shards(_records(tmp_path, 2), "s3://shards/options/train", shard_size=2)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.setattr(fsspec.config, "conf", {})
+    ShardDataModule(root="s3://shards/options", cache_dir=str(tmp_path / "cache"),
+                    storage_options={"s3": {"endpoint_url": s3["AWS_ENDPOINT_URL"]}})
+    assert fsspec.config.conf["s3"]["endpoint_url"] == s3["AWS_ENDPOINT_URL"]
+    fsspec.AbstractFileSystem.clear_instance_cache()
+    found = expand_shards("s3://shards/options", "train/*.tar")
+    assert found == ["s3://shards/options/train/000000.tar"]
+    assert [s.image_id for s in load_index(found[0], tmp_path / "cache")] == [0, 1]
