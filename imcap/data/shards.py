@@ -45,6 +45,7 @@ from webdataset.tariterators import base_plus_ext
 
 from imcap.data.records import CaptionRecord
 from imcap.data.sources.policy import check_choice
+from imcap.data.text import normalize
 from imcap.errors import ImcapError
 from imcap.files import write_json
 
@@ -197,14 +198,15 @@ class Sample:
 
 
 def _captions(txt: bytes | None, meta: dict[str, Any]) -> tuple[str, ...]:
-    """A json `captions` list, else the txt lines, else a json `caption` (img2dataset)."""
+    """A json `captions` list, else the txt lines, else a json `caption` (img2dataset); those with
+    no words once normalised (only punctuation or emoji) left out, as `keep_existing` does."""
     if isinstance(meta.get("captions"), list):
         found = [str(c) for c in meta["captions"]]
     elif txt is not None:
         found = txt.decode("utf-8", errors="replace").splitlines()
     else:
         found = [str(meta["caption"])] if meta.get("caption") is not None else []
-    return tuple(c.strip() for c in found if c.strip())
+    return tuple(c.strip() for c in found if normalize(c))
 
 
 def _image_problem(head: bytes) -> str | None:

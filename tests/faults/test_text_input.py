@@ -146,6 +146,70 @@ def test_json_that_is_not_utf8_or_not_json_is_one_line_with_its_line(tmp_path, l
     one_line_error(source, rf"{re.escape(str(path))}:3: not valid JSON")
 
 
+# -- captions with no words once normalised --------------------------------------------------------
+WORDLESS = ["🐶🐾 ❤️", "!!! ...", "— … ©"]  # emoji, punctuation, symbols: an empty target once normalised
+
+
+@pytest.mark.parametrize("caption", WORDLESS)
+@pytest.mark.parametrize("layout", [*LINE_FORMATS, custom_jsonl, custom_sidecar])
+def test_a_caption_with_no_words_is_one_line_naming_file_and_line(tmp_path, layout, caption):
+    """The check runs after normalisation: the raw text is not empty."""
+    body = {custom_jsonl: json.dumps({"image": "a.jpg", "caption": caption}) + "\n",
+            custom_sidecar: f"{caption}\n"}.get(layout, f"b.jpg,{caption}\n").encode()
+    source, name = layout(tmp_path, body)
+    one_line_error(source, rf"{re.escape(str(tmp_path / name))}: .*(no words|a comment with no words)")
+
+
+def test_flickr30k_skips_and_counts_a_caption_with_no_words_under_bad_rows_skip(tmp_path, caplog):
+    flickr30k_results(tmp_path, "b.jpg,🐶🐶\n".encode())
+    Image.new("RGB", (8, 8)).save(tmp_path / "flickr30k_images" / "a.jpg")
+    [record] = Flickr30kSource(str(tmp_path), bad_rows="skip").records()
+    assert record.captions == ("a dog",)
+    assert "Skipped 1 broken rows" in caplog.text and "a comment with no words" in caplog.text
+
+
+@pytest.mark.parametrize("layout", [coco_official, coco_karpathy])
+def test_coco_leaves_out_and_counts_captions_with_no_words_and_images_left_with_none(tmp_path, layout, caplog):
+    """A public dataset's stray rows cannot be fixed by its user: left out, counted, named."""
+    source, _ = layout(tmp_path, "🐶 !!")
+    files = next(tmp_path.rglob("*.json"))
+    data = json.loads(files.read_text(encoding="utf-8"))
+    if layout is coco_official:  # a second image whose only caption is wordless
+        data["images"].append({"id": 2, "file_name": "b.jpg"})
+        data["annotations"].append({"image_id": 2, "caption": "..."})
+        folder = tmp_path / "train2014"
+    else:
+        data["images"].append({**data["images"][0], "filename": "b.jpg", "cocoid": 2, "sentences": [{"raw": "..."}]})
+        folder = tmp_path / "val2014"
+    files.write_text(json.dumps(data), encoding="utf-8")
+    folder.mkdir(exist_ok=True)
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (8, 8)).save(folder / name)
+    [record] = source.records()
+    assert record.captions == ("a dog",)
+    assert "Left out 2 COCO captions with no words once normalised" in caplog.text
+    assert "1 images left with no caption" in caplog.text
+
+
+def test_a_shard_sample_s_captions_with_no_words_are_left_out():
+    from imcap.data.shards import _captions
+
+    assert _captions("a dog\n🐶🐶\n!!!\n".encode(), {}) == ("a dog",)
+    assert _captions(None, {"captions": ["…", "✨"]}) == ()  # then the sample has "no captions" (skip policy)
+
+
+def test_imcap_data_stats_on_a_custom_csv_with_an_emoji_caption_is_one_error_line(tmp_path):
+    """Through the CLI, in a new process, as a user runs it."""
+    from tests.helpers.runs import assert_one_line_error, module
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    Image.new("RGB", (8, 8)).save(root / "a.jpg")
+    (root / "captions.csv").write_text("image,caption\na.jpg,a dog on a beach\na.jpg,🐶🏖️!\n", encoding="utf-8")
+    result = module("data", "stats", "data=custom", f"data.root={root}", cwd=tmp_path)
+    assert_one_line_error(result, f"{root / 'captions.csv'}:3: caption '🐶🏖️!' has no words once normalised")
+
+
 def text_io_without_encoding(path: Path) -> list[str]:
     """Calls of open(), Path.read_text() and Path.write_text() in text mode that leave the
     encoding to the locale."""

@@ -24,7 +24,13 @@ from collections import defaultdict
 from pathlib import Path
 
 from imcap.data.records import SPLITS, CaptionRecord
-from imcap.data.sources.policy import MISSING_IMAGES, check_choice, inside_root, keep_existing
+from imcap.data.sources.policy import (
+    MISSING_IMAGES,
+    check_caption,
+    check_choice,
+    inside_root,
+    keep_existing,
+)
 from imcap.data.sources.splits import split_of
 from imcap.data.textfile import csv_rows, read_text
 from imcap.errors import ImcapError
@@ -57,6 +63,7 @@ class _Rows:
             raise ImcapError(f"{where}: empty image cell; give the image path relative to data.root")
         if not caption:
             raise ImcapError(f"{where}: empty caption for {image!r}; fill it in or delete the row")
+        check_caption(caption, where)
         path = self.paths.get(image)
         if path is None:
             path = self.paths[image] = inside_root(self.root, image, where)
@@ -205,11 +212,11 @@ class CustomSource:
             lines = []
             if sidecar in sidecars:
                 inside_root(self.root, str(sidecar.relative_to(self.root)), str(sidecar))
-                lines = [ln.strip() for ln in read_text(sidecar).splitlines() if ln.strip()]
+                lines = [(n, ln.strip()) for n, ln in enumerate(read_text(sidecar).splitlines(), 1) if ln.strip()]
             if not lines:
                 uncaptioned.append(image)
-            for caption in lines:
-                rows.add(str(image.relative_to(self.root)), caption, self._folder_split(image), str(sidecar))
+            for n, caption in lines:
+                rows.add(str(image.relative_to(self.root)), caption, self._folder_split(image), f"{sidecar}:{n}")
         if uncaptioned:
             log.warning("Left out %d of %d images in %s that have no (or an empty) .txt sidecar (first: %s)",
                         len(uncaptioned), len(images), self.root, uncaptioned[0])

@@ -36,6 +36,7 @@ from imcap.data.sources.policy import (
     missing_root,
 )
 from imcap.data.sources.splits import split_of
+from imcap.data.text import normalize
 from imcap.errors import ImcapError
 from imcap.registry import register
 
@@ -59,7 +60,9 @@ def _parse_row(line: str) -> tuple[str, str, str]:
     if not image:
         return "", "", "no image name"
     if len(cells) == 3 and cells[1].isdigit():
-        return (image, cells[2], "") if cells[2] else ("", "", "empty comment")
+        if not normalize(cells[2]):  # nothing to train on: empty, or only punctuation or emoji
+            return "", "", "empty comment" if not cells[2] else "a comment with no words"
+        return image, cells[2], ""
     merged = _MERGED.match(cells[1]) if len(cells) >= 2 else None
     if merged and (len(cells) == 2 or not cells[2]):
         return image, merged.group(2), "repairable"

@@ -18,6 +18,7 @@ from imcap.data.records import CaptionRecord
 from imcap.data.sources.karpathy import read_karpathy
 from imcap.data.sources.policy import (
     MISSING_IMAGES,
+    check_caption,
     check_choice,
     fetch_command,
     inside_root,
@@ -50,7 +51,7 @@ def read_official_tokens(path: Path) -> dict[str, list[str]]:
         if not sep or not hash_sign or not image or not caption.strip():
             raise ImcapError(f"{path}:{lineno}: expected '<image>#<n>\\t<caption>', got {line.strip()[:60]!r}")
         inside_root(Path(), image, f"{path}:{lineno}", follow_symlinks=False)  # checked before any read
-        captions[image].append(caption.strip())
+        captions[image].append(check_caption(caption.strip(), f"{path}:{lineno}"))
     return captions
 
 
@@ -66,7 +67,7 @@ def read_kaggle_captions(path: Path) -> dict[str, list[str]]:
         if len(row) != 2 or not row[0].strip() or not row[1].strip():
             raise ImcapError(f"{path}:{line_num}: expected 'image,caption' (quote captions with commas), got {row!r}")
         inside_root(Path(), row[0].strip(), f"{path}:{line_num}", follow_symlinks=False)
-        captions[row[0].strip()].append(row[1].strip())
+        captions[row[0].strip()].append(check_caption(row[1].strip(), f"{path}:{line_num}"))
     return captions
 
 

@@ -1,14 +1,22 @@
 """What readers do with data they cannot use as is: stop with a clear error, or skip and report;
-and what they say when the data is not there at all."""
+and what they say when the data is not there at all.
+
+A caption with no words once normalised (only punctuation, symbols or emoji: `imcap.data.text`)
+would be an empty training target and an empty reference. Readers of files people write by hand
+refuse it at its line (`check_caption`); `keep_existing`, which every reader ends with, leaves
+out and counts any that remain (a public dataset's stray rows), and images left with none.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from imcap.data.records import CaptionRecord
+from imcap.data.text import normalize
 from imcap.errors import ImcapError
 
 log = logging.getLogger(__name__)
@@ -23,13 +31,45 @@ def check_choice(value: str, choices: Sequence[str], option: str) -> str:
     return value
 
 
+def check_caption(caption: str, where: str) -> str:
+    """`caption` if it has words once normalised, else a one-line error naming `where`."""
+    if not normalize(caption):
+        what = "is empty" if not caption.strip() else \
+            f"{caption.strip()[:40]!r} has no words once normalised (only punctuation, symbols or emoji)"
+        raise ImcapError(f"{where}: caption {what}; write the caption in words or delete the row")
+    return caption
+
+
+def _keep_worded(pairs: Sequence[tuple[CaptionRecord, bool]], dataset: str,
+                 named: str) -> list[tuple[CaptionRecord, bool]]:
+    """The pairs with their wordless captions left out, and images left with none dropped;
+    both counted in a warning."""
+    kept, dropped, first, emptied = [], 0, None, []
+    for record, exists in pairs:
+        worded = tuple(c for c in record.captions if normalize(c))
+        if len(worded) != len(record.captions):
+            dropped += len(record.captions) - len(worded)
+            first = first or f"{next(c for c in record.captions if not normalize(c))!r} of {record.image_path}"
+            if not worded:
+                emptied.append(record.image_path)
+                continue
+            record = replace(record, captions=worded)
+        kept.append((record, exists))
+    if dropped:
+        log.warning("Left out %d %s captions%s with no words once normalised (first: %s), and %d images "
+                    "left with no caption", dropped, dataset, named, first, len(emptied))
+    return kept
+
+
 def keep_existing(
     pairs: Sequence[tuple[CaptionRecord, bool]], policy: str, dataset: str, where: str | None
 ) -> list[CaptionRecord]:
     """Apply `data.source.missing_images` to (record, image file exists) pairs; `where` names
-    the file that lists the images (None: several files, not named)."""
-    missing = [r.image_path for r, exists in pairs if not exists]
+    the file that lists the images (None: several files, not named). Captions with no words
+    once normalised are left out and counted, and images left with none (module docstring)."""
     named = f" named in {where}" if where is not None else ""
+    pairs = _keep_worded(pairs, dataset, named)
+    missing = [r.image_path for r, exists in pairs if not exists]
     if missing and policy == "error":
         raise ImcapError(
             f"{len(missing)} {dataset} images{named} are missing (first: {missing[0]}); "
