@@ -130,7 +130,13 @@ def glob_shards(pattern: str) -> list[str]:
         return sorted(glob.glob(local_path(pattern)))
     fs, path = filesystem(pattern)
     with storage_errors(pattern, "shards"):
-        return sorted(fs.unstrip_protocol(p) for p in fs.glob(path))
+        found = fs.glob(path, detail=True)
+    urls = []
+    for name, info in found.items():
+        if info.get("type") != "directory":
+            urls.append(fs.unstrip_protocol(name))
+            _REMOTE_STAMPS.setdefault(urls[-1], _stamp_of(info))  # one listing instead of a request per shard
+    return sorted(urls)
 
 
 def _put(local: str, url: str) -> None:
@@ -306,9 +312,13 @@ def remote_stamp(url: str) -> dict[str, Any]:
             info = fs.info(path)
         if info.get("type") == "directory":
             raise ImcapError(f"shard not found: {shown(url)} is a folder; check data.root and data.train/val/test")
-        tag = next((info[k] for k in ("ETag", "etag", "md5Hash", "LastModified", "mtime", "updated") if info.get(k)), "")
-        _REMOTE_STAMPS[url] = {"bytes": int(info.get("size") or 0), "version": str(tag)}
+        _REMOTE_STAMPS[url] = _stamp_of(info)
     return _REMOTE_STAMPS[url]
+
+
+def _stamp_of(info: dict[str, Any]) -> dict[str, Any]:
+    tag = next((info[k] for k in ("ETag", "etag", "md5Hash", "LastModified", "mtime", "updated") if info.get(k)), "")
+    return {"bytes": int(info.get("size") or 0), "version": str(tag)}
 
 
 def stamp(shard: str | Path) -> dict[str, Any]:

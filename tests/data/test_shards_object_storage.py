@@ -24,6 +24,7 @@ import torch
 from moto.server import ThreadedMotoServer
 from PIL import Image
 
+from imcap.data import shards as shards_module
 from imcap.data.records import CaptionRecord
 from imcap.data.shard_features import extract_shard_features
 from imcap.data.shards import index_path, load_index, read_image_bytes, write_shards
@@ -72,12 +73,15 @@ def test_shards_written_to_s3_are_indexed_on_local_disk_and_streamed_once_per_ep
     records = _records(tmp_path, 11)
     shards = write_shards(records, "s3://shards/unit/train", shard_size=4)
     assert shards == [f"s3://shards/unit/train/{i:06d}.tar" for i in range(3)]
+    shards_module._REMOTE_STAMPS.clear()  # as a new process: the stamps come from the listing below
     assert expand_shards("s3://shards/unit", "train/*.tar") == shards
     assert expand_shards("s3://shards/unit", "train/{000001..000002}.tar") == shards[1:]
     cache = tmp_path / "cache"
     samples = load_index(shards[0], cache)
     assert index_path(shards[0], cache) == cache / "s3" / "shards" / "unit" / "train" / "000000.index.json"
-    assert index_path(shards[0], cache).is_file()
+    sidecar = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"]).get_object(
+        Bucket="shards", Key="unit/train/000000.index.json")["Body"].read()
+    assert index_path(shards[0], cache).read_bytes() == sidecar  # copied from beside the shard, not rebuilt
     assert [s.image_id for s in samples] == [0, 1, 2, 3]
     assert read_image_bytes(shards[0], samples[2]) == Path(records[2].image_path).read_bytes()  # a range request
     assert not list(Path(tempfile.gettempdir()).glob("imcap-shards-*"))  # staged shards are removed once uploaded
