@@ -91,8 +91,8 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _record_job(error: str | None, bug: bool = False) -> str:
-    """Append how this job ended to the sweep's record; returns the job's name."""
+def _record_job(error: str | None, bug: bool = False) -> int:
+    """Append how this job ended to the sweep's record; returns the job's number."""
     from hydra.core.hydra_config import HydraConfig
 
     num, overrides = HydraConfig.get().job.num, list(HydraConfig.get().overrides.task)
@@ -100,7 +100,7 @@ def _record_job(error: str | None, bug: bool = False) -> str:
     if path:
         with open(path, "a", encoding="utf-8") as f:  # one short line per append: jobs in parallel do not mix
             f.write(json.dumps({"num": num, "overrides": overrides, "error": error, "bug": bug}) + "\n")
-    return f"job {num} ({' '.join(overrides)})"
+    return num
 
 
 def _sweep_jobs(path: str) -> list[dict]:
@@ -124,9 +124,9 @@ def _run_job(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         else:
             traceback.print_exc()
             message, bug = f"{type(exc).__name__}: {exc}".splitlines()[0], True
-        name = _record_job(message, bug)
-        print(f"error: {name}: {message}", file=sys.stderr, flush=True)
-        raise JobFailed(f"{name} failed: {message}") from None
+        num = _record_job(message, bug)
+        print(f"error: job {num}: {message}", file=sys.stderr, flush=True)
+        raise JobFailed(f"job {num} failed: {message}") from None
     _record_job(None)
     return result
 
