@@ -61,8 +61,13 @@ def save_config(cfg: DictConfig, path: Path) -> None:
 
 
 def decoding_with_overrides(stored: dict[str, Any] | None, overrides: DictConfig | None) -> dict[str, Any]:
-    """The checkpoint's decoding settings with every non-null override applied."""
+    """The checkpoint's decoding settings with every non-null override applied; an override of
+    the wrong type (decoding.beam_size=five) is one line naming it."""
+    from imcap.stored_config import check_decoding_overrides
+
     merged = dict(stored or {})
     if overrides:
-        merged.update({k: v for k, v in OmegaConf.to_container(overrides).items() if v is not None})
+        given = {k: v for k, v in OmegaConf.to_container(overrides).items() if v is not None}
+        check_decoding_overrides(given)
+        merged.update(given)
     return merged

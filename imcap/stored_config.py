@@ -10,17 +10,27 @@ built or imported from it:
 - values are plain JSON (None, bool, int, float, str, lists, dicts with str keys), and strings
   hold no `${...}` interpolation (resolvers run code too).
 
-Anything else is refused with one line naming the key path.
+Anything else is refused with one line naming the key path. The stored values are checked too
+(`check_stored_values`): a format number newer than this imcap reads, a decoding option it does
+not know or a value of the wrong type is one line saying to upgrade imcap, not a traceback.
 """
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Mapping
 from typing import Any
 
+from imcap import __version__
 from imcap.errors import ImcapError
 from imcap.plugins import how_to_provide
 from imcap.registry import allowed_targets
+
+# the format of what imcap stores (a checkpoint's `format`, a model folder's `imcap_format`):
+# raised when a change means an older imcap would misread it; a newer number is refused
+FORMAT = 1
+UPGRADE = "upgrade imcap (pip install -U imcap) to read it"
 
 # where a component may be named in a stored config, and which kind it must be
 COMPONENT_SLOTS: dict[str, str] = {
@@ -79,3 +89,78 @@ def check_stored_config(tree: Any, origin: str, path: str = "") -> None:
             raise refuse(where, f"names {value!r}, which is not a registered {kind}")
 
     walk(tree, path)
+
+
+def check_stored_values(stored: Mapping[str, Any], origin: str, format_key: str = "format") -> None:
+    """Refuse a stored config whose format number is newer than this imcap reads, or whose
+    decoding settings hold an option it does not know or a value of the wrong type."""
+    number = stored.get(format_key)
+    if number is not None:  # None: written before the number was stored, i.e. format 1
+        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+            raise ImcapError(f"{origin} has {format_key}={number!r}, not a format number; the file is damaged: "
+                             "use another checkpoint or export the model again")
+        if number > FORMAT:
+            raise ImcapError(f"{origin} has {format_key}={number}, a newer format than this imcap "
+                             f"({__version__}) reads (up to {FORMAT}); {UPGRADE}")
+    decoding = stored.get("decoding")
+    if decoding is None:
+        return
+    if not isinstance(decoding, Mapping):
+        raise ImcapError(f"{origin} stores decoding={decoding!r}, not a mapping of decoding options; "
+                         "the file is damaged: use another checkpoint or export the model again")
+    for key, value in decoding.items():
+        problem = decoding_problem(key, value)
+        if problem == "unknown":
+            raise ImcapError(f"{origin} stores decoding.{key}, an option this imcap ({__version__}) does not know "
+                             f"(a newer imcap wrote it); {UPGRADE}")
+        if problem:
+            raise ImcapError(f"{origin} stores decoding.{key}={value!r}, which is not {problem} (a newer imcap "
+                             f"wrote it, or the file was edited); {UPGRADE}, or use a checkpoint written by this one")
+
+
+def check_decoding_overrides(overrides: Mapping[str, Any]) -> None:
+    """Refuse a `decoding.*` value from the command line that has the wrong type."""
+    for key, value in overrides.items():
+        problem = decoding_problem(key, value)
+        if problem == "unknown":  # conf/_decoding_overrides.yaml lists every option: only `+decoding.x=`
+            raise ImcapError(f"decoding.{key} is not a decoding option; see conf/_decoding_overrides.yaml")
+        if problem:
+            from imcap.models.search import Decoding
+
+            default = Decoding().to_config()[key]
+            raise ImcapError(f"decoding.{key}={value!r} is not {problem}; e.g. decoding.{key}={default}")
+
+
+def decoding_problem(key: str, value: Any) -> str | None:
+    """Why `value` cannot be decoding option `key`: "unknown" (no such option), or what the
+    value should be (e.g. "an integer"); None when it fits."""
+    from imcap.models.search import Decoding
+
+    hints = typing.get_type_hints(Decoding)
+    if key not in hints:
+        return "unknown"
+    return None if _fits(value, hints[key]) else _describe(hints[key])
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:  # tuple[str, ...]: stored as a list
+        return isinstance(value, (list, tuple)) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        inner = typing.get_args(hint)[0]
+        return f"a list of {'strings' if inner is str else _describe(inner)}"
+    return {type(None): "null", bool: "true or false", int: "an integer", float: "a number",
+            str: "a string"}.get(hint, getattr(hint, "__name__", str(hint)))

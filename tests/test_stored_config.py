@@ -53,3 +53,64 @@ def test_code_or_a_misplaced_component_is_refused_naming_the_key(path, value, na
     with pytest.raises(ImcapError, match="checkpoint x.ckpt is refused") as caught:
         check_stored_config(with_change(path, value), "checkpoint x.ckpt")
     assert named in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.fixture
+def stored_checkpoint(make_cfg, tmp_path):
+    """Write a checkpoint changed by `change(meta)` (its stored imcap config); returns its path."""
+    import torch
+
+    from tests.helpers.checkpoints import write_untrained_checkpoint
+
+    checkpoint = write_untrained_checkpoint(make_cfg(out=tmp_path / "train"), tmp_path / "good.ckpt")
+
+    def write(change) -> str:
+        change(checkpoint["imcap"])
+        torch.save(checkpoint, tmp_path / "crafted.ckpt")
+        return str(tmp_path / "crafted.ckpt")
+
+    return write
+
+
+def test_training_stores_the_format_this_imcap_reads(stored_checkpoint):
+    import torch
+
+    from imcap.stored_config import FORMAT
+
+    assert torch.load(stored_checkpoint(lambda meta: None), weights_only=True)["imcap"]["format"] == FORMAT
+
+
+def _image(tmp_path) -> str:
+    from tests.helpers.images import write_image
+
+    return str(write_image(tmp_path / "photo.png"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("entry", "change", "said"), [
+    ("caption", lambda meta: meta["decoding"].update(diversity_penalty=0.5),
+     "stores decoding.diversity_penalty, an option this imcap (0.1.0) does not know (a newer imcap wrote it); "
+     "upgrade imcap (pip install -U imcap) to read it"),
+    ("eval", lambda meta: meta["decoding"].update(beam_size="five"),
+     "stores decoding.beam_size='five', which is not an integer"),
+    ("caption", lambda meta: meta.update(format=2),
+     "has format=2, a newer format than this imcap (0.1.0) reads (up to 1); upgrade imcap"),
+    ("eval", lambda meta: meta.update(format="1.5"), "has format='1.5', not a format number"),
+])
+def test_stored_values_this_imcap_cannot_read_are_one_line(stored_checkpoint, tmp_path, entry, change, said):
+    from tests.helpers.runs import assert_one_line_error, module
+
+    crafted = stored_checkpoint(change)
+    extra = [f"images=[{_image(tmp_path)}]"] if entry == "caption" else []
+    result = module(entry, f"ckpt_path={crafted}", *extra, cwd=tmp_path)
+    assert_one_line_error(result, f"error: checkpoint {crafted} {said}")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.slow
+def test_a_decoding_override_of_the_wrong_type_is_one_line(stored_checkpoint, tmp_path):
+    from tests.helpers.runs import assert_one_line_error, module
+
+    result = module("caption", f"ckpt_path={stored_checkpoint(lambda meta: None)}", f"images=[{_image(tmp_path)}]",
+                    "decoding.beam_size=five", cwd=tmp_path)
+    assert_one_line_error(result, "error: decoding.beam_size='five' is not an integer; e.g. decoding.beam_size=3")

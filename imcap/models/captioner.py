@@ -29,7 +29,7 @@ from imcap.models.ensemble import DecoderEnsemble, decoder_members, ensemble_siz
 from imcap.models.rerank import NeighbourMemory
 from imcap.models.search import Decoding, SearchResult, generate
 from imcap.plugins import load_plugins
-from imcap.stored_config import check_stored_config
+from imcap.stored_config import check_stored_config, check_stored_values
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "imcap"  # where a checkpoint keeps what rebuilds the model: config + vocab
@@ -218,17 +218,17 @@ class Captioner(nn.Module):
 
     @classmethod
     def load(cls, source: str | Path | Sequence[str | Path], map_location: str = "cpu",
-             plugins: Sequence[str] = ()) -> Captioner:
-        """From a training checkpoint (a file), or a pretrained folder or Hub repo id; from a
-        list of training checkpoints, their ensemble (`join_ensemble`); `plugins` as for
-        `from_checkpoint`."""
+             plugins: Sequence[str] = (), revision: str | None = None) -> Captioner:
+        """From a training checkpoint (a file), or a pretrained folder or Hub repo id (at
+        `revision`: a commit or tag); from a list of training checkpoints, their ensemble
+        (`join_ensemble`); `plugins` as for `from_checkpoint`."""
         load_plugins(plugins)
         if not isinstance(source, (str, Path)):
             first, *others = checkpoint_list(source)
             return join_ensemble(cls.from_checkpoint(first, map_location), others, first, map_location)
         if Path(source).is_file() or Path(source).suffix == ".ckpt":
             return cls.from_checkpoint(source, map_location)
-        return cls.from_pretrained(source, str(map_location))
+        return cls.from_pretrained(source, str(map_location), revision)
 
 
 def checkpoint_list(value: Any) -> list[str]:
@@ -293,6 +293,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             component["_target_"] = MOVED_TARGETS[component["_target_"]]  # written before the move
     # before anything is imported or built from it: the stored config names components, not code
     check_stored_config(checkpoint[CHECKPOINT_KEY], f"checkpoint {path}")
+    check_stored_values(checkpoint[CHECKPOINT_KEY], f"checkpoint {path}")  # its format and decoding
     return checkpoint
 
 
