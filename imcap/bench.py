@@ -12,6 +12,13 @@ median of repeated runs after a warm-up):
 - feature_extraction: JPEG files to cached grid features through `extract_features` (what
   training runs), images/s per encoder and precision;
 - epoch: wall time of one training epoch on ../shared/data/flickr8k-1k with cached features;
+- caption: JPEG files to captions as `imcap.caption` runs (DataLoader workers, feature
+  extraction's encoder, batched search): photos/s for the default decoding (16 beams + consensus
+  reranking), beam 3 and greedy, beside reading + encoding alone and a one-photo-at-a-time
+  `Captioner.caption` loop (the tutorial's way), in the same run, with the load average and the
+  CPU's bf16 flags. The model is `--caption-checkpoint` or else the default architecture with
+  untrained weights and a neighbour memory of the real captions (its captions run to
+  max_length: a worst case for decoding);
 - gpu: only where CUDA is (else one line saying so): decoder training at B = 32/256/1024 in
   bf16 with the fraction of the device's bf16 GEMM rate, beam-5 images/s, and JPEG ->
   ResNet-101 features with GPU JPEG decoding (imcap/bench_gpu.py).
@@ -319,10 +326,104 @@ def bench_epoch(sizes: Sizes = Sizes()) -> list[dict[str, Any]] | str:
     return out
 
 
-SECTIONS = ("gemm", "decoder_train", "beam_search", "feature_extraction", "epoch", "gpu")
+def cpu_bf16_flags() -> str:
+    """The CPU's bf16 instructions (/proc/cpuinfo flags amx_bf16, avx512_bf16), or "none"."""
+    try:
+        flags = next(line.split(":", 1)[1].split() for line in open("/proc/cpuinfo", encoding="utf-8")
+                     if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "unknown"
+    return " ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "none"
 
 
-def run(quick: bool, sections: tuple[str, ...] = SECTIONS, sizes: Sizes = Sizes()) -> dict[str, Any]:
+def caption_model(checkpoint: str | None, sizes: Sizes = Sizes()):
+    """`checkpoint` loaded, or the default captioner (conf/model, encoder weights not read) with
+    a vocabulary and neighbour memory of the real Flickr8k-1k captions (random pooled features)."""
+    import csv
+    from collections import Counter
+
+    from imcap.data.text import tokenize
+    from imcap.models.captioner import Captioner, build_captioner
+    from imcap.models.rerank import NeighbourMemory
+    from imcap.models.search import Decoding
+
+    if checkpoint:
+        return Captioner.load(checkpoint).eval()
+    by_image: dict[str, list[list[str]]] = {}
+    with open(SHARED / "captions.txt", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            by_image.setdefault(row["image"], []).append(tokenize(row["caption"]))
+    counts = Counter(w for caps in by_image.values() for c in caps for w in c)
+    vocab = Vocabulary(["<pad>", "<bos>", "<eos>", "<unk>", *sorted(w for w, n in counts.items() if n >= 5)])
+    cfg = compose_config("train", ["data=flickr8k", *sizes.overrides], Path(tempfile.gettempdir()))
+    arch = OmegaConf.to_container(cfg.model, resolve=True)
+    torch.manual_seed(0)
+    captioner = build_captioner(arch, vocab, sizes.image_size, pretrained=False).eval()
+    captioner.decoding = Decoding(**arch["decoding"])
+    ids = [[[vocab.stoi.get(w, vocab.unk_id) for w in c] for c in caps] for caps in by_image.values()]
+    captioner.memory = NeighbourMemory.build(torch.randn(len(ids), captioner.encoder.out_channels), ids)
+    return captioner
+
+
+def bench_caption(quick: bool, sizes: Sizes = Sizes(), checkpoint: str | None = None) -> list[dict[str, Any]] | str:
+    """Photos/s from JPEG files to captions along `imcap.caption`'s path, per decoding, beside
+    reading + encoding alone and the one-photo loop; ratios to both."""
+    if not SHARED.is_dir():
+        return f"skipped: {SHARED} not found"
+    from dataclasses import replace
+
+    from imcap.caption import caption_batches, encoded_batches
+
+    paths = sorted((SHARED / "Images").glob("*.jpg"))[: sizes.images[0] if quick else sizes.images[1]]
+    captioner = caption_model(checkpoint, sizes)
+    default = captioner.decoding
+    options = OmegaConf.create({"batch_size": 32, "num_workers": 1})  # conf/caption.yaml's defaults
+
+    def skip(path: Path, reason: str) -> None:
+        raise ImcapError(f"bench image {path}: {reason}")
+
+    def encode_only() -> None:
+        for _ in encoded_batches(captioner, paths, options, "fp32", skip):
+            pass
+
+    def decode(decoding) -> Callable[[], None]:
+        return lambda: [None for _ in caption_batches(captioner, paths, decoding, options, "fp32", skip)]
+
+    one_photo = paths[: max(1, len(paths) // 8)]  # the slow loop on fewer photos
+
+    def one_at_a_time() -> None:
+        for path in one_photo:
+            captioner.caption([path], default)
+
+    repeats = _repeats(sizes, "caption", 1 if quick else 3)
+    runs = [("encoder only", None, encode_only, len(paths)),
+            ("default", default, decode(default), len(paths)),
+            ("beam 3", replace(default, method="beam", beam_size=3, rerank_neighbours=0),
+             decode(replace(default, method="beam", beam_size=3, rerank_neighbours=0)), len(paths)),
+            ("greedy", replace(default, method="greedy"), decode(replace(default, method="greedy")), len(paths)),
+            ("one photo at a time", default, one_at_a_time, len(one_photo))]
+    rows = []
+    for name, decoding, fn, n in runs:
+        load = load_average()
+        seconds = median_seconds(fn, repeats=repeats, warmup=1)
+        rows.append({"run": name, "decoding": "-" if decoding is None else
+                     ("greedy" if decoding.method == "greedy" else
+                      f"beam {decoding.rerank_beams} + rerank {decoding.rerank_neighbours}" if decoding.reranks
+                      else f"beam {decoding.beam_size}"),
+                     "photos": n, "photos_per_s": n / seconds, "load_average": load})
+    encoder, loop = rows[0]["photos_per_s"], rows[-1]["photos_per_s"]
+    flags = cpu_bf16_flags()
+    for row in rows:
+        row.update(fraction_of_encoder=row["photos_per_s"] / encoder, x_one_photo_loop=row["photos_per_s"] / loop,
+                   model=checkpoint or "untrained default", cpu_bf16=flags)
+    return rows
+
+
+SECTIONS = ("gemm", "decoder_train", "beam_search", "feature_extraction", "epoch", "caption", "gpu")
+
+
+def run(quick: bool, sections: tuple[str, ...] = SECTIONS, sizes: Sizes = Sizes(),
+        caption_checkpoint: str | None = None) -> dict[str, Any]:
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise ImcapError(f"unknown bench section(s) {sorted(unknown)}; choose from {list(SECTIONS)}")
@@ -339,6 +440,8 @@ def run(quick: bool, sections: tuple[str, ...] = SECTIONS, sizes: Sizes = Sizes(
         results["feature_extraction"] = bench_feature_extraction(quick, sizes)
     if "epoch" in sections and not quick:
         results["epoch"] = bench_epoch(sizes)
+    if "caption" in sections:
+        results["caption"] = bench_caption(quick, sizes, caption_checkpoint)
     if "gpu" in sections:
         from imcap.bench_gpu import bench_gpu
 
@@ -385,6 +488,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to test the bench itself")
     parser.add_argument("--encoders", help="comma-separated encoders for feature_extraction, e.g. "
                         "mobilenet_v2,timm:convnext_nano,open_clip:ViT-B-32 (default: the standard set)")
+    parser.add_argument("--caption-checkpoint", help="the model of the caption section (a .ckpt or exported "
+                        "folder; default: the default architecture, untrained)")
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else Sizes()
     sizes = Sizes(**{**sizes.__dict__, "overrides": (*sizes.overrides, *args.override)})
@@ -392,7 +497,7 @@ def main(argv: list[str] | None = None) -> None:
         chosen = tuple(e for e in args.encoders.split(",") if e)
         sizes = Sizes(**{**sizes.__dict__, "encoders": chosen, "quick_encoders": len(chosen)})
     start = time.perf_counter()
-    results = run(args.quick, tuple(s for s in args.sections.split(",") if s), sizes)
+    results = run(args.quick, tuple(s for s in args.sections.split(",") if s), sizes, args.caption_checkpoint)
     results["overrides"] = list(args.override)
     results["wall_s"] = time.perf_counter() - start
     print_tables(results, Console(width=140))

@@ -36,7 +36,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -285,10 +285,19 @@ def caption_images(cfg: DictConfig) -> list[tuple[Path, Caption]]:
 
 
 def caption_batches(captioner: Captioner, paths: list[Path], decoding: Decoding, cfg: DictConfig, precision: str,
-                    skip) -> Iterator[tuple[list[Path], list[Caption]]]:
-    """(paths, captions) per batch of `paths`, as each batch is decoded; unreadable files go to
-    `skip(path, reason)`. Reading and decoding files in DataLoader workers, the encoder a copy
-    as feature extraction runs it, search batched."""
+                    skip: Callable[[Path, str], None]) -> Iterator[tuple[list[Path], list[Caption]]]:
+    """(paths, captions) per batch of `paths`, as each batch is decoded (one batched search,
+    reranking included); unreadable files go to `skip(path, reason)`."""
+    for batch_paths, grid, pooled in encoded_batches(captioner, paths, cfg, precision, skip):
+        with torch.no_grad():
+            yield batch_paths, captioner.to_captions(captioner.generate(grid, pooled, decoding))
+
+
+def encoded_batches(captioner: Captioner, paths: list[Path], cfg: DictConfig, precision: str,
+                    skip: Callable[[Path, str], None]) -> Iterator[tuple[list[Path], torch.Tensor, torch.Tensor]]:
+    """(paths, grid (B, N, C), pooled (B, C)) per batch of the readable `paths`: files read and
+    decoded by cfg.num_workers DataLoader processes, encoded by a copy of the encoder as feature
+    extraction runs it (`inference_encoder`), in `precision`; features returned in fp32."""
     if not paths:
         return
     device = next(captioner.parameters()).device
@@ -297,10 +306,9 @@ def caption_batches(captioner: Captioner, paths: list[Path], decoding: Decoding,
     autocast = torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=in_dtype != PRECISIONS[precision])
     # a few images per encoder call on CPU, as feature extraction does (its activations stay in cache)
     rows = max(1, 16 // in_dtype.itemsize) if device.type == "cpu" else int(cfg.batch_size)
-    num_workers = int(cfg.get("num_workers", 0))
     loader = DataLoader(Readable(paths, captioner.encoder.image_transform(captioner.image_size)),
-                        batch_size=int(cfg.batch_size), num_workers=num_workers, collate_fn=collate,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+                        batch_size=int(cfg.batch_size), num_workers=int(cfg.get("num_workers", 0)),
+                        collate_fn=collate, pin_memory=device.type == "cuda")
     for batch in loader:
         for i, reason in batch.failures:
             skip(paths[i], reason)
@@ -311,9 +319,7 @@ def caption_batches(captioner: Captioner, paths: list[Path], decoding: Decoding,
             encoded = [encoder(part) for part in pixels.split(rows)]
         grid = torch.cat([g for g, _ in encoded]).float()  # (B, N, C)
         pooled = torch.cat([p for _, p in encoded]).float()  # (B, C)
-        with torch.no_grad():
-            captions = captioner.to_captions(captioner.generate(grid, pooled, decoding))
-        yield [paths[i] for i in batch.indices], captions
+        yield [paths[i] for i in batch.indices], grid, pooled
 
 
 def plot_file_names(paths: list[Path]) -> list[str]:

@@ -21,6 +21,8 @@ def jpegs(tmp_path, monkeypatch):
     for i in range(4):
         pixels = torch.randint(0, 256, (40, 50, 3), dtype=torch.uint8, generator=g).numpy()
         Image.fromarray(pixels).save(root / "Images" / f"{i}.jpg")
+    (root / "captions.txt").write_text("image,caption\n" + "".join(
+        f"{i}.jpg,A dog runs on the grass .\n{i}.jpg,A black dog is running .\n" for i in range(4)))
     monkeypatch.setattr(bench, "SHARED", root)
     return root
 
@@ -51,6 +53,14 @@ def test_quick_smoke_run_writes_every_section(tmp_path, jpegs, one_thread):
     assert [(r["encoder"], r["dtype"], r["images"]) for r in features] == [("mobilenet_v2", "fp32", 4),
                                                                            ("mobilenet_v2", "bf16", 4)]
     assert "epoch" not in results  # not in --quick
+    caption = results["caption"]
+    assert [(r["run"], r["decoding"]) for r in caption] == [
+        ("encoder only", "-"), ("default", "beam 16 + rerank 50"), ("beam 3", "beam 3"), ("greedy", "greedy"),
+        ("one photo at a time", "beam 16 + rerank 50")]
+    assert [r["photos"] for r in caption] == [4, 4, 4, 4, 1]
+    for row in caption:
+        assert row["photos_per_s"] > 0 and row["fraction_of_encoder"] > 0 and row["x_one_photo_loop"] > 0
+        assert row["cpu_bf16"] and "load_average" in row
     if not torch.cuda.is_available():
         assert results["gpu"] == bench_gpu.NO_CUDA
 
