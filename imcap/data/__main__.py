@@ -24,6 +24,7 @@ shards    writes every split of `data=NAME` as tar shards of `shard_size` sample
           img2dataset's WebDataset layout, DIR/{train,val,test}/000000.tar ... (KEY.jpg or .png,
           KEY.txt with one caption per line, KEY.json with image_id and captions), and indexes
           them; train from them with `data=shards data.root=DIR` (see imcap/data/streaming.py).
+          DIR may be a bucket, out=s3://BUCKET/PATH or gs://... (docs/guides/shards-in-a-bucket.md).
 
 Configs are composed from conf/train.yaml as for `python -m imcap.train`, so the same overrides
 work here. Results go to stdout, logs and progress bars to stderr; a mistake the user can fix
@@ -222,12 +223,21 @@ def format_features(results: list[dict[str, Any]], encoder: str) -> str:
 def run_shards(overrides: Sequence[str]) -> list[str]:
     """Write every split of the configured source as shards; `out=` and `shard_size=` are
     this command's own options, the rest are Hydra overrides."""
-    from imcap.data.shards import glob_shards, join, load_index, local_path, shown, write_shards
+    from imcap.data.shards import (
+        check_writable,
+        glob_shards,
+        join,
+        load_index,
+        local_path,
+        shown,
+        write_shards,
+    )
 
     options = {k: v for k, _, v in (o.partition("=") for o in overrides if o.split("=")[0] in ("out", "shard_size"))}
     rest = [o for o in overrides if o.split("=")[0] not in ("out", "shard_size")]
     if "out" not in options:
         raise ImcapError("shards needs out=DIR, the folder (or s3://BUCKET/PATH) to write {train,val,test}/*.tar into")
+    check_writable(options["out"])
     try:
         shard_size = int(options.get("shard_size", 1000))
     except ValueError:

@@ -154,12 +154,20 @@ def write_shards(records: Iterable[CaptionRecord], folder: str | Path, shard_siz
     temporary folder), indexed, and uploaded with its index."""
     if shard_size < 1:
         raise ImcapError(f"shard_size={shard_size}; use a count of samples per shard >= 1")
+    check_writable(folder)
     if local_path(folder) is not None:
         target = Path(local_path(folder))
         target.mkdir(parents=True, exist_ok=True)
         return _write_tars(records, target, shard_size, lambda name: str(Path(name)))
     with tempfile.TemporaryDirectory(prefix="imcap-shards-") as staging:
         return _write_tars(records, Path(staging), shard_size, lambda name: _upload(name, str(folder)))
+
+
+def check_writable(folder: str | Path) -> None:
+    """Shards can be written to a folder or a bucket; a web server is only read from."""
+    if str(folder).split("://", 1)[0] in ("http", "https"):
+        raise ImcapError(f"cannot write shards to {shown(folder)}: web servers are read from only; write them to a "
+                         "folder or a bucket (s3://, gs://) and serve that")
 
 
 def _upload(staged: str, folder: str) -> str:

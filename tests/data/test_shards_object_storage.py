@@ -34,6 +34,7 @@ from imcap.errors import ImcapError
 from tests.data.test_shard_features import TinyEncoder, transform
 from tests.data.test_streaming import TINY_TRAIN, seen_per_epoch
 from tests.helpers.paths import ROOT
+from tests.helpers.runs import assert_one_line_error, run
 
 SECRET = "imcapTestSecret0123456789abcdefSECRET"  # must never appear in what a run prints or logs
 
@@ -311,3 +312,10 @@ def test_storage_options_set_the_endpoint(s3, tmp_path, monkeypatch):
     found = expand_shards("s3://shards/options", "train/*.tar")
     assert found == ["s3://shards/options/train/000000.tar"]
     assert [s.image_id for s in load_index(found[0], tmp_path / "cache")] == [0, 1]
+
+
+def test_writing_shards_to_a_web_server_is_a_one_line_error(tmp_path):
+    done = run(sys.executable, "-m", "imcap.data", "shards", "out=https://user:pa55word@example.org/shards", cwd=tmp_path)
+    assert_one_line_error(done, "error: cannot write shards to https://example.org/shards: web servers are read from "
+                                "only; write them to a folder or a bucket (s3://, gs://)")
+    assert "pa55word" not in done.stdout + done.stderr
