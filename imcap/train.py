@@ -8,6 +8,8 @@ predictions/test.json, vocab.json and config.yaml.
 from __future__ import annotations
 
 import logging
+import shlex
+import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -20,7 +22,6 @@ from imcap.config import plain_config, save_config
 from imcap.data.vocab import Vocabulary
 from imcap.ddp import ddp_job
 from imcap.entry import hydra_entry
-from imcap.errors import ImcapError
 from imcap.files import write_json
 from imcap.models.captioner import CHECKPOINT_KEY, COMPONENTS, load_checkpoint, load_state
 from imcap.runtime import (
@@ -29,6 +30,7 @@ from imcap.runtime import (
     scalar_metrics,
 )
 from imcap.tracking import configure_wandb, configure_wandb_mode, define_metrics, run_labels
+from imcap.training.callbacks import RunInterrupted
 from imcap.training.module import CaptionModule
 
 log = logging.getLogger("imcap.train")
@@ -81,9 +83,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if checkpoint_cb is not None and checkpoint_cb.dirpath:
             vocab.save(Path(checkpoint_cb.dirpath) / "vocab.json")
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    if trainer.interrupted:
-        raise ImcapError(f"training was interrupted; resume with ckpt_path={run_dir}/checkpoints/last.ckpt")
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except RunInterrupted as stop:
+        if trainer.is_global_zero:
+            print(f"Interrupted by {stop} at step {stop.step} (epoch {stop.epoch}); saved {stop.checkpoint}\n"
+                  f"Resume with: {resume_command(stop.checkpoint)}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + stop.signum) from None  # as a shell reports a process its signal ended
     metrics = scalar_metrics(trainer.callback_metrics)
 
     if cfg.get("test") and not trainer.fast_dev_run:
@@ -105,6 +111,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if name in metrics:
             log.info("%s = %.4f", name, metrics[name])
     return metrics
+
+
+def resume_command(checkpoint: str) -> str:
+    """This run's command line (its job's own overrides, without a sweep) resuming from `checkpoint`."""
+    from hydra.core.hydra_config import HydraConfig
+
+    sweep = ("ckpt_path=", "hparams_search=", "hydra/sweeper=", "hydra/launcher=", "hydra.mode=")
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(sweep)]
+    return shlex.join(["python", "-m", "imcap.train", *overrides, f"ckpt_path={checkpoint}"])
 
 
 @hydra_entry("train")

@@ -22,6 +22,7 @@ from imcap.data.text import tokenize
 from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
 from imcap.registry import name_of, register
+from imcap.training.checkpoints import ResumableLoader
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ class CaptionDataModule(pl.LightningDataModule):
                                                order=order, seed=self.seed)
             buckets.set_epoch(order.epoch)
             batching = {"batch_sampler": buckets}
-        return DataLoader(
+        return ResumableLoader(  # an interrupted run resumes in the middle of its epoch
             dataset,
             **batching,
             collate_fn=partial(collate, pad_id=Vocabulary.pad_id, pad_to_multiple=self.pad_to_multiple, widths=widths),

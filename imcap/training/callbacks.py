@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import random
+import signal
+import sys
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
@@ -119,3 +123,79 @@ class LinearWarmup(pl.Callback):
             for group in optimizer.param_groups:
                 target = group.setdefault("warmup_target_lr", group["lr"])
                 group["lr"] = target * min(1.0, (step + 1) / self.steps)
+
+
+class RunInterrupted(BaseException):
+    """Training stopped on a signal after saving a resumable checkpoint. A BaseException, as
+    KeyboardInterrupt is: no `except Exception` on the way takes it for a failed job."""
+
+    def __init__(self, signum: int, checkpoint: str, step: int, epoch: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.checkpoint, self.step, self.epoch = signum, checkpoint, step, epoch
+
+
+class StopOnSignal(pl.Callback):
+    """Ctrl-C (SIGINT) or SIGTERM while training: the batch in progress finishes, `path`
+    (checkpoints/last.ckpt) is written with the position in the epoch, and fit ends with
+    RunInterrupted, so that the entry point prints how to resume and exits 128 + the signal.
+
+    Lightning alone turns Ctrl-C into exit status 1 with nothing saved since the last
+    validation, and SIGTERM into exit status 0. last.ckpt, not a file of its own: it is what
+    `ckpt_path=` resumes from anywhere else, and it is never older than another checkpoint
+    beside it. SIGTERM stays Lightning's (its handler also drives SLURM's auto-requeue); this
+    reads `trainer.received_sigterm`. A second Ctrl-C stops at once (Lightning's KeyboardInterrupt).
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.signum: int | None = None
+        self._previous: object = None
+
+    def _on_sigint(self, signum: int, frame: object) -> None:
+        if self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signal.SIGINT
+        print("\nStopping after this batch to save a checkpoint (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _restore(self) -> None:
+        if self._previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def _received(self, trainer: pl.Trainer) -> int | None:
+        return self.signum or (signal.SIGTERM if trainer.received_sigterm else None)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        signum = self._received(trainer)
+        if signum is None or batch_idx + 1 >= trainer.num_training_batches:
+            return  # after an epoch's last batch its validation runs first: stopped at its end
+        self._stop(trainer, signum, batches_trained=batch_idx + 1)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        signum = self._received(trainer)
+        if signum is not None:
+            self._stop(trainer, signum, batches_trained=0)
+
+    def _stop(self, trainer: pl.Trainer, signum: int, batches_trained: int) -> None:
+        loaders = getattr(trainer.fit_loop._combined_loader, "flattened", [])
+        for loader in loaders:  # where the resumed epoch starts (imcap.training.checkpoints.ResumableLoader)
+            if hasattr(loader, "batches_trained"):
+                loader.batches_trained = batches_trained
+        try:
+            trainer.save_checkpoint(self.path)  # atomic: the trainer's AtomicCheckpointIO
+        finally:
+            for loader in loaders:
+                if hasattr(loader, "batches_trained"):
+                    loader.batches_trained = 0
+        raise RunInterrupted(signum, str(Path(self.path).resolve()), trainer.global_step, trainer.current_epoch)

@@ -10,18 +10,25 @@
   overwrite best.ckpt whatever its score; here the best checkpoint so far is copied into the
   new directory and its score carried across. A checkpoint of non-finite weights is refused
   (one `error:` line): it would be kept as best.ckpt when a run diverges in its first epoch.
+- `ResumableLoader`: the training DataLoader, resumable in the middle of an epoch. Lightning
+  restores its loop's position from a mid-epoch checkpoint (an interrupted run's last.ckpt) but
+  starts a plain DataLoader's epoch from its first batch again: the resumed epoch would repeat
+  the batches already trained and never reach the last ones.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
+from collections.abc import Iterator, Sized
 from pathlib import Path
 from typing import Any
 
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from torch.utils.data import DataLoader
 
 from imcap.errors import ImcapError
 from imcap.files import write_atomic
@@ -81,3 +88,41 @@ class RunCheckpoint(ModelCheckpoint):
             "best_k_models": {moved(p): score for p, score in kept.items()},
             "last_model_path": "",  # the last checkpoint of this directory is written anew
         })
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader with Lightning's `state_dict`/`load_state_dict` protocol: the state holds
+    `batches_trained`, the batches of the current epoch already trained, which whoever writes
+    a mid-epoch checkpoint sets first (`StopOnSignal`); it is 0 in every other checkpoint. After
+    `load_state_dict` the next epoch's iterator draws the same batches in the same order and
+    leaves out that many, without loading them."""
+
+    batches_trained = 0  # stored by the next checkpoint
+    skip_batches = 0  # left out by the next iterator
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_trained": self.batches_trained}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skip_batches = int(state_dict.get("batches_trained", 0))
+
+    @property
+    def _index_sampler(self) -> Any:
+        sampler = super()._index_sampler
+        return _SkipFirst(self, sampler) if self.skip_batches else sampler
+
+
+class _SkipFirst:
+    """The loader's batches of indices without the first `loader.skip_batches`: the skip is
+    used up by the first iterator that yields (a worker-backed DataLoader iterator makes one and
+    drops it before making the one it reads); the length stays the epoch's, as Lightning counts it."""
+
+    def __init__(self, loader: ResumableLoader, batches: Sized):
+        self.loader, self.batches = loader, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        skip, self.loader.skip_batches = self.loader.skip_batches, 0
+        yield from itertools.islice(self.batches, skip, None)

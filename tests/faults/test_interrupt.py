@@ -1,0 +1,96 @@
+"""Ctrl-C (SIGINT) or SIGTERM in the middle of training: the run saves a resumable
+checkpoints/last.ckpt, prints the exact command that resumes it and exits 128 + the signal;
+the printed command, run in a new process from another directory, ends with the metrics of
+the uninterrupted run. The signals are real, sent to `python -m imcap.train` in its first
+epoch, before any validation wrote a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from tests.helpers.paths import ROOT
+from tests.helpers.runs import TINY
+
+RUN = [*TINY, "trainer.max_epochs=2", "data.batch_size=4"]  # 12 batches an epoch
+METRICS = ("test/BLEU-4", "test/CIDEr-D", "test/ROUGE-L", "val/CIDEr-D_best")
+
+
+class WaitForSignal(pl.Callback):
+    """Before batch `batch` of `epoch`, writes `marker` and waits (up to a minute) until the run
+    has received SIGINT or SIGTERM, so that a test signals it at a known point."""
+
+    def __init__(self, epoch: int, batch: int, marker: str):
+        self.epoch, self.batch, self.marker = epoch, batch, marker
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if (trainer.current_epoch, batch_idx) != (self.epoch, self.batch):
+            return
+        from imcap.training.callbacks import StopOnSignal
+
+        stop = next(c for c in trainer.callbacks if isinstance(c, StopOnSignal))
+        Path(self.marker).write_text("waiting")
+        deadline = time.monotonic() + 60
+        while stop.signum is None and not trainer.received_sigterm and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def start(root: Path, data: Path, *overrides: str) -> subprocess.Popen:
+    root.mkdir(parents=True)
+    env = {**os.environ, "IMCAP_ROOT": str(root), "IMCAP_DATA_DIR": str(data), "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "imcap.train", *overrides], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def run_dir(root: Path) -> Path:
+    (found,) = (root / "logs" / "train" / "runs").iterdir()
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_mid_epoch_saves_and_the_printed_command_resumes_to_the_same_end(signum, tmp_path):
+    data = tmp_path / "data"
+    marker = tmp_path / "waiting"
+    interrupted = start(tmp_path / "first", data, *RUN,
+                        f"+callbacks.wait={{_target_:{__name__}.WaitForSignal,epoch:0,batch:3,marker:'{marker}'}}")
+    while not marker.exists():
+        assert interrupted.poll() is None, interrupted.stderr.read()[-3000:]
+        time.sleep(0.2)
+    interrupted.send_signal(signum)
+    _, stderr = interrupted.communicate(timeout=300)
+    assert interrupted.returncode == 128 + signum, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+
+    last = run_dir(tmp_path / "first") / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    assert saved["epoch"] == 0 and saved["global_step"] == 4  # batches 0-3 of the first epoch
+    assert not list(last.parent.glob("*.tmp*"))  # written atomically: nothing half-written beside it
+    assert f"saved {last}" in stderr
+    (command,) = [line.removeprefix("Resume with: ") for line in stderr.splitlines() if line.startswith("Resume with: ")]
+    args = shlex.split(command)
+    assert args[:3] == ["python", "-m", "imcap.train"] and args[-1] == f"ckpt_path={last}"
+
+    resumed = start(tmp_path / "second", data, *args[3:])
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-3000:]
+    straight = start(tmp_path / "straight", data, *RUN)
+    _, stderr = straight.communicate(timeout=600)
+    assert straight.returncode == 0, stderr[-3000:]
+
+    got = json.loads((run_dir(tmp_path / "second") / "metrics.json").read_text())
+    expected = json.loads((run_dir(tmp_path / "straight") / "metrics.json").read_text())
+    assert {k: got[k] for k in METRICS} == {k: expected[k] for k in METRICS}
+    ours = torch.load(run_dir(tmp_path / "second") / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    theirs = torch.load(run_dir(tmp_path / "straight") / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
