@@ -184,7 +184,7 @@ def test_the_batched_path_gives_the_captions_of_the_one_path_captioner(make_cfg,
     from tests.models.test_rerank import plain_choose
 
     train(make_cfg("model.decoding.method=beam", "model.decoding.rerank_neighbours=5",
-                   "model.decoding.rerank_beams=6", out=tmp_path / "train"))
+                   "model.decoding.rerank_beams=6", "trainer.max_epochs=4", out=tmp_path / "train"))
     best = tmp_path / "train" / "checkpoints" / "best.ckpt"
     images = sorted(data_dir.rglob("test_*.png"))[:6]
     captioner = Captioner.from_checkpoint(best)
@@ -199,4 +199,4 @@ def test_the_batched_path_gives_the_captions_of_the_one_path_captioner(make_cfg,
             decoding = search.Decoding(**{**captioner.decoding.to_config(), **change})
             plain = [c.text for c in captioner.caption(images, decoding)]
         assert fast == plain, name
-        assert len(set(plain)) > 1 or name == "greedy"  # captions that differ between images
+        assert len(set(plain)) > 1  # captions that differ between images
