@@ -163,11 +163,29 @@ def file_size_bytes(size: str | int) -> int:
     return int(match[1]) * FILE_SIZE_UNITS[match[2] or "b"]
 
 
+UPLOADS_PREFIX = "imcap-demo-"
+
+
+def is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def private_upload_dir() -> Path:
     """A folder only this demo writes its uploads and overlays to (Gradio's GRADIO_TEMP_DIR), removed
     when it stops: Gradio serves every file in its temp folder, and /tmp/gradio is shared by every
-    Gradio app of the machine and kept after they stop."""
-    folder = Path(tempfile.mkdtemp(prefix="imcap-demo-"))
+    Gradio app of the machine and kept after they stop. A demo killed with SIGKILL cannot remove
+    its own folder: the next demo removes the folders of demos no longer running."""
+    for stale in Path(tempfile.gettempdir()).glob(f"{UPLOADS_PREFIX}*-*"):
+        pid = stale.name[len(UPLOADS_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and stale.stat().st_uid == os.getuid() and not is_running(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{UPLOADS_PREFIX}{os.getpid()}-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
 

@@ -72,6 +72,16 @@ def start_demo(work: Path, *overrides: str) -> tuple[subprocess.Popen, str]:
         time.sleep(0.5)
 
 
+def stop_demo(process: subprocess.Popen) -> None:
+    """Stop the server as `kill` does (SIGTERM), so that it deletes its uploads."""
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @pytest.fixture(scope="module")
 def demo_server(trained_run, tmp_path_factory):
     """`make demo` after `make train`: `python -m imcap.demo` in its own process, in a folder
@@ -81,8 +91,7 @@ def demo_server(trained_run, tmp_path_factory):
     (work / "logs" / "train" / "runs" / "2026-11-30_10-00-00").symlink_to(trained_run)
     process, url = start_demo(work)
     yield url
-    process.kill()  # as Ctrl-C would, without waiting for Gradio's shutdown
-    process.wait()
+    stop_demo(process)
 
 
 USER, PASSWORD = "alice", "correct-horse-battery-7"
@@ -104,8 +113,7 @@ def shared_demo(trained_run, photo, tmp_path_factory):
     process, url = start_demo(work, f"ckpt_path={trained_run}/checkpoints/best.ckpt", f"examples={folder}",
                               f"auth_file={private / 'logins.txt'}", *SHARED)
     yield url, process, example, secret, work
-    process.kill()
-    process.wait()
+    stop_demo(process)
 
 
 def logged_in(url: str, user: str = USER, password: str = PASSWORD) -> urllib.request.OpenerDirector:
@@ -332,16 +340,28 @@ def test_with_an_auth_file_nothing_is_served_without_a_login(shared_demo):
     assert written and not [p for p in written if PASSWORD in p.read_text(errors="replace")]  # never logged
 
 
-def test_sigterm_stops_the_server_and_deletes_its_uploads(trained_run, tmp_path):
-    process, url = start_demo(tmp_path, f"ckpt_path={trained_run}/checkpoints/best.ckpt", "examples=null",
-                              "num_examples=0")
+def uploads_folder(url: str) -> Path:
+    """Where the demo at `url` keeps uploads: it uploads a small PNG and returns that file's folder."""
+    status, body = upload(urllib.request.build_opener(), url, "dot.png", png_bytes(Image.new("RGB", (8, 8), "blue")))
+    assert status == 200, body
+    (stored,) = [Path(p) for p in json.loads(body)]
+    assert stored.is_file()
+    folder = stored.parent.parent  # Gradio keeps each upload in a folder named by its hash
+    assert folder != Path(tempfile.gettempdir()) / "gradio"  # its own, not the one all Gradio apps share
+    return folder
+
+
+def test_uploads_go_when_the_server_stops_or_after_a_kill_9(trained_run, tmp_path):
+    demo = [f"ckpt_path={trained_run}/checkpoints/best.ckpt", "num_examples=0"]
+    killed, url = start_demo(tmp_path, *demo)
+    left = uploads_folder(url)
+    killed.kill()  # SIGKILL: the server can delete nothing itself
+    killed.wait()
+    assert left.is_dir()
+    process, url = start_demo(tmp_path, *demo)  # the next demo deletes what a dead one left
     try:
-        status, body = upload(urllib.request.build_opener(), url, "dot.png",
-                              png_bytes(Image.new("RGB", (8, 8), "blue")))
-        assert status == 200, body
-        (stored,) = [Path(p) for p in json.loads(body)]
-        uploads = stored.parent.parent  # Gradio keeps each upload in a folder named by its hash
-        assert stored.is_file() and uploads != Path(tempfile.gettempdir()) / "gradio"  # its own folder
+        assert not left.exists(), sorted(left.rglob("*"))
+        uploads = uploads_folder(url)
         process.send_signal(signal.SIGTERM)  # kill, systemd and docker stop send it
         process.wait(timeout=120)
     finally:
