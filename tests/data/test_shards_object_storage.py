@@ -299,14 +299,18 @@ def test_a_store_without_its_package_names_the_package(tmp_path, monkeypatch):
 def test_storage_options_set_the_endpoint(s3, tmp_path, monkeypatch):
     """data.storage_options={s3:{endpoint_url:...}} instead of AWS_ENDPOINT_URL."""
     import fsspec
+    from hydra.utils import instantiate
 
-    from imcap.data.streaming import ShardDataModule
+    from imcap.config import compose_config
 
     write_shards(_records(tmp_path, 2), "s3://shards/options/train", shard_size=2)
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     monkeypatch.setattr(fsspec.config, "conf", {})
-    ShardDataModule(root="s3://shards/options", cache_dir=str(tmp_path / "cache"),
-                    storage_options={"s3": {"endpoint_url": s3["AWS_ENDPOINT_URL"]}})
+    monkeypatch.setenv("IMCAP_ROOT", str(tmp_path))
+    monkeypatch.delenv("IMCAP_DATA_DIR", raising=False)
+    cfg = compose_config("train", ["data=shards", "data.root=s3://shards/options",  # the guide's override
+                                   f'data.storage_options={{s3:{{endpoint_url:"{s3["AWS_ENDPOINT_URL"]}"}}}}'])
+    assert instantiate(cfg.data).cache_dir == str(tmp_path / "data" / "shard-cache")  # remote: local disk by default
     assert fsspec.config.conf["s3"]["endpoint_url"] == s3["AWS_ENDPOINT_URL"]
     fsspec.AbstractFileSystem.clear_instance_cache()
     found = expand_shards("s3://shards/options", "train/*.tar")
