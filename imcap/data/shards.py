@@ -102,6 +102,14 @@ def filesystem(url: str) -> tuple[Any, str]:
         raise ImcapError(f"{shown(url)}: {e}; use a local path or an fsspec URL (s3://, gs://, https://)") from e
 
 
+# the packages whose exceptions mean the store could not be reached or answered
+STORE_PACKAGES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google", "fsspec", "requests", "urllib3")
+
+
+def from_store(e: BaseException) -> bool:
+    return isinstance(e, (OSError, TimeoutError)) or type(e).__module__.split(".")[0] in STORE_PACKAGES
+
+
 @contextlib.contextmanager
 def storage_errors(url: str | Path, what: str):
     """Errors of the store as one `error:` line naming `url` (never its credentials)."""
@@ -114,9 +122,11 @@ def storage_errors(url: str | Path, what: str):
     except PermissionError as e:
         raise ImcapError(f"no access to {shown(url)} ({type(e).__name__}); check the store's credentials "
                          "(for S3: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws/config)") from e
-    except Exception as e:  # botocore, aiohttp, socket: the store could not be reached
-        if local_path(url) is not None and isinstance(e, OSError):
-            raise ImcapError(f"cannot read {what} {url}: {e.strerror or e}") from e
+    except Exception as e:
+        if not from_store(e):
+            raise  # a bug, not the store: its traceback
+        if local_path(url) is not None:
+            raise ImcapError(f"cannot read {what} {url}: {getattr(e, 'strerror', None) or e}") from e
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise ImcapError(f"cannot reach {shown(url)} ({reason}); check the endpoint (for S3: AWS_ENDPOINT_URL), "
                          "the network and the credentials") from e
@@ -385,8 +395,10 @@ def _remote_index(url: str, this: dict[str, Any]) -> dict[str, Any] | None:
     fs, path = filesystem(url)
     try:
         data = json.loads(fs.cat_file(sidecar(path)))
-    except Exception:  # no index beside it (img2dataset's shards): index the shard itself
-        return None
+    except Exception as e:  # no index beside it (img2dataset's shards): index the shard itself
+        if from_store(e) or isinstance(e, ValueError):
+            return None
+        raise
     ok = isinstance(data, dict) and data.get("version") == INDEX_VERSION and data.get("shard") == this
     return data if ok else None
 
