@@ -40,9 +40,9 @@ log = logging.getLogger("imcap.demo")
 # set before gradio is imported: it reads them at import time
 OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 MAX_BEAM, MAX_LENGTH = 20, 50
-# The attention overlay's short side is enlarged to DISPLAY_SIZE (the shapes demo's 64 px images)
-# unless its long side would pass DISPLAY_LONG_SIDE: a thin 1 x N upload once became 256 x 256N
-# pixels (a 71-byte 1 x 100 PNG cost 474 MB), now at most 1 x DISPLAY_LONG_SIDE.
+# The attention overlay's short side is enlarged to DISPLAY_SIZE (the shapes demo's 64 px images),
+# and its long side is at most DISPLAY_LONG_SIDE: a thin 1 x N upload once became 256 x 256N pixels
+# (a 71-byte 1 x 100 PNG cost 474 MB), now at most 1 x DISPLAY_LONG_SIDE; a 12 MP photo 1024 x 768.
 DISPLAY_SIZE, DISPLAY_LONG_SIDE = 256, 1024
 FILE_SIZE_UNITS = {"b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}  # Gradio's units (1 kb = 1024 b)
 
@@ -107,7 +107,7 @@ class Demo:
         if caption.attention is None or not 0 <= index < len(caption.words):
             return None
         image = as_viewed(image)  # what was captioned: upright, transparency on white
-        size = fit_size(image.size, DISPLAY_SIZE, DISPLAY_LONG_SIDE)
+        size = fit_size(image.size, max(DISPLAY_SIZE, min(image.size)), DISPLAY_LONG_SIDE)
         if size != image.size:
             image = image.resize(size, Image.BILINEAR)
         return attention_overlay(image, caption.attention[index])

@@ -398,3 +398,15 @@ def test_the_safety_options_reach_gradio_and_bad_ones_are_one_line(trained_run, 
         with pytest.raises(ImcapError, match="; ") as raised:
             serving_options(compose_config("demo", [override]))
         assert fragment in str(raised.value) and "secret-in-a-bad-line" not in str(raised.value)
+
+
+def test_the_overlay_enlarges_small_images_and_shrinks_large_ones():
+    import torch
+
+    from imcap.demo import DISPLAY_SIZE, Demo
+    from imcap.models.captioner import Caption
+
+    caption = Caption("a red square", ["a", "red", "square"], torch.softmax(torch.randn(3, 49), dim=-1))
+    for size, shown in (((64, 48), (341, 256)), ((4000, 3000), (DISPLAY_LONG_SIDE, 768)), ((500, 400), (500, 400))):
+        assert Demo.overlay(Image.new("RGB", size, "red"), caption, 2).size == shown
+    assert min(Demo.overlay(Image.new("RGB", (64, 64)), caption, 0).size) == DISPLAY_SIZE
