@@ -7,36 +7,39 @@ ModelHubMixin layout):
     README.md           a model card: components, training data, test metrics when known
 
 `save_pretrained` writes such a folder; `load_pretrained` reads one, or downloads it from the
-Hugging Face Hub by repo id (`owner/name`) with `snapshot_download`. A config.json is checked
-like a checkpoint's stored config before anything is built from it (imcap.stored_config).
+Hugging Face Hub by repo id (`owner/name`) with `snapshot_download`, at `revision` (a commit or
+tag; without one, the newest upload, with a warning that says which commit to pin). A config.json
+is checked like a checkpoint's stored config before anything is built from it (imcap.stored_config).
+The model card names no local path: a path names its user.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import logging
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
-from imcap.files import write_json, write_text
+from imcap.files import replacing, write_json, write_text
 from imcap.registry import allowed_targets
-from imcap.stored_config import check_stored_config
+from imcap.stored_config import FORMAT, check_stored_config, check_stored_values
 
 if TYPE_CHECKING:
     from imcap.models.captioner import Captioner
 
 WEIGHTS, CONFIG, VOCAB, CARD = "model.safetensors", "config.json", "vocab.json", "README.md"
-FORMAT = 1
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+log = logging.getLogger(__name__)
+_warned_unpinned: set[str] = set()  # repo ids fetched without a revision, warned about once
 
 
 def save_pretrained(captioner: Captioner, folder: str | Path, data: dict | None = None,
-                    metrics: dict[str, float] | None = None) -> Path:
-    """Write `captioner` as a folder; `data` (the training data config) and `metrics` (test
-    metrics) go into the model card when given."""
+                    metrics: dict[str, float] | None = None, metrics_note: str | None = None) -> Path:
+    """Write `captioner` as a folder; `data` (the training data config) and `metrics` (this
+    model's test metrics) go into the model card when given, else `metrics_note` (why not)."""
     from safetensors.torch import save_model
 
     folder = Path(folder)
@@ -44,12 +47,11 @@ def save_pretrained(captioner: Captioner, folder: str | Path, data: dict | None 
     config = {"imcap_format": FORMAT, "architecture": captioner.architecture,
               "image_size": captioner.image_size, "decoding": captioner.decoding.to_config()}
     check_stored_config(config, f"the model's own config ({folder / CONFIG})")  # never share what we would refuse
-    tmp = folder / (WEIGHTS + ".tmp")  # safetensors writes by file name: a temporary one, then renamed
-    save_model(captioner, str(tmp))  # tensors shared between modules are stored once
-    os.replace(tmp, folder / WEIGHTS)
+    with replacing(folder / WEIGHTS) as tmp:  # safetensors writes by file name: a temporary one, then renamed
+        save_model(captioner, str(tmp))  # tensors shared between modules are stored once
     write_json(folder / CONFIG, config)
     captioner.vocab.save(folder / VOCAB)
-    write_text(folder / CARD, model_card(config, len(captioner.vocab), data, metrics))
+    write_text(folder / CARD, model_card(config, len(captioner.vocab), data, metrics, metrics_note))
     return folder
 
 
@@ -74,6 +76,7 @@ def load_pretrained(source: str | Path, map_location: str = "cpu", revision: str
     if not isinstance(config, dict) or not isinstance(config.get("architecture"), dict):
         raise ImcapError(f"{origin} has no architecture; export the model again")
     check_stored_config(config, origin)  # before anything is imported or built from it
+    check_stored_values(config, origin, format_key="imcap_format")
     captioner = build_captioner(config["architecture"], Vocabulary.load(folder / VOCAB),
                                 int(config.get("image_size", 224)), pretrained=False)
     try:
@@ -99,18 +102,26 @@ def resolve_folder(source: str | Path, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(source), revision=revision, etag_timeout=5,
-                                      allow_patterns=[WEIGHTS, CONFIG, VOCAB, CARD], library_name="imcap"))
+        folder = Path(snapshot_download(str(source), revision=revision, etag_timeout=5,
+                                        allow_patterns=[WEIGHTS, CONFIG, VOCAB, CARD], library_name="imcap"))
     except Exception as e:  # offline, unknown repo, no access: say what to place where
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise ImcapError(
             f"cannot download model {source!r} from the Hugging Face Hub ({type(e).__name__}: {reason}); "
             f"without network, fetch it elsewhere (`huggingface-cli download {source} --local-dir DIR`) and "
             f"pass the folder DIR holding {CONFIG}, {WEIGHTS} and {VOCAB}") from e
+    if revision is None and str(source) not in _warned_unpinned:
+        _warned_unpinned.add(str(source))
+        commit = folder.name  # the cache keeps each download under snapshots/<commit>
+        log.warning("Model %s was downloaded at its newest revision (commit %s), which changes whenever its "
+                    "owner pushes; pin it with revision=%s", source, commit, commit)
+    return folder
 
 
-def model_card(config: dict, vocab_size: int, data: dict | None, metrics: dict[str, float] | None) -> str:
-    """README.md for the folder: Hub metadata, components, training data, test metrics."""
+def model_card(config: dict, vocab_size: int, data: dict | None, metrics: dict[str, float] | None,
+               metrics_note: str | None = None) -> str:
+    """README.md for the folder: Hub metadata, components, training data, test metrics (those of
+    this model only; `metrics_note` says why there are none)."""
     names = allowed_targets()
 
     def component(node: Any) -> str:
@@ -130,20 +141,23 @@ def model_card(config: dict, vocab_size: int, data: dict | None, metrics: dict[s
         lines.append(f"| ensemble | {arch['ensemble']} decoders, word probabilities averaged |")
     lines += [f"| vocabulary | {vocab_size} words |", f"| image size | {config['image_size']} |",
               f"| decoding | {config['decoding'].get('method')} |", "", "## Training data", ""]
-    if data:
+    if data:  # by name: the data folder's path names the machine and user it was trained by
         source = data.get("source") or {}
         lines.append(f"Dataset: {component(source)}" + "".join(
-            f", {k}={v}" for k, v in source.items() if k in ("root", "year", "num_images")))
+            f", {k}={v}" for k, v in source.items() if k in ("year", "num_images")))
     else:
         lines.append("Not recorded.")
     lines += ["", "## Test metrics", ""]
-    if metrics:
+    tested = {k: v for k, v in (metrics or {}).items() if k.startswith("test/")}
+    if tested:
         lines += ["| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()) if k.startswith("test/")]
+        lines += [f"| {k} | {v:.4f} |" for k, v in sorted(tested.items())]
     else:
-        lines.append("Not recorded.")
+        lines.append(metrics_note or "Not recorded.")
     lines += ["", "## Use", "", "```python", "from imcap.models.captioner import Captioner",
-              "captioner = Captioner.from_pretrained(\"<this folder or owner/name>\")",
+              "captioner = Captioner.from_pretrained(\"<owner/name>\", revision=\"<commit>\")  # or this folder",
               "print(captioner.caption([\"photo.jpg\"])[0].text)", "```", "",
-              "or `python -m imcap.caption ckpt_path=<this folder> 'images=[photo.jpg]'`.", ""]
+              "or `python -m imcap.caption ckpt_path=<owner/name> revision=<commit> 'images=[photo.jpg]'`. Pin the "
+              "commit (or a tag) you tested: without `revision` the newest upload is used, which changes whenever "
+              "its owner pushes.", ""]
     return "\n".join(lines)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 
-def serve_hub_repo(folder, repo: str, sha: str = "0" * 40):
+def serve_hub_repo(folder, repo: str, sha: str = "0" * 40, tags: dict | None = None):
     """A stand-in Hugging Face Hub on 127.0.0.1 serving the files of `folder` as model `repo`
+    at commit `sha` (its main branch), and `tags` {name: (folder, commit)} as other revisions
     (the three routes `snapshot_download` uses: file tree, repo info, resolve). Returns the
     running server; its endpoint is http://127.0.0.1:<server.server_address[1]>."""
     import hashlib
@@ -13,7 +14,12 @@ def serve_hub_repo(folder, repo: str, sha: str = "0" * 40):
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from pathlib import Path
 
-    files = {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+    def read(where) -> dict:
+        return {p.name: p.read_bytes() for p in Path(where).iterdir() if p.is_file()}
+
+    revisions = {"main": (read(folder), sha), sha: (read(folder), sha)}
+    for name, (where, commit) in (tags or {}).items():
+        revisions[name] = revisions[commit] = (read(where), commit)
 
     class Hub(BaseHTTPRequestHandler):
         def log_message(self, *args) -> None:
@@ -29,18 +35,22 @@ def serve_hub_repo(folder, repo: str, sha: str = "0" * 40):
 
         def answer(self, send_body: bool) -> None:
             path = self.path.split("?")[0]
-            if path.startswith(f"/api/models/{repo}/tree/"):
+            api, prefix = f"/api/models/{repo}", f"/{repo}/resolve/"
+            rest = path[len(api):].lstrip("/").split("/") if path.startswith(api) else []
+            rev = rest[1] if len(rest) > 1 and rest[0] in ("tree", "revision") else "main"
+            if path.startswith(prefix):
+                rev, _, name = path[len(prefix):].partition("/")
+            files, commit = revisions.get(rev, ({}, None))
+            if path.startswith(api) and commit is not None and rest[:1] == ["tree"]:
                 tree = [{"type": "file", "path": n, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
                         for n, d in files.items()]
                 return self.reply(json.dumps(tree).encode(), {"Content-Type": "application/json"}, send_body)
-            if path.startswith(f"/api/models/{repo}"):
-                info = {"id": repo, "sha": sha, "siblings": [{"rfilename": n} for n in files]}
+            if path.startswith(api) and commit is not None:
+                info = {"id": repo, "sha": commit, "siblings": [{"rfilename": n} for n in files]}
                 return self.reply(json.dumps(info).encode(), {"Content-Type": "application/json"}, send_body)
-            prefix = f"/{repo}/resolve/"
-            name = path[len(prefix):].split("/", 1)[-1] if path.startswith(prefix) else None
-            if name in files:
+            if path.startswith(prefix) and name in files:
                 etag = f'"{hashlib.sha256(files[name]).hexdigest()}"'
-                return self.reply(files[name], {"X-Repo-Commit": sha, "ETag": etag}, send_body)
+                return self.reply(files[name], {"X-Repo-Commit": commit, "ETag": etag}, send_body)
             self.send_response(404)
             self.end_headers()
 

@@ -111,3 +111,51 @@ def test_a_repo_id_is_downloaded_from_the_hub_and_captions_like_the_folder(capti
     expected = captioner.caption([tmp_path / f"{i}.png" for i in range(3)])
     assert result.stdout.splitlines() == [f"{tmp_path}/{i}.png\t{c.text}" for i, c in enumerate(expected)]
     assert list((tmp_path / "hf" / "hub").glob("models--someone--captioner/snapshots/*/model.safetensors"))
+
+
+@pytest.mark.slow
+def test_a_revision_pins_the_download_and_an_unpinned_repo_id_warns_once_naming_its_commit(captioner, tmp_path):
+    import copy
+
+    old = captioner.save_pretrained(tmp_path / "v1")  # says "a a a ..."
+    newer = copy.deepcopy(captioner)
+    with torch.no_grad():
+        newer.decoder.output.bias[newer.vocab.stoi["red"]] += 1000.0  # the owner pushes a model that says "red"
+    new = newer.save_pretrained(tmp_path / "main")
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "photo.png")
+    server = serve_hub_repo(new, "someone/captioner", sha="2" * 40, tags={"v1": (old, "1" * 40)})
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+           "HF_HOME": str(tmp_path / "hf"), "IMCAP_ROOT": str(tmp_path)}
+
+    def caption(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "imcap.caption", "ckpt_path=someone/captioner",
+                               f"images=[{tmp_path}/photo.png]", *extra],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    try:
+        pinned, newest = caption("revision=v1"), caption()
+    finally:
+        server.shutdown()
+    assert pinned.returncode == 0 and newest.returncode == 0, pinned.stderr[-3000:] + newest.stderr[-3000:]
+    assert pinned.stdout.split("\t")[1].split()[0] == "a"  # v1's model, not the newest upload
+    assert newest.stdout.split("\t")[1].split()[0] == "red"
+    assert "pin it with" not in pinned.stderr
+    assert newest.stderr.count(f"which changes whenever its owner pushes; pin it with revision={'2' * 40}") == 1
+
+
+def test_a_model_folder_of_a_newer_format_says_to_upgrade(captioner, tmp_path):
+    folder = captioner.save_pretrained(tmp_path / "shared")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "imcap_format": 2}))
+    with pytest.raises(ImcapError, match=r"config.json has imcap_format=2, a newer format than this imcap .* "
+                                         r"reads \(up to 1\); upgrade imcap"):
+        Captioner.from_pretrained(folder)
+
+
+def test_the_model_card_names_the_dataset_not_the_folder_it_was_read_from(captioner, tmp_path):
+    data = {"source": {"_target_": "imcap.data.sources.coco.CocoSource", "root": "/home/alice/data/coco",
+                       "year": 2017}}
+    card = (captioner.save_pretrained(tmp_path / "shared", data=data) / "README.md").read_text()
+    assert "Dataset: coco, year=2017" in card
+    assert "alice" not in card and "/home" not in card
+    assert "revision=<commit>" in card  # the usage line pins a revision
