@@ -331,6 +331,7 @@ def test_with_an_auth_file_nothing_is_served_without_a_login(shared_demo):
     for path in ("config", "gradio_api/info", f"gradio_api/file={example}"):
         status, _ = http_status(anonymous, url + path)
         assert status == 401, (path, status)
+    assert upload(anonymous, url, "dot.png", png_bytes(Image.new("RGB", (8, 8))))[0] == 401
     with pytest.raises(urllib.error.HTTPError):
         logged_in(url, USER, "wrong password")
     with pytest.raises(Exception):  # noqa: B017 (gradio_client raises a bare ValueError or httpx error)
