@@ -270,15 +270,20 @@ def test_a_damaged_image_of_any_format_is_one_line_naming_the_file(tmp_path, nam
             decode_image(path.read_bytes(), "the image of key 7 in a.tar", tensor, fix="rewrite it")
 
 
-def test_a_damaged_png_is_one_error_line_from_imcap_caption(tmp_path, trained_run):
-    """Through the CLI, in a new process: no traceback, the file named."""
+@pytest.mark.slow
+def test_a_damaged_png_in_a_dataset_is_one_error_line_from_imcap_data_features(tmp_path):
+    """Through the CLI, in a new process: PIL's SyntaxError was a traceback."""
     from tests.helpers.runs import assert_one_line_error, module
 
-    path = tmp_path / "broken.png"
-    path.write_bytes(broken_chunk_name(png_with_chunks()))
-    result = module("caption", f"ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}", f"images=[{path}]",
-                    cwd=tmp_path)
-    assert_one_line_error(result, str(path))
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(root / f"{i}.jpg")
+    (root / "broken.png").write_bytes(broken_chunk_name(png_with_chunks()))
+    rows = "".join(f"{i}.jpg,a red square,train\n" for i in range(4)) + "broken.png,a broken picture,train\n"
+    (root / "captions.csv").write_text("image,caption,split\n" + rows, encoding="utf-8")
+    result = module("data", "features", "data=custom", f"data.root={root}", "model.encoder.weights=null", cwd=tmp_path)
+    assert_one_line_error(result, f"error: cannot read image {root / 'broken.png'}: broken PNG file")
 
 
 # -- records naming files outside the root ----------------------------------------------------
