@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from imcap.config import CONF_DIR
 from imcap.console import quiet_libraries
-from imcap.errors import report_user_errors, user_error
+from imcap.errors import end_progress_bars, report_user_errors, user_error
 from imcap.plugins import load_plugins
 
 
@@ -118,6 +118,7 @@ def _run_job(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     try:
         result = task(cfg)
     except Exception as exc:
+        end_progress_bars()
         user = user_error(exc)
         if user is not None:
             message, bug = str(user), False

@@ -41,6 +41,16 @@ def user_error(exc: BaseException) -> ImcapError | None:
     return seen if isinstance(seen, ImcapError) else None
 
 
+def end_progress_bars() -> None:
+    """Close the tqdm progress bars still open (each leaves its last state and a newline, or
+    clears its line), so that an error line printed next starts on a line of its own instead of
+    at the end of a bar's. Rich's bars are stopped by Lightning's RichProgressBar itself."""
+    tqdm = sys.modules.get("tqdm.std")  # looked up, not imported: no bar was made without it
+    if tqdm is not None:
+        for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+            bar.close()
+
+
 def report_user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn user mistakes (ImcapError) into `error: <one line>` on stderr and exit status 2;
     anything else is a bug: its full traceback, exit status 1."""
@@ -50,6 +60,7 @@ def report_user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
+            end_progress_bars()
             user = user_error(exc)
             if user is None:  # a bug: the whole traceback (Hydra would print one line for
                 # an error inside a constructor it builds), exit status 1

@@ -80,3 +80,46 @@ def test_missing_data_root_says_what_to_place_where(tmp_path):
     assert_one_line_error(result, f"error: data.root={tmp_path}/nowhere does not exist",
                           f"`make data dataset=flickr8k root={tmp_path}/nowhere`")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def in_a_terminal(*args: str, cwd, env: dict) -> tuple[int, str]:
+    """Run a command with stdout and stderr on one pseudo-terminal (120 columns, as a user's
+    window: tqdm draws nothing 0 columns wide); its exit status and everything it showed."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import termios
+
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    process = subprocess.Popen(list(args), stdin=terminal, stdout=terminal, stderr=terminal, cwd=cwd,
+                               env={**os.environ, **env})
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the process closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    return process.wait(timeout=600), shown.decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_an_error_after_a_progress_bar_starts_on_its_own_line(tmp_path):
+    # a NaN gradient at step 5 of 12 stops the run while Lightning's tqdm bar is on the screen
+    status, shown = in_a_terminal(
+        sys.executable, "-m", "imcap.train", *TINY, "data.batch_size=4", "trainer.enable_progress_bar=true",
+        "callbacks.progress_bar={_target_:pytorch_lightning.callbacks.TQDMProgressBar}",
+        "+callbacks.nan._target_=tests.faults.test_divergence.NaNGradientAt", "+callbacks.nan.step=5",
+        cwd=tmp_path, env={"IMCAP_ROOT": str(tmp_path), "PYTHONPATH": str(ROOT)})
+    assert status == 2, shown[-3000:]
+    assert "5/12" in shown  # the bar was drawn
+    before, error = shown.split("error: ", 1)
+    assert before.endswith("\n"), repr(before[-300:])
+    assert error.startswith("training diverged at step 5") and error.count("\n") == 1 and error.endswith("\r\n")
