@@ -2,7 +2,7 @@
 
 import os
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 __version__ = "0.1.0"
 
@@ -32,11 +32,13 @@ def _run_stamp() -> str:
 OmegaConf.register_new_resolver("imcap_run_stamp", _run_stamp, use_cache=True, replace=True)
 
 
-def _attentions_for(decoder_target: str) -> str:
+def _attentions_for(decoder_target: str, _root_: "DictConfig | None" = None) -> str:
     from hydra.utils import get_class
 
     from imcap.models.decoder import attentions_for
+    from imcap.plugins import load_plugins
 
+    load_plugins((_root_ or {}).get("plugins"))  # the sweeper lists before the task loads them
     return ",".join(attentions_for(get_class(decoder_target)))
 
 

@@ -78,3 +78,8 @@ def test_a_missing_component_module_is_a_user_error_and_a_broken_one_keeps_its_t
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ModuleNotFoundError):
         registry.import_components(["broken_components_xyz"])
+
+
+def test_a_component_module_whose_package_is_missing_is_a_user_error():
+    with pytest.raises(ImcapError, match=r"'no_such_package_xyz.components' cannot be imported"):
+        registry.import_components(["no_such_package_xyz.components"])

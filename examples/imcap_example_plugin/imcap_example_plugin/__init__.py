@@ -1,7 +1,8 @@
 """An imcap plugin: importing this package registers its components (one class per module).
 
 - `attention.CosineAttention`: the `cosine` attention variant (conf/model/attention/cosine.yaml)
+- `patches.PatchEncoder`: the `patches` encoder (conf/model/encoder/patches.yaml)
 - `stripes.StripesSource`: the `stripes` dataset source (conf/data/stripes.yaml)
 """
 
-from imcap_example_plugin import attention, stripes  # noqa: F401  (importing them registers them)
+from imcap_example_plugin import attention, patches, stripes  # noqa: F401  (importing them registers them)
