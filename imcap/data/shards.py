@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import io
 import json
 import logging
@@ -39,10 +40,11 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 import fsspec
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from webdataset import ShardWriter
 from webdataset.tariterators import base_plus_ext
 
+from imcap.data.images import DAMAGED, check_pixels, pixel_limit
 from imcap.data.records import CaptionRecord
 from imcap.data.sources.policy import check_choice
 from imcap.data.text import normalize
@@ -55,7 +57,7 @@ INDEX_VERSION = 1
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 BAD_SAMPLES = ("error", "skip")
 HEADER_BYTES = 1 << 16  # enough of an image for PIL to read its header (format, size)
-# an unreachable endpoint fails in seconds, not after botocore's minutes of retries
+# an unreachable endpoint is an error in seconds (a refused connection: 3 s), not after retries for minutes
 S3_DEFAULTS = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 60,
                                  "retries": {"max_attempts": 2, "mode": "standard"}}}
 
@@ -135,8 +137,6 @@ def storage_errors(url: str | Path, what: str):
 def glob_shards(pattern: str) -> list[str]:
     """Shards matching a glob `pattern`, a local path or a URL of a store that lists."""
     if local_path(pattern) is not None:
-        import glob
-
         return sorted(glob.glob(local_path(pattern)))
     fs, path = filesystem(pattern)
     with storage_errors(pattern, "shards"):
@@ -236,11 +236,12 @@ def _captions(txt: bytes | None, meta: dict[str, Any]) -> tuple[str, ...]:
 def _image_problem(head: bytes) -> str | None:
     """Why the image whose first bytes are `head` cannot be used, from its header alone."""
     try:
-        with Image.open(io.BytesIO(head)):
+        with pixel_limit(), Image.open(io.BytesIO(head)) as im:
+            check_pixels(im)
             return None
-    except Image.DecompressionBombError:  # over PIL's pixel limit: would ask for gigabytes
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # over PIL's limit: gigabytes
         return "image too large"
-    except (UnidentifiedImageError, OSError, ValueError):
+    except DAMAGED:  # UnidentifiedImageError is an OSError
         return "not an image"
 
 
