@@ -43,7 +43,7 @@ PIXELS_VERSION = "viewer-2"
 
 # What PIL raises for a damaged file, at open or while decoding (each seen fuzzing PNG, GIF, TIFF,
 # JPEG, WebP and BMP files). Only PIL's own calls on the file's bytes run under this net.
-_DAMAGED = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
+DAMAGED = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
 
@@ -53,9 +53,7 @@ def _read_errors(name: str, verb: str = "read", fix: str = "replace or remove th
     """Turn what opening or decoding an image can raise into one line naming it (`name`: "image
     photos/a.jpg"): missing, over PIL's pixel limit, or damaged."""
     try:
-        with warnings.catch_warnings():
-            # PIL only warns between 1x and 2x its limit; as an exception it stops the open
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pixel_limit():
             yield
     except FileNotFoundError as e:
         raise ImcapError(f"image not found: {e.filename}") from e
@@ -64,9 +62,26 @@ def _read_errors(name: str, verb: str = "read", fix: str = "replace or remove th
     except UnidentifiedImageError as e:
         reason = "not an image file PIL can read" if "BytesIO" in str(e) else str(e)  # no object reprs
         raise ImcapError(f"cannot {verb} {name}: {reason}; {fix}") from e
-    except _DAMAGED as e:
+    except DAMAGED as e:
         reason = " ".join(str(e).split()) or type(e).__name__
         raise ImcapError(f"cannot {verb} {name}: {reason} (a damaged or truncated file); {fix}") from e
+
+
+@contextmanager
+def pixel_limit() -> Iterator[None]:
+    """PIL's warning between 1x and 2x `Image.MAX_IMAGE_PIXELS` raised as an exception, so that
+    `Image.open` stops there as it does over 2x."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
+def check_pixels(im: Image.Image) -> None:
+    """The pixel limit again, on the opened header: `catch_warnings` is process-wide state, and
+    another thread leaving its own block may have just restored the filters without ours."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and im.width * im.height > limit:
+        raise Image.DecompressionBombError(f"Image size ({im.width * im.height} pixels) exceeds limit of {limit} pixels")
 
 
 def _orientation(im: Image.Image) -> int:
@@ -98,6 +113,7 @@ def as_viewed(im: Image.Image) -> Image.Image:
 
 def _viewed(source: str | io.BytesIO, name: str, verb: str = "read", fix: str = "replace or remove the file") -> Image.Image:
     with _read_errors(name, verb, fix), Image.open(source) as im:
+        check_pixels(im)
         im.load()
         _orientation(im)  # a damaged EXIF block is the file's fault: read it under the net
     try:
@@ -130,6 +146,7 @@ def _jpeg_tensor(data: bytes, name: str, verb: str, fix: str) -> torch.Tensor | 
     its pixel limit before torchvision allocates H x W x 3 bytes (a 60000 x 60000 header asks for
     10 GB), and its reading of the orientation tag, so both paths turn a file the same way."""
     with _read_errors(name, verb, fix), Image.open(io.BytesIO(data)) as im:  # PIL stops at the first scan
+        check_pixels(im)
         orientation = _orientation(im)
     try:
         image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)

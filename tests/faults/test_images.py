@@ -83,6 +83,28 @@ def test_the_pixel_limit_is_pil_s_limit_itself_not_twice_it(tmp_path, monkeypatc
     assert load(str(path)) is not None
 
 
+def test_a_shard_member_between_1x_and_2x_the_limit_is_counted_as_too_large_when_indexed(monkeypatch):
+    from imcap.data.shards import _image_problem
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40)).save(buf, "PNG")  # 1.6x the limit
+    assert _image_problem(buf.getvalue()) == "image too large"
+
+
+def test_the_limit_holds_while_another_thread_restores_the_warning_filters(tmp_path, monkeypatch):
+    """`warnings.catch_warnings` is process-wide: the header is checked again after the open."""
+    import warnings
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    path = tmp_path / "big.png"
+    Image.new("RGB", (40, 40)).save(path)
+    real = warnings.simplefilter
+    monkeypatch.setattr(warnings, "simplefilter", lambda action, *a, **k: real("ignore", *a, **k))
+    with pytest.raises(ImcapError, match="too large to decode safely"):
+        load_image(str(path))
+
+
 def test_a_header_of_1_1_times_pil_s_default_limit_is_refused_before_decoding(tmp_path):
     path = header_only_png(tmp_path / "big.png", 10_000, 10_000)  # 1e8 pixels, PIL's limit is 8.9e7
     with pytest.raises(ImcapError, match="too large to decode safely"):
