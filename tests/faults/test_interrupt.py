@@ -45,9 +45,9 @@ class WaitForSignal(pl.Callback):
             time.sleep(0.05)
 
 
-def start(root: Path, data: Path, *overrides: str) -> subprocess.Popen:
+def start(root: Path, data: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     root.mkdir(parents=True)
-    env = {**os.environ, "IMCAP_ROOT": str(root), "IMCAP_DATA_DIR": str(data), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "IMCAP_ROOT": str(root), "IMCAP_DATA_DIR": str(data), "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "imcap.train", *overrides], cwd=root, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -94,3 +94,35 @@ def test_a_signal_mid_epoch_saves_and_the_printed_command_resumes_to_the_same_en
     ours = torch.load(run_dir(tmp_path / "second") / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
     theirs = torch.load(run_dir(tmp_path / "straight") / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.slow
+def test_under_slurm_the_requeue_signal_stays_lightnings_and_sigterm_still_saves(tmp_path):
+    # a fake SLURM job: Lightning's SLURMEnvironment(auto_requeue=True) answers SIGUSR1 (sent
+    # before the time limit) by saving hpc_ckpt_1.ckpt and running `scontrol requeue <job id>`
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'scontrol.args'}\n")
+    scontrol.chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "imcap", "SLURM_NODELIST": "localhost",
+             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+             "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    marker = tmp_path / "waiting"
+    root = tmp_path / "job"
+    job = start(root, tmp_path / "data", *RUN,
+                f"+callbacks.wait={{_target_:{__name__}.WaitForSignal,epoch:0,batch:3,marker:'{marker}'}}", env=slurm)
+    while not marker.exists():
+        assert job.poll() is None, job.stderr.read()[-3000:]
+        time.sleep(0.2)
+    job.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "scontrol.args").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
+    job.send_signal(signal.SIGTERM)  # what SLURM sends a job it requeues
+    _, stderr = job.communicate(timeout=300)
+    assert job.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert (run_dir(root) / "hpc_ckpt_1.ckpt").is_file()  # Lightning's own requeue checkpoint
+    assert torch.load(run_dir(root) / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert "Resume with: python -m imcap.train " in stderr
