@@ -11,7 +11,9 @@
 
 `captions: null` uses `root/captions.{csv,tsv,jsonl}` when exactly one exists, else the folder
 layout. Image paths resolve against `root` and must stay inside it: absolute paths elsewhere,
-`..` that leaves it and symlinks pointing out of it are refused.
+`..` that leaves it and symlinks pointing out of it are refused. A caption with no words once
+normalised (only emoji, punctuation or symbols) is refused at its file and line: it would be an
+empty training target.
 """
 
 from __future__ import annotations
