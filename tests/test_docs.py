@@ -158,12 +158,36 @@ def test_a_renamed_option_fails_its_block(tmp_path):
     assert result.returncode != 0 and "max_epochz" in result.stderr, result.stderr
 
 
+_PAGE_DIRS: dict[Path, list] = {}  # page -> [working directory, blocks run so far]
+
+
+def page_dir(page: Path, upto: int, factory: pytest.TempPathFactory) -> Path:
+    """The page's working directory, with its blocks before `upto` run (once), as a reader
+    runs them top to bottom."""
+    if page not in _PAGE_DIRS:
+        cwd = factory.mktemp(page.stem)
+        write_fixtures(cwd)
+        _PAGE_DIRS[page] = [cwd, 0]
+    cwd, done = _PAGE_DIRS[page]
+    for block in blocks(page)[done:upto]:
+        _PAGE_DIRS[page][1] += 1
+        if not block.skip:
+            result = run_block(block, cwd)
+            assert result.returncode == 0, f"an earlier block, {block}, failed:\n{result.stderr[-3000:]}"
+    return cwd
+
+
+PAGE_BLOCKS = [(page, index) for page in PAGES for index in range(len(blocks(page)))]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("page", PAGES, ids=page_id)
-def test_the_commands_of_a_page_run(page, tmp_path):
-    write_fixtures(tmp_path)
-    for block in blocks(page):
-        if block.skip:
-            continue
-        result = run_block(block, tmp_path)
-        assert result.returncode == 0, f"{block} failed:\n{block.text}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+@pytest.mark.parametrize(("page", "index"), PAGE_BLOCKS,
+                         ids=[f"{page_id(page)}:{blocks(page)[i].line}" for page, i in PAGE_BLOCKS])
+def test_a_command_block_runs(page, index, tmp_path_factory):
+    block = blocks(page)[index]
+    if block.skip:
+        pytest.skip(f"{block}: {block.skip}")
+    cwd = page_dir(page, index, tmp_path_factory)
+    _PAGE_DIRS[page][1] = index + 1
+    result = run_block(block, cwd)
+    assert result.returncode == 0, f"{block} failed:\n{block.text}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
