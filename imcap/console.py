@@ -82,12 +82,12 @@ def _summary_without_uncounted_flops() -> None:
         if total_flops:
             return lightning_summarize(summary_data, total_parameters, trainable_parameters, model_size,
                                        total_training_modes, total_flops, **summarize_kwargs)
-        from rich import get_console
-        from rich.table import Table
         from pytorch_lightning.utilities.model_summary.model_summary import (
             get_formatted_model_size,
             get_human_readable_count,
         )
+        from rich import get_console
+        from rich.table import Table
 
         columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
         table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
