@@ -40,10 +40,11 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 import fsspec
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from webdataset import ShardWriter
 from webdataset.tariterators import base_plus_ext
 
+from imcap.data.images import DAMAGED, check_pixels, pixel_limit
 from imcap.data.records import CaptionRecord
 from imcap.data.sources.policy import check_choice
 from imcap.data.text import normalize
@@ -235,11 +236,12 @@ def _captions(txt: bytes | None, meta: dict[str, Any]) -> tuple[str, ...]:
 def _image_problem(head: bytes) -> str | None:
     """Why the image whose first bytes are `head` cannot be used, from its header alone."""
     try:
-        with Image.open(io.BytesIO(head)):
+        with pixel_limit(), Image.open(io.BytesIO(head)) as im:
+            check_pixels(im)
             return None
-    except Image.DecompressionBombError:  # over PIL's pixel limit: would ask for gigabytes
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # over PIL's limit: gigabytes
         return "image too large"
-    except (UnidentifiedImageError, OSError, ValueError):
+    except DAMAGED:  # UnidentifiedImageError is an OSError
         return "not an image"
 
 
