@@ -93,6 +93,9 @@ def filesystem(url: str) -> tuple[Any, str]:
     fsspec's config (data.storage_options, FSSPEC_<PROTOCOL>_* variables) and the store's own
     credential chain; S3 gets short timeouts unless they are configured."""
     protocol = url.split("://", 1)[0]
+    for chatty in ("botocore", "aiobotocore"):  # INFO lines ("Found credentials in ...") in every rank's log
+        if not logging.getLogger(chatty).level:
+            logging.getLogger(chatty).setLevel(logging.WARNING)
     configured = fsspec.config.conf.get(protocol, {})
     options = {k: v for k, v in S3_DEFAULTS.items() if k not in configured} if protocol in ("s3", "s3a") else {}
     try:
