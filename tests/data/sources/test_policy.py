@@ -1,5 +1,5 @@
-"""What readers share: option checks, the missing-image policy, paths kept inside the root, and
-the messages for a dataset that is not there."""
+"""What readers share: option checks, the missing-image policy, captions with no words, paths
+kept inside the root, and the messages for a dataset that is not there."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 from imcap.data.records import CaptionRecord
 from imcap.data.sources.policy import (
+    check_caption,
     check_choice,
     fetch_command,
     inside_root,
@@ -51,3 +52,22 @@ def test_a_missing_root_names_the_command_that_fetches_it(tmp_path):
     message = str(missing_root(tmp_path / "coco", "MS COCO", command))
     assert message.startswith(f"data.root={tmp_path}/coco does not exist: fetch MS COCO there with `{command}`")
     assert "\n" not in message
+
+
+def test_check_caption_runs_after_normalisation():
+    assert check_caption("एक बिल्ली", "a.csv:2") == "एक बिल्ली"
+    for caption, what in [("", "is empty"), ("  ", "is empty"), ("🐈‍⬛ ✨", "has no words once normalised"),
+                          ("?!…", "has no words once normalised")]:
+        with pytest.raises(ImcapError, match=rf"^a.csv:2: caption .*{what}.*; write the caption in words"):
+            check_caption(caption, "a.csv:2")
+
+
+def test_keep_existing_leaves_out_wordless_captions_and_images_left_with_none(caplog):
+    pairs = [(CaptionRecord(1, "/d/a.jpg", ("a cat", "😺"), "train"), True),
+             (CaptionRecord(2, "/d/b.jpg", ("...",), "train"), True),
+             (CaptionRecord(3, "/d/c.jpg", ("a dog",), "train"), True)]
+    with caplog.at_level(logging.WARNING):
+        kept = keep_existing(pairs, "error", "COCO", "captions.json")
+    assert [(r.image_id, r.captions) for r in kept] == [(1, ("a cat",)), (3, ("a dog",))]
+    assert "Left out 2 COCO captions named in captions.json with no words once normalised (first: '😺' of /d/a.jpg)" \
+        in caplog.text and "1 images left with no caption" in caplog.text
