@@ -47,10 +47,10 @@ DISPLAY_SIZE, DISPLAY_LONG_SIDE = 256, 1024
 FILE_SIZE_UNITS = {"b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}  # Gradio's units (1 kb = 1024 b)
 
 
-def load_model(source: str | Path, device: str = "cpu") -> Captioner:
+def load_model(source: str | Path, device: str = "cpu", revision: str | None = None) -> Captioner:
     """A captioner from a training checkpoint, a folder written by `save_pretrained` (or
-    `python -m imcap.export`), or a Hugging Face Hub repo id."""
-    return Captioner.load(source, map_location=device).to(device).eval()
+    `python -m imcap.export`), or a Hugging Face Hub repo id (at `revision`)."""
+    return Captioner.load(source, map_location=device, revision=revision).to(device).eval()
 
 
 def newest_checkpoint(log_dir: str | Path) -> Path:
@@ -268,7 +268,7 @@ def launch(cfg: DictConfig) -> None:
     if warning := network_warning(str(cfg.host), cfg.auth_file):
         log.warning(warning)
     ckpt_path = cfg.ckpt_path or newest_checkpoint(cfg.paths.log_dir)
-    captioner = load_model(ckpt_path, cfg.device)
+    captioner = load_model(ckpt_path, cfg.device, cfg.get("revision"))
     examples = (expand_images(str(cfg.examples)) if cfg.get("examples")
                 else example_images(ckpt_path, cfg.num_examples))[: cfg.num_examples]
     if not os.environ.get("GRADIO_TEMP_DIR"):  # set before gradio is imported: some modules read it then
