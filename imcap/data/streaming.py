@@ -45,7 +45,7 @@ from imcap.data.shards import (
     join,
     load_index,
     local_path,
-    read_image_bytes,
+    read_images,
     shown,
     usable,
 )
@@ -245,12 +245,11 @@ class ShardStream(IterableDataset):
             cache.popitem(last=False)
         return value
 
-    def _image(self, shard: int, sample: Sample) -> torch.Tensor:
-        data = read_image_bytes(self.split.shards[shard], sample)
+    def _image(self, shard: int, sample: Sample, data: bytes) -> torch.Tensor:
         where = f"key {sample.key} in {shown(self.split.shards[shard])}"
         return self.transform(decode_image(data, where, tensor=accepts_uint8_tensor(self.transform)))
 
-    def _item(self, shard: int, position: int, caption: int) -> dict[str, Any]:
+    def _item(self, shard: int, position: int, caption: int, image: bytes | None = None) -> dict[str, Any]:
         sample = self._samples(shard)[position]
         refs = [normalize(c) for c in sample.captions]
         words = refs[caption].split()[: self.max_length]
@@ -262,11 +261,15 @@ class ShardStream(IterableDataset):
         if self.features is not None:
             item["grid"] = torch.from_numpy(np.asarray(self._grid(shard)[position], dtype=np.float32))
         else:
-            item["image"] = self._image(shard, sample)
+            item["image"] = self._image(shard, sample, image)
         return item
 
     def _batch(self, rows: np.ndarray) -> dict[str, Any]:
-        items = sorted((self._item(*map(int, row)) for row in rows), key=lambda it: -len(it["tokens"]))
+        rows = [tuple(map(int, row)) for row in rows]
+        images: list[bytes | None] = [None] * len(rows)
+        if self.features is None:  # the batch's image files in one go: concurrent range requests to a store
+            images = read_images([(self.split.shards[s], self._samples(s)[p]) for s, p, _ in rows])
+        items = sorted((self._item(*row, image) for row, image in zip(rows, images)), key=lambda it: -len(it["tokens"]))
         # keeps this (longest-first) order; item_ids: the samples' "shard/key#caption"
         batch = collate(items, pad_id=Vocabulary.pad_id, pad_to_multiple=self.pad_to_multiple, widths=self.widths)
         return batch

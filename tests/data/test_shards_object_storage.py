@@ -27,8 +27,14 @@ from PIL import Image
 from imcap.data import shards as shards_module
 from imcap.data.records import CaptionRecord
 from imcap.data.shard_features import extract_shard_features
-from imcap.data.shards import index_path, load_index, read_image_bytes, write_shards
-from imcap.data.streaming import ShardSplit, ShardStream, StreamingLoader, expand_shards
+from imcap.data.shards import index_path, load_index, read_image_bytes, read_images, write_shards
+from imcap.data.streaming import (
+    ShardSplit,
+    ShardStream,
+    StreamingLoader,
+    decode_image,
+    expand_shards,
+)
 from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
 from tests.data.test_shard_features import TinyEncoder, transform
@@ -85,6 +91,9 @@ def test_shards_written_to_s3_are_indexed_on_local_disk_and_streamed_once_per_ep
     assert index_path(shards[0], cache).read_bytes() == sidecar  # copied from beside the shard, not rebuilt
     assert [s.image_id for s in samples] == [0, 1, 2, 3]
     assert read_image_bytes(shards[0], samples[2]) == Path(records[2].image_path).read_bytes()  # a range request
+    local = write_shards(records[:2], tmp_path / "local", shard_size=2)[0]
+    located = [(shards[1], load_index(shards[1], cache)[1]), (local, load_index(local)[0]), (shards[0], samples[2])]
+    assert read_images(located) == [Path(records[i].image_path).read_bytes() for i in (5, 0, 2)]  # a batch's files
     assert not list(Path(tempfile.gettempdir()).glob("imcap-shards-*"))  # staged shards are removed once uploaded
 
     split = ShardSplit.load("train", shards, str(cache), "error")
@@ -97,7 +106,10 @@ def test_shards_written_to_s3_are_indexed_on_local_disk_and_streamed_once_per_ep
                          cache_dir=str(cache), transform=transform)
         ds.rank, ds.world = rank, 2
         for batch in StreamingLoader(ds, epoch=lambda: 0, trained=lambda: 0, num_workers=2):  # forked workers read S3
-            assert batch["images"].shape[1:] == (3, 8, 8)
+            for item_id, image in zip(batch["item_ids"], batch["images"]):
+                record = records[int(item_id.split("/")[1].split("#")[0])]  # keys count the records
+                expected_image = transform(decode_image(Path(record.image_path).read_bytes(), "", tensor=True))
+                assert torch.equal(image, expected_image)
             seen += batch["item_ids"]
     assert sorted(seen) == expected
 
