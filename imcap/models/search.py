@@ -189,6 +189,25 @@ def _leaves(state: Any) -> list[torch.Tensor]:
     return leaves
 
 
+def _keep_images(state: Any, shared: dict[int, torch.Tensor], keep: torch.Tensor, keep_rows: torch.Tensor,
+                 images: int, beams: int) -> tuple[Any, dict[int, torch.Tensor]]:
+    """`state` of `images` x `beams` rows narrowed to the images `keep` (hypothesis rows
+    `keep_rows`): a leaf with a row per hypothesis keeps those rows, one with a row per image
+    (the decoder's per-image cache) those images; the leaves that were `shared` stay shared."""
+    kept: dict[int, torch.Tensor] = {}
+
+    def narrow(x: torch.Tensor) -> torch.Tensor:
+        rows = keep_rows if x.shape[0] == images * beams else keep
+        if x.shape[0] not in (images * beams, images):
+            raise ValueError(f"a beam search state leaf of {x.shape[0]} rows, not {images} or {images * beams}")
+        y = x.index_select(0, rows)
+        if id(x) in shared:
+            kept[id(y)] = y
+        return y
+
+    return map_state(state, narrow), kept
+
+
 @torch.no_grad()
 def beam_search(
     decoder: nn.Module,
@@ -251,6 +270,13 @@ def beam_search(
     prev = torch.full((B * K,), bos_id, dtype=torch.long, device=device)  # the first step read <bos>
     in_place = torch.arange(B * K, device=device)  # (B*K,) each hypothesis its own source
     ended = _Ended(stop_check_interval(device) if check_every is None else check_every, device)
+    # On a CPU (where asking is free) an image whose K hypotheses have all ended leaves the
+    # batch: later steps run on the other images' rows only. With 16 beams most hypotheses end
+    # by word 9 while a few run to max_length. `live` is the image of each batch row and
+    # `live_rows` the full row of each hypothesis row; steps are recorded in full rows.
+    compact = K > 1 and device.type == "cpu" and check_every is None
+    A, live, live_rows = B, torch.arange(B, device=device), in_place
+    all_scores, all_lengths = scores.clone(), lengths.clone()
 
     def reorder(x: torch.Tensor) -> torch.Tensor:
         return x if id(x) in shared else x.index_select(0, rows)
@@ -271,30 +297,52 @@ def beam_search(
         candidates.masked_fill_(finished.unsqueeze(1), float("-inf"))
         candidates[:, 0] = torch.where(finished, scores.view(-1), candidates[:, 0])
         best_token[:, 0].masked_fill_(finished, pad_id)
-        done = finished.view(B, K).all(dim=1, keepdim=True)  # (B, 1) every hypothesis had ended
+        done = finished.view(A, K).all(dim=1, keepdim=True)  # (A, 1) every hypothesis had ended
         kept = scores
-        scores, flat = candidates.view(B, -1).topk(K, dim=-1)  # (B, K)
+        scores, flat = candidates.view(A, -1).topk(K, dim=-1)  # (A, K)
         width = best_logp.shape[-1]
         rows = (offsets + flat // width).view(-1)  # (B*K,) source hypothesis of each new one
         token = best_token.view(-1).index_select(0, rows * width + (flat % width).view(-1))
         # an image whose hypotheses have all ended keeps them in place (topk may swap ties)
         scores = torch.where(done, kept, scores)
-        rows = torch.where(done.expand(B, K).reshape(-1), in_place, rows)
+        rows = torch.where(done.expand(A, K).reshape(-1), in_place, rows)
 
         state = map_state(state, reorder)
         finished = finished.index_select(0, rows)
         lengths = lengths.index_select(0, rows) + (~finished).long()
         if block_trigrams:
             history = torch.cat([history.index_select(0, rows), token.unsqueeze(1)], dim=1)
-        sources.append(rows)
-        tokens.append(token)
-        if weights is not None:
-            maps.append(weights)
+        if A == B:
+            sources.append(rows)
+            tokens.append(token)
+            if weights is not None:
+                maps.append(weights)
+        else:  # rows of images that left stay in place, with <pad> (and no attention)
+            sources.append(torch.arange(B * K, device=device).index_copy(0, live_rows, live_rows[rows]))
+            tokens.append(torch.full((B * K,), pad_id, dtype=token.dtype, device=device).index_copy(0, live_rows, token))
+            if weights is not None:
+                maps.append(weights.new_zeros((B * K, *weights.shape[1:])).index_copy(0, live_rows, weights))
         finished = finished | (token == eos_id)
         prev = token
         ended.update(t, finished)
         if ended.stop(t):
             break
+        if compact:
+            ended_images = finished.view(A, K).all(dim=1)
+            if bool(ended_images.any()):
+                all_scores[live] = scores  # their final scores and lengths
+                all_lengths[live_rows] = lengths
+                keep = (~ended_images).nonzero().squeeze(1)  # (A',)
+                keep_rows = (keep.unsqueeze(1) * K + torch.arange(K, device=device)).view(-1)  # (A'*K,)
+                state, shared = _keep_images(state, shared, keep, keep_rows, A, K)
+                live, live_rows, A = live[keep], live_rows[keep_rows], len(keep)
+                scores, finished, lengths = scores[keep], finished[keep_rows], lengths[keep_rows]
+                history, prev = history[keep_rows], prev[keep_rows]
+                offsets, in_place = (torch.arange(A, device=device) * K).unsqueeze(1), torch.arange(A * K, device=device)
+    if A < B:
+        all_scores[live], all_lengths[live_rows] = scores, lengths
+        scores, lengths = all_scores, all_lengths
+        offsets = (torch.arange(B, device=device) * K).unsqueeze(1)
     steps = ended.steps(len(tokens))  # the steps run past the end only appended <pad>
     sources, tokens, maps = sources[:steps], tokens[:steps], maps[:steps]
 
