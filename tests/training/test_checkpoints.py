@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
@@ -73,3 +74,16 @@ def test_checkpoints_are_written_beside_their_target_and_renamed(make_cfg, tmp_p
     last = str(tmp_path / "checkpoints" / "last.ckpt")
     assert any(a.startswith(last[:-len(".ckpt")] + ".") and a.endswith(".ckpt.tmp") and b == last for a, b in replaced)
     assert not list((tmp_path / "systemtmp").iterdir())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumable_loader_leaves_out_the_batches_already_trained_once(workers):
+    from imcap.training.checkpoints import ResumableLoader
+
+    loader = ResumableLoader(list(range(10)), batch_size=3, num_workers=workers, persistent_workers=workers > 0)
+    assert loader.state_dict() == {"batches_trained": 0}  # every checkpoint but a mid-epoch one
+    loader.load_state_dict({"batches_trained": 2})
+    assert len(loader) == 4  # the epoch's length, as Lightning counts its batches
+    # a worker-backed iterator draws from the sampler twice before the first batch: skipped once all the same
+    assert [b.tolist() for b in loader] == [[6, 7, 8], [9]]
+    assert [b.tolist() for b in loader] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]  # the next epoch is whole
