@@ -462,6 +462,43 @@ def _ending_decoder(pair: tuple[str, str]) -> nn.Module:
     return EndsSooner(dec)
 
 
+class RowCounter(nn.Module):
+    """A decoder that records how many rows each step ran on."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.rows = inner, []
+        if hasattr(inner, "expand_state"):
+            self.expand_state = inner.expand_state
+
+    def init_state(self, grid: torch.Tensor, pooled: torch.Tensor):
+        return self.inner.init_state(grid, pooled)
+
+    def step(self, state, prev: torch.Tensor):
+        self.rows.append(prev.shape[0])
+        return self.inner.step(state, prev)
+
+
+def test_an_image_whose_hypotheses_have_all_ended_leaves_the_batch_on_a_cpu():
+    """Later steps run on the other images' hypotheses only, with the captions, scores and
+    attention (where written) of keeping every image to the end."""
+    dec = decoders.make_decoder("lstm", "additive").double()  # the default's kernel: per-image leaves
+    with torch.no_grad():
+        dec.output.weight.mul_(4.0)  # sharper distributions: beams diverge, images end at different steps
+        dec.output.bias[EOS] += 1.5
+    grid, pooled, _ = decoders.inputs(batch=4)
+    grid, pooled = grid.double(), pooled.double()
+    counted = RowCounter(dec)
+    found = beam_search(counted, grid, pooled, BOS, EOS, PAD, beam_size=3, max_length=9)
+    assert counted.rows[1] == 4 * 3 and min(counted.rows[1:]) < 4 * 3  # fewer rows once images ended
+    assert counted.rows[1:] == sorted(counted.rows[1:], reverse=True)
+    whole = beam_search(dec, grid, pooled, BOS, EOS, PAD, beam_size=3, max_length=9, check_every=1)
+    assert torch.equal(found.tokens, whole.tokens) and torch.equal(found.scores, whole.scores)
+    if whole.attention is not None:
+        written = (whole.tokens != PAD).unsqueeze(-1).expand_as(whole.attention)
+        torch.testing.assert_close(found.attention[written], whole.attention[written], rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("method,options", [("beam", {}), ("beam", {"block_trigrams": True, "length_penalty": 1.0}),
                                             ("greedy", {}), ("sample", {})], ids=["beam", "beam-trigrams", "greedy",
                                                                                    "sample"])
