@@ -174,7 +174,14 @@ class StopOnSignal(pl.Callback):
         self._restore()
 
     def _received(self, trainer: pl.Trainer) -> int | None:
-        return self.signum or (signal.SIGTERM if trainer.received_sigterm else None)
+        signum = self.signum or (signal.SIGTERM if trainer.received_sigterm else 0)
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            # every rank stops after the same batch (the save is collective), even if the
+            # signal reached them on either side of a batch end: one small all-reduce per step
+            agreed = torch.tensor([int(signum)], device=trainer.strategy.root_device)
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+            signum = int(agreed.item())
+        return signum or None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
         signum = self._received(trainer)
