@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -155,8 +155,8 @@ class StopOnSignal(pl.Callback):
         if self.signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signal.SIGINT
-        print("\nStopping after this batch to save a checkpoint (Ctrl-C again to stop at once)",
-              file=sys.stderr, flush=True)
+        # os.write: a buffered stream written to from a signal handler may be mid-write already
+        os.write(2, b"\nStopping after this batch to save a checkpoint (Ctrl-C again to stop at once)\n")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if threading.current_thread() is threading.main_thread():
