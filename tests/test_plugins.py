@@ -173,6 +173,8 @@ def test_evaluate_with_plugins_and_without_them_a_line_that_says_how(trained, tm
     refused = imcap("eval", f"ckpt_path={ckpt}", cwd=tmp_path)
     assert_one_line_error(refused, f"names the encoder '{PATCHES}', which no loaded module registers",
                           "plugins=[imcap_example_plugin.patches]", "'imcap.plugins' entry point")
+    assert_one_line_error(imcap("eval", f"ckpt_path={ckpt}", "plugins=[imcap_example_plugin,no_such_plugin_xyz]",
+                                cwd=tmp_path), "error: plugin module 'no_such_plugin_xyz' cannot be imported")
     result = imcap("eval", f"ckpt_path={ckpt}", "plugins=[imcap_example_plugin]", "metrics=[BLEU,CIDEr-D]",
                    cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
