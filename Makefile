@@ -54,8 +54,8 @@ compare:  ## table + curves of runs: make compare ARGS="logs/train/multiruns/<da
 bench:  ## benchmarks -> bench.json: make bench ARGS="--quick"
 	$(PY) -m imcap.bench $(ARGS)
 
-data:  ## download + verify + extract a dataset: make data dataset=coco|flickr8k|flickr30k [root=DIR] [ARGS="data.source.year=2017"]
-	$(if $(dataset),,$(error give dataset=NAME, e.g. make data dataset=flickr8k))
+data:  ## download + verify + extract a dataset: make data dataset=NAME [root=DIR] [ARGS="data.source.year=2017"]; `make data` names the sources
+	@test -n "$(dataset)" || { echo "give dataset=NAME, one of: $$($(PY) -c 'from imcap.registry import names; print(*names("source"))')" >&2; exit 2; }
 	$(PY) -m imcap.data prepare $(dataset) $(if $(root),data.root=$(root),) $(ARGS)
 
 data-stats:  ## splits, vocabulary, caption lengths, embedding coverage: make data-stats dataset=flickr8k

@@ -7,10 +7,10 @@
 
 prepare   downloads the public archives of `data=NAME` into its `data.root` with a progress
           bar, resumes partial downloads, checks size and sha256, extracts safely and is
-          idempotent (see imcap/data/download.py, which holds the archive registry). Offline it
+          idempotent (see imcap/data/download.py; each source declares its files). Offline it
           fails at once, naming the files to fetch by hand and where to put them.
           `IMCAP_DOWNLOAD_BASE_URL` (or --base-url) fetches every archive from a mirror instead.
-          shapes is generated (prepare generates it); custom has nothing to download.
+          A source without files to download (shapes: generated; custom) is only checked.
 stats     images and captions per split, vocabulary size at `data.min_freq` (train split), caption
           lengths in tokens (p50/p90/p99/max), the share of tokens outside the vocabulary
           (`<unk>%`) and the share of caption tokens that the configured word embeddings cover
@@ -47,12 +47,14 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from imcap import registry
 from imcap.config import compose_config
 from imcap.data import download
 from imcap.data.records import SPLITS
 from imcap.data.text import tokenize
 from imcap.data.vocab import SPECIALS
 from imcap.errors import ImcapError, report_user_errors
+from imcap.plugins import load_plugins
 
 log = logging.getLogger("imcap.data")
 
@@ -67,17 +69,15 @@ def _data_name(cfg: DictConfig) -> str:
 def run_prepare(name: str, overrides: Sequence[str], keep_archives: bool = False,
                 base_url: str | None = None) -> list[str]:
     cfg = compose_config("train", [f"data={name}", *overrides])
+    load_plugins(cfg.get("plugins"))  # a source of one's own: plugins=[my_pkg.source]
+    if "source" not in cfg.data:
+        raise ImcapError(f"data={name} has no source to prepare; choose one of {registry.names('source')}")
     source = instantiate(cfg.data.source)
-    if name in download.NOTHING_TO_DOWNLOAD:
-        note = download.NOTHING_TO_DOWNLOAD[name]
-        if name == "custom":
-            return [f"{note}: put a captions file (CSV/TSV/JSONL: image, caption[, split]) or images "
-                    f"with .txt sidecars under data.root={source.root}"]
-        source.prepare()
-        return [f"{note}: {len(source.records())} images ready under {source.root}"]
-    archives = download.archives_for(name, getattr(source, "year", None))  # COCO: as requested or found
-    lines = download.prepare(source.root, archives, name, base_url=base_url, keep_archives=keep_archives)
-    source.prepare()  # the reader finds the layout it expects
+    resources = download.resources_of(source)  # COCO: of the year requested or found
+    lines = download.prepare(source.root, resources, name, base_url=base_url, keep_archives=keep_archives)
+    source.prepare()  # the reader finds the layout it expects (shapes: generates it)
+    if not resources:
+        return [f"{name} has nothing to download: {len(source.records())} images ready under {source.root}"]
     return [*lines, f"{name} is ready in {source.root}"]
 
 
@@ -262,13 +262,22 @@ def run_shards(overrides: Sequence[str]) -> list[str]:
 
 
 # -- entry point ----------------------------------------------------------------------------------
+class _SourcesHelp(argparse.HelpFormatter):
+    """Names the registered sources, plugins' included, only when the help is shown: consulting
+    the registry imports every component (about 6 s of CPU)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = super()._get_help_string(action) or ""
+        return text.replace("{sources}", ", ".join(registry.names("source")))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m imcap.data", description=__doc__.splitlines()[0],
                                      epilog=__doc__.split("\n\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser("prepare", help="download, verify and extract a dataset")
-    prep.add_argument("name", help="a conf/data option: coco, flickr8k, flickr30k, shapes, custom")
+    prep = sub.add_parser("prepare", help="download, verify and extract a dataset", formatter_class=_SourcesHelp)
+    prep.add_argument("name", help="a registered source: {sources}")
     prep.add_argument("--keep-archives", action="store_true", help="keep the archives after extracting")
     prep.add_argument("--base-url", help=f"fetch archives from this mirror (also ${download.BASE_URL_ENV})")
     prep.add_argument("overrides", nargs="*", help="hydra overrides, e.g. data.root=DIR")

@@ -13,15 +13,19 @@ import zipfile
 
 import pytest
 
-from imcap.data import download
-from imcap.data.download import Archive, archives_for, extract, prepare
+from imcap import registry
+from imcap.data import fetch
+from imcap.data.download import prepare, resources_of
+from imcap.data.extract import extract
+from imcap.data.resources import Resource
+from imcap.data.sources.coco import CocoSource
 from imcap.errors import ImcapError
 from tests.helpers.http_server import closed_port
 
 
-def _serve(server, name: str, data: bytes, **fields) -> Archive:
+def _serve(server, name: str, data: bytes, **fields) -> Resource:
     server.files[f"mirror/{name}"] = data
-    return Archive(name, url=None if fields.pop("by_hand", False) else f"https://example.invalid/{name}",
+    return Resource(name, url=None if fields.pop("by_hand", False) else f"https://example.invalid/{name}",
                    size=fields.pop("size", len(data)),
                    sha256=fields.pop("sha256", hashlib.sha256(data).hexdigest()), **fields)
 
@@ -113,10 +117,12 @@ def test_checksum_or_size_mismatch_is_refused_and_nothing_extracted(server, tmp_
 MALICIOUS = {
     "traversal.zip": (_zip({"ok.txt": b"ok", "../evil.txt": b"evil"}), "'..'"),
     "absolute.zip": (_zip({"ok.txt": b"ok", "/tmp/imcap-evil.txt": b"evil"}), "absolute path"),
-    "zip-symlink.zip": (_zip({"ok.txt": b"ok"}, links={"link": "../../outside"}), "symlink 'link' -> '../../outside'"),
-    "tar-symlink.tar.gz": (_tar({"ok.txt": b"ok"}, symlinks={"etc": "/etc"}), "symlink 'etc' -> '/etc'"),
-    "tar-through-link.tar.gz": (_tar({"d/evil.txt": b"evil"}, symlinks={"d": "sub"}), "inside the symlink 'd'"),
-    "tar-hardlink.tar.gz": (_tar({"ok.txt": b"ok"}, hardlinks={"h": "../outside.txt"}), "hardlink 'h'"),
+    "zip-symlink.zip": (_zip({"ok.txt": b"ok"}, links={"link": "../../outside"}), "member 'link' is a symlink"),
+    "zip-inner-symlink.zip": (_zip({"ok.txt": b"ok"}, links={"link": "ok.txt"}), "member 'link' is a symlink"),
+    "tar-symlink.tar.gz": (_tar({"ok.txt": b"ok"}, symlinks={"etc": "/etc"}), "member 'etc': 'etc' is a link to an absolute path"),
+    "tar-through-link.tar.gz": (_tar({"d/evil.txt": b"evil"}, symlinks={"d": "sub"}),
+                                "member 'd/evil.txt' leads through the archive's symlink 'd'"),
+    "tar-hardlink.tar.gz": (_tar({"ok.txt": b"ok"}, hardlinks={"h": "../outside.txt"}), "member 'h': 'h' would link to"),
     "tar-traversal.tar.gz": (_tar({"a/../../evil.txt": b"evil"}), "'..'"),
 }
 
@@ -155,7 +161,7 @@ def test_members_extracts_only_the_named_files(tmp_path):
 
 
 def test_offline_fails_fast_naming_the_files_and_the_folder(tmp_path, monkeypatch):
-    archives = [Archive("a.zip", "https://example.invalid/a.zip"), Archive("b.zip", "https://example.invalid/b.zip")]
+    archives = [Resource("a.zip", "https://example.invalid/a.zip"), Resource("b.zip", "https://example.invalid/b.zip")]
     start = time.monotonic()
     with pytest.raises(ImcapError) as err:
         prepare(tmp_path, archives, "demo", base_url=f"http://127.0.0.1:{closed_port()}")
@@ -169,12 +175,12 @@ def test_offline_fails_fast_naming_the_files_and_the_folder(tmp_path, monkeypatc
         time.sleep(3)
         raise OSError("too late")
 
-    monkeypatch.setattr(download.socket, "create_connection", never_answers)
+    monkeypatch.setattr(fetch.socket, "create_connection", never_answers)
     start = time.monotonic()
-    monkeypatch.delenv(download.BASE_URL_ENV, raising=False)
+    monkeypatch.delenv(fetch.BASE_URL_ENV, raising=False)
     with pytest.raises(ImcapError, match=r"cannot reach cs.stanford.edu \(no answer from cs.stanford.edu "
                                          r"within 0.3 s\): download by hand caption_datasets.zip from https://"):
-        prepare(tmp_path, archives_for("coco"), "coco", timeout=0.3)
+        prepare(tmp_path, CocoSource(str(tmp_path)).resources(), "coco", timeout=0.3)
     assert time.monotonic() - start < 3
 
 
@@ -195,21 +201,23 @@ def test_sign_up_archives_are_placed_by_hand_then_verified_and_extracted(tmp_pat
 
 
 def test_http_errors_are_one_line(server, tmp_path):
-    archive = Archive("nothere.zip", "https://example.invalid/nothere.zip")
+    archive = Resource("nothere.zip", "https://example.invalid/nothere.zip")
     with pytest.raises(ImcapError, match=r"HTTP 404 .* for http://127.0.0.1:\d+/mirror/nothere.zip"):
         prepare(tmp_path, [archive], "demo", base_url=server.url)
 
 
-def test_registry_entries_are_well_formed():
-    assert [a.filename for a in archives_for("coco", 2017)] == ["annotations_trainval2017.zip", "val2017.zip",
-                                                                "train2017.zip"]
-    assert "dataset_coco.json" in archives_for("coco")[0].members
-    for name, archives in download.REGISTRY.items():
-        for a in archives:
-            assert a.url or a.manual, (name, a.filename)
-            assert a.url is None or a.url.endswith(a.filename)
-            assert a.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", a.sha256)
-            assert a.size is None or a.size > 0
-            assert a.present, "without `present`, hand-placed data would be downloaded again"
-    with pytest.raises(ImcapError, match="no download recipe for data=imagenet"):
-        archives_for("imagenet")
+def test_every_registered_source_declares_well_formed_resources(tmp_path):
+    assert [r.filename for r in CocoSource(str(tmp_path), year=2017).resources()] == [
+        "annotations_trainval2017.zip", "val2017.zip", "train2017.zip"]
+    assert "dataset_coco.json" in CocoSource(str(tmp_path)).resources()[0].members
+    declared = {}
+    for name, cls in registry.components("source").items():
+        declared[name] = resources_of(cls(str(tmp_path / name)))  # every source takes its root first
+        for r in declared[name]:
+            assert r.url or r.manual, (name, r.filename)
+            assert r.url is None or r.url.endswith(r.filename)
+            assert r.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", r.sha256)
+            assert r.size is None or r.size > 0
+            assert r.present, "without `present`, hand-placed data would be downloaded again"
+    assert declared["shapes"] == () and declared["custom"] == ()  # generated / the user's own
+    assert {n for n, r in declared.items() if r} >= {"coco", "flickr8k", "flickr30k"}

@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from imcap.data.records import CaptionRecord
+from imcap.data.resources import Resource, karpathy_split
 from imcap.data.sources.karpathy import read_karpathy
 from imcap.data.sources.policy import (
     MISSING_IMAGES,
@@ -72,6 +73,32 @@ def read_official(path: Path, image_dir: Path) -> list[tuple[CaptionRecord, bool
     ]
 
 
+_HOST = "http://images.cocodataset.org"
+# Sizes and sha256 of the zips as images.cocodataset.org serves them (COCO publishes no
+# checksums; these are the values torchvision's dataset code and independent downloads record):
+# year -> (annotations, val images, train images) as (size, sha256).
+_ZIPS = {
+    2014: ((252_872_794, "031296bbc80c45a1d1f76bf9a90ead27e94e99ec629208449507a4917a3bf009"),
+           (6_645_013_297, "fe9be816052049c34717e077d9e34aa60814a55679f804cd043e3cbee3b9fde0"),
+           (13_510_573_713, "ede4087e640bddba550e090eae701092534b554b42b05ac33f0300b984b31775")),
+    2017: ((252_907_541, "113a836d90195ee1f884e704da6304dfaaecff1f023f49b6ca93c4aaae470268"),
+           (815_585_330, "4f7e2ccb2866ec5041993c9cf2a952bbed69647b115d0f74da7ce8f4bef82f05"),
+           (19_336_861_798, "69a8bb58ea5f8f99d24875f21416de2e9ded3178e903f1f7603e283b9e06d929")),
+}
+
+
+def resources(year: int) -> tuple[Resource, ...]:
+    """The zips of one COCO year, small ones first so that a wrong setup fails before the big
+    downloads; Karpathy's split names 2014 files, so it comes with 2014 only."""
+    notes, val, train = _ZIPS[year]
+    name = f"annotations_trainval{year}.zip"
+    files = [Resource(name, f"{_HOST}/annotations/{name}", *notes, present=(annotation_file("train", year),))]
+    for part, (size, sha256) in (("val", val), ("train", train)):
+        folder = image_folder(part, year)  # the zip holds that folder
+        files.append(Resource(f"{folder}.zip", f"{_HOST}/zips/{folder}.zip", size, sha256, present=(folder,)))
+    return (karpathy_split(KARPATHY),) * (year == 2014) + tuple(files)
+
+
 @register("source", "coco")
 class CocoSource:
     """COCO caption records; `year`: 2014, 2017 or null (found on disk); `missing_images`:
@@ -103,6 +130,9 @@ class CocoSource:
 
     def _fetch(self) -> str:
         return fetch_command("coco", self.root, *([f"data.source.year={self.year}"] if self.year != 2014 else []))
+
+    def resources(self) -> tuple[Resource, ...]:
+        return resources(self.year)  # as requested or found under the root
 
     def prepare(self) -> None:
         if not self.root.is_dir():

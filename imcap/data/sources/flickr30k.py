@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from imcap.data.records import CaptionRecord
+from imcap.data.resources import Resource, karpathy_split
 from imcap.data.sources.flickr8k import read_official_tokens
 from imcap.data.sources.karpathy import read_karpathy
 from imcap.data.sources.policy import (
@@ -48,6 +49,15 @@ KAGGLE_CAPTIONS = ("results.csv", "flickr30k_images/results.csv")
 # the Kaggle zip nests the images one level deeper than its name suggests; checked first
 IMAGE_DIRS = ("flickr30k_images/flickr30k_images", "flickr30k_images", "flickr30k-images")
 KAGGLE_HEADER = ["image_name", "comment_number", "comment"]
+# The images are behind a sign-up; the Kaggle zip has unknown size and sha256 (not checked).
+RESOURCES = (
+    karpathy_split(KARPATHY),
+    Resource("flickr-image-dataset.zip", None,
+             present=IMAGE_DIRS[1:],  # the Kaggle zip's folder, the official tarball's
+             manual="`kaggle datasets download hsankesara/flickr-image-dataset` (Kaggle account), "
+                    "or extract the official flickr30k-images.tar.gz (form at "
+                    "https://shannon.cs.illinois.edu/DenotationGraph/) into the root"),
+)
 BAD_ROWS = ("repair", "skip", "error")
 
 _MERGED = re.compile(r"^(\d+)\s+(\S.*)$")  # "4 A dog runs ." in the comment_number cell
@@ -153,6 +163,9 @@ class Flickr30kSource:
             if first_image and (folder / first_image).is_file():
                 return folder
         return folders[0] if folders else self.root / "flickr30k_images"
+
+    def resources(self) -> tuple[Resource, ...]:
+        return RESOURCES
 
     def prepare(self) -> None:
         if not self.root.is_dir():

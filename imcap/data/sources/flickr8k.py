@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from imcap.data.records import CaptionRecord
+from imcap.data.resources import Resource, karpathy_split
 from imcap.data.sources.karpathy import read_karpathy
 from imcap.data.sources.policy import (
     MISSING_IMAGES,
@@ -39,6 +40,15 @@ OFFICIAL_SPLITS = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devIm
 KAGGLE_CAPTIONS = "captions.txt"
 KAGGLE_IMAGES = "Images"
 KARPATHY = "dataset_flickr8k.json"
+_HOST = "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k"
+# Jason Brownlee's public copy of the official distribution (token file, split files,
+# Flicker8k_Dataset/); sizes and sha256 are not recorded here: not checked. Kaggle's copy
+# (captions.txt, Images/) counts as present too.
+RESOURCES = (
+    karpathy_split(KARPATHY),
+    Resource("Flickr8k_text.zip", f"{_HOST}/Flickr8k_text.zip", present=(OFFICIAL_TOKENS, KAGGLE_CAPTIONS)),
+    Resource("Flickr8k_Dataset.zip", f"{_HOST}/Flickr8k_Dataset.zip", present=(OFFICIAL_IMAGES, KAGGLE_IMAGES)),
+)
 
 
 def read_official_tokens(path: Path) -> dict[str, list[str]]:
@@ -105,6 +115,9 @@ class Flickr8kSource:
     def _image_dir(self) -> Path:
         official = self.root / OFFICIAL_IMAGES
         return official if official.is_dir() else self.root / KAGGLE_IMAGES
+
+    def resources(self) -> tuple[Resource, ...]:
+        return RESOURCES
 
     def prepare(self) -> None:
         if not self.root.is_dir():
