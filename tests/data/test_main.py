@@ -106,10 +106,82 @@ def test_offline_prepare_fails_fast_in_one_line(tmp_path):
 
 def test_prepare_shapes_generates_and_custom_has_nothing_to_download(env, capsys):
     assert main(["prepare", "shapes", *SHAPES_TINY]) == 0
-    assert "shapes is generated locally, not downloaded: 20 images ready" in capsys.readouterr().out
+    assert f"shapes has nothing to download: 20 images ready under {env / 'data' / 'shapes'}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:  # nothing to fetch: it says where your own files go
+        main(["prepare", "custom"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert f"error: data.root={env / 'data' / 'custom'} does not exist: put your images and captions there" in err
+    (env / "data" / "custom").mkdir(parents=True)
+    (env / "data" / "custom" / "a.jpg").write_bytes(jpeg_bytes((200, 0, 0)))
+    (env / "data" / "custom" / "a.txt").write_text("a red square\n")
     assert main(["prepare", "custom"]) == 0
-    out = capsys.readouterr().out
-    assert "custom has nothing to download" in out and f"data.root={env / 'data' / 'custom'}" in out
+    assert "custom has nothing to download: 1 images ready" in capsys.readouterr().out
+
+
+SOURCE_PLUGIN = """
+from pathlib import Path
+
+from imcap.data.records import CaptionRecord
+from imcap.data.resources import Resource
+from imcap.registry import register
+
+
+@register("source", "mirrored_pictures")
+class MirroredPictures:
+    def __init__(self, root):
+        self.root = Path(root)
+
+    def resources(self):
+        return (Resource("pictures.zip", "{url}/pictures.zip", size={size}, sha256="{sha256}",
+                         present=("pictures",)),)
+
+    def prepare(self):
+        assert (self.root / "pictures" / "captions.txt").is_file()
+
+    def records(self):
+        lines = (self.root / "pictures" / "captions.txt").read_text().splitlines()
+        return [CaptionRecord(str(i), str(self.root / "pictures" / f"{{i}}.jpg"), (line,), "train")
+                for i, line in enumerate(lines)]
+"""
+
+
+def test_a_source_of_ones_own_is_prepared_and_listed_without_another_edit(tmp_path, server, monkeypatch):
+    """One class (with its resources) and one YAML, from a user's folder: `python -m imcap.data
+    prepare` downloads, checks and extracts it, and the help lists it."""
+    import hashlib
+
+    from imcap import registry
+    from imcap.data.__main__ import _parser
+
+    pictures = io.BytesIO()
+    with zipfile.ZipFile(pictures, "w") as zf:
+        zf.writestr("pictures/captions.txt", "a red square\na blue circle\n")
+        zf.writestr("pictures/0.jpg", jpeg_bytes((200, 0, 0)))
+    data = pictures.getvalue()
+    server.files["mirror/pictures.zip"] = data
+    user = tmp_path / "user"
+    (user / "conf" / "data").mkdir(parents=True)
+    (user / "my_sources.py").write_text(SOURCE_PLUGIN.format(url=server.url, size=len(data),
+                                                             sha256=hashlib.sha256(data).hexdigest()))
+    (user / "conf" / "data" / "mirrored_pictures.yaml").write_text(
+        "defaults:\n  - _base\n  - _self_\n\nroot: ${paths.data_dir}/mirrored\n"
+        "source:\n  _target_: my_sources.MirroredPictures\n")
+    env = {"IMCAP_ROOT": str(tmp_path), "IMCAP_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(user),
+           "IMCAP_DOWNLOAD_BASE_URL": ""}
+    result = run("prepare", "mirrored_pictures", "plugins=[my_sources]", f"hydra.searchpath=[file://{user / 'conf'}]",
+                 env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    root = tmp_path / "data" / "mirrored"
+    assert result.stdout.splitlines() == [f"placed  pictures.zip: 2 files extracted into {root}",
+                                          f"mirrored_pictures is ready in {root}"]
+    assert (root / "pictures" / "0.jpg").read_bytes() == jpeg_bytes((200, 0, 0))
+    assert server.requests == [("mirror/pictures.zip", None)]
+
+    monkeypatch.syspath_prepend(str(user))
+    monkeypatch.setitem(registry._registry, "source", dict(registry.components("source")))  # undone after
+    __import__("my_sources")
+    assert "mirrored_pictures" in _parser()._subparsers._group_actions[0].choices["prepare"].format_help()
 
 
 def test_stats_table_and_embedding_coverage_from_the_found_mask(env, capsys):
