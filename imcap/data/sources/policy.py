@@ -104,7 +104,7 @@ def inside_root(root: Path, name: str, where: str, follow_symlinks: bool = True)
 
 
 def fetch_command(dataset: str, root: Path, *overrides: str) -> str:
-    """The command that downloads `data=dataset` into `root` (imcap/data/download.py's recipes)."""
+    """The command that downloads `data=dataset` into `root` (the files its source's `resources()` declares)."""
     extra = f' ARGS="{" ".join(overrides)}"' if overrides else ""
     return f"make data dataset={dataset} root={root}{extra}"
 
