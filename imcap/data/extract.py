@@ -104,7 +104,8 @@ def _extract_zip(path: Path, dest: Path, members: Sequence[str], bar: tqdm) -> l
                 out.mkdir(parents=True, exist_ok=True)
             else:
                 out.parent.mkdir(parents=True, exist_ok=True)
-                out.unlink(missing_ok=True)  # never write through a link left by an earlier run
+                if out.is_symlink():  # never write through a link left by an earlier run
+                    out.unlink()
                 try:
                     with zf.open(info) as src, open(out, "wb") as dst:
                         shutil.copyfileobj(src, dst, CHUNK)
@@ -137,6 +138,7 @@ def _extract_tar(path: Path, dest: Path, members: Sequence[str], bar: tqdm) -> l
                 continue
             info.name = rel.as_posix()
             plan.append(info)
+        _check_on_disk(dest, [PurePosixPath(i.name) for i in plan], path)
         # The standard library's "data" filter refuses absolute paths, links out of `dest`, devices
         # and FIFOs; it judges links by what is on disk, so a link through another link of the
         # archive (`sub/y -> ..`, `x -> sub/y/../etc`) is refused here, before anything is written.
@@ -151,7 +153,6 @@ def _extract_tar(path: Path, dest: Path, members: Sequence[str], bar: tqdm) -> l
             if via:
                 raise _refuse(path, f"member {info.name!r} leads through the archive's symlink {via.as_posix()!r}")
         _check_members(members, [PurePosixPath(i.name) for i in plan], path)
-        _check_on_disk(dest, [PurePosixPath(i.name) for i in plan], path)
         _check_sizes([(i.name, i.size, None) for i in plan if i.isfile()], path, dest)
         bar.reset(total=len(plan))
         for info in plan:

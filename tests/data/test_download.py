@@ -138,13 +138,14 @@ def test_malicious_archives_are_refused_before_anything_is_written(server, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["root"] and not os.path.exists("/tmp/imcap-evil.txt")
 
 
-def test_a_symlink_already_on_disk_is_not_followed_out_of_the_root(tmp_path):
+@pytest.mark.parametrize("name", ["a.zip", "a.tar.gz"])
+def test_a_symlink_already_on_disk_is_not_followed_out_of_the_root(tmp_path, name):
     outside, root = tmp_path / "outside", tmp_path / "root"
     outside.mkdir()
     root.mkdir()
     os.symlink(outside, root / "images")  # e.g. left by an earlier, unchecked tool
-    path = tmp_path / "a.zip"
-    path.write_bytes(_zip({"images/a.jpg": b"a"}))
+    path = tmp_path / name
+    path.write_bytes((_zip if name.endswith("zip") else _tar)({"images/a.jpg": b"a"}))
     with pytest.raises(ImcapError, match=r"root/images leads outside .*root \(a symlink on disk\)"):
         extract(path, root)
     assert list(outside.iterdir()) == []
