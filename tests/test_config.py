@@ -32,7 +32,9 @@ def test_a_bad_override_is_a_one_line_user_error(override, named):
 
 
 def test_data_root_is_the_short_form_of_the_source_root(tmp_path):
-    for name in ("coco", "flickr8k", "flickr30k", "custom", "shapes"):
+    from imcap.registry import names
+
+    for name in names("source"):  # each registered source is a conf/data option of its name
         cfg = compose_config("train", [f"data={name}", f"data.root={tmp_path}/{name}"], tmp_path / "run")
         assert cfg.data.source.root == f"{tmp_path}/{name}", name
 
