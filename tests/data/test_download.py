@@ -213,7 +213,9 @@ def test_every_registered_source_declares_well_formed_resources(tmp_path):
     assert "dataset_coco.json" in CocoSource(str(tmp_path)).resources()[0].members
     declared = {}
     for name, cls in registry.components("source").items():
-        declared[name] = resources_of(cls(str(tmp_path / name)))  # every source takes its root first
+        if not cls.__module__.startswith("imcap."):  # an installed plugin's may take other arguments
+            continue
+        declared[name] = resources_of(cls(str(tmp_path / name)))  # imcap's sources take their root first
         for r in declared[name]:
             assert r.url or r.manual, (name, r.filename)
             assert r.url is None or r.url.endswith(r.filename)
