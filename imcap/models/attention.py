@@ -96,24 +96,79 @@ class AdditiveAttention(Attention):
 
 @register("attention", "dot")
 class DotAttention(Attention):
-    """Luong's dot score e_i = q . k_i, computed in a space of `attention_dim` dims.
+    """Luong's dot score e_i = q . m_i over a memory m of the decoder's width; no score parameters.
 
-    attention_dim=null takes the query's space: parameter-free when the query and key dims agree
-    (hidden_dim == feature channels); otherwise the keys are projected to the query dim, once per
-    sequence, which makes it Luong's `general` score. With attention_dim set, queries and keys
-    are both projected there (a low-rank bilinear score).
+    The memory is the features themselves when their width equals the decoder's (then `dot` has
+    no parameters at all); otherwise the features projected to the decoder's width once per
+    sequence, m_i = W_m k_i. The context averages the memory (context_dim = query_dim), as
+    Luong's context averages source states of the decoder's width. `general` shares this memory
+    and adds its W_a. `attention_dim` has no effect here: dot has no score space of its own, and
+    tiny runs, benchmarks and sweeps size every variant with one model.attention.attention_dim.
     """
 
-    always_project_keys = False  # `general` learns W_a even when the dims agree
-    scaled = False  # `scaled_dot` divides by sqrt(dim)
+    def __init__(self, key_dim: int, query_dim: int, attention_dim: int | None = None):
+        super().__init__(key_dim, query_dim)
+        self.context_dim = query_dim
+        # why: the dot product needs keys of the query's width; projecting the memory (keys and
+        # values at once) keeps the score itself free of parameters
+        self.memory_proj = nn.Linear(key_dim, query_dim, bias=False) if key_dim != query_dim else None
+
+    def memory(self, keys: torch.Tensor) -> torch.Tensor:
+        return self.memory_proj(keys) if self.memory_proj is not None else keys  # (B, N, H)
+
+    def precompute(self, keys: torch.Tensor) -> AttentionCache:
+        memory = self.memory(keys)
+        return AttentionCache(values=memory, keys=memory)
+
+    def scores(self, query: torch.Tensor, cache: AttentionCache) -> torch.Tensor:
+        return torch.bmm(query, cache.keys.transpose(1, 2))  # (B, T, N)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        own = set(self.state_dict())
+        if (self.memory_proj is not None and prefix + "memory_proj.weight" not in state_dict) or (
+                "key_proj.weight" not in own and prefix + "key_proj.weight" in state_dict):
+            # why: before the memory, dot and general both scored W_a k_i and averaged the raw
+            # features; that model has no place in this one
+            name = name_of(type(self))
+            raise ImcapError(f"this checkpoint's model/attention={name} is the earlier {name}, which projected "
+                             f"only the keys and averaged the raw features; it cannot load as today's {name} "
+                             f"(a memory of the decoder's width): retrain it with model/attention={name}")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+@register("attention", "general")
+class GeneralAttention(DotAttention):
+    """Luong's general score e_i = q^T W_a m_i over dot's memory m (W_a m_i precomputed once per
+    sequence). attention_dim: null = W_a keeps the decoder's width; a number = low rank,
+    (W_q q) . (W_a m_i) through that many dims."""
 
     def __init__(self, key_dim: int, query_dim: int, attention_dim: int | None = None):
         super().__init__(key_dim, query_dim)
         space = attention_dim or query_dim
-        project_keys = self.always_project_keys or key_dim != space
-        self.key_proj = nn.Linear(key_dim, space, bias=False) if project_keys else None
+        self.key_proj = nn.Linear(query_dim, space, bias=False)  # W_a, learnt even when the widths agree
+        self.query_proj = nn.Linear(query_dim, space, bias=False) if space != query_dim else None
+
+    def precompute(self, keys: torch.Tensor) -> AttentionCache:
+        memory = self.memory(keys)
+        return AttentionCache(values=memory, keys=self.key_proj(memory))  # keys: (B, N, A)
+
+    def scores(self, query: torch.Tensor, cache: AttentionCache) -> torch.Tensor:
+        q = self.query_proj(query) if self.query_proj is not None else query  # (B, T, A)
+        return torch.bmm(q, cache.keys.transpose(1, 2))  # (B, T, N)
+
+
+@register("attention", "scaled_dot")
+class ScaledDotAttention(Attention):
+    """Scaled dot-product attention (Vaswani et al. 2017), one head:
+    e_i = (W_q q) . (W_k k_i) / sqrt(attention_dim), a projection left out where its input already
+    has attention_dim dims; the context averages the raw features."""
+
+    def __init__(self, key_dim: int, query_dim: int, attention_dim: int | None = None):
+        super().__init__(key_dim, query_dim)
+        space = attention_dim or query_dim
+        self.key_proj = nn.Linear(key_dim, space, bias=False) if key_dim != space else None
         self.query_proj = nn.Linear(query_dim, space, bias=False) if query_dim != space else None
-        self.scale = space**-0.5 if self.scaled else 1.0
+        self.scale = space**-0.5
 
     def precompute(self, keys: torch.Tensor) -> AttentionCache:
         projected = self.key_proj(keys) if self.key_proj is not None else keys  # (B, N, A)
@@ -122,21 +177,6 @@ class DotAttention(Attention):
     def scores(self, query: torch.Tensor, cache: AttentionCache) -> torch.Tensor:
         q = self.query_proj(query) if self.query_proj is not None else query  # (B, T, A)
         return torch.bmm(q, cache.keys.transpose(1, 2)) * self.scale  # (B, T, N)
-
-
-@register("attention", "general")
-class GeneralAttention(DotAttention):
-    """Luong's general score e_i = q^T W_a k_i; W_a k_i is precomputed once per sequence."""
-
-    always_project_keys = True
-
-
-@register("attention", "scaled_dot")
-class ScaledDotAttention(DotAttention):
-    """Scaled dot-product attention (Vaswani et al. 2017), one head:
-    e_i = (W_q q) . (W_k k_i) / sqrt(attention_dim); the context averages the raw features."""
-
-    scaled = True
 
 
 @register("attention", "multihead")

@@ -3,8 +3,12 @@ projections; and how an attention option is named."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import hydra
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from imcap import registry
 from imcap.errors import ImcapError
@@ -14,6 +18,7 @@ from tests.helpers.decoders import B, N, attention
 pytestmark = pytest.mark.usefixtures("one_thread")
 NAMES = registry.names("attention")
 K, Q = 24, 8  # key (feature) dim, query (hidden) dim
+CONF = Path(__file__).resolve().parents[2] / "conf" / "model" / "attention"
 
 
 def attend(module, query, cache, mask=None):
@@ -65,20 +70,49 @@ def test_a_block_of_queries_equals_one_query_at_a_time(name):
             torch.testing.assert_close(a[:, t], b, rtol=1e-5, atol=1e-6)
 
 
-def test_dot_is_parameter_free_when_the_dims_agree_and_projects_keys_otherwise():
+def test_dot_has_no_score_parameters_and_averages_its_memory():
     same = att.DotAttention(key_dim=Q, query_dim=Q)
     assert not list(same.parameters())
-    keys = torch.randn(B, N, Q)
-    query = torch.randn(B, Q)
-    _, weights = same(query, same.precompute(keys))
+    keys, query = torch.randn(B, N, Q), torch.randn(B, Q)
+    context, weights = same(query, same.precompute(keys))
     torch.testing.assert_close(weights, torch.softmax(torch.einsum("bnc,bc->bn", keys, query), -1))
+    torch.testing.assert_close(context, torch.einsum("bn,bnc->bc", weights, keys))
+    # other widths: the features are brought to the decoder's width once; the score stays q . m_i
+    # and the context averages that same memory
     other = att.DotAttention(key_dim=K, query_dim=Q)
-    assert other.key_proj.weight.shape == (Q, K) and other.query_proj is None
-    # with different dims, dot is Luong's general with W_a on the key side
-    general = att.GeneralAttention(key_dim=K, query_dim=Q)
-    general.load_state_dict(other.state_dict())
+    assert [p.shape for p in other.parameters()] == [(Q, K)] and other.context_dim == Q
     grid = torch.randn(B, N, K)
-    torch.testing.assert_close(general(query, general.precompute(grid)), other(query, other.precompute(grid)))
+    memory = other.memory_proj(grid)
+    context, weights = other(query, other.precompute(grid))
+    torch.testing.assert_close(weights, torch.softmax(torch.einsum("bnc,bc->bn", memory, query), -1))
+    torch.testing.assert_close(context, torch.einsum("bn,bnc->bc", weights, memory))
+
+
+def test_dot_stays_free_of_score_parameters_whatever_attention_dim():
+    """Sweeps and tiny runs set model.attention.attention_dim for every variant."""
+    for widths in [(Q, Q), (K, Q)]:
+        sized = att.DotAttention(*widths, attention_dim=16)
+        plain = att.DotAttention(*widths)
+        assert [p.shape for p in sized.parameters()] == [p.shape for p in plain.parameters()]
+        assert sized.context_dim == plain.context_dim == Q
+
+
+@pytest.mark.parametrize("name", ["dot", "general"])
+def test_a_dot_or_general_checkpoint_from_before_fails_with_one_line(name):
+    """Before, both projected only the keys (`key_proj`, K -> Q) and averaged the raw features."""
+    old = {"key_proj.weight": torch.randn(Q, K)}
+    with pytest.raises(ImcapError) as caught:
+        registry.get("attention", name)(key_dim=K, query_dim=Q).load_state_dict(old)
+    message = str(caught.value)
+    assert "\n" not in message and f"model/attention={name} is the earlier {name}" in message
+    assert message.endswith(f"retrain it with model/attention={name}")
+
+
+def test_dot_and_general_checkpoints_of_equal_widths_still_load():
+    """With equal widths the memory is the features: dot had no parameters, general only W_a."""
+    general = att.GeneralAttention(key_dim=Q, query_dim=Q)
+    general.load_state_dict({"key_proj.weight": torch.randn(Q, Q)})
+    att.DotAttention(key_dim=Q, query_dim=Q).load_state_dict({})
 
 
 def test_general_learns_w_a_even_when_the_dims_agree():
@@ -110,11 +144,12 @@ def test_multihead_reports_the_head_average():
         att.MultiHeadAttention(key_dim=K, query_dim=Q, attention_dim=16, heads=3)
 
 
-@pytest.mark.parametrize("name", ["additive", "general", "scaled_dot", "multihead", "adaptive"])
+@pytest.mark.parametrize("name", ["additive", "dot", "general", "scaled_dot", "multihead", "adaptive"])
 def test_keys_are_projected_once_per_sequence(name):
     module = attention(name)(key_dim=K, query_dim=Q)
     calls = []
-    module.key_proj.register_forward_hook(lambda m, i, o: calls.append(1))
+    # dot projects its memory (its keys and values at once)
+    (module.memory_proj if name == "dot" else module.key_proj).register_forward_hook(lambda m, i, o: calls.append(1))
     cache = module.precompute(torch.randn(B, N, K))
     for _ in range(4):
         attend(module, torch.randn(B, Q), cache)
@@ -141,3 +176,35 @@ def test_adaptive_beta_moves_the_context_towards_the_sentinel():
         module.score.weight.fill_(1.0)
     _, _, beta = module(query, cache, sentinel=sentinel.abs() + 1)
     assert (beta > 0.99).all()
+
+
+def default_attention(name: str, key_dim: int, query_dim: int) -> att.Attention:
+    """The variant as conf/model/attention/<name>.yaml builds it for a decoder of `query_dim`."""
+    cfg = OmegaConf.create({"model": {"decoder": {"hidden_dim": query_dim},
+                                      "attention": OmegaConf.load(CONF / f"{name}.yaml")}})
+    torch.manual_seed(0)
+    return hydra.utils.instantiate(cfg.model.attention, key_dim=key_dim, query_dim=query_dim)
+
+
+BUILTIN = [n for n in NAMES if registry.get("attention", n).__module__ == att.__name__]
+# (feature channels, hidden_dim): the real-photo default (EfficientNet-Lite0, conf/model/decoder/lstm.yaml)
+# and equal widths (the transformer's cross-attention)
+WIDTHS = [(1280, OmegaConf.load(CONF.parent / "decoder" / "lstm.yaml").hidden_dim), (64, 64)]
+
+
+@pytest.mark.parametrize("widths", WIDTHS, ids=lambda w: f"{w[0]}to{w[1]}")
+def test_no_two_variants_compute_the_same_scores_under_their_defaults(widths):
+    """Each option is its own model: from its YAML defaults, with the same seed and inputs, no two
+    registered variants give the same attention weights (softmax of their scores)."""
+    key_dim, query_dim = widths
+    g = torch.Generator().manual_seed(1)
+    grid, query = torch.randn(B, N, key_dim, generator=g), torch.randn(B, query_dim, generator=g)
+    sentinel = torch.randn(B, query_dim, generator=g)
+    weights = {}
+    for name in BUILTIN:
+        module = default_attention(name, key_dim, query_dim)
+        extra = {"sentinel": sentinel} if module.needs_sentinel else {}
+        weights[name] = module(query, module.precompute(grid), **extra)[1]
+    same = [(a, b) for i, a in enumerate(BUILTIN) for b in BUILTIN[i + 1:]
+            if torch.allclose(weights[a], weights[b], rtol=1e-4, atol=1e-6)]
+    assert not same, f"these attention options compute the same scores: {same}"
