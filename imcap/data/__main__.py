@@ -70,7 +70,7 @@ def run_prepare(name: str, overrides: Sequence[str], keep_archives: bool = False
                 base_url: str | None = None) -> list[str]:
     cfg = compose_config("train", [f"data={name}", *overrides])
     load_plugins(cfg.get("plugins"))  # a source of one's own: plugins=[my_pkg.source]
-    if "source" not in cfg.data:
+    if cfg.data.get("source") is None:  # data=shards reads your own shards
         raise ImcapError(f"data={name} has no source to prepare; choose one of {registry.names('source')}")
     source = instantiate(cfg.data.source)
     resources = download.resources_of(source)  # COCO: of the year requested or found

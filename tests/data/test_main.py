@@ -117,6 +117,10 @@ def test_prepare_shapes_generates_and_custom_has_nothing_to_download(env, capsys
     (env / "data" / "custom" / "a.txt").write_text("a red square\n")
     assert main(["prepare", "custom"]) == 0
     assert "custom has nothing to download: 1 images ready" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", "shards"])
+    assert exit_.value.code == 2
+    assert "error: data=shards has no source to prepare; choose one of ['coco', 'custom'," in capsys.readouterr().err
 
 
 SOURCE_PLUGIN = """
