@@ -50,12 +50,12 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
+from imcap.bench_models import build_optimizer, compose_model, optimizer_name
 from imcap.config import compose_config
 from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
@@ -142,24 +142,6 @@ def bench_gemm(quick: bool, sizes: Sizes = Sizes()) -> list[dict[str, Any]]:
         seconds = median_seconds(lambda: a @ b, repeats=_repeats(sizes, "gemm", 10), warmup=2)  # noqa: B023
         out.append({"dtype": dtype, "n": n, "gflops_per_s": 2 * n**3 / seconds / 1e9})
     return out
-
-
-def compose_model(decoder: str, attention: str, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The model config of `model/decoder=decoder model/attention=attention` (default dims,
-    unless `overrides` say otherwise), optimiser included."""
-    cfg = compose_config("train", [f"model/decoder={decoder}", f"model/attention={attention}", *overrides],
-                         Path(tempfile.gettempdir()))
-    return OmegaConf.to_container(cfg.model, resolve=True)
-
-
-def build_optimizer(arch: dict[str, Any], module: torch.nn.Module) -> torch.optim.Optimizer:
-    """The optimiser training builds (model.optimizer, a partial), over `module`'s parameters."""
-    return instantiate(arch["optimizer"])(module.parameters())
-
-
-def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
-    flags = [k for k in ("fused", "foreach") if optimizer.defaults.get(k)]
-    return type(optimizer).__name__ + (f"({', '.join(flags)})" if flags else "")
 
 
 def train_step(decoder: torch.nn.Module, optimizer: torch.optim.Optimizer, grid: torch.Tensor,

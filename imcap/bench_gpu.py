@@ -69,7 +69,7 @@ def train_step(decoder: torch.nn.Module, optimizer: torch.optim.Optimizer, grid:
 
 def decoder_train(quick: bool, gemm: float, sizes, device: str = "cuda",
                   batches: tuple[int, ...] = BATCHES) -> list[dict[str, Any]]:
-    from imcap.bench import build_optimizer, compose_model, optimizer_name
+    from imcap.bench_models import build_optimizer, compose_model, optimizer_name
     from imcap.data.vocab import Vocabulary
     from imcap.models.captioner import build_decoder
     from imcap.models.decoder import valid_pairs
@@ -100,7 +100,7 @@ def decoder_train(quick: bool, gemm: float, sizes, device: str = "cuda",
 
 
 def beam(quick: bool, sizes, device: str = "cuda", batch: int = 256) -> list[dict[str, Any]]:
-    from imcap.bench import compose_model
+    from imcap.bench_models import compose_model
     from imcap.data.vocab import Vocabulary
     from imcap.models.captioner import build_decoder
     from imcap.models.search import beam_search
