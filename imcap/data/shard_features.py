@@ -28,6 +28,7 @@ import torch
 
 from imcap.data.features import PRECISIONS, _to_numpy, inference_encoder, wait_for_lock
 from imcap.data.images import PIXELS_VERSION, accepts_uint8_tensor
+from imcap.data.shard_split import ShardSplit, decode_image
 from imcap.data.shards import (
     Sample,
     index_path,
@@ -37,7 +38,6 @@ from imcap.data.shards import (
     shown,
     stamp,
 )
-from imcap.data.streaming import ShardSplit, decode_image
 from imcap.errors import ImcapError
 
 log = logging.getLogger(__name__)

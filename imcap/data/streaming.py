@@ -31,13 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 from braceexpand import braceexpand
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from imcap.data import images
 from imcap.data.datamodule import CaptionDataModule
 from imcap.data.dataset import collate
 from imcap.data.images import accepts_uint8_tensor
+from imcap.data.shard_features import extract_shard_features
+from imcap.data.shard_split import ShardSplit, decode_image
 from imcap.data.shards import (
     BAD_SAMPLES,
     Sample,
@@ -47,7 +47,6 @@ from imcap.data.shards import (
     local_path,
     read_images,
     shown,
-    usable,
 )
 from imcap.data.sources.policy import check_choice
 from imcap.data.text import normalize, tokenize
@@ -56,39 +55,6 @@ from imcap.errors import ImcapError
 from imcap.registry import register
 
 log = logging.getLogger(__name__)
-
-
-# -- the usable samples of a split ---------------------------------------------------------------
-@dataclass
-class ShardSplit:
-    """Per shard: its path, the positions of its usable samples and their caption counts."""
-
-    name: str
-    shards: list[str]
-    keep: list[np.ndarray]  # per shard (n_s,) int64 sample positions
-    ncaptions: list[np.ndarray]  # per shard (n_s,) int64
-
-    @classmethod
-    def load(cls, name: str, shards: Sequence[str], cache_dir: str | None, policy: str) -> ShardSplit:
-        indexed = [(s, load_index(s, cache_dir)) for s in shards]
-        usable(indexed, policy, name)
-        keep = [np.array([i for i, x in enumerate(samples) if not x.problem], dtype=np.int64)
-                for _, samples in indexed]
-        ncap = [np.array([len(samples[i].captions) for i in k], dtype=np.int64) for k, (_, samples) in zip(keep, indexed)]
-        return cls(name, list(shards), keep, ncap)
-
-    def drop(self, shard: int, positions: Sequence[int]) -> None:
-        """Leave out samples found bad after indexing (images that would not decode)."""
-        mask = ~np.isin(self.keep[shard], np.asarray(positions, dtype=np.int64))
-        self.keep[shard], self.ncaptions[shard] = self.keep[shard][mask], self.ncaptions[shard][mask]
-
-    @property
-    def images(self) -> int:
-        return sum(len(k) for k in self.keep)
-
-    @property
-    def captions(self) -> int:
-        return int(sum(n.sum() for n in self.ncaptions))
 
 
 def epoch_items(split: ShardSplit, train: bool, seed: int, epoch: int, per_image: int | None) -> np.ndarray:
@@ -281,14 +247,6 @@ class ShardStream(IterableDataset):
                 for s in range(len(self.split.shards)) for p in self.split.keep[s]]
 
 
-def decode_image(data: bytes, where: str, tensor: bool) -> torch.Tensor | Image.Image:
-    """A (3, H, W) uint8 tensor (`tensor=True`; JPEGs decoded by torchvision) or an RGB PIL image,
-    as viewers show it (imcap.data.images: EXIF orientation, pixel modes, limits, damage)."""
-    return images.decode_image(data, f"the image of {where}", tensor,
-                               fix="rewrite the shard or set data.bad_samples=skip with a frozen encoder "
-                                   "(decoded once, into the feature cache)")
-
-
 # -- the loader ------------------------------------------------------------------------------------
 class StreamingLoader(DataLoader):
     """A DataLoader over a `ShardStream` whose position is saved in checkpoints: Lightning
@@ -440,8 +398,6 @@ class ShardDataModule(CaptionDataModule):
         transform = self.encoder.image_transform(self.image_size)
         kwargs: dict[str, Any] = {"transform": transform}
         if self._use_cached_features():
-            from imcap.data.shard_features import extract_shard_features
-
             rank, world = self._rank()
             kwargs = {"features": extract_shard_features(
                 self.encoder, data, transform, self.cache_dir, self.encoder.fingerprint(transform_desc=repr(transform)),
