@@ -25,7 +25,7 @@ from imcap.plugins import import_modules, load_installed_plugins
 
 T = TypeVar("T", bound=type)
 
-KINDS = ("encoder", "decoder", "attention", "embedding", "source", "datamodule")
+KINDS = ("encoder", "decoder", "attention", "embedding", "source", "datamodule", "metric")
 
 # The modules whose import registers imcap's own components (a list of modules, not of names:
 # every name lives on its class).
@@ -45,6 +45,7 @@ BUILTIN_MODULES = (
     "imcap.data.sources.shapes",
     "imcap.data.datamodule",
     "imcap.data.streaming",
+    "imcap.metrics.coco",
 )
 
 _registry: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}

@@ -4,7 +4,9 @@
 REFS is a COCO captions file ({"annotations": [{"image_id", "caption"}, ...]}, with an optional
 "images" list) or a flat {"image_id": ["ref", ...]} object; PREDS is a COCO results file
 ([{"image_id", "caption"}, ...]) with exactly one caption for every image of REFS. Prints one JSON
-object: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (and SPICE where it can run) on coco-caption's scales.
+object: by default BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (and SPICE where it can run) on
+coco-caption's scales; `--metrics` chooses among every registered metric (imcap.metrics.coco), an
+installed plugin's included.
 
 Image ids are compared as text, so 42 and "42" are the same image: a flat REFS file can only have
 string keys, while COCO results files usually carry integers. Ids must be integers or strings.
@@ -22,8 +24,6 @@ from typing import Any
 from imcap.data import textfile
 from imcap.errors import ImcapError, report_user_errors
 from imcap.metrics.java import MeteorScorer
-
-METRICS = ("BLEU", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE")  # as imcap.metrics.coco.METRICS
 
 
 def load_json(path: Path, option: str) -> Any:
@@ -113,12 +113,13 @@ def load_predictions(path: Path, refs: dict[str, list[str]], refs_path: Path) ->
     return preds
 
 
-def score(references: Path, predictions: Path, metrics: Sequence[str] = METRICS) -> dict[str, float]:
-    """The chosen metrics of `predictions` against `references`, as printed by the CLI."""
+def score(references: Path, predictions: Path, metrics: Sequence[str] | None = None) -> dict[str, float]:
+    """The chosen metrics (by default coco-caption's) of `predictions` against `references`, as
+    printed by the CLI."""
     refs = load_references(references)
     preds = load_predictions(predictions, refs, references)
     meteor = MeteorScorer()
-    if "METEOR" in metrics and meteor.available():
+    if (metrics is None or "METEOR" in metrics) and meteor.available():
         meteor.start()  # Java reads its paraphrase table while torch loads
     from imcap.metrics.coco import CaptionMetrics
 
@@ -129,6 +130,10 @@ def score(references: Path, predictions: Path, metrics: Sequence[str] = METRICS)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    # the choices are the registry's, so a plugin's metric is offered too; reading them loads torch
+    # before METEOR's Java process starts
+    from imcap.metrics.coco import coco_caption_names, metric_names
+
     parser = argparse.ArgumentParser(prog="python -m imcap.score", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
@@ -136,8 +141,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="COCO captions JSON or {image_id: [captions]}")
     parser.add_argument("--predictions", required=True, type=Path, metavar="PREDS",
                         help="COCO results JSON: [{image_id, caption}, ...]")
-    parser.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS),
-                        help="which metrics to compute (default: all; BLEU gives BLEU-1..4)")
+    parser.add_argument("--metrics", nargs="+", choices=metric_names(), default=coco_caption_names(),
+                        help="which metrics to compute (default: coco-caption's, %(default)s; "
+                             "BLEU gives BLEU-1..4)")
     return parser.parse_args(argv)
 
 

@@ -136,8 +136,14 @@ def test_a_missing_file_is_a_user_error(files, capsys):
     assert capsys.readouterr().err == f"error: {files['folder'] / 'nope.json'}: no such file (given as --references)\n"
 
 
-def test_the_cli_offers_the_metrics_caption_metrics_knows():
-    import imcap.score
-    from imcap.metrics import coco
+def test_the_cli_offers_every_registered_metric_and_defaults_to_coco_captions(capsys):
+    from imcap import registry
+    from imcap.score import parse_args
 
-    assert imcap.score.METRICS == coco.METRICS  # two copies: the CLI reads its options without torch
+    assert parse_args(["--references", "r", "--predictions", "p"]).metrics == [
+        "BLEU", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE"]
+    with pytest.raises(SystemExit):
+        parse_args(["-h"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in registry.names("metric")), out
+    assert parse_args(["--references", "r", "--predictions", "p", "--metrics", "BLEU_nltk"]).metrics == ["BLEU_nltk"]

@@ -43,6 +43,22 @@ def _plain_id(image_id: Any) -> ImageId:
     return int(image_id)
 
 
+class CorpusScore:
+    """A caption metric as the registry holds it (`@register("metric", name)`): `score()` maps the
+    evaluated set (PTB-tokenised, one caption per distinct image, gathered across DDP ranks by
+    `CaptionMetrics`) to {key: value}, each logged as val/<key> or test/<key>. A value of None
+    leaves its key out (a metric that cannot run on this machine says so itself).
+
+    `coco_caption` marks the metrics of coco-caption's COCOEvalCap: what `imcap.score` reports
+    unless told otherwise. Keyword options reach `__init__` from `CaptionMetrics`."""
+
+    coco_caption = False
+    keys: tuple[str, ...] = ()  # the keys `score` returns (W&B's best-value summaries name them)
+
+    def score(self, candidates: list[str], references: list[list[str]]) -> dict[str, float | None]:
+        raise NotImplementedError
+
+
 class CaptionCorpusMetric(Metric):
     """`update(image_ids, candidates, references)` with raw captions (PTB-tokenised here as
     coco-caption does, unless `tokenize=False` for text that already is); `compute()` returns

@@ -46,8 +46,8 @@ def host_target_lengths(batch: dict) -> torch.Tensor | None:
 
 class CaptionModule(pl.LightningModule):
     """Teacher-forced cross-entropy (then optionally SCST) training; val and test decode with
-    `decoding` (greedy or beam search) and score with the coco-caption metrics named in
-    `val_metrics` / `test_metrics`.
+    `decoding` (greedy or beam search) and score with the registered metrics (imcap.metrics.coco)
+    named in `val_metrics` / `test_metrics`.
 
     `architecture` holds the encoder/decoder/attention/embedding configs and is stored in every
     checkpoint together with the vocabulary, so a checkpoint alone rebuilds the model.
