@@ -14,7 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from imcap.errors import ImcapError
-from imcap.metrics.coco import KEYS as METRIC_KEYS
+from imcap.metrics.coco import metric_keys
 from imcap.registry import allowed_targets
 
 log = logging.getLogger("imcap")
@@ -156,7 +156,7 @@ def configure_wandb(cfg: DictConfig, resume_id: str | None = None) -> None:
 def define_metrics(experiment: Any, monitor: str) -> None:
     """Best-value summaries, so W&B's runs table shows each val metric's best epoch rather than
     its last: max for the caption metrics, min for the loss."""
-    for key in (*METRIC_KEYS, f"{monitor}_best"):
+    for key in (*metric_keys(), f"{monitor}_best"):
         experiment.define_metric(f"val/{key}", step_metric=STEP_METRIC, summary="max")
     for key in ("val/loss", "train/loss"):
         experiment.define_metric(key, step_metric=STEP_METRIC, summary="min")
