@@ -279,3 +279,17 @@ def test_the_attention_variants_sweep_lists_a_plugins_attention(tmp_path):
     result = imcap(code, cwd=tmp_path, command=("-c",))
     assert result.returncode == 0, result.stderr[-3000:]
     assert {"cosine", "additive", "none"} <= set(result.stdout.strip().split(","))
+
+
+@pytest.mark.slow
+def test_a_plugin_metric_named_in_test_metrics_is_computed_into_metrics_json(tmp_path):
+    from imcap.metrics.tokenizer import tokenize
+
+    result = imcap("train", "plugins=[imcap_example_plugin.distinct]", *TINY,
+                   "model.test_metrics=[BLEU,distinct-1]", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = run_dirs(tmp_path, "train")
+    metrics = json.loads((run / "metrics.json").read_text())
+    words = [w for p in json.loads((run / "predictions" / "test.json").read_text()) for w in tokenize(p["caption"]).split()]
+    assert metrics["test/distinct-1"] == pytest.approx(len(set(words)) / len(words), rel=1e-6)  # logged as float32
+    assert "test/BLEU-4" in metrics and "test/CIDEr-D" not in metrics  # exactly the metrics named
