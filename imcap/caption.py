@@ -335,4 +335,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # run as imcap.caption, not __main__: the DataLoader workers pickle this module's classes
+    from imcap.caption import main as caption_main
+
+    caption_main()
