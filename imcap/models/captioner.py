@@ -26,6 +26,7 @@ from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
 from imcap.models.decoder import require_attention
 from imcap.models.ensemble import DecoderEnsemble, decoder_members, ensemble_size
+from imcap.models.hub import CONFIG, VOCAB, WEIGHTS, read_folder, save_pretrained
 from imcap.models.rerank import NeighbourMemory
 from imcap.models.search import Decoding, SearchResult, generate
 from imcap.plugins import load_plugins
@@ -202,8 +203,6 @@ class Captioner(nn.Module):
                         metrics: dict[str, float] | None = None) -> Path:
         """Write weights (safetensors), config.json, vocab.json and a model card to `folder`:
         shareable without pickle (huggingface_hub's ModelHubMixin layout)."""
-        from imcap.models.hub import save_pretrained
-
         return save_pretrained(self, folder, data, metrics)
 
     @classmethod
@@ -211,10 +210,23 @@ class Captioner(nn.Module):
                         plugins: Sequence[str] = ()) -> Captioner:
         """A captioner from a folder written by `save_pretrained`, or a Hugging Face Hub repo id;
         `plugins` as for `from_checkpoint`."""
-        from imcap.models.hub import load_pretrained
+        from safetensors import safe_open
+        from safetensors.torch import load_model
 
         load_plugins(plugins)
-        return load_pretrained(source, map_location, revision)
+        folder, config = read_folder(source, revision)
+        captioner = build_captioner(config["architecture"], Vocabulary.load(folder / VOCAB),
+                                    int(config.get("image_size", 224)), pretrained=False)
+        try:
+            with safe_open(str(folder / WEIGHTS), framework="pt") as weights:  # the memory alone, to size it
+                attach_memory_for(captioner, {k: weights.get_tensor(k) for k in weights.keys()
+                                              if k.startswith(MEMORY)})
+            load_model(captioner, str(folder / WEIGHTS), strict=True, device=str(map_location))
+        except Exception as e:  # wrong keys or shapes, a damaged file
+            raise ImcapError(f"{folder / WEIGHTS} does not fit model config {folder / CONFIG} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}); export the model again") from e
+        captioner.decoding = Decoding(**config.get("decoding", {}))
+        return captioner.eval()
 
     @classmethod
     def load(cls, source: str | Path | Sequence[str | Path], map_location: str = "cpu",

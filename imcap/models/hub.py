@@ -6,7 +6,7 @@ ModelHubMixin layout):
     vocab.json          the vocabulary, {"itos": [...]}
     README.md           a model card: components, training data, test metrics when known
 
-`save_pretrained` writes such a folder; `load_pretrained` reads one, or downloads it from the
+`save_pretrained` writes such a folder; `read_folder` finds one and reads its config, or downloads it from the
 Hugging Face Hub by repo id (`owner/name`) with `snapshot_download`, at `revision` (a commit or
 tag; without one, the newest upload, with a warning that says which commit to pin). A config.json
 is checked like a checkpoint's stored config before anything is built from it (imcap.stored_config).
@@ -19,16 +19,14 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from imcap.data.vocab import Vocabulary
+from torch import nn
+
 from imcap.errors import ImcapError
 from imcap.files import replacing, write_json, write_text
 from imcap.registry import allowed_targets
 from imcap.stored_config import FORMAT, check_stored_config, check_stored_values
-
-if TYPE_CHECKING:
-    from imcap.models.captioner import Captioner
 
 WEIGHTS, CONFIG, VOCAB, CARD = "model.safetensors", "config.json", "vocab.json", "README.md"
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -36,9 +34,9 @@ log = logging.getLogger(__name__)
 _warned_unpinned: set[str] = set()  # repo ids fetched without a revision, warned about once
 
 
-def save_pretrained(captioner: Captioner, folder: str | Path, data: dict | None = None,
+def save_pretrained(captioner: nn.Module, folder: str | Path, data: dict | None = None,
                     metrics: dict[str, float] | None = None, metrics_note: str | None = None) -> Path:
-    """Write `captioner` as a folder; `data` (the training data config) and `metrics` (this
+    """Write `captioner` (an imcap.models.captioner.Captioner) as a folder; `data` (the training data config) and `metrics` (this
     model's test metrics) go into the model card when given, else `metrics_note` (why not)."""
     from safetensors.torch import save_model
 
@@ -55,14 +53,10 @@ def save_pretrained(captioner: Captioner, folder: str | Path, data: dict | None 
     return folder
 
 
-def load_pretrained(source: str | Path, map_location: str = "cpu", revision: str | None = None) -> Captioner:
-    """A captioner from a folder written by `save_pretrained`, or from a Hub repo id."""
-    from safetensors import safe_open
-    from safetensors.torch import load_model
-
-    from imcap.models.captioner import MEMORY, attach_memory_for, build_captioner
-    from imcap.models.search import Decoding
-
+def read_folder(source: str | Path, revision: str | None = None) -> tuple[Path, dict]:
+    """The folder of `source` (downloaded for a Hub repo id) and its config.json, checked like a
+    checkpoint's stored config before anything is imported or built from it;
+    `imcap.models.captioner.Captioner.from_pretrained` builds the captioner."""
     folder = resolve_folder(source, revision)
     missing = [name for name in (WEIGHTS, CONFIG, VOCAB) if not (folder / name).is_file()]
     if missing:
@@ -77,18 +71,7 @@ def load_pretrained(source: str | Path, map_location: str = "cpu", revision: str
         raise ImcapError(f"{origin} has no architecture; export the model again")
     check_stored_config(config, origin)  # before anything is imported or built from it
     check_stored_values(config, origin, format_key="imcap_format")
-    captioner = build_captioner(config["architecture"], Vocabulary.load(folder / VOCAB),
-                                int(config.get("image_size", 224)), pretrained=False)
-    try:
-        with safe_open(str(folder / WEIGHTS), framework="pt") as weights:  # the memory alone, to size it
-            attach_memory_for(captioner, {k: weights.get_tensor(k) for k in weights.keys()
-                                          if k.startswith(MEMORY)})
-        load_model(captioner, str(folder / WEIGHTS), strict=True, device=str(map_location))
-    except Exception as e:  # wrong keys or shapes, a damaged file
-        raise ImcapError(f"{folder / WEIGHTS} does not fit {origin} ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]}); export the model again") from e
-    captioner.decoding = Decoding(**config.get("decoding", {}))
-    return captioner.eval()
+    return folder, config
 
 
 def resolve_folder(source: str | Path, revision: str | None = None) -> Path:
