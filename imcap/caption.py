@@ -249,24 +249,30 @@ def caption_images(cfg: DictConfig) -> list[tuple[Path, Caption]]:
         for path in found.unsupported:
             skip(path, UNSUPPORTED)
         plots = bool(cfg.attention_plots)
-        for paths, captions in caption_batches(captioner, todo, decoding, cfg, precision, skip):
-            lines = []
-            for path, cap in zip(paths, captions):
-                entry = {"image": absolute(path), "caption": cap.text}
-                if plots and cap.attention is None:
-                    log.warning("This model has no attention (model/attention=none): no attention plots")
-                    plots = False
-                if plots and cap.words:
-                    from imcap.viz.attention import plot_caption_attention
+        try:
+            for paths, captions in caption_batches(captioner, todo, decoding, cfg, precision, skip):
+                lines = []
+                for path, cap in zip(paths, captions):
+                    entry = {"image": absolute(path), "caption": cap.text}
+                    if plots and cap.attention is None:
+                        log.warning("This model has no attention (model/attention=none): no attention plots")
+                        plots = False
+                    if plots and cap.words:
+                        from imcap.viz.attention import plot_caption_attention
 
-                    plot = out.plots / plot_names[positions[absolute(path)] - 1]
-                    plot_caption_attention(load_image(str(path)), cap.words, cap.attention, plot)
-                    entry["attention_plot"] = str(plot)
-                lines.append(json.dumps(entry, ensure_ascii=False) + "\n")
-                print(f"{path}\t{cap.text}", flush=True)
-                results.append((path, cap))
-            captions_file.write("".join(lines))  # one write per batch: a kill leaves whole batches (or a cut line)
-            captions_file.flush()
+                        plot = out.plots / plot_names[positions[absolute(path)] - 1]
+                        plot_caption_attention(load_image(str(path)), cap.words, cap.attention, plot)
+                        entry["attention_plot"] = str(plot)
+                    lines.append(json.dumps(entry, ensure_ascii=False) + "\n")
+                    results.append((path, cap))
+                # one write per batch, before stdout: a kill leaves whole batches (or a cut last line)
+                captions_file.write("".join(lines))
+                captions_file.flush()
+                for path, cap in zip(paths, captions):
+                    print(f"{path}\t{cap.text}", flush=True)
+        except KeyboardInterrupt:
+            raise ImcapError(f"stopped (interrupted) with {len(read_jsonl(out.jsonl))} of {len(found.images)} images "
+                             f"captioned in {out.jsonl}; run the same command again to continue") from None
 
     entries = {absolute(e["image"]): e for e in read_jsonl(out.jsonl)}
     order = sorted(entries, key=lambda k: positions.get(k, len(positions) + 1))

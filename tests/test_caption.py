@@ -176,6 +176,28 @@ def test_a_run_killed_with_sigkill_resumes_without_captioning_a_file_twice(make_
 
 
 @pytest.mark.slow
+def test_ctrl_c_stops_with_one_line_that_says_how_to_continue(make_cfg, tmp_path):
+    write_untrained_checkpoint(make_cfg(out=tmp_path / "train"), tmp_path / "model.ckpt")
+    write_photos(tmp_path / "photos", 400)
+    out = tmp_path / "out" / "captions.json"
+    run = subprocess.Popen([sys.executable, "-m", "imcap.caption", f"ckpt_path={tmp_path}/model.ckpt",
+                            f"images=[{tmp_path}/photos]", "batch_size=2", f"output={out}"], cwd=tmp_path,
+                           env={**os.environ, "IMCAP_ROOT": str(tmp_path)}, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    jsonl = out.with_suffix(".jsonl")
+    deadline = time.monotonic() + 120
+    while not jsonl.is_file() or len(read_lines(jsonl)) < 2:
+        assert run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    run.send_signal(signal.SIGINT)
+    stdout, stderr = run.communicate(timeout=60)
+    assert run.returncode == 2 and "Traceback" not in stderr, stderr
+    (line,) = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    assert "of 400 images captioned in" in line and "run the same command again to continue" in line
+    assert len(stdout.splitlines()) == len(read_lines(jsonl))  # what it printed, it had written
+
+
+@pytest.mark.slow
 def test_the_batched_path_gives_the_captions_of_the_one_path_captioner(make_cfg, tmp_path, data_dir, monkeypatch):
     """The fast path (workers, BatchNorm-folded encoder, batched search, tensor reranking) against
     `Captioner.caption` with the Python reranking it replaced, for greedy, beam 3 and reranking."""
