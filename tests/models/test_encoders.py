@@ -19,6 +19,7 @@ from imcap.errors import ImcapError
 from imcap.models import efficientnet_lite
 from imcap.models.efficientnet_lite import to_timm
 from imcap.models.encoders import (
+    BACKBONES,
     PACKAGED_WEIGHTS,
     GridEncoder,
     TorchvisionEncoder,
@@ -460,3 +461,27 @@ def test_an_encoder_family_need_not_accept_output_stride_only_to_ignore_it(make_
     assert "channels" in inspect.signature(_FixedGrid).parameters  # its own options still show
     with pytest.raises(TypeError, match="grid_size"):  # and only output_stride is let through
         _FixedGrid(grid_size=3)
+
+
+def test_torchvision_is_one_option_and_each_backbone_name_an_alias_of_it(make_cfg):
+    from omegaconf import OmegaConf
+
+    aliases = {p.stem for p in (CONF / "model" / "encoder").glob("*.yaml")} & set(BACKBONES)
+    assert aliases == set(BACKBONES)  # model/encoder=resnet50 etc. still select their backbone
+    for name in BACKBONES:
+        lines = (CONF / "model" / "encoder" / f"{name}.yaml").read_text().splitlines()
+        assert lines[:2] == ["defaults: [torchvision]", f"name: {name}"] and len(lines) <= 3  # + its weights
+        alias = OmegaConf.to_container(make_cfg(f"model/encoder={name}").model.encoder)
+        option = OmegaConf.to_container(make_cfg("model/encoder=torchvision", f"model.encoder.name={name}",
+                                                 f"model.encoder.weights={alias['weights']}").model.encoder)
+        assert alias == option
+
+
+def test_the_torchvision_option_and_the_encoders_signature_default_alike(make_cfg):
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(CONF / "model" / "encoder" / "torchvision.yaml")
+    signature = inspect.signature(TorchvisionEncoder).parameters
+    for option, value in config.items():
+        if option != "_target_":
+            assert signature[option].default == value, option
