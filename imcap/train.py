@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from imcap.config import plain_config, save_config
 from imcap.data.vocab import Vocabulary
@@ -30,7 +32,7 @@ from imcap.runtime import (
     scalar_metrics,
 )
 from imcap.tracking import configure_wandb, configure_wandb_mode, define_metrics, run_labels
-from imcap.training.callbacks import RunInterrupted
+from imcap.training.callbacks import RunInterrupted, StopOnSignal
 from imcap.training.module import CaptionModule
 
 log = logging.getLogger("imcap.train")
@@ -90,6 +92,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
             print(f"Interrupted by {stop} at step {stop.step} (epoch {stop.epoch}); saved {stop.checkpoint}\n"
                   f"Resume with: {resume_command(stop.checkpoint)}", file=sys.stderr, flush=True)
         raise SystemExit(128 + stop.signum) from None  # as a shell reports a process its signal ended
+    except SIGTERMException:  # Lightning ends validation at once on SIGTERM: nothing new is saved
+        last = next((Path(c.path) for c in trainer.callbacks if isinstance(c, StopOnSignal)), None)
+        if trainer.is_global_zero:
+            print("Terminated by SIGTERM during validation; " + (
+                f"the newest checkpoint is {last.resolve()}\nResume with: {resume_command(str(last.resolve()))}"
+                if last is not None and last.is_file() else "no checkpoint was saved"), file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGTERM) from None
     metrics = scalar_metrics(trainer.callback_metrics)
 
     if cfg.get("test") and not trainer.fast_dev_run:

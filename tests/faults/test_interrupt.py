@@ -126,3 +126,38 @@ def test_under_slurm_the_requeue_signal_stays_lightnings_and_sigterm_still_saves
     assert (run_dir(root) / "hpc_ckpt_1.ckpt").is_file()  # Lightning's own requeue checkpoint
     assert torch.load(run_dir(root) / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
     assert "Resume with: python -m imcap.train " in stderr
+
+
+class WaitForSignalInValidation(pl.Callback):
+    """Before the first validation batch of `epoch`, writes `marker` and waits (up to a minute)
+    for SIGTERM, which Lightning answers by ending validation at the next batch."""
+
+    def __init__(self, epoch: int, marker: str):
+        self.epoch, self.marker = epoch, marker
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        if trainer.sanity_checking or trainer.current_epoch != self.epoch or batch_idx != 0:
+            return
+        Path(self.marker).write_text("waiting")
+        deadline = time.monotonic() + 60
+        while not trainer.received_sigterm and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigterm_during_validation_exits_143_and_names_the_newest_checkpoint(tmp_path):
+    marker = tmp_path / "waiting"
+    job = start(tmp_path / "run", tmp_path / "data", *RUN, "data.eval_batch_size=4",  # 4 validation batches
+                f"+callbacks.wait={{_target_:{__name__}.WaitForSignalInValidation,epoch:1,marker:'{marker}'}}")
+    while not marker.exists():
+        assert job.poll() is None, job.stderr.read()[-3000:]
+        time.sleep(0.2)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=300)
+    assert job.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    last = run_dir(tmp_path / "run") / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["epoch"] == 0  # epoch 0's, from its validation
+    assert f"Terminated by SIGTERM during validation; the newest checkpoint is {last}" in stderr
+    (command,) = [line for line in stderr.splitlines() if line.startswith("Resume with: ")]
+    assert command.endswith(f" ckpt_path={last}")
