@@ -114,6 +114,32 @@ def test_metric_selection_and_unknown_names():
     assert CaptionMetrics(metrics=NO_JAVA).compute() == {}  # nothing added yet
 
 
+def test_a_metric_is_one_registered_class_that_every_list_of_names_offers(monkeypatch):
+    from imcap import registry
+    from imcap.metrics.coco import metric_keys, metric_names
+    from imcap.metrics.corpus import CorpusScore
+    from imcap.score import parse_args
+
+    monkeypatch.setitem(registry._registry, "metric", dict(registry.components("metric")))  # undone after
+
+    @registry.register("metric", "test-words")
+    class Words(CorpusScore):
+        keys = ("words",)
+
+        def score(self, candidates, references):
+            return {"words": sum(len(c.split()) for c in candidates), "unavailable": None}
+
+    metric = CaptionMetrics(metrics=["test-words", "CIDEr-D"])
+    metric.update(IDS, CANDIDATES, REFERENCES)
+    scores = values(metric)
+    assert list(scores) == ["CIDEr-D", "words"]  # registration order; a None value is left out
+    assert scores["words"] == sum(len(tokenize(c).split()) for c in CANDIDATES)  # on the PTB-tokenised set
+    assert metric_names()[-1] == "test-words" and metric_keys()[-1] == "words"
+    with pytest.raises(ImcapError, match="CIDEr-D, SPICE, BLEU_nltk, test-words"):
+        CaptionMetrics(metrics=["Words"])
+    assert parse_args(["--references", "r", "--predictions", "p", "--metrics", "test-words"]).metrics == ["test-words"]
+
+
 def test_bad_updates_are_rejected():
     metric = CaptionMetrics(metrics=NO_JAVA)
     with pytest.raises(ValueError, match="must match"):
