@@ -322,6 +322,9 @@ def attach_memory_for(model: nn.Module, state: Mapping[str, torch.Tensor]) -> No
 def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path) -> None:
     """Strict load with a one-line error when the architecture differs from the checkpoint."""
     attach_memory_for(model, state)
+    for name, module in model.named_modules():  # an encoder that renamed its modules reads the old names
+        if hasattr(module, "rename_old_keys"):
+            state = module.rename_old_keys(state, f"{name}." if name else "")
     missing, unexpected = [], []
     own = model.state_dict()
     missing = [k for k in own if k not in state]

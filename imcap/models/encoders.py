@@ -173,15 +173,19 @@ class TorchvisionEncoder(GridEncoder):
             self.out_channels = layer_strides(self.trunk)[-1][1]
         self.old_trunk_names = backbone.old_trunk_names
         if self.old_trunk_names:
-            self.register_load_state_dict_pre_hook(self._rename_old_trunk_keys)
+            self.register_load_state_dict_pre_hook(self._rename_old_keys_in_place)
         if channels_last:
             self.trunk = self.trunk.to(memory_format=torch.channels_last)
         self._set_trainable(finetune_last_k)
         self.train()  # a frozen encoder starts (and stays) in eval mode
 
-    def _rename_old_trunk_keys(self, module, state: dict, prefix: str, *args) -> None:
-        """Checkpoints written before a backbone changed its module names still load."""
-        renamed = rename_modules(state, self.old_trunk_names, prefix + "trunk.")
+    def rename_old_keys(self, state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+        """`state` of the module holding this encoder at `prefix`, with trunk keys under the names
+        checkpoints used before the backbone's modules were renamed brought up to date."""
+        return rename_modules(state, self.old_trunk_names or {}, prefix + "trunk.")
+
+    def _rename_old_keys_in_place(self, module, state: dict, prefix: str, *args) -> None:
+        renamed = self.rename_old_keys(state, prefix)
         state.clear()
         state.update(renamed)
 

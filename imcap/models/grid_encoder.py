@@ -189,6 +189,11 @@ class GridEncoder(nn.Module):
     def identity(self) -> str:
         raise NotImplementedError
 
+    def rename_old_keys(self, state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+        """`state` (of the module holding this encoder at `prefix`) with the keys of checkpoints
+        written before this encoder renamed its modules brought up to date; here: unchanged."""
+        return state
+
     def fingerprint(self, transform_desc: str = "") -> str:
         """Hash of everything that determines the features: weights, options, transform."""
         return weights_fingerprint(f"{self.identity()}|{transform_desc}", self.trunk)

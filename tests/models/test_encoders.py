@@ -485,3 +485,27 @@ def test_the_torchvision_option_and_the_encoders_signature_default_alike(make_cf
     for option, value in config.items():
         if option != "_target_":
             assert signature[option].default == value, option
+
+
+def test_a_captioner_checkpoint_of_the_hand_built_lite0_loads_with_its_features(tmp_path):
+    """A run trained before timm built Lite0 stored its trunk under the hand-built names."""
+    from imcap.data.vocab import Vocabulary
+    from imcap.models.captioner import CHECKPOINT_KEY, Captioner, build_captioner
+    from tests.helpers.decoders import architecture
+
+    package = _imagenet_package()
+    arch = architecture("lstm", "additive")
+    arch["encoder"].update(name="efficientnet_lite0", weights="IMAGENET1K_V1")
+    vocab = Vocabulary.build([["a", "red", "circle"]])
+    trained = build_captioner(arch, vocab, 128).eval()
+    state = {f"captioner.{k}": v for k, v in trained.state_dict().items() if not k.startswith("encoder.trunk.")}
+    for hand, wheel in _hand_to_wheel().items():  # the trunk as the hand-built module named it
+        for key, value in package.items():
+            if hand.startswith("features.") and key.rpartition(".")[0] == wheel:
+                state[f"captioner.encoder.trunk.{hand.removeprefix('features.')}.{key.rpartition('.')[2]}"] = value
+    torch.save({CHECKPOINT_KEY: {"architecture": trained.architecture, "vocab": vocab.itos, "image_size": 128},
+                "state_dict": state}, tmp_path / "before-timm.ckpt")
+    rebuilt = Captioner.from_checkpoint(tmp_path / "before-timm.ckpt").eval()
+    _assert_features_as_before_timm(rebuilt.encoder)
+    for key, value in trained.state_dict().items():
+        torch.testing.assert_close(rebuilt.state_dict()[key], value, rtol=0, atol=0)
