@@ -1,10 +1,12 @@
 """Caption metrics as torchmetrics-style classes (accumulate over batches, DDP-synced).
 
-`CaptionMetrics` is the official COCO set (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE) with
-coco-caption's PTB tokenisation; the single metrics are there for when one is enough.
+`CaptionMetrics` computes the registered metrics it is given by name (imcap.metrics.coco: the
+official COCO set BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE, and BLEU_nltk) with coco-caption's
+PTB tokenisation; a metric of one's own is one `CorpusScore` class registered with
+`@register("metric", name)`. The single metrics are there for when one is enough.
 
 The classes load on first access, so that `imcap.metrics.tokenizer` and `imcap.metrics.java`
-import without torch (the score CLI starts METEOR's Java process while torch loads).
+import without torch.
 """
 
 from __future__ import annotations
@@ -15,19 +17,20 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "CaptionCorpusMetric": "imcap.metrics.corpus",
     "CaptionMetrics": "imcap.metrics.coco",
+    "CorpusScore": "imcap.metrics.corpus",
     "CiderD": "imcap.metrics.cider",
     "CorpusBLEU": "imcap.metrics.bleu",
     "Meteor": "imcap.metrics.meteor",
     "RougeL": "imcap.metrics.rouge",
     "Spice": "imcap.metrics.spice",
 }
-__all__ = ["CaptionCorpusMetric", "CaptionMetrics", "CiderD", "CorpusBLEU", "Meteor", "RougeL", "Spice"]
+__all__ = ["CaptionCorpusMetric", "CaptionMetrics", "CiderD", "CorpusScore", "CorpusBLEU", "Meteor", "RougeL", "Spice"]
 
 if TYPE_CHECKING:
     from imcap.metrics.bleu import CorpusBLEU
     from imcap.metrics.cider import CiderD
     from imcap.metrics.coco import CaptionMetrics
-    from imcap.metrics.corpus import CaptionCorpusMetric
+    from imcap.metrics.corpus import CaptionCorpusMetric, CorpusScore
     from imcap.metrics.meteor import Meteor
     from imcap.metrics.rouge import RougeL
     from imcap.metrics.spice import Spice
