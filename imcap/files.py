@@ -29,7 +29,18 @@ FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
 def run_stamp() -> str:
     """A run directory's name: its start time, sortable, then a random part, so that runs
-    started in the same second (a job array, two shells) get different directories."""
+    started in the same second (a job array, two shells) get different directories.
+
+    Under SLURM it is the job's own name instead, `slurm-<job>[_<array task>][.<step>]`: a
+    requeued job keeps its id, so it comes back to its run directory, where Lightning finds the
+    checkpoint it saved before the time limit and resumes; the tasks of one DDP step share it.
+    """
+    env = os.environ
+    job = env.get("SLURM_ARRAY_JOB_ID") or env.get("SLURM_JOB_ID")
+    if job:
+        task = f"_{env['SLURM_ARRAY_TASK_ID']}" if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID") else ""
+        step = env.get("SLURM_STEP_ID", "")
+        return f"slurm-{job}{task}" + (f".{step}" if step.isdigit() else "")
     return f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{secrets.token_hex(3)}"
 
 

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from imcap.files import run_stamp
 from tests.helpers.paths import ROOT
 from tests.helpers.runs import TINY, assert_one_line_error, run
 
@@ -127,3 +128,22 @@ def test_two_runs_started_in_the_same_second_get_two_run_directories(tmp_path):
     runs = sorted((tmp_path / "logs" / "train" / "runs").iterdir())
     assert len(runs) == 2, runs
     assert all(r.name.startswith("2026-01-02_03-04-05_") and (r / "metrics.json").is_file() for r in runs)
+
+
+@pytest.mark.parametrize(("env", "stamp"), [
+    ({"SLURM_JOB_ID": "4242"}, "slurm-4242"),
+    ({"SLURM_JOB_ID": "4243", "SLURM_ARRAY_JOB_ID": "4240", "SLURM_ARRAY_TASK_ID": "3"}, "slurm-4240_3"),
+    ({"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "1"}, "slurm-4242.1"),
+])
+def test_a_requeued_slurm_job_comes_back_to_its_run_directory(monkeypatch, env, stamp):
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert run_stamp() == run_stamp() == stamp  # the same name at every (re)start of the job
+
+
+def test_outside_slurm_two_stamps_differ(monkeypatch):
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert run_stamp() != run_stamp()
