@@ -20,6 +20,7 @@ drive it accepts it (`imcap.models.decoder.valid_pairs`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -123,16 +124,20 @@ class DotAttention(Attention):
     def scores(self, query: torch.Tensor, cache: AttentionCache) -> torch.Tensor:
         return torch.bmm(query, cache.keys.transpose(1, 2))  # (B, T, N)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+    def check_weights(self, state: Mapping[str, torch.Tensor], prefix: str, origin: str) -> None:
+        """Refuse, in one line, weights of the earlier dot or general (`origin` names their file)."""
         own = set(self.state_dict())
-        if (self.memory_proj is not None and prefix + "memory_proj.weight" not in state_dict) or (
-                "key_proj.weight" not in own and prefix + "key_proj.weight" in state_dict):
+        if (self.memory_proj is not None and prefix + "memory_proj.weight" not in state) or (
+                "key_proj.weight" not in own and prefix + "key_proj.weight" in state):
             # why: before the memory, dot and general both scored W_a k_i and averaged the raw
             # features; that model has no place in this one
             name = name_of(type(self))
-            raise ImcapError(f"this checkpoint's model/attention={name} is the earlier {name}, which projected "
-                             f"only the keys and averaged the raw features; it cannot load as today's {name} "
-                             f"(a memory of the decoder's width): retrain it with model/attention={name}")
+            raise ImcapError(f"{origin} holds the earlier model/attention={name}, which projected only the keys "
+                             f"and averaged the raw features; it cannot load as today's {name} (a memory of the "
+                             f"decoder's width): retrain it with model/attention={name}")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        self.check_weights(state_dict, prefix, "these weights")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

@@ -321,6 +321,9 @@ def attach_memory_for(model: nn.Module, state: Mapping[str, torch.Tensor]) -> No
 
 def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path) -> None:
     """Strict load with a one-line error when the architecture differs from the checkpoint."""
+    for name, module in model.named_modules():  # a module that knows an earlier layout of its weights says so
+        if hasattr(module, "check_weights"):
+            module.check_weights(state, f"{name}." if name else "", f"checkpoint {path}")
     attach_memory_for(model, state)
     for name, module in model.named_modules():  # an encoder that renamed its modules reads the old names
         if hasattr(module, "rename_old_keys"):

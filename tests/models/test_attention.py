@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 from imcap import registry
 from imcap.errors import ImcapError
 from imcap.models import attention as att
-from tests.helpers.decoders import B, N, attention
+from imcap.models.captioner import load_state
+from tests.helpers.decoders import B, C, H, N, attention, make_decoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NAMES = registry.names("attention")
@@ -104,8 +105,24 @@ def test_a_dot_or_general_checkpoint_from_before_fails_with_one_line(name):
     with pytest.raises(ImcapError) as caught:
         registry.get("attention", name)(key_dim=K, query_dim=Q).load_state_dict(old)
     message = str(caught.value)
-    assert "\n" not in message and f"model/attention={name} is the earlier {name}" in message
+    assert "\n" not in message and f"holds the earlier model/attention={name}," in message
     assert message.endswith(f"retrain it with model/attention={name}")
+
+
+@pytest.mark.parametrize("name", ["dot", "general"])
+def test_a_checkpoint_of_the_earlier_dot_or_general_is_refused_by_name(name):
+    """What eval, caption, resume and from_checkpoint load through (load_state): the earlier layout
+    of an LSTM decoder with dot or general (W_a on the keys, a context of feature width)."""
+    decoder = make_decoder("lstm", name)
+    earlier = {k: v for k, v in decoder.state_dict().items() if not k.startswith("attention.")}
+    earlier["attention.key_proj.weight"] = torch.zeros(H, C)
+    earlier.update({"context_proj.weight": torch.zeros(4 * H, C), "gate.weight": torch.zeros(C, H),
+                    "gate.bias": torch.zeros(C)})
+    with pytest.raises(ImcapError) as caught:
+        load_state(decoder, earlier, "old.ckpt")
+    assert str(caught.value) == (f"checkpoint old.ckpt holds the earlier model/attention={name}, which projected "
+                                 f"only the keys and averaged the raw features; it cannot load as today's {name} "
+                                 f"(a memory of the decoder's width): retrain it with model/attention={name}")
 
 
 def test_dot_and_general_checkpoints_of_equal_widths_still_load():
