@@ -102,27 +102,54 @@ def cache_key(encoder_fingerprint: str, image_paths: Sequence[str], dtype: str, 
     return h.hexdigest()[:20]
 
 
-def fold_batchnorm(module: nn.Module) -> nn.Module:
-    """Fold every eval-mode BatchNorm2d into the Conv2d that feeds it (in place, so run it on a
-    copy; returns the module): within an nn.Sequential (conv, bn, ...), as in torchvision's
-    Conv2dNormActivation, VGG and ResNet stems, and torchvision ResNet blocks' `convK`/`bnK`
-    pairs. The BatchNorm becomes Identity, the convolution gets weight * s and bias
-    (b - mean) * s + beta, with s = gamma / sqrt(var + eps): the same function, one pass over
-    the activations fewer."""
-    for child in module.children():
-        fold_batchnorm(child)
+# (convolution, norm) attribute pairs of timm's EfficientNet blocks (timm/models/_efficientnet_blocks.py),
+# which EfficientNet-Lite0 is built from: the same fold as torchvision's convK/bnK pairs
+TIMM_CONV_NORM_PAIRS = {
+    "DepthwiseSeparableConv": (("conv_dw", "bn1"), ("conv_pw", "bn2")),
+    "InvertedResidual": (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")),
+    "EdgeResidual": (("conv_exp", "bn1"), ("conv_pwl", "bn2")),
+}
+
+
+def _conv_norm_pairs(module: nn.Module) -> list[tuple[str, str]]:
+    """The (convolution, norm) child names of `module` whose norm normalises that convolution's output."""
     pairs = []
     if isinstance(module, nn.Sequential):
         names = list(module._modules)
         pairs = list(zip(names, names[1:]))
     pairs += [(f"conv{k}", f"bn{k}") for k in range(1, 10) if hasattr(module, f"bn{k}")]
-    for conv_name, bn_name in pairs:
+    return pairs + list(TIMM_CONV_NORM_PAIRS.get(type(module).__name__, ()))
+
+
+def _after_norm(bn: nn.Module) -> nn.Module | None:
+    """What stays of an eval-mode BatchNorm once folded: nothing (Identity) for BatchNorm2d, the
+    activation of timm's BatchNormAct2d (its dropout is Identity in eval); None if it cannot fold."""
+    if not isinstance(bn, nn.BatchNorm2d) or bn.training or bn.running_mean is None:
+        return None
+    if type(bn) is nn.BatchNorm2d:
+        return nn.Identity()
+    act, drop = getattr(bn, "act", None), getattr(bn, "drop", None)
+    if type(bn).__name__ == "BatchNormAct2d" and isinstance(act, nn.Module) and isinstance(drop, nn.Identity):
+        return act
+    return None
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """Fold every eval-mode BatchNorm2d into the Conv2d that feeds it (in place, so run it on a
+    copy; returns the module): within an nn.Sequential (conv, bn, ...), as in torchvision's
+    Conv2dNormActivation, VGG and ResNet stems, torchvision ResNet blocks' `convK`/`bnK`
+    pairs and timm's EfficientNet blocks. The BatchNorm becomes Identity (timm's BatchNormAct2d
+    its activation), the convolution gets weight * s and bias (b - mean) * s + beta, with
+    s = gamma / sqrt(var + eps): the same function, one pass over the activations fewer."""
+    for child in module.children():
+        fold_batchnorm(child)
+    for conv_name, bn_name in _conv_norm_pairs(module):
         conv, bn = module._modules.get(conv_name), module._modules.get(bn_name)
-        if (isinstance(conv, nn.Conv2d) and type(bn) is nn.BatchNorm2d and not bn.training
-                and bn.running_mean is not None):
+        after = _after_norm(bn) if isinstance(conv, nn.Conv2d) else None
+        if after is not None:
             conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
                                                           bn.eps, bn.weight, bn.bias)
-            module._modules[bn_name] = nn.Identity()
+            module._modules[bn_name] = after
     return module
 
 
@@ -152,18 +179,27 @@ class ConvActivation(nn.Module):
         return self.activation(self.conv(x))
 
 
+def _fusable(conv: nn.Module) -> bool:
+    return type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
+
 def fuse_activations(module: nn.Module) -> nn.Module:
     """Replace (Conv2d, Identity..., activation) runs in every nn.Sequential (what
-    `fold_batchnorm` leaves of torchvision's Conv2dNormActivation) by `ConvActivation` (in
+    `fold_batchnorm` leaves of torchvision's Conv2dNormActivation), and a timm block's
+    convolution whose folded norm slot now holds the activation, by `ConvActivation` (in
     place; returns the module). Only plain zero-padded convolutions: not Conv2dSame."""
     for child in module.children():
         fuse_activations(child)
+    for conv_name, act_name in TIMM_CONV_NORM_PAIRS.get(type(module).__name__, ()):
+        conv, act = module._modules.get(conv_name), module._modules.get(act_name)
+        if _fusable(conv) and type(act) in ConvActivation.ATTRS:
+            module._modules[conv_name], module._modules[act_name] = ConvActivation(conv, act), nn.Identity()
     if not isinstance(module, nn.Sequential):
         return module
     names = list(module._modules)
     for i, name in enumerate(names):
         conv = module._modules[name]
-        if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        if not _fusable(conv):
             continue
         j = i + 1
         while j < len(names) and isinstance(module._modules[names[j]], nn.Identity):

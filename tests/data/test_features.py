@@ -126,6 +126,8 @@ def test_the_inference_copy_computes_what_the_encoder_does(name):
     keys = list(encoder.state_dict())
     fast = features_mod.inference_encoder(encoder)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    if features_mod._can_fuse_on_cpu():  # every activation after a plain convolution rides on it
+        assert any(isinstance(m, features_mod.ConvActivation) for m in fast.modules())
     assert list(encoder.state_dict()) == keys  # the encoder itself is untouched
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
