@@ -59,6 +59,11 @@ def report_user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt:  # Ctrl-C outside training, which saves and says how to resume itself
+            end_progress_bars()
+            print("error: interrupted (Ctrl-C); run the same command again to continue "
+                  "(a feature cache resumes where it stopped)", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
         except Exception as exc:
             end_progress_bars()
             user = user_error(exc)

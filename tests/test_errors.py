@@ -123,3 +123,28 @@ def test_an_error_after_a_progress_bar_starts_on_its_own_line(tmp_path):
     before, error = shown.split("error: ", 1)
     assert before.endswith("\n"), repr(before[-300:])
     assert error.startswith("training diverged at step 5") and error.count("\n") == 1 and error.endswith("\r\n")
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_ctrl_c_during_feature_extraction_is_one_line_that_says_how_to_continue(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.helpers.paths import FLICKR_1K
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "imcap.data", "features", "data=flickr8k", f"data.root={FLICKR_1K}"],
+        cwd=tmp_path, env={**os.environ, "IMCAP_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "data" / "features").glob("*.npy")) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the cache file exists once extraction has started
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert "error: interrupted (Ctrl-C); run the same command again" in stderr
