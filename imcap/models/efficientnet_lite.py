@@ -31,10 +31,23 @@ TIMM_FIRST_PARTS = (None, None, "conv_dw", "bn1", "conv_pw", "bn2")  # stage 1 d
 
 
 def build() -> nn.Module:
-    """The network, randomly initialised; BatchNorm momentum 0.01 is TensorFlow's decay 0.99."""
+    """The network, randomly initialised; BatchNorm momentum 0.01 is TensorFlow's decay 0.99.
+
+    It takes from the global random generator what PyTorch's default initialisation of its
+    layers takes (one uniform draw per weight and bias element), as the network built by hand
+    before timm did, instead of what timm's own initialisation takes: the decoder built after it
+    starts from the same weights, so a seed reproduces the runs it gave before.
+    """
     import timm
 
-    return timm.create_model("tf_efficientnet_lite0", pretrained=False, bn_momentum=0.01)
+    with torch.random.fork_rng():
+        model = timm.create_model("tf_efficientnet_lite0", pretrained=False, bn_momentum=0.01)
+    for layer in model.modules():
+        if isinstance(layer, nn.Conv2d | nn.Linear):
+            for tensor in (layer.weight, layer.bias):
+                if tensor is not None:
+                    torch.empty(tensor.shape).uniform_()
+    return model
 
 
 def trunk(model: nn.Module) -> nn.Sequential:
