@@ -38,13 +38,7 @@ def huge_jpeg(path):
 
 def huge_png(path):
     """A PNG whose header (IHDR, with its CRC) claims HUGE x HUGE, with one tiny data chunk."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", HUGE, HUGE, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
-    return str(path)
+    return header_only_png(path, HUGE, HUGE)
 
 
 @pytest.mark.parametrize("make", [huge_jpeg, huge_png])
