@@ -22,7 +22,7 @@ OmegaConf.register_new_resolver("imcap_mkdir", _mkdir, replace=True)
 
 
 def _run_stamp() -> str:
-    from imcap.files import run_stamp
+    from imcap.atomic_files import run_stamp
 
     return run_stamp()
 

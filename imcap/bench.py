@@ -56,7 +56,7 @@ from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from imcap.bench_models import build_optimizer, compose_model, optimizer_name
-from imcap.config import compose_config
+from imcap.config_compose import compose_config
 from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
 from imcap.models.captioner import build_decoder
@@ -324,7 +324,7 @@ def caption_model(checkpoint: str | None, sizes: Sizes = Sizes()):
     import csv
     from collections import Counter
 
-    from imcap.data.text import tokenize
+    from imcap.data.tokenizer import tokenize
     from imcap.models.captioner import Captioner, build_captioner
     from imcap.models.rerank import NeighbourMemory
     from imcap.models.search import Decoding

@@ -11,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from imcap.config import compose_config
+from imcap.config_compose import compose_config
 
 
 def compose_model(decoder: str, attention: str, overrides: tuple[str, ...] = ()) -> dict[str, Any]:

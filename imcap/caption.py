@@ -46,12 +46,12 @@ from omegaconf import DictConfig, ListConfig
 from PIL import features
 from torch.utils.data import DataLoader, Dataset
 
-from imcap.config import decoding_with_overrides
+from imcap.atomic_files import write_json
+from imcap.config_compose import decoding_with_overrides
 from imcap.data.features import PRECISIONS, ImageFiles, inference_encoder
 from imcap.data.images import load_image
 from imcap.entry import hydra_entry
 from imcap.errors import ImcapError
-from imcap.files import write_json
 from imcap.models.captioner import Caption, Captioner
 from imcap.models.search import Decoding
 

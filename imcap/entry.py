@@ -25,7 +25,7 @@ import hydra
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
-from imcap.config import CONF_DIR
+from imcap.config_compose import CONF_DIR
 from imcap.console import quiet_libraries
 from imcap.errors import end_progress_bars, report_user_errors, user_error
 from imcap.plugins import load_plugins

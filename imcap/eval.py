@@ -19,12 +19,12 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from imcap.config import decoding_with_overrides, save_config
+from imcap.atomic_files import write_json
+from imcap.config_compose import decoding_with_overrides, save_config
 from imcap.data.vocab import Vocabulary
 from imcap.ddp import ddp_job
 from imcap.entry import hydra_entry
 from imcap.errors import ImcapError
-from imcap.files import write_json
 from imcap.models.captioner import (
     CHECKPOINT_KEY,
     checkpoint_list,
@@ -32,7 +32,7 @@ from imcap.models.captioner import (
     load_checkpoint,
     load_state,
 )
-from imcap.runtime import build_trainer, scalar_metrics
+from imcap.trainer_setup import build_trainer, scalar_metrics
 from imcap.training.module import CaptionModule
 from imcap.viz.gallery import write_gallery
 

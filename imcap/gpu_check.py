@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from imcap.files import write_json
+from imcap.atomic_files import write_json
 
 # tiny demo data and model: the train and ddp steps check that the recipe runs, not its speed
 SMALL = ["data.source.num_images={train:64,val:16,test:16}", "data.source.image_size=64", "trainer.max_epochs=1",

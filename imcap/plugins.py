@@ -14,7 +14,7 @@ plus its YAML in the user's own config directory (`hydra.searchpath=[file:///abs
   time the registry is consulted, after imcap's own modules.
 
 Which modules get imported is decided by the user's command line, config and installed packages,
-never by a checkpoint: a stored config only names registered components (imcap.stored_config).
+never by a checkpoint: a stored config only names registered components (imcap.config_checks).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from imcap.data import textfile
+from imcap.data import text_files
 from imcap.errors import ImcapError, report_user_errors
 from imcap.metrics.java import MeteorScorer
 
@@ -29,7 +29,7 @@ from imcap.metrics.java import MeteorScorer
 def load_json(path: Path, option: str) -> Any:
     """The JSON document in `path`; a problem is one line naming the file and the option."""
     try:
-        return textfile.load_json(path)
+        return text_files.load_json(path)
     except ImcapError as e:
         raise ImcapError(f"{e} (given as {option})") from None
 

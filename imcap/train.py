@@ -20,20 +20,20 @@ from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from imcap.config import plain_config, save_config
+from imcap.atomic_files import write_json
+from imcap.config_compose import plain_config, save_config
 from imcap.data.vocab import Vocabulary
 from imcap.ddp import ddp_job
 from imcap.entry import hydra_entry
-from imcap.files import write_json
 from imcap.models.captioner import CHECKPOINT_KEY, COMPONENTS, load_checkpoint, load_state
-from imcap.runtime import (
+from imcap.trainer_setup import (
     build_trainer,
     instantiate_group,
     scalar_metrics,
 )
-from imcap.tracking import configure_wandb, configure_wandb_mode, define_metrics, run_labels
 from imcap.training.callbacks import RunInterrupted, StopOnSignal
 from imcap.training.module import CaptionModule
+from imcap.wandb_setup import configure_wandb, configure_wandb_mode, define_metrics, run_labels
 
 log = logging.getLogger("imcap.train")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from imcap.config import compose_config
+from imcap.config_compose import compose_config
 from tests.helpers.paths import FLICKR_1K
 from tests.helpers.runs import TINY
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from imcap.data.vocab import Vocabulary
 from imcap.models.captioner import COMPONENTS, build_captioner
 from imcap.models.encoders import _resolve_weights
-from imcap.runtime import instantiate_group
+from imcap.trainer_setup import instantiate_group
 from tests.helpers.paths import CONF
 
 TOP_LEVEL = {"train.yaml", "eval.yaml", "caption.yaml", "demo.yaml", "export.yaml"}

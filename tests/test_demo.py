@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from imcap.config import compose_config
+from imcap.config_compose import compose_config
 from imcap.demo import (
     DISPLAY_LONG_SIDE,
     build_app,

@@ -17,8 +17,8 @@ import torch
 from omegaconf import OmegaConf
 
 from imcap import plugins, registry
+from imcap.config_checks import check_stored_config
 from imcap.errors import ImcapError
-from imcap.stored_config import check_stored_config
 from tests.helpers.paths import ROOT
 from tests.helpers.runs import TINY, assert_one_line_error
 

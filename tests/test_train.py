@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from imcap.config import compose_config
+from imcap.config_compose import compose_config
 from imcap.data.vocab import Vocabulary
 from imcap.train import train
 from tests.helpers.paths import ROOT

@@ -28,11 +28,11 @@ if __package__ in (None, ""):  # run as a script: make `experiments.` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from experiments.attention_variants import report  # noqa: E402
-from imcap.config import compose_config  # noqa: E402
+from imcap.atomic_files import write_json, write_text  # noqa: E402
+from imcap.config_compose import compose_config  # noqa: E402
 from imcap.data.sources.flickr8k import KARPATHY, OFFICIAL_SPLITS  # noqa: E402
 from imcap.data.vocab import Vocabulary  # noqa: E402
 from imcap.errors import ImcapError, report_user_errors  # noqa: E402
-from imcap.files import write_json, write_text  # noqa: E402
 from imcap.models.captioner import build_captioner  # noqa: E402
 from imcap.models.decoder import valid_pairs  # noqa: E402
 

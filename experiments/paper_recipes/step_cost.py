@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-from imcap.config import compose_config
+from imcap.config_compose import compose_config
 from imcap.data.vocab import SPECIALS, Vocabulary
 from imcap.models.captioner import COMPONENTS, build_captioner
 from imcap.training.losses import caption_cross_entropy

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from imcap.data.vocab import Vocabulary
 from imcap.metrics.coco import CaptionMetrics
 from imcap.models.captioner import CHECKPOINT_KEY, Captioner, load_checkpoint
-from imcap.models.rerank import NeighbourMemory, choose
+from imcap.models.rerank import NeighbourMemory, pick_by_consensus
 from imcap.models.search import Decoding, beam_search, decoding_rules
 
 HERE = Path(__file__).resolve().parent
@@ -68,7 +68,7 @@ def grid_of_one_run(ckpt: Path, beams: list[int], neighbours: list[int], weights
                                         if k in beams else [])
             for beam, n, w in settings:
                 pick = (torch.zeros(len(grid), dtype=torch.long) if n == 0
-                        else choose(found.tokens, found.scores, pooled, memory, n, w, vocab.eos_id))
+                        else pick_by_consensus(found.tokens, found.scores, pooled, memory, n, w, vocab.eos_id))
                 captions = [vocab.decode_text(found.tokens[b, pick[b]]) for b in range(len(grid))]
                 out[f"{split} {beam} {n} {w}"] = {**score(captions, references), "distinct": len(set(captions))}
     return out

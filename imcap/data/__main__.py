@@ -48,10 +48,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from imcap import registry
-from imcap.config import compose_config
+from imcap.config_compose import compose_config
 from imcap.data import download
 from imcap.data.records import SPLITS
-from imcap.data.text import tokenize
+from imcap.data.tokenizer import tokenize
 from imcap.data.vocab import SPECIALS
 from imcap.errors import ImcapError, report_user_errors
 from imcap.plugins import load_plugins

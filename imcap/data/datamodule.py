@@ -18,7 +18,7 @@ from imcap.data.features import PRECISIONS, extract_features
 from imcap.data.mirror import mirrored_transform
 from imcap.data.records import SPLITS, CaptionRecord
 from imcap.data.sources import CaptionSource
-from imcap.data.text import tokenize
+from imcap.data.tokenizer import tokenize
 from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
 from imcap.registry import name_of, register

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset, Sampler
 from imcap.data.images import load_image
 from imcap.data.mirror import mirror_words, mirrored_items
 from imcap.data.records import CaptionRecord
-from imcap.data.text import normalize
+from imcap.data.tokenizer import normalize
 from imcap.data.vocab import Vocabulary
 
 log = logging.getLogger(__name__)

@@ -43,9 +43,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from imcap.atomic_files import write_json
 from imcap.data.images import PIXELS_VERSION, accepts_uint8_tensor, load_image, load_image_tensor
 from imcap.errors import ImcapError
-from imcap.files import write_json
 
 log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -44,12 +44,12 @@ from PIL import Image
 from webdataset import ShardWriter
 from webdataset.tariterators import base_plus_ext
 
+from imcap.atomic_files import write_json
 from imcap.data.images import DAMAGED, check_pixels, pixel_limit
 from imcap.data.records import CaptionRecord
-from imcap.data.sources.policy import check_choice
-from imcap.data.text import normalize
+from imcap.data.sources.validation import check_choice
+from imcap.data.tokenizer import normalize
 from imcap.errors import ImcapError
-from imcap.files import write_json
 
 log = logging.getLogger(__name__)
 

@@ -48,8 +48,8 @@ from imcap.data.shards import (
     read_images,
     shown,
 )
-from imcap.data.sources.policy import check_choice
-from imcap.data.text import normalize, tokenize
+from imcap.data.sources.validation import check_choice
+from imcap.data.tokenizer import normalize, tokenize
 from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
 from imcap.registry import register

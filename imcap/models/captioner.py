@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import nn
 
+from imcap.config_checks import check_stored_config, check_stored_values
 from imcap.data.images import as_viewed, load_image
 from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
@@ -30,11 +31,10 @@ from imcap.models.hub import CONFIG, VOCAB, WEIGHTS, read_folder, save_pretraine
 from imcap.models.rerank import NeighbourMemory
 from imcap.models.search import Decoding, SearchResult, generate
 from imcap.plugins import load_plugins
-from imcap.stored_config import check_stored_config, check_stored_values
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "imcap"  # where a checkpoint keeps what rebuilds the model: config + vocab
-MEMORY = "memory."  # a Captioner's neighbour memory in its weights (imcap.models.rerank)
+MEMORY_KEY_PREFIX = "memory."  # a Captioner's neighbour memory in its weights (imcap.models.rerank)
 COMPONENTS = ("encoder", "decoder", "attention", "embedding")  # an architecture also holds `ensemble` (absent: 1)
 # _target_s that moved: checkpoints written before the move name the old path
 MOVED_TARGETS = {"imcap.models.decoders.LSTMDecoder": "imcap.models.lstm.LSTMDecoder",
@@ -220,7 +220,7 @@ class Captioner(nn.Module):
         try:
             with safe_open(str(folder / WEIGHTS), framework="pt") as weights:  # the memory alone, to size it
                 attach_memory_for(captioner, {k: weights.get_tensor(k) for k in weights.keys()
-                                              if k.startswith(MEMORY)})
+                                              if k.startswith(MEMORY_KEY_PREFIX)})
             load_model(captioner, str(folder / WEIGHTS), strict=True, device=str(map_location))
         except Exception as e:  # wrong keys or shapes, a damaged file
             raise ImcapError(f"{folder / WEIGHTS} does not fit model config {folder / CONFIG} ({type(e).__name__}: "
@@ -314,7 +314,7 @@ def attach_memory_for(model: nn.Module, state: Mapping[str, torch.Tensor]) -> No
     memory of that size (its size is the training set's), so that a strict load fills it."""
     for name, module in model.named_modules():
         if isinstance(module, Captioner):
-            prefix = f"{name}.{MEMORY}" if name else MEMORY
+            prefix = f"{name}.{MEMORY_KEY_PREFIX}" if name else MEMORY_KEY_PREFIX
             buffers = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             module.memory = NeighbourMemory.empty(buffers) if buffers else None
 

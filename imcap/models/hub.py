@@ -9,7 +9,7 @@ ModelHubMixin layout):
 `save_pretrained` writes such a folder; `read_folder` finds one and reads its config, or downloads it from the
 Hugging Face Hub by repo id (`owner/name`) with `snapshot_download`, at `revision` (a commit or
 tag; without one, the newest upload, with a warning that says which commit to pin). A config.json
-is checked like a checkpoint's stored config before anything is built from it (imcap.stored_config).
+is checked like a checkpoint's stored config before anything is built from it (imcap.config_checks).
 The model card names no local path: a path names its user.
 """
 
@@ -23,10 +23,10 @@ from typing import Any
 
 from torch import nn
 
+from imcap.atomic_files import replacing, write_json, write_text
+from imcap.config_checks import FORMAT, check_stored_config, check_stored_values
 from imcap.errors import ImcapError
-from imcap.files import replacing, write_json, write_text
 from imcap.registry import allowed_targets
-from imcap.stored_config import FORMAT, check_stored_config, check_stored_values
 
 WEIGHTS, CONFIG, VOCAB, CARD = "model.safetensors", "config.json", "vocab.json", "README.md"
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")

@@ -250,7 +250,7 @@ def consensus_scores(memory: NeighbourMemory, candidates: Sequence[Sequence[str]
     return (totals / per_image.clamp(min=1).double() * SCALE).T  # (B, K)
 
 
-def choose(tokens: torch.Tensor, scores: torch.Tensor, pooled: torch.Tensor, memory: NeighbourMemory,
+def pick_by_consensus(tokens: torch.Tensor, scores: torch.Tensor, pooled: torch.Tensor, memory: NeighbourMemory,
            neighbours: int, logprob_weight: float, eos_id: int) -> torch.Tensor:
     """Index (B,) of the hypothesis to keep per image, from hypotheses tokens (B, K, L) with
     their log-probabilities (B, K) (-inf: a hypothesis the search never filled)."""

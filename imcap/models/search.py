@@ -28,7 +28,7 @@ from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
 from imcap.models.decoder import expand_for_beams
 from imcap.models.packing import map_state
-from imcap.models.rerank import NeighbourMemory, choose
+from imcap.models.rerank import NeighbourMemory, pick_by_consensus
 
 # Words a caption may not end on: ImageCaptioning.pytorch's remove_bad_endings list (articles,
 # prepositions, "is/are/am") plus conjunctions and possessives that also leave a sentence open.
@@ -173,7 +173,7 @@ def _block_repeated_trigrams(logp: torch.Tensor, history: torch.Tensor) -> None:
     logp.masked_fill_(repeats > 0, float("-inf"))
 
 
-def _unless_nothing_is_left(scores: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+def _block_trigrams_unless_all_blocked(scores: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
     """`scores` (R, V) with repeated trigrams blocked, except in a row where that would block
     every token: a single caption (greedy, sampling) has no other hypothesis to fall back on,
     so it may repeat rather than emit an impossible token."""
@@ -413,12 +413,12 @@ def sample(
         if temperature == 0:
             logp = constrain(torch.log_softmax(logits.float(), dim=-1), prev, t)  # (B, V)
             if block_trigrams and tokens:
-                logp = _unless_nothing_is_left(logp, torch.stack(tokens, dim=1))
+                logp = _block_trigrams_unless_all_blocked(logp, torch.stack(tokens, dim=1))
             token_logp, token = logp.max(dim=-1)
         else:
             logits = constrain(logits.float() / temperature, prev, t)
             if block_trigrams and tokens:
-                logits = _unless_nothing_is_left(logits, torch.stack(tokens, dim=1))
+                logits = _block_trigrams_unless_all_blocked(logits, torch.stack(tokens, dim=1))
             logp = torch.log_softmax(_truncate(logits, top_k, top_p), dim=-1)  # (B, V)
             token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
             token_logp = logp.gather(1, token.unsqueeze(1)).squeeze(1)
@@ -494,7 +494,7 @@ def generate(decoder: nn.Module, grid: torch.Tensor, pooled: torch.Tensor, vocab
     if not decoding.reranks:
         return found
     # tokens (B, K, L): keep each image's hypothesis the neighbours' captions back most
-    pick = choose(found.tokens, found.scores, pooled, memory, decoding.rerank_neighbours,
+    pick = pick_by_consensus(found.tokens, found.scores, pooled, memory, decoding.rerank_neighbours,
                   decoding.rerank_logprob_weight, vocab.eos_id)  # (B,)
     rows = torch.arange(found.tokens.shape[0], device=pick.device)
     return SearchResult(found.tokens[rows, pick], found.scores[rows, pick],

@@ -1,7 +1,7 @@
 """How checkpoints are written and carried across a resume.
 
 - `AtomicCheckpointIO`: every checkpoint is written to a temporary file beside its target and moved
-  over it (imcap.files.write_atomic). Lightning's own writer stages the file in the system temp
+  over it (imcap.atomic_files.write_atomic). Lightning's own writer stages the file in the system temp
   directory and, when that is another filesystem, copies it over the target: a kill during the
   copy leaves a truncated `last.ckpt`, and any kill leaves a checkpoint-sized file in /tmp.
 - `RunCheckpoint`: a ModelCheckpoint that keeps the best checkpoint when a run resumes into a
@@ -30,8 +30,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
+from imcap.atomic_files import write_atomic
 from imcap.errors import ImcapError
-from imcap.files import write_atomic
 
 log = logging.getLogger(__name__)
 

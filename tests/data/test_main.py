@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from imcap.data.__main__ import main
-from imcap.data.text import tokenize
+from imcap.data.tokenizer import tokenize
 from tests.helpers.http_server import closed_port
 from tests.helpers.images import jpeg_bytes
 from tests.helpers.paths import FLICKR_1K

@@ -313,7 +313,7 @@ def test_storage_options_set_the_endpoint(s3, tmp_path, monkeypatch):
     import fsspec
     from hydra.utils import instantiate
 
-    from imcap.config import compose_config
+    from imcap.config_compose import compose_config
 
     write_shards(_records(tmp_path, 2), "s3://shards/options/train", shard_size=2)
     monkeypatch.delenv("AWS_ENDPOINT_URL")

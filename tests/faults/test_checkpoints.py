@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, data_dir):
-    from imcap.config import compose_config
+    from imcap.config_compose import compose_config
     from tests.helpers.runs import TINY
 
     out = tmp_path_factory.mktemp("ckpt")

@@ -5,7 +5,7 @@ from collections import defaultdict
 import pytest
 from pycocoevalcap.bleu.bleu import Bleu
 
-from imcap.data.text import normalize
+from imcap.data.tokenizer import normalize
 from imcap.metrics import CorpusBLEU
 from imcap.metrics.bleu import corpus_bleu
 from tests.helpers.paths import SHARED_DATA

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from imcap.metrics.cider import cider_d_scores
-from imcap.models.rerank import NeighbourMemory, choose, consensus, consensus_scores
+from imcap.models.rerank import NeighbourMemory, consensus, consensus_scores, pick_by_consensus
 
 EOS = 2
 # three training images: two of dogs (features near [1, 0]), one of a boat (near [0, 1])
@@ -40,15 +40,15 @@ def test_choose_keeps_the_hypothesis_the_neighbours_agree_with(memory):
                            [[10, 11, EOS, 0], [20, 21, 22, EOS], [20, 21, EOS, 0]]])
     scores = torch.tensor([[-1.0, -3.0, -2.0], [-1.0, -2.0, -4.0]])
     pooled = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # a dog photo, a boat photo
-    assert choose(tokens, scores, pooled, memory, 2, 0.0, EOS).tolist() == [1, 1]
+    assert pick_by_consensus(tokens, scores, pooled, memory, 2, 0.0, EOS).tolist() == [1, 1]
     # a heavy weight on the log-probability gives back beam search's own best
-    assert choose(tokens, scores, pooled, memory, 2, 100.0, EOS).tolist() == [0, 0]
+    assert pick_by_consensus(tokens, scores, pooled, memory, 2, 100.0, EOS).tolist() == [0, 0]
 
 
 def test_a_hypothesis_the_search_never_filled_is_never_chosen(memory):
     tokens = torch.tensor([[[10, 11, 12, EOS], [20, 21, EOS, 0]]])
     scores = torch.tensor([[float("-inf"), -5.0]])
-    assert choose(tokens, scores, torch.tensor([[1.0, 0.0]]), memory, 2, 0.02, EOS).tolist() == [1]
+    assert pick_by_consensus(tokens, scores, torch.tensor([[1.0, 0.0]]), memory, 2, 0.02, EOS).tolist() == [1]
 
 
 def test_a_large_training_set_keeps_an_evenly_spaced_subset(caplog):
@@ -94,7 +94,7 @@ def assert_tensor_scores_equal_the_plain_ones(memory, tokens, scores, pooled, ne
                          dtype=torch.float64)
     assert fast.shape == plain.shape and fast.dtype == torch.float64
     assert torch.allclose(fast, plain, rtol=1e-12, atol=1e-12)  # the same sums, in another order
-    assert choose(tokens, scores, pooled, memory, neighbours, 0.02, EOS).tolist() == \
+    assert pick_by_consensus(tokens, scores, pooled, memory, neighbours, 0.02, EOS).tolist() == \
         plain_choose(tokens, scores, pooled, memory, neighbours, 0.02, EOS)
 
 
@@ -122,7 +122,7 @@ def test_tensor_scores_equal_the_plain_ones_on_random_captions():
 def test_tensor_scores_equal_the_plain_ones_on_real_captions():
     import csv
 
-    from imcap.data.text import tokenize
+    from imcap.data.tokenizer import tokenize
     from tests.helpers.paths import FLICKR_1K
 
     by_image: dict[str, list[list[str]]] = {}

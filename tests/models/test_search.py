@@ -11,6 +11,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from imcap import registry
+from imcap.config_checks import check_stored_config
 from imcap.data.vocab import SPECIALS, Vocabulary
 from imcap.errors import ImcapError
 from imcap.models.attention import AdditiveAttention
@@ -25,7 +26,6 @@ from imcap.models.search import (
     greedy_search,
     sample,
 )
-from imcap.stored_config import check_stored_config
 from tests.helpers import decoders
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a shared CPU

@@ -17,7 +17,8 @@ from pathlib import Path
 from imcap.data.records import CaptionRecord
 from imcap.data.resources import Resource, karpathy_split
 from imcap.data.sources.karpathy import read_karpathy
-from imcap.data.sources.policy import (
+from imcap.data.sources.splits import split_of
+from imcap.data.sources.validation import (
     MISSING_IMAGES,
     check_choice,
     fetch_command,
@@ -25,8 +26,7 @@ from imcap.data.sources.policy import (
     keep_existing,
     missing_root,
 )
-from imcap.data.sources.splits import split_of
-from imcap.data.textfile import load_json, require_str
+from imcap.data.text_files import load_json, require_str
 from imcap.errors import ImcapError
 from imcap.registry import register
 

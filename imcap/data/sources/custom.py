@@ -26,15 +26,15 @@ from collections import defaultdict
 from pathlib import Path
 
 from imcap.data.records import SPLITS, CaptionRecord
-from imcap.data.sources.policy import (
+from imcap.data.sources.splits import split_of
+from imcap.data.sources.validation import (
     MISSING_IMAGES,
     check_caption,
     check_choice,
     inside_root,
     keep_existing,
 )
-from imcap.data.sources.splits import split_of
-from imcap.data.textfile import csv_rows, read_text
+from imcap.data.text_files import csv_rows, read_text
 from imcap.errors import ImcapError
 from imcap.registry import register
 

@@ -28,7 +28,8 @@ from imcap.data.records import CaptionRecord
 from imcap.data.resources import Resource, karpathy_split
 from imcap.data.sources.flickr8k import read_official_tokens
 from imcap.data.sources.karpathy import read_karpathy
-from imcap.data.sources.policy import (
+from imcap.data.sources.splits import split_of
+from imcap.data.sources.validation import (
     MISSING_IMAGES,
     check_choice,
     fetch_command,
@@ -36,8 +37,7 @@ from imcap.data.sources.policy import (
     keep_existing,
     missing_root,
 )
-from imcap.data.sources.splits import split_of
-from imcap.data.text import normalize
+from imcap.data.tokenizer import normalize
 from imcap.errors import ImcapError
 from imcap.registry import register
 

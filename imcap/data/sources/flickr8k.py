@@ -17,7 +17,8 @@ from pathlib import Path
 from imcap.data.records import CaptionRecord
 from imcap.data.resources import Resource, karpathy_split
 from imcap.data.sources.karpathy import read_karpathy
-from imcap.data.sources.policy import (
+from imcap.data.sources.splits import split_of
+from imcap.data.sources.validation import (
     MISSING_IMAGES,
     check_caption,
     check_choice,
@@ -26,8 +27,7 @@ from imcap.data.sources.policy import (
     keep_existing,
     missing_root,
 )
-from imcap.data.sources.splits import split_of
-from imcap.data.textfile import csv_rows, read_text
+from imcap.data.text_files import csv_rows, read_text
 from imcap.errors import ImcapError
 from imcap.registry import register
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from imcap.data.records import CaptionRecord
-from imcap.data.sources.policy import inside_root
-from imcap.data.textfile import load_json, require_str
+from imcap.data.sources.validation import inside_root
+from imcap.data.text_files import load_json, require_str
 from imcap.errors import ImcapError
 
 

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from experiments.attention_variants import study
-from imcap.config import compose_config
+from imcap.config_compose import compose_config
 from imcap.errors import ImcapError
 from imcap.models.decoder import valid_pairs
 from tests.helpers.paths import ROOT

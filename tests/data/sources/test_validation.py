@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from imcap.data.records import CaptionRecord
-from imcap.data.sources.policy import (
+from imcap.data.sources.validation import (
     check_caption,
     check_choice,
     fetch_command,

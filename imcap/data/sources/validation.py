@@ -1,7 +1,7 @@
 """What readers do with data they cannot use as is: stop with a clear error, or skip and report;
 and what they say when the data is not there at all.
 
-A caption with no words once normalised (only punctuation, symbols or emoji: `imcap.data.text`)
+A caption with no words once normalised (only punctuation, symbols or emoji: `imcap.data.tokenizer`)
 would be an empty training target and an empty reference. Readers of files people write by hand
 refuse it at its line (`check_caption`); `keep_existing`, which every reader ends with, leaves
 out and counts any that remain (a public dataset's stray rows), and images left with none.
@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from imcap.data.records import CaptionRecord
-from imcap.data.text import normalize
+from imcap.data.tokenizer import normalize
 from imcap.errors import ImcapError
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from imcap.files import run_stamp
+from imcap.atomic_files import run_stamp
 from tests.helpers.paths import ROOT
 from tests.helpers.runs import TINY, assert_one_line_error, run
 
@@ -20,7 +20,7 @@ from tests.helpers.runs import TINY, assert_one_line_error, run
 # inside the write call), rewriting a small valid metrics.json with a large one.
 KILLED_WRITER = """
 import resource, signal, sys
-from imcap.files import write_json
+from imcap.atomic_files import write_json
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY))
 signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
@@ -37,7 +37,7 @@ def test_a_kill_during_a_write_leaves_the_old_file(tmp_path):
 
 
 def test_a_write_replaces_the_file_and_leaves_no_temporary(tmp_path):
-    from imcap.files import write_json
+    from imcap.atomic_files import write_json
 
     write_json(tmp_path / "out" / "a.json", {"x": "é"})
     write_json(tmp_path / "out" / "a.json", [1, 2])
@@ -49,7 +49,7 @@ def test_a_write_replaces_the_file_and_leaves_no_temporary(tmp_path):
 # another process writes the same target in between.
 SLOW_WRITER = """
 import pathlib, sys, time
-from imcap.files import write_atomic
+from imcap.atomic_files import write_atomic
 target, ready, go = map(pathlib.Path, sys.argv[1:4])
 def write(f):
     f.write(b'{"writer": "slow", "padding": "')
@@ -69,7 +69,7 @@ def test_two_processes_writing_one_file_never_share_a_temporary(tmp_path):
         while not ready.exists():
             assert slow.poll() is None, "the slow writer ended before it was half done"
             time.sleep(0.01)
-        fast = subprocess.run([sys.executable, "-c", "import sys; from imcap.files import write_json; "
+        fast = subprocess.run([sys.executable, "-c", "import sys; from imcap.atomic_files import write_json; "
                                "write_json(sys.argv[1], {'writer': 'fast'})", str(target)],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert fast.returncode == 0, fast.stderr
@@ -96,8 +96,8 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_is_one_error_naming_the_file_which_keeps_its_content(small_disk):
+    from imcap.atomic_files import write_json
     from imcap.errors import ImcapError
-    from imcap.files import write_json
 
     target = small_disk / "metrics.json"
     write_json(target, {"test/BLEU-4": 0.25})

@@ -19,8 +19,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict, read_write
 
-from imcap.tracking import run_labels, sweep_run_name
 from imcap.train import train
+from imcap.wandb_setup import run_labels, sweep_run_name
 from tests.helpers.paths import ROOT
 from tests.helpers.runs import TINY
 
@@ -153,8 +153,8 @@ def test_choices_are_the_config_keys_with_or_without_hydra_runtime(make_cfg):
 CHOOSE_MODE = """
 import logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
-from imcap.config import compose_config
-from imcap.tracking import configure_wandb_mode
+from imcap.config_compose import compose_config
+from imcap.wandb_setup import configure_wandb_mode
 cfg = compose_config("train", ["logger=wandb"], sys.argv[1])
 print("mode:", configure_wandb_mode(cfg), "offline:", cfg.logger.wandb.get("mode"))
 """

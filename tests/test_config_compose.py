@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from imcap.config import compose_config, decoding_with_overrides, plain_config, save_config
+from imcap.config_compose import compose_config, decoding_with_overrides, plain_config, save_config
 from imcap.errors import ImcapError
 
 

@@ -10,8 +10,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from imcap.atomic_files import write_text
 from imcap.errors import ImcapError
-from imcap.files import write_text
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -63,7 +63,7 @@ def save_config(cfg: DictConfig, path: Path) -> None:
 def decoding_with_overrides(stored: dict[str, Any] | None, overrides: DictConfig | None) -> dict[str, Any]:
     """The checkpoint's decoding settings with every non-null override applied; an override of
     the wrong type (decoding.beam_size=five) is one line naming it."""
-    from imcap.stored_config import check_decoding_overrides
+    from imcap.config_checks import check_decoding_overrides
 
     merged = dict(stored or {})
     if overrides:

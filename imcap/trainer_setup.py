@@ -1,5 +1,5 @@
 """What a training or evaluation run builds from its config besides data and model (callbacks,
-loggers, the trainer), and the flat metrics it reports. W&B: imcap/tracking.py."""
+loggers, the trainer), and the flat metrics it reports. W&B: imcap/wandb_setup.py."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""imcap.data.textfile: UTF-8 text, CSV rows and JSON from user files, errors naming file:line."""
+"""imcap.data.text_files: UTF-8 text, CSV rows and JSON from user files, errors naming file:line."""
 
 from __future__ import annotations
 
 import pytest
 
-from imcap.data.textfile import csv_rows, load_json, read_text, require_str
+from imcap.data.text_files import csv_rows, load_json, read_text, require_str
 from imcap.errors import ImcapError
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from omegaconf import OmegaConf
 
-from imcap.runtime import build_trainer, instantiate_group, scalar_metrics
+from imcap.trainer_setup import build_trainer, instantiate_group, scalar_metrics
 
 
 def test_instantiate_group_builds_each_target_and_skips_removed_entries():

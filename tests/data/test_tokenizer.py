@@ -1,4 +1,4 @@
-from imcap.data.text import normalize, tokenize
+from imcap.data.tokenizer import normalize, tokenize
 
 
 def test_normalize_lowercases_and_strips_punctuation():

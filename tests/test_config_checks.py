@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from imcap.config_checks import check_stored_config
 from imcap.errors import ImcapError
-from imcap.stored_config import check_stored_config
 
 LSTM = "imcap.models.lstm.LSTMDecoder"
 GOOD = {
@@ -75,7 +75,7 @@ def stored_checkpoint(make_cfg, tmp_path):
 def test_training_stores_the_format_this_imcap_reads(stored_checkpoint):
     import torch
 
-    from imcap.stored_config import FORMAT
+    from imcap.config_checks import FORMAT
 
     assert torch.load(stored_checkpoint(lambda meta: None), weights_only=True)["imcap"]["format"] == FORMAT
 
