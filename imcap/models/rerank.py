@@ -18,8 +18,8 @@ CIDEr-D by about 0.05 over beam 3 (experiments/real_photo_recipe/).
 exported folders carry it and `imcap.caption` reranks on a machine without the training data:
 the training images' L2-normalised pooled features (fp16) and their captions as word ids.
 
-`choose` scores a whole batch of candidates at once with tensors (`consensus_scores`): every
-memory caption's CIDEr vector is flattened once into a `ReferenceTable`, and the clipped dot
+`pick_by_consensus` scores a whole batch of candidates at once with tensors (`consensus_scores`):
+every memory caption's CIDEr vector is flattened once into a `ReferenceTable`, and the clipped dot
 products of all candidate x reference pairs of the batch are one gather and one index_add.
 `consensus` is the plain path it is held to (one candidate and one reference at a time, with
 `imcap.metrics.cider.similarity`): the scores agree to float64 rounding (tests/models/test_rerank.py).
@@ -57,7 +57,7 @@ class ReferenceTable(NamedTuple):
 
 
 class NeighbourMemory(nn.Module):
-    """Training images' pooled features and captions, for `choose`.
+    """Training images' pooled features and captions, for `pick_by_consensus`.
 
     features (M, C) fp16, L2-normalised; words (W,) int32: every caption's word ids, one after
     another; caption_starts (Ncap + 1,): where each caption begins in `words`; image_starts
@@ -188,8 +188,8 @@ def _length_penalties(differences: torch.Tensor, sigma: float = SIGMA) -> torch.
 
 def consensus_scores(memory: NeighbourMemory, candidates: Sequence[Sequence[str]],
                      neighbours: torch.Tensor) -> torch.Tensor:
-    """`consensus` for a batch: float64 (B, K) CIDEr-D of candidates[b][k] (strings of word ids;
-    K per image) against the captions of the training images neighbours[b] (B, k), with tensors.
+    """`consensus` for a batch: float64 (B, K) CIDEr-D of `candidates[b][k]` (strings of word ids;
+    K per image) against the captions of the training images `neighbours[b]` (B, k), with tensors.
 
     Only n-grams a candidate holds add to its clipped dot products, so each reference entry
     whose n-gram some candidate of its image holds is gathered once against the K candidates'
