@@ -89,7 +89,7 @@ class Sizes:
 
 
 SMOKE = Sizes(batch=2, length=3, vocab=40, grids=((4, 32),), gemm=(64, 64), images=(4, 4), image_size=32,
-              overrides=("model.decoder.hidden_dim=16", "model.embedding.dim=16", "++model.attention.attention_dim=16"),
+              overrides=("model.decoder.hidden_dim=16", "model.embedding.dim=16"),  # attention_dim follows hidden_dim
               encoders=("mobilenet_v2",), repeats={"all": 1}, smoke=True)
 
 

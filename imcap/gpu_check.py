@@ -51,8 +51,7 @@ def sync_counts(device: str, pairs: list[tuple[str, str]] | None = None) -> dict
     cuda = device == "cuda"
     B, T, V, n, c = (256, 20, 10_000, 49, 2048) if cuda else (4, 6, 50, 4, 8)
     vocab = Vocabulary(["<pad>", "<bos>", "<eos>", "<unk>", *[f"w{i}" for i in range(V - 4)]])
-    overrides = [] if cuda else ["model.decoder.hidden_dim=16", "++model.attention.attention_dim=8",
-                                 "model.embedding.dim=8"]
+    overrides = [] if cuda else ["model.decoder.hidden_dim=16", "model.embedding.dim=8"]  # attention follows hidden
     lengths = torch.randint(2, T + 1, (B,), generator=torch.Generator().manual_seed(0))  # on the host
 
     def counted(fn) -> int:

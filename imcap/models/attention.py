@@ -103,11 +103,15 @@ class DotAttention(Attention):
     no parameters at all); otherwise the features projected to the decoder's width once per
     sequence, m_i = W_m k_i. The context averages the memory (context_dim = query_dim), as
     Luong's context averages source states of the decoder's width. `general` shares this memory
-    and adds its W_a. `attention_dim` has no effect here: dot has no score space of its own, and
-    tiny runs, benchmarks and sweeps size every variant with one model.attention.attention_dim.
+    and adds its W_a. dot has no score space of its own, so an `attention_dim` is refused rather
+    than ignored (`general` takes one: a low-rank W_a).
     """
 
     def __init__(self, key_dim: int, query_dim: int, attention_dim: int | None = None):
+        if attention_dim is not None:  # general passes none up: its attention_dim is its own
+            raise ImcapError(f"model.attention.attention_dim={attention_dim} means nothing to model/attention=dot "
+                             f"(Luong's dot score has no parameters, so no width of its own): leave it unset, "
+                             f"or use model/attention=general for a learnt W_a of that rank")
         super().__init__(key_dim, query_dim)
         self.context_dim = query_dim
         # why: the dot product needs keys of the query's width; projecting the memory (keys and

@@ -89,13 +89,17 @@ def test_dot_has_no_score_parameters_and_averages_its_memory():
     torch.testing.assert_close(context, torch.einsum("bn,bnc->bc", weights, memory))
 
 
-def test_dot_stays_free_of_score_parameters_whatever_attention_dim():
-    """Sweeps and tiny runs set model.attention.attention_dim for every variant."""
+def test_dot_refuses_an_attention_dim_in_one_line_and_builds_from_its_yaml():
+    """dot has no width of its own: a number would be silently ignored, so it is refused."""
     for widths in [(Q, Q), (K, Q)]:
-        sized = att.DotAttention(*widths, attention_dim=16)
-        plain = att.DotAttention(*widths)
-        assert [p.shape for p in sized.parameters()] == [p.shape for p in plain.parameters()]
-        assert sized.context_dim == plain.context_dim == Q
+        with pytest.raises(ImcapError) as caught:
+            att.DotAttention(*widths, attention_dim=16)
+        assert str(caught.value) == (
+            "model.attention.attention_dim=16 means nothing to model/attention=dot (Luong's dot score has no "
+            "parameters, so no width of its own): leave it unset, or use model/attention=general for a learnt "
+            "W_a of that rank")
+    assert default_attention("dot", K, Q).context_dim == Q  # its YAML leaves attention_dim unset
+    assert att.GeneralAttention(K, Q, attention_dim=4).key_proj.weight.shape == (4, Q)  # general takes one
 
 
 @pytest.mark.parametrize("name", ["dot", "general"])
