@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+
+# what Ctrl-C says where nothing more fitting is known (`on_ctrl_c` says more)
+RUN_AGAIN = "run the same command again to continue (a feature cache resumes where it stopped)"
 
 
 class ImcapError(Exception):
@@ -25,6 +31,36 @@ class ImcapError(Exception):
             last = text.rstrip().rsplit("\n", 1)[-1]
             args = (last.split(": ", 1)[1] if ": " in last else last,)
         super().__init__(*args)
+
+
+class Interrupted(BaseException):
+    """Ctrl-C inside `on_ctrl_c(advice)`; its one argument is the advice.
+
+    Not a KeyboardInterrupt: Lightning ends a stage on a KeyboardInterrupt with exit status 1
+    and a message of its own, whereas anything else it raises again after tearing the stage
+    down, so that the advice reaches `report_user_errors`.
+    """
+
+
+@contextlib.contextmanager
+def on_ctrl_c(advice: str) -> Iterator[None]:
+    """Inside, Ctrl-C ends the command with `error: interrupted (Ctrl-C); <advice>` and exit
+    status 130, where running the same command again would redo finished work (testing after
+    training: the same command trains again from scratch). Only in the main thread, the one
+    that receives signals; elsewhere it changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted(advice)
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
 
 def user_error(exc: BaseException) -> ImcapError | None:
     """The ImcapError that `exc` is, or that Hydra wrapped while instantiating; None for a bug.
@@ -59,10 +95,11 @@ def report_user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except KeyboardInterrupt:  # Ctrl-C outside training, which saves and says how to resume itself
+        except (KeyboardInterrupt, Interrupted) as stop:  # Ctrl-C outside training, which saves
+            # and says how to resume itself
             end_progress_bars()
-            print("error: interrupted (Ctrl-C); run the same command again to continue "
-                  "(a feature cache resumes where it stopped)", file=sys.stderr, flush=True)
+            advice = stop.args[0] if isinstance(stop, Interrupted) else RUN_AGAIN
+            print(f"error: interrupted (Ctrl-C); {advice}", file=sys.stderr, flush=True)
             raise SystemExit(130) from None
         except Exception as exc:
             end_progress_bars()

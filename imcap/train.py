@@ -25,6 +25,7 @@ from imcap.config_compose import plain_config, save_config
 from imcap.data.vocab import Vocabulary
 from imcap.ddp import ddp_job
 from imcap.entry import hydra_entry
+from imcap.errors import on_ctrl_c
 from imcap.models.captioner import CHECKPOINT_KEY, COMPONENTS, load_checkpoint, load_state
 from imcap.trainer_setup import (
     build_trainer,
@@ -105,10 +106,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         best = checkpoint_cb.best_model_path if checkpoint_cb is not None else ""
         if not best:
             log.warning("No best checkpoint was saved; testing the final weights")
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
-        metrics.update(scalar_metrics(results[0] if results else {}))
-        if trainer.is_global_zero:
-            write_json(run_dir / "predictions" / "test.json", module.predictions)
+        # training has finished: Ctrl-C from here says to evaluate what it saved (the same command would train again)
+        saved = best or next((c.best_model_path for c in trainer.checkpoint_callbacks if c.best_model_path), "")
+        with on_ctrl_c(evaluate_advice(saved)):
+            results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+            metrics.update(scalar_metrics(results[0] if results else {}))
+            if trainer.is_global_zero:
+                write_json(run_dir / "predictions" / "test.json", module.predictions)
     if trainer.is_global_zero:
         write_json(run_dir / "metrics.json", metrics)
     if any(isinstance(lg, WandbLogger) for lg in loggers):
@@ -120,6 +124,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if name in metrics:
             log.info("%s = %.4f", name, metrics[name])
     return metrics
+
+
+def evaluate_advice(checkpoint: str) -> str:
+    """What Ctrl-C while testing says: training has finished, so evaluate the checkpoint it saved."""
+    if not checkpoint:
+        return "training finished but saved no checkpoint to evaluate"
+    return "training finished; evaluate it with: " + shlex.join(["python", "-m", "imcap.eval", f"ckpt_path={checkpoint}"])
 
 
 def resume_command(checkpoint: str) -> str:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
+from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 from hydra.errors import InstantiationException
 
 from imcap.errors import ImcapError, report_user_errors, user_error
@@ -148,3 +151,52 @@ def test_ctrl_c_during_feature_extraction_is_one_line_that_says_how_to_continue(
     assert process.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     assert "error: interrupted (Ctrl-C); run the same command again" in stderr
+
+
+def test_ctrl_c_inside_on_ctrl_c_gives_its_advice_and_the_old_handler_comes_back(capsys):
+    import os
+    import signal
+
+    from imcap.errors import on_ctrl_c
+
+    @report_user_errors
+    def testing() -> None:
+        with on_ctrl_c("evaluate checkpoints/best.ckpt instead"):
+            os.kill(os.getpid(), signal.SIGINT)  # a real signal, delivered before the next bytecode
+            raise AssertionError("Ctrl-C did not stop it")
+
+    with pytest.raises(SystemExit) as exit_:
+        testing()
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err == "error: interrupted (Ctrl-C); evaluate checkpoints/best.ckpt instead\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(SystemExit):  # outside it, Ctrl-C says to run the same command again
+        _fails_with(KeyboardInterrupt())
+    assert "run the same command again" in capsys.readouterr().err
+
+
+class SigintWhileTesting(pl.Callback):
+    """Sends this process a real SIGINT (Ctrl-C) at the first test batch."""
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_testing_after_training_says_to_evaluate_the_saved_checkpoint(trained_run, data_dir, tmp_path):
+    # resumed from the finished two-epoch run, fit has nothing left to do and the test starts at once;
+    # the same command again would train again, so the advice is the saved checkpoint's eval command
+    last = trained_run / "checkpoints" / "last.ckpt"
+    tiny = [o for o in TINY if not o.startswith("trainer.max_epochs")]
+    result = run(sys.executable, "-m", "imcap.train", *tiny, "trainer.max_epochs=2", f"ckpt_path={last}",
+                 f"+callbacks.sigint._target_={__name__}.SigintWhileTesting", cwd=tmp_path,
+                 env={"PYTHONPATH": str(ROOT), "IMCAP_DATA_DIR": str(data_dir)})
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert_one_line_error(result, "error: interrupted (Ctrl-C); training finished; evaluate it with: python -m imcap.eval")
+    assert "run the same command again" not in result.stderr
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("error: ")]
+    checkpoint = Path(shlex.split(line.split("evaluate it with: ", 1)[1])[-1].removeprefix("ckpt_path="))
+    assert checkpoint.name == "best.ckpt" and checkpoint.is_file() and tmp_path in checkpoint.parents
