@@ -8,13 +8,11 @@ import http.server
 import io
 import os
 import re
-import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import boto3
@@ -40,7 +38,7 @@ from imcap.errors import ImcapError
 from tests.data.test_shard_features import TinyEncoder, transform
 from tests.data.test_streaming import TINY_TRAIN, seen_per_epoch
 from tests.helpers.paths import ROOT
-from tests.helpers.runs import assert_one_line_error, run
+from tests.helpers.runs import assert_one_line_error, kill_9_once_marked, run
 
 SECRET = "imcapTestSecret0123456789abcdefSECRET"  # must never appear in what a run prints or logs
 
@@ -200,16 +198,8 @@ def test_two_ranks_from_s3_see_every_caption_once_and_resume_after_kill_9(s3, tm
     assert keys == [f"shapes/train/{i:06d}.{ext}" for i in range(3) for ext in ("index.json", "tar")]
 
     record, run = tmp_path / "seen", tmp_path / "run"
-    proc = subprocess.Popen(_train_cmd(run, record, "+callbacks.record.stop_at_step=10"), cwd=tmp_path, env=env,
-                            stdout=open(tmp_path / "first.out", "w"), stderr=open(tmp_path / "first.log", "w"),
-                            start_new_session=True)
-    deadline = time.monotonic() + 900
-    while not Path(f"{record}.stopped").exists():
-        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)  # both ranks and their data-loader workers
-    proc.wait()
+    kill_9_once_marked(_train_cmd(run, record, "+callbacks.record.stop_at_step=10"), Path(f"{record}.stopped"),
+                       cwd=tmp_path, env=env, log=tmp_path / "first.log")  # both ranks and their workers
     ckpt = run / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 8
     first = seen_per_epoch(record, max_step=8)

@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from imcap.data.streaming import RankPlan, ShardSplit, ShardStream, StreamingLoa
 from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
 from tests.helpers.paths import ROOT
+from tests.helpers.runs import kill_9_once_marked
 
 
 @pytest.fixture(scope="module")
@@ -268,16 +267,8 @@ def test_kill_9_mid_epoch_then_resume_repeats_and_skips_nothing(shapes_shards, t
     finishes the epoch and one more."""
     record, run = tmp_path / "seen", tmp_path / "run"
     common = ["trainer.max_epochs=2", "data.num_workers=2", "+callbacks.last_checkpoint.every_n_train_steps=4"]
-    proc = subprocess.Popen(train_cmd(shapes_shards, run, record, *common, "+callbacks.record.stop_at_step=10"),
-                            cwd=tmp_path, env=run_env(tmp_path), stdout=subprocess.DEVNULL,
-                            stderr=open(tmp_path / "first.log", "w"), start_new_session=True)
-    deadline = time.monotonic() + 900
-    while not Path(f"{record}.stopped").exists():
-        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)  # the run and its data-loader workers
-    proc.wait()
+    kill_9_once_marked(train_cmd(shapes_shards, run, record, *common, "+callbacks.record.stop_at_step=10"),
+                       Path(f"{record}.stopped"), cwd=tmp_path, env=run_env(tmp_path), log=tmp_path / "first.log")
     ckpt = run / "checkpoints" / "last.ckpt"
     step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
     assert step == 8

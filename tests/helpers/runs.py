@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 # A model and dataset small enough for a CPU epoch in a second or two.
@@ -42,6 +44,28 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     assert "Traceback" not in result.stderr, result.stderr
     for fragment in fragments:
         assert fragment in result.stderr, result.stderr
+
+
+def kill_9_once_marked(command: list[str], marker: Path, *, cwd: Path, env: dict[str, str], log: Path,
+                       timeout: int = 900) -> None:
+    """Start `command` in a session of its own (stdout and stderr to `log`), wait until it writes
+    `marker` (tests/helpers/callbacks.py RecordItems' stop_at_step, where the run hangs), then
+    kill -9 the whole group: the run, its DDP ranks and their data-loader workers."""
+    with log.open("w") as out:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout  # a limit for a loaded machine, not a speed requirement
+    try:
+        while not marker.exists():
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"{marker} not written in {timeout} s"
+            time.sleep(0.2)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # also when the run failed: none of its ranks lingers
+        except ProcessLookupError:
+            pass
+        process.wait()
 
 
 def train_offline(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
