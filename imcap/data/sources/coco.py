@@ -16,16 +16,9 @@ from pathlib import Path
 
 from imcap.data.records import CaptionRecord
 from imcap.data.resources import Resource, karpathy_split
+from imcap.data.sources import validation
 from imcap.data.sources.karpathy import read_karpathy
 from imcap.data.sources.splits import split_of
-from imcap.data.sources.validation import (
-    MISSING_IMAGES,
-    check_choice,
-    fetch_command,
-    inside_root,
-    keep_existing,
-    missing_root,
-)
 from imcap.data.text_files import load_json, require_str
 from imcap.errors import ImcapError
 from imcap.registry import register
@@ -66,7 +59,7 @@ def read_official(path: Path, image_dir: Path) -> list[tuple[CaptionRecord, bool
     if unknown:
         raise ImcapError(f"{path}: {len(unknown)} annotations name image ids missing from 'images' (e.g. {min(unknown)})")
     for i in sorted(captions):  # a file name leading out of the image folder is never read
-        inside_root(image_dir, str(files[i]), f"{path}: image id {i}", follow_symlinks=False)
+        validation.inside_root(image_dir, str(files[i]), f"{path}: image id {i}", follow_symlinks=False)
     return [
         (CaptionRecord(i, str(image_dir / files[i]), tuple(captions[i]), ""), (image_dir / files[i]).is_file())
         for i in sorted(captions)
@@ -111,7 +104,7 @@ class CocoSource:
             raise ImcapError(f"data.source.year={year}; choose 2014 or 2017 (or null: the year found under data.root)")
         self.requested_year = int(year) if year is not None else None
         self.restval_to = restval_to
-        self.missing_images = check_choice(missing_images, MISSING_IMAGES, "data.source.missing_images")
+        self.missing_images = validation.check_choice(missing_images, validation.MISSING_IMAGES, "data.source.missing_images")
 
     def _years_present(self) -> list[int]:
         return [y for y in YEARS if (self.root / annotation_file("train", y)).is_file()
@@ -129,14 +122,14 @@ class CocoSource:
         return present[0] if present else 2014
 
     def _fetch(self) -> str:
-        return fetch_command("coco", self.root, *([f"data.source.year={self.year}"] if self.year != 2014 else []))
+        return validation.fetch_command("coco", self.root, *([f"data.source.year={self.year}"] if self.year != 2014 else []))
 
     def resources(self) -> tuple[Resource, ...]:
         return resources(self.year)  # as requested or found under the root
 
     def prepare(self) -> None:
         if not self.root.is_dir():
-            raise missing_root(self.root, "MS COCO", self._fetch())
+            raise validation.missing_root(self.root, "MS COCO", self._fetch())
         year = self.year
         expected = [annotation_file("train", year), *([KARPATHY] if year == 2014 else [])]
         if not any((self.root / name).is_file() for name in expected):
@@ -158,4 +151,4 @@ class CocoSource:
                 for record, exists in read_official(path, self.root / image_folder(part, year)):
                     split = "train" if part == "train" else split_of(str(record.image_id), {"val": 1, "test": 1})
                     pairs.append((CaptionRecord(record.image_id, record.image_path, record.captions, split), exists))
-        return keep_existing(pairs, self.missing_images, "COCO", None)
+        return validation.keep_existing(pairs, self.missing_images, "COCO", None)

@@ -26,17 +26,10 @@ from pathlib import Path
 
 from imcap.data.records import CaptionRecord
 from imcap.data.resources import Resource, karpathy_split
+from imcap.data.sources import validation
 from imcap.data.sources.flickr8k import read_official_tokens
 from imcap.data.sources.karpathy import read_karpathy
 from imcap.data.sources.splits import split_of
-from imcap.data.sources.validation import (
-    MISSING_IMAGES,
-    check_choice,
-    fetch_command,
-    inside_root,
-    keep_existing,
-    missing_root,
-)
 from imcap.data.tokenizer import normalize
 from imcap.errors import ImcapError
 from imcap.registry import register
@@ -83,7 +76,7 @@ def _parse_row(line: str) -> tuple[str, str, str]:
 
 def read_kaggle_results(path: Path, bad_rows: str = "repair") -> dict[str, list[str]]:
     """Captions by image name from Kaggle's pipe-separated `results.csv`."""
-    check_choice(bad_rows, BAD_ROWS, "data.source.bad_rows")
+    validation.check_choice(bad_rows, BAD_ROWS, "data.source.bad_rows")
     captions: dict[str, list[str]] = defaultdict(list)
     repaired: list[int] = []
     skipped: list[tuple[int, str]] = []
@@ -116,7 +109,7 @@ def read_kaggle_results(path: Path, bad_rows: str = "repair") -> dict[str, list[
                     problem, fix = "the comment is merged into the comment_number column", \
                         "data.source.bad_rows=repair (or skip)"
                 raise ImcapError(f"{path}:{lineno}: {problem} ({line.strip()[:60]!r}); fix the line or set {fix}")
-            inside_root(Path(), image, f"{path}:{lineno}", follow_symlinks=False)
+            validation.inside_root(Path(), image, f"{path}:{lineno}", follow_symlinks=False)
             captions[image].append(caption)
     if repaired:
         log.warning("Repaired %d rows of %s whose comment was merged into the comment_number column "
@@ -143,8 +136,8 @@ class Flickr30kSource:
         self.root = Path(root)
         self.split_ratios = dict(split_ratios or {"train": 0.94, "val": 0.03, "test": 0.03})
         self.split_seed = split_seed
-        self.missing_images = check_choice(missing_images, MISSING_IMAGES, "data.source.missing_images")
-        self.bad_rows = check_choice(bad_rows, BAD_ROWS, "data.source.bad_rows")
+        self.missing_images = validation.check_choice(missing_images, validation.MISSING_IMAGES, "data.source.missing_images")
+        self.bad_rows = validation.check_choice(bad_rows, BAD_ROWS, "data.source.bad_rows")
 
     def _captions_file(self) -> Path:
         for name in (KARPATHY, OFFICIAL_TOKENS, *KAGGLE_CAPTIONS):
@@ -153,7 +146,7 @@ class Flickr30kSource:
         raise ImcapError(
             f"no Flickr30k captions under data.root={self.root}: place {KARPATHY} (Karpathy), "
             f"{OFFICIAL_TOKENS} (official) or results.csv (Kaggle) there with the images in "
-            f"flickr30k_images/, or fetch them with `{fetch_command('flickr30k', self.root)}`"
+            f"flickr30k_images/, or fetch them with `{validation.fetch_command('flickr30k', self.root)}`"
         )
 
     def _image_dir(self, first_image: str | None) -> Path:
@@ -169,7 +162,7 @@ class Flickr30kSource:
 
     def prepare(self) -> None:
         if not self.root.is_dir():
-            raise missing_root(self.root, "Flickr30k", fetch_command("flickr30k", self.root))
+            raise validation.missing_root(self.root, "Flickr30k", validation.fetch_command("flickr30k", self.root))
         self._captions_file()
 
     def records(self) -> list[CaptionRecord]:
@@ -181,7 +174,7 @@ class Flickr30kSource:
             image_dir = self._image_dir(pairs[0][0].image_path if pairs else None)
             pairs = [(replace(r, image_path=str(image_dir / r.image_path)), (image_dir / r.image_path).is_file())
                      for r, _ in pairs]
-            return keep_existing(pairs, self.missing_images, "Flickr30k", str(path))
+            return validation.keep_existing(pairs, self.missing_images, "Flickr30k", str(path))
         captions = (read_official_tokens(path) if path.name == OFFICIAL_TOKENS
                     else read_kaggle_results(path, self.bad_rows))
         names = sorted(captions)
@@ -192,4 +185,4 @@ class Flickr30kSource:
              (image_dir / name).is_file())
             for name in names
         ]
-        return keep_existing(pairs, self.missing_images, "Flickr30k", str(path))
+        return validation.keep_existing(pairs, self.missing_images, "Flickr30k", str(path))

@@ -16,17 +16,9 @@ from pathlib import Path
 
 from imcap.data.records import CaptionRecord
 from imcap.data.resources import Resource, karpathy_split
+from imcap.data.sources import validation
 from imcap.data.sources.karpathy import read_karpathy
 from imcap.data.sources.splits import split_of
-from imcap.data.sources.validation import (
-    MISSING_IMAGES,
-    check_caption,
-    check_choice,
-    fetch_command,
-    inside_root,
-    keep_existing,
-    missing_root,
-)
 from imcap.data.text_files import csv_rows, read_text
 from imcap.errors import ImcapError
 from imcap.registry import register
@@ -60,8 +52,8 @@ def read_official_tokens(path: Path) -> dict[str, list[str]]:
         image, hash_sign, _ = key.partition("#")
         if not sep or not hash_sign or not image or not caption.strip():
             raise ImcapError(f"{path}:{lineno}: expected '<image>#<n>\\t<caption>', got {line.strip()[:60]!r}")
-        inside_root(Path(), image, f"{path}:{lineno}", follow_symlinks=False)  # checked before any read
-        captions[image].append(check_caption(caption.strip(), f"{path}:{lineno}"))
+        validation.inside_root(Path(), image, f"{path}:{lineno}", follow_symlinks=False)  # checked before any read
+        captions[image].append(validation.check_caption(caption.strip(), f"{path}:{lineno}"))
     return captions
 
 
@@ -76,8 +68,8 @@ def read_kaggle_captions(path: Path) -> dict[str, list[str]]:
             continue
         if len(row) != 2 or not row[0].strip() or not row[1].strip():
             raise ImcapError(f"{path}:{line_num}: expected 'image,caption' (quote captions with commas), got {row!r}")
-        inside_root(Path(), row[0].strip(), f"{path}:{line_num}", follow_symlinks=False)
-        captions[row[0].strip()].append(check_caption(row[1].strip(), f"{path}:{line_num}"))
+        validation.inside_root(Path(), row[0].strip(), f"{path}:{line_num}", follow_symlinks=False)
+        captions[row[0].strip()].append(validation.check_caption(row[1].strip(), f"{path}:{line_num}"))
     return captions
 
 
@@ -95,7 +87,7 @@ class Flickr8kSource:
         self.root = Path(root)
         self.split_ratios = dict(split_ratios or {"train": 0.8, "val": 0.1, "test": 0.1})
         self.split_seed = split_seed
-        self.missing_images = check_choice(missing_images, MISSING_IMAGES, "data.source.missing_images")
+        self.missing_images = validation.check_choice(missing_images, validation.MISSING_IMAGES, "data.source.missing_images")
 
     def _layout(self) -> tuple[dict[str, list[str]], Path, Path]:
         if (self.root / KARPATHY).is_file():
@@ -109,7 +101,7 @@ class Flickr8kSource:
         raise ImcapError(
             f"no Flickr8k captions under data.root={self.root}: place {OFFICIAL_TOKENS} with "
             f"{OFFICIAL_IMAGES}/ (official) or {KAGGLE_CAPTIONS} with {KAGGLE_IMAGES}/ (Kaggle) there, "
-            f"or fetch them with `{fetch_command('flickr8k', self.root)}`"
+            f"or fetch them with `{validation.fetch_command('flickr8k', self.root)}`"
         )
 
     def _image_dir(self) -> Path:
@@ -121,7 +113,7 @@ class Flickr8kSource:
 
     def prepare(self) -> None:
         if not self.root.is_dir():
-            raise missing_root(self.root, "Flickr8k", fetch_command("flickr8k", self.root))
+            raise validation.missing_root(self.root, "Flickr8k", validation.fetch_command("flickr8k", self.root))
         self._layout()
 
     def _official_splits(self) -> dict[str, str]:
@@ -149,4 +141,4 @@ class Flickr8kSource:
                 pairs.append((CaptionRecord(image, str(path), tuple(captions[image]), split), path.is_file()))
             if unlisted:
                 log.info("%d Flickr8k images are in no official split file and were left out", unlisted)
-        return keep_existing(pairs, self.missing_images, "Flickr8k", str(captions_path))
+        return validation.keep_existing(pairs, self.missing_images, "Flickr8k", str(captions_path))
