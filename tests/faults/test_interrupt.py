@@ -57,10 +57,25 @@ def run_dir(root: Path) -> Path:
     return found
 
 
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """The data folder of every run here: the tiny shapes set and its features, made once."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data) -> Path:
+    """The run directory of RUN uninterrupted, in a new process: the end each resumed run must reach."""
+    root = tmp_path_factory.mktemp("straight") / "root"
+    process = start(root, data, *RUN)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    return run_dir(root)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_mid_epoch_saves_and_the_printed_command_resumes_to_the_same_end(signum, tmp_path):
-    data = tmp_path / "data"
+def test_a_signal_mid_epoch_saves_and_the_printed_command_resumes_to_the_same_end(signum, tmp_path, data, straight):
     marker = tmp_path / "waiting"
     interrupted = start(tmp_path / "first", data, *RUN,
                         f"+callbacks.wait={{_target_:{__name__}.WaitForSignal,epoch:0,batch:3,marker:'{marker}'}}")
@@ -84,20 +99,17 @@ def test_a_signal_mid_epoch_saves_and_the_printed_command_resumes_to_the_same_en
     resumed = start(tmp_path / "second", data, *args[3:])
     _, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr[-3000:]
-    straight = start(tmp_path / "straight", data, *RUN)
-    _, stderr = straight.communicate(timeout=600)
-    assert straight.returncode == 0, stderr[-3000:]
 
     got = json.loads((run_dir(tmp_path / "second") / "metrics.json").read_text())
-    expected = json.loads((run_dir(tmp_path / "straight") / "metrics.json").read_text())
+    expected = json.loads((straight / "metrics.json").read_text())
     assert {k: got[k] for k in METRICS} == {k: expected[k] for k in METRICS}
     ours = torch.load(run_dir(tmp_path / "second") / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
-    theirs = torch.load(run_dir(tmp_path / "straight") / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    theirs = torch.load(straight / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 @pytest.mark.slow
-def test_under_slurm_the_requeue_signal_stays_lightnings_and_sigterm_still_saves(tmp_path):
+def test_under_slurm_the_requeue_signal_stays_lightnings_and_sigterm_still_saves(tmp_path, data):
     # a fake SLURM job: Lightning's SLURMEnvironment(auto_requeue=True) answers SIGUSR1 (sent
     # before the time limit) by saving hpc_ckpt_1.ckpt and running `scontrol requeue <job id>`
     bin_dir = tmp_path / "bin"
@@ -110,7 +122,7 @@ def test_under_slurm_the_requeue_signal_stays_lightnings_and_sigterm_still_saves
              "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     marker = tmp_path / "waiting"
     root = tmp_path / "job"
-    job = start(root, tmp_path / "data", *RUN,
+    job = start(root, data, *RUN,
                 f"+callbacks.wait={{_target_:{__name__}.WaitForSignal,epoch:0,batch:3,marker:'{marker}'}}", env=slurm)
     while not marker.exists():
         assert job.poll() is None, job.stderr.read()[-3000:]
@@ -146,9 +158,9 @@ class WaitForSignalInValidation(pl.Callback):
 
 
 @pytest.mark.slow
-def test_sigterm_during_validation_exits_143_and_names_the_newest_checkpoint(tmp_path):
+def test_sigterm_during_validation_exits_143_and_names_the_newest_checkpoint(tmp_path, data):
     marker = tmp_path / "waiting"
-    job = start(tmp_path / "run", tmp_path / "data", *RUN, "data.eval_batch_size=4",  # 4 validation batches
+    job = start(tmp_path / "run", data, *RUN, "data.eval_batch_size=4",  # 4 validation batches
                 f"+callbacks.wait={{_target_:{__name__}.WaitForSignalInValidation,epoch:1,marker:'{marker}'}}")
     while not marker.exists():
         assert job.poll() is None, job.stderr.read()[-3000:]
