@@ -9,6 +9,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from imcap.config_compose import plain_config
 from imcap.data.vocab import Vocabulary
 from imcap.models.captioner import COMPONENTS, build_captioner
 from imcap.models.encoders import _resolve_weights
@@ -28,6 +29,14 @@ def group_options() -> list[tuple[str, str]]:
     return options
 
 
+def bringing_data_option(recipe: str) -> str:
+    """The data option whose defaults list brings conf/recipe/<recipe>.yaml."""
+    for path in sorted((CONF / "data").glob("*.yaml")):
+        if f"/recipe@_global_: {recipe}" in path.read_text(encoding="utf-8"):
+            return path.stem
+    raise AssertionError(f"no conf/data option brings conf/recipe/{recipe}.yaml")
+
+
 def test_every_group_directory_is_covered():
     groups = {g for g, _ in group_options()}
     assert {"data", "model", "model/encoder", "model/decoder", "model/attention", "model/embedding",
@@ -39,6 +48,8 @@ def test_every_group_directory_is_covered():
 def test_option_composes_and_instantiates(group, option, make_cfg):
     # the tiny overrides are shapes-specific (experiments may choose other data)
     extra = ["trainer.accelerator=cpu"] if option == "gpu" and not torch.cuda.is_available() else []
+    if group == "recipe":  # a recipe comes with the data option that names it
+        group, option = "data", bringing_data_option(option)
     cfg = make_cfg(f"{group}={option}", *extra, tiny=group != "experiment" and not (group == "data" and option != "shapes"))
     vocab = Vocabulary.build([["a", "red", "circle"]])
     if group.startswith("model") or group == "experiment":
@@ -107,8 +118,56 @@ def test_real_photos_decode_with_beam_search_and_trigram_blocking(make_cfg, over
     (["data=flickr8k", "data.root=x", "model/decoder=transformer", "model/attention=scaled_dot"],
      "ScaledDotAttention"),
 ])
-def test_the_attention_default_comes_with_the_data_and_the_decoder(make_cfg, overrides, attention):
+def test_the_attention_default_comes_with_the_model_and_the_decoder(make_cfg, overrides, attention):
     assert make_cfg(*overrides, tiny=False).model.attention._target_ == f"imcap.models.attention.{attention}"
+
+
+# What `make train` (the shapes demo) and `python -m imcap.train data=flickr8k` (the real-photo
+# recipe) train with: moving a default between config files must leave these as they are.
+RECIPES = {
+    "demo": ([], {
+        "model.encoder.name": "mobilenet_v2", "model.encoder.output_stride": 16,
+        "model.attention._target_": "imcap.models.attention.AdditiveAttention", "model.attention.attention_dim": 512,
+        "model.decoder._target_": "imcap.models.lstm.LSTMDecoder", "model.decoder.hidden_dim": 512,
+        "model.embedding.dim": 512, "model.attention_reg": 1.0,
+        "model.decoding": {"method": "greedy", "beam_size": 3, "max_length": 20, "min_length": 1, "length_penalty": 0.0,
+                           "block_trigrams": False, "allow_unk": False, "bad_endings": None, "rerank_neighbours": 0,
+                           "rerank_beams": 16, "rerank_logprob_weight": 0.02, "rerank_memory_images": 20000},
+        "data.batch_size": 64, "data.min_freq": 1, "data.max_vocab_size": None, "data.image_size": 128,
+        "data.captions_per_image": 1, "model.optimizer.lr": 2.0e-3, "trainer.max_epochs": 10, "seed": 42,
+    }),
+    "real_photos": (["data=flickr8k", "data.root=x"], {
+        "model.encoder.name": "efficientnet_lite0", "model.encoder.output_stride": None,
+        "model.attention._target_": "imcap.models.attention.AdditiveAttention", "model.attention.attention_dim": 256,
+        "model.decoder._target_": "imcap.models.lstm.LSTMDecoder", "model.decoder.hidden_dim": 256,
+        "model.embedding.dim": 256, "model.attention_reg": 1.0,
+        "model.decoding": {"method": "beam", "beam_size": 3, "max_length": 20, "min_length": 1, "length_penalty": 0.0,
+                           "block_trigrams": True, "allow_unk": False, "bad_endings": None, "rerank_neighbours": 50,
+                           "rerank_beams": 16, "rerank_logprob_weight": 0.02, "rerank_memory_images": 20000},
+        "data.batch_size": 32, "data.min_freq": 5, "data.max_vocab_size": 10000, "data.image_size": 224,
+        "data.captions_per_image": None, "model.optimizer.lr": 2.0e-3, "trainer.max_epochs": 10, "seed": 42,
+    }),
+}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_the_demo_and_the_real_photo_recipe_keep_their_settings(make_cfg, recipe):
+    overrides, expected = RECIPES[recipe]
+    cfg = make_cfg(*overrides, tiny=False)
+    got = {key: OmegaConf.select(cfg, key) for key in expected}
+    assert {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in got.items()} == expected
+
+
+def test_data_options_choose_no_model_part(make_cfg):
+    """Only the model config and recipes choose model parts: `imcap.eval data=NAME` (no model
+    config) composes a data node and nothing of a model, and resolves (it is saved with the run)."""
+    for option in ("flickr8k", "coco", "custom", "flickr30k", "shards"):
+        cfg = make_cfg("ckpt_path=x.ckpt", f"data={option}", "data.root=x", name="eval")
+        assert "model" not in cfg and cfg.data.root == "x"
+        plain_config(cfg)
+    for path in sorted((CONF / "data").glob("*.yaml")):
+        entries = [str(e) for e in OmegaConf.load(path).get("defaults", [])]
+        assert not [e for e in entries if "model" in e], f"{path.name} chooses a model part"
 
 
 def test_eval_and_caption_configs_compose(make_cfg):
