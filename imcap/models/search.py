@@ -338,24 +338,10 @@ def _first_step(decoder: nn.Module, grid: torch.Tensor, pooled: torch.Tensor, K:
 
 
 @torch.no_grad()
-def beam_search(
-    decoder: nn.Module,
-    grid: torch.Tensor,
-    pooled: torch.Tensor,
-    bos_id: int,
-    eos_id: int,
-    pad_id: int,
-    beam_size: int = 3,
-    max_length: int = 20,
-    min_length: int = 1,
-    length_penalty: float = 0.0,
-    block_trigrams: bool = False,
-    *,
-    never: Sequence[int] = (),
-    bad_endings: Sequence[int] = (),
-    check_every: int | None = None,
-    all_hypotheses: bool = False,
-) -> SearchResult:
+def beam_search(decoder: nn.Module, grid: torch.Tensor, pooled: torch.Tensor, bos_id: int, eos_id: int, pad_id: int,
+                beam_size: int = 3, max_length: int = 20, min_length: int = 1, length_penalty: float = 0.0,
+                block_trigrams: bool = False, *, never: Sequence[int] = (), bad_endings: Sequence[int] = (),
+                check_every: int | None = None, all_hypotheses: bool = False) -> SearchResult:
     """Beam search over the whole batch x beam at once (no per-image Python loops).
 
     Every step scores all B*K hypotheses in one `decoder.step`, takes the top K of K*V
@@ -414,25 +400,10 @@ def beam_search(
 
 
 @torch.no_grad()
-def sample(
-    decoder: nn.Module,
-    grid: torch.Tensor,
-    pooled: torch.Tensor,
-    bos_id: int,
-    eos_id: int,
-    pad_id: int,
-    max_length: int = 20,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-    *,
-    min_length: int = 1,
-    never: Sequence[int] = (),
-    bad_endings: Sequence[int] = (),
-    block_trigrams: bool = False,
-    check_every: int | None = None,
-) -> SearchResult:
+def sample(decoder: nn.Module, grid: torch.Tensor, pooled: torch.Tensor, bos_id: int, eos_id: int, pad_id: int,
+           max_length: int = 20, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None, *, min_length: int = 1, never: Sequence[int] = (),
+           bad_endings: Sequence[int] = (), block_trigrams: bool = False, check_every: int | None = None) -> SearchResult:
     """Ancestral sampling with temperature, top-k and nucleus (top-p) truncation, for the whole
     batch at once; temperature=0 takes the most probable token at every step (greedy search).
     `block_trigrams` forbids a token that would repeat a trigram of the caption so far.
@@ -484,25 +455,11 @@ def sample(
     return SearchResult(torch.stack(tokens, dim=1), scores, attention)
 
 
-def greedy_search(
-    decoder: nn.Module,
-    grid: torch.Tensor,
-    pooled: torch.Tensor,
-    bos_id: int,
-    eos_id: int,
-    pad_id: int,
-    max_length: int = 20,
-    *,
-    min_length: int = 1,
-    never: Sequence[int] = (),
-    bad_endings: Sequence[int] = (),
-    block_trigrams: bool = False,
-    check_every: int | None = None,
-) -> SearchResult:
-    """The most probable token at every step: `sample` at temperature 0."""
-    return sample(decoder, grid, pooled, bos_id, eos_id, pad_id, max_length, temperature=0.0,
-                  min_length=min_length, never=never, bad_endings=bad_endings, block_trigrams=block_trigrams,
-                  check_every=check_every)
+def greedy_search(decoder: nn.Module, grid: torch.Tensor, pooled: torch.Tensor, bos_id: int, eos_id: int,
+                  pad_id: int, max_length: int = 20, **rules: Any) -> SearchResult:
+    """The most probable token at every step: `sample` at temperature 0; `rules` are its
+    keyword-only options (min_length, never, bad_endings, block_trigrams, check_every)."""
+    return sample(decoder, grid, pooled, bos_id, eos_id, pad_id, max_length, temperature=0.0, **rules)
 
 
 def _truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
