@@ -256,7 +256,7 @@ def test_every_valid_pair_learns_through_imcap_train(pair, make_cfg, tmp_path):
     out = tmp_path / pair_id(pair)
     cfg = make_cfg("debug=overfit", "trainer.max_epochs=300", "trainer.log_every_n_steps=1", "test=false",
                    f"model/decoder={decoder}", f"model/attention={attention}", "model.decoder.hidden_dim=32",
-                   *([] if attention == "dot" else ["++model.attention.attention_dim=16"]),  # dot has no attention_dim
+                   f"++model.attention.attention_dim={'null' if attention == 'dot' else 16}",  # dot has none
                    "model.embedding.dim=16", "model.optimizer.lr=3e-3",
                    *(["model.decoder.layers=1", "model.decoder.heads=4"] if decoder == "transformer" else []),
                    out=out)
