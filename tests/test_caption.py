@@ -198,16 +198,14 @@ def test_ctrl_c_stops_with_one_line_that_says_how_to_continue(make_cfg, tmp_path
 
 
 @pytest.mark.slow
-def test_the_batched_path_gives_the_captions_of_the_one_path_captioner(make_cfg, tmp_path, data_dir, monkeypatch):
+def test_the_batched_path_gives_the_captions_of_the_one_path_captioner(reranking_run, make_cfg, tmp_path, data_dir,
+                                                                      monkeypatch):
     """The fast path (workers, BatchNorm-folded encoder, batched search, tensor reranking) against
     `Captioner.caption` with the Python reranking it replaced, for greedy, beam 3 and reranking."""
     from imcap.models import search
-    from imcap.train import train
     from tests.models.test_rerank import plain_choose
 
-    train(make_cfg("model.decoding.method=beam", "model.decoding.rerank_neighbours=5",
-                   "model.decoding.rerank_beams=6", "trainer.max_epochs=4", out=tmp_path / "train"))
-    best = tmp_path / "train" / "checkpoints" / "best.ckpt"
+    best = reranking_run / "checkpoints" / "best.ckpt"
     images = sorted(data_dir.rglob("test_*.png"))[:6]
     captioner = Captioner.from_checkpoint(best)
     assert captioner.decoding.reranks and captioner.memory is not None
@@ -217,7 +215,7 @@ def test_the_batched_path_gives_the_captions_of_the_one_path_captioner(make_cfg,
                        name="caption", out=tmp_path / name)
         fast = [c.text for _, c in caption_images(cfg)]
         with monkeypatch.context() as m:
-            m.setattr(search, "choose", lambda *a: torch.tensor(plain_choose(*a), dtype=torch.long))
+            m.setattr(search, "pick_by_consensus", lambda *a: torch.tensor(plain_choose(*a), dtype=torch.long))
             decoding = search.Decoding(**{**captioner.decoding.to_config(), **change})
             plain = [c.text for c in captioner.caption(images, decoding)]
         assert fast == plain, name
