@@ -13,7 +13,8 @@ check is skipped with a logged note, never faked. For each file, below the datas
 A file already in `downloads/` is verified and extracted without a download, which is how
 archives behind a sign-up (the Flickr30k images) are brought in by hand.
 
-Offline, the hosts are probed first: within `IMCAP_DOWNLOAD_TIMEOUT` seconds (default 10) the
+Offline, the hosts are probed first (`imcap.reachability`: within `IMCAP_DOWNLOAD_TIMEOUT` seconds,
+else the probe's default) and the
 run fails with one line naming the files to download by hand and the folder to put them in.
 `IMCAP_DOWNLOAD_BASE_URL=http://host/dir` (or `prepare(base_url=...)`) fetches every file as
 `<base>/<file name>` from a mirror instead, the sign-up ones included.
@@ -30,9 +31,10 @@ from urllib.parse import urlsplit
 
 from imcap.checksums import sha256_file
 from imcap.data.extract import extract
-from imcap.data.fetch import BASE_URL_ENV, download, unreachable
+from imcap.data.fetch import BASE_URL_ENV, download
 from imcap.data.resources import Resource
 from imcap.errors import ImcapError
+from imcap.reachability import PROBE_SECONDS, unreachable
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +121,7 @@ def prepare(
     root = Path(root)
     downloads = root / DOWNLOADS
     base_url = base_url or os.environ.get(BASE_URL_ENV) or None
-    timeout = float(timeout or os.environ.get(TIMEOUT_ENV) or 10.0)
+    timeout = float(timeout or os.environ.get(TIMEOUT_ENV) or 0) or None  # None: each step's own default
     report, todo = [], []
     for resource in resources:
         state = why_done(root, resource)
@@ -132,7 +134,7 @@ def prepare(
         raise ImcapError(f"{dataset} needs files that only a sign-up gives: "
                          + _by_hand(fetch, base_url, downloads, dataset))
     for url in dict.fromkeys(r.source(base_url) for r in fetch):  # probe each host once, quickly
-        reason = unreachable(url, timeout)
+        reason = unreachable(url, timeout or PROBE_SECONDS)
         if reason:
             raise ImcapError(f"cannot reach {urlsplit(url).hostname} ({reason}): "
                              + _by_hand(fetch, base_url, downloads, dataset))

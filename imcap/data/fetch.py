@@ -1,5 +1,5 @@
-"""HTTP downloads that resume: a quick probe of the host, then a GET into `<file>.part` with a
-progress bar, continued by Range requests after a dropped connection or an earlier run."""
+"""HTTP downloads that resume: a GET into `<file>.part` with a progress bar, continued by Range
+requests after a dropped connection or an earlier run (the host is probed first: imcap.reachability)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,10 @@ import http.client
 import logging
 import os
 import re
-import socket
-import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from tqdm.auto import tqdm
 
@@ -26,33 +23,7 @@ log = logging.getLogger(__name__)
 
 BASE_URL_ENV = "IMCAP_DOWNLOAD_BASE_URL"
 CHUNK = 1 << 20
-
-
-def unreachable(url: str, timeout: float) -> str | None:
-    """Why no TCP connection to the URL's host (or its proxy) opens within `timeout`, or None.
-
-    Runs in a thread so that a hanging DNS lookup cannot outlast the timeout.
-    """
-    parts = urlsplit(url)
-    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
-    proxy = urllib.request.getproxies().get(parts.scheme)
-    if proxy and not urllib.request.proxy_bypass(host):
-        proxy_parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-        host, port = proxy_parts.hostname or "", proxy_parts.port or 80
-    outcome: dict[str, str] = {}
-
-    def connect() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-        except OSError as e:
-            outcome["error"] = f"{type(e).__name__}: {e}"
-
-    thread = threading.Thread(target=connect, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        return f"no answer from {host} within {timeout:g} s"
-    return outcome.get("error")
+STALL_SECONDS = 10.0  # a transfer that sends nothing this long is retried from where it stopped
 
 
 class _Transfer:
@@ -104,7 +75,7 @@ class _Transfer:
             return total
 
 
-def download(url: str, path: Path, size: int | None = None, timeout: float = 10.0, retries: int = 3) -> str:
+def download(url: str, path: Path, size: int | None = None, timeout: float | None = None, retries: int = 3) -> str:
     """Fetch `url` into `path` via `path.part` (resumed if present); returns the sha256.
 
     A dropped connection is retried from where it stopped, up to `retries` times in a row
@@ -114,7 +85,7 @@ def download(url: str, path: Path, size: int | None = None, timeout: float = 10.
     path.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=path.name,
                disable=None, leave=False)
-    transfer = _Transfer(url, part, timeout, bar)
+    transfer = _Transfer(url, part, timeout or STALL_SECONDS, bar)
     bar.update(transfer.done)
     if transfer.done:
         log.info("Resuming %s at byte %d", path.name, transfer.done)

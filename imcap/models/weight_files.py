@@ -4,7 +4,7 @@ when the network answers, else at once a one-line error naming the file and wher
 Both libraries fetch through the Hugging Face hub (`huggingface_hub`), which on a machine without
 network retries for about 25 s per file before it gives up; and they fall back to a random init
 in places. Here the cache is looked up first (`try_to_load_from_cache`, the layout
-`hf download` writes), HF_HUB_OFFLINE is honoured, and the host is probed with a 3 s connect
+`hf download` writes), HF_HUB_OFFLINE is honoured, and the host is probed (imcap.reachability)
 before any download, so offline machines fail immediately and never train on random weights
 they did not ask for.
 """
@@ -12,7 +12,6 @@ they did not ask for.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -20,9 +19,9 @@ from urllib.parse import urlparse
 import torch
 
 from imcap.errors import ImcapError
+from imcap.reachability import unreachable
 
 HF_HOST = "huggingface.co"
-PROBE_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -43,20 +42,15 @@ def hf_cache_dir() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def _offline_reason(host: str, port: int = 443) -> str | None:
-    """Why `host` cannot be reached now (None: it answered, or a proxy will be asked)."""
+def _offline_reason(url: str) -> str | None:
+    """Why `url`'s host cannot be reached now (None: it, or the proxy that carries it, answered)."""
     from huggingface_hub import constants
 
     flag = os.environ.get("HF_HUB_OFFLINE", "")
     if constants.HF_HUB_OFFLINE or flag.upper() in {"1", "ON", "YES", "TRUE"}:
         return "HF_HUB_OFFLINE is set"
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None  # the proxy decides; its errors come back from the download
-    try:
-        with socket.create_connection((host, port), timeout=PROBE_SECONDS):
-            return None
-    except OSError as e:
-        return f"{host} cannot be reached: {e.strerror or e}"
+    reason = unreachable(url)
+    return f"{urlparse(url).hostname} cannot be reached: {reason}" if reason else None
 
 
 def _cached(weights: WeightsFile) -> Path | None:
@@ -94,11 +88,7 @@ def fetch(weights: WeightsFile) -> Path:
     if not weights.repo_id and not weights.url:
         raise ImcapError(f"{weights.what} has no pretrained weights to download; "
                          f"pass model.encoder.weights_path=FILE or set {weights.random_init}")
-    if weights.repo_id:
-        reason = _offline_reason(HF_HOST)
-    else:
-        url = urlparse(weights.url)
-        reason = _offline_reason(url.hostname or "", url.port or (80 if url.scheme == "http" else 443))
+    reason = _offline_reason(f"https://{HF_HOST}" if weights.repo_id else weights.url or "")
     if reason:
         raise ImcapError(f"pretrained weights for {weights.what} are not in the local cache and {reason}: "
                          f"{_where(weights)}, or set {weights.random_init} for a random init")

@@ -13,7 +13,7 @@ import zipfile
 
 import pytest
 
-from imcap import registry
+from imcap import reachability, registry
 from imcap.data import fetch
 from imcap.data.download import prepare, resources_of
 from imcap.data.extract import extract
@@ -176,7 +176,7 @@ def test_offline_fails_fast_naming_the_files_and_the_folder(tmp_path, monkeypatc
         time.sleep(3)
         raise OSError("too late")
 
-    monkeypatch.setattr(fetch.socket, "create_connection", never_answers)
+    monkeypatch.setattr(reachability.socket, "create_connection", never_answers)
     start = time.monotonic()
     monkeypatch.delenv(fetch.BASE_URL_ENV, raising=False)
     with pytest.raises(ImcapError, match=r"cannot reach cs.stanford.edu \(no answer from cs.stanford.edu "

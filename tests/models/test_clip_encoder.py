@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from imcap import reachability
 from imcap.data.features import extract_features
 from imcap.errors import ImcapError
-from imcap.models import weight_files
 from imcap.models.clip_encoder import OpenClipEncoder
 from tests.helpers.runs import every_decoder_trains_from_random_and_from_file
 
@@ -135,7 +135,7 @@ def test_unreachable_pretrained_weights_fail_at_once_in_one_line(monkeypatch, tm
     def no_network(*args, **kwargs):
         raise AssertionError("tried to reach the network")
 
-    monkeypatch.setattr(weight_files.socket, "create_connection", no_network)
+    monkeypatch.setattr(reachability.socket, "create_connection", no_network)
     with pytest.raises(ImcapError) as info:
         OpenClipEncoder("ViT-B-32", pretrained="openai")
     message = str(info.value)

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from imcap import reachability
 from imcap.errors import ImcapError
-from imcap.models import weight_files
 from imcap.models.timm_encoder import TimmEncoder
 from tests.helpers.runs import TINY, every_decoder_trains_from_random_and_from_file, train_offline
 
@@ -28,7 +28,7 @@ def offline(monkeypatch, tmp_path):
     def no_network(*args, **kwargs):
         raise AssertionError("tried to reach the network")
 
-    monkeypatch.setattr(weight_files.socket, "create_connection", no_network)
+    monkeypatch.setattr(reachability.socket, "create_connection", no_network)
     monkeypatch.setattr("huggingface_hub.hf_hub_download", no_network)
 
 
@@ -152,15 +152,15 @@ def test_no_connection_fails_at_once_without_a_download(monkeypatch, tmp_path):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
 
     def refused(address, timeout):
-        assert timeout <= weight_files.PROBE_SECONDS
+        assert timeout <= reachability.PROBE_SECONDS
         raise ConnectionRefusedError(111, "Connection refused")
 
     def download(*args, **kwargs):
         raise AssertionError("downloaded although the probe failed")
 
-    monkeypatch.setattr(weight_files.socket, "create_connection", refused)
+    monkeypatch.setattr(reachability.socket, "create_connection", refused)
     monkeypatch.setattr("huggingface_hub.hf_hub_download", download)
-    with pytest.raises(ImcapError, match="huggingface.co cannot be reached: Connection refused"):
+    with pytest.raises(ImcapError, match="huggingface.co cannot be reached: ConnectionRefusedError: .*Connection refused"):
         TimmEncoder("convnext_nano", pretrained=True)
 
 

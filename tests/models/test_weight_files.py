@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from imcap import reachability
 from imcap.errors import ImcapError
 from imcap.models import weight_files
 from tests.helpers.http_server import closed_port, serving
@@ -35,7 +36,7 @@ WEIGHTS = weight_files.WeightsFile("timm test", "org/model", ("model.safetensors
 
 
 def test_a_cached_file_is_used_without_the_network(hf_cache, monkeypatch):
-    monkeypatch.setattr(weight_files.socket, "create_connection", lambda *a, **k: pytest.fail("probed the network"))
+    monkeypatch.setattr(reachability.socket, "create_connection", lambda *a, **k: pytest.fail("probed the network"))
     second = _place(hf_cache, "org/model", "pytorch_model.bin")
     assert weight_files.fetch(WEIGHTS) == second  # the second candidate, since the first is not there
 
@@ -43,7 +44,7 @@ def test_a_cached_file_is_used_without_the_network(hf_cache, monkeypatch):
 def test_online_the_first_file_that_exists_is_downloaded(hf_cache, monkeypatch, tmp_path):
     from huggingface_hub.errors import EntryNotFoundError
 
-    monkeypatch.setattr(weight_files.socket, "create_connection", lambda *a, **k: open(__file__))  # any context manager
+    monkeypatch.setattr(reachability.socket, "create_connection", lambda *a, **k: open(__file__))  # any context manager
     asked = []
 
     def download(repo_id, filename):
@@ -59,7 +60,7 @@ def test_online_the_first_file_that_exists_is_downloaded(hf_cache, monkeypatch, 
 
 
 def test_a_failed_download_is_one_line_naming_the_file(hf_cache, monkeypatch):
-    monkeypatch.setattr(weight_files.socket, "create_connection", lambda *a, **k: open(__file__))
+    monkeypatch.setattr(reachability.socket, "create_connection", lambda *a, **k: open(__file__))
 
     def download(repo_id, filename):
         raise OSError("disk full\nmore detail")
