@@ -124,3 +124,26 @@ def test_feature_extraction_of_chosen_timm_and_open_clip_encoders(tmp_path, jpeg
         ("timm:resnet18", "fp32", 1, 512), ("timm:resnet18", "bf16", 1, 512),
         ("open_clip:RN50", "fp32", 1, 2048), ("open_clip:RN50", "bf16", 1, 2048)]  # 32 pixels: one cell
     assert all(r["images_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize(("fp32", "bf16", "pays"), [(154.0, 384.0, True), (189.0, 140.0, False)])
+def test_bf16_verdict_records_the_cpu_flags_both_gemm_rates_and_why(monkeypatch, fp32, bf16, pays):
+    monkeypatch.setattr(bench, "cpu_bf16_flags", lambda: "avx512_bf16")
+    train = [{"decoder": "lstm", "attention": "additive", "grid": "7x7x2048", "dtype": d, "captions_per_s": c,
+              "fraction_of_gemm": f} for d, c, f in (("fp32", 60.0, 0.5), ("bf16", 102.0, 0.3))]
+    verdict = bench.bf16_verdict({"fp32": fp32, "bf16": bf16}, train)
+    assert verdict["cpu_bf16"] == "avx512_bf16"
+    assert (verdict["fp32_gemm_gflops_per_s"], verdict["bf16_gemm_gflops_per_s"]) == (fp32, bf16)
+    assert verdict["bf16_over_fp32_gemm"] == pytest.approx(bf16 / fp32)
+    assert verdict["bf16_over_fp32_training"] == pytest.approx(1.7)
+    assert verdict["bf16_training_fraction_of_gemm"] == 0.3
+    assert verdict["why"].startswith("bf16 GEMM runs at 2.5x" if pays else "fp32 stays the default: bf16 GEMM runs at only 0.7x")
+    assert "avx512_bf16" in verdict["why"]
+
+
+def test_every_run_says_whether_bf16_pays_on_this_cpu(capsys, one_thread):
+    results = bench.run(True, ("gemm",), bench.SMOKE)
+    assert results["bf16"]["cpu_bf16"] == bench.cpu_bf16_flags()
+    assert "bf16_over_fp32_training" not in results["bf16"]  # no decoder_train section
+    bench.print_tables(results, bench.Console(width=200))
+    assert f"bf16: {results['bf16']['why']}" in capsys.readouterr().out
