@@ -36,3 +36,38 @@ def test_cross_entropy_of_bf16_logits_is_computed_in_fp32(smoothing, autocast):
     ref.backward()
     assert ours_in.grad.dtype == torch.bfloat16
     torch.testing.assert_close(ours_in.grad.float(), ref_in.grad, rtol=2**-8, atol=1e-7)
+
+
+def test_bf16_training_follows_the_fp32_loss_curve():
+    # a guard for the bf16 path as a whole (kernel, loss, fused AdamW on fp32 master weights):
+    # the same decoder trained on the same batches in fp32 and under bf16 autocast
+    import copy
+
+    from imcap.bench import train_step
+    from imcap.bench_models import build_optimizer, compose_model
+    from imcap.data.vocab import Vocabulary
+    from imcap.models.captioner import build_decoder
+
+    V, B, T, N, C = 40, 16, 6, 9, 32
+    vocab = Vocabulary(["<pad>", "<bos>", "<eos>", "<unk>", *[f"w{i}" for i in range(V - 4)]])
+    arch = compose_model("lstm", "additive", ("model.decoder.hidden_dim=32", "model.embedding.dim=32",
+                                              "++model.attention.attention_dim=16", "model.decoder.dropout=0"))
+    torch.manual_seed(0)
+    decoders = {"fp32": build_decoder(arch, vocab, C).train()}
+    decoders["bf16"] = copy.deepcopy(decoders["fp32"])
+    optimizers = {d: build_optimizer(arch, m) for d, m in decoders.items()}
+    g = torch.Generator().manual_seed(1)
+    classes, captions = torch.randn(4, 1, C, generator=g), torch.randint(4, V, (4, T), generator=g)
+    losses: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for _ in range(40):  # 4 kinds of image, each with its own caption
+        kind = torch.randint(0, 4, (B,), generator=g)
+        grid = classes[kind] + 0.5 * torch.randn(B, N, C, generator=g)
+        tokens = torch.cat([torch.full((B, 1), vocab.bos_id), captions[kind]], 1)
+        for dtype, decoder in decoders.items():
+            train_step(decoder, optimizers[dtype], grid, tokens, dtype)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                logits, _ = decoder(grid, grid.mean(1), tokens[:, :-1])
+                losses[dtype].append(caption_cross_entropy(logits, tokens[:, 1:], PAD).item())
+    fp32, bf16 = (torch.tensor(losses[d]) for d in ("fp32", "bf16"))
+    assert fp32[-10:].mean() < 0.8 * fp32[:10].mean()  # it learns
+    assert ((bf16 - fp32).abs() <= 0.02 * fp32).all()  # measured: at most 0.05%
