@@ -54,6 +54,13 @@ class ReferenceTable(NamedTuple):
     starts: torch.Tensor  # (Ncap + 1,) long
     norms: torch.Tensor  # (Ncap, NGRAMS) float64
     lengths: torch.Tensor  # (Ncap,) long: bigram counts (CIDEr's length)
+    # n-gram lookup by word ids, one order at a time: n-gram g = (prefix, w) has the key
+    # (id of prefix + 1) * word_bound + w (a unigram's prefix id is -1); every prefix of a
+    # memory n-gram is one too, so an n-gram whose prefix is unknown is unknown
+    keys: torch.Tensor  # (G,) long, sorted
+    key_grams: torch.Tensor  # (G,) long: the n-gram id of each key
+    word_bound: int  # 1 + the largest word id of the memory
+    log_df: torch.Tensor  # (G,) float64: log(max(1, document frequency)), as `tfidf` computes it
 
 
 class NeighbourMemory(nn.Module):
@@ -147,10 +154,16 @@ class NeighbourMemory(nn.Module):
                     counts.append(sum(len(v) for v in vector.vectors))
                     norms.append(vector.norms)
                     lengths.append(vector.length)
+            bound = max((int(w) for gram in grams for w in gram), default=-1) + 1
+            keys = torch.tensor([(grams[gram[:-1]] + 1 if len(gram) > 1 else 0) * bound + int(gram[-1])
+                                 for gram in grams], dtype=torch.long)
+            keys, key_grams = keys.sort()
             self._table = ReferenceTable(
                 grams, torch.tensor(ids, dtype=torch.long), torch.tensor(weights, dtype=torch.float64),
                 torch.tensor(orders, dtype=torch.long), torch.tensor([0, *accumulate(counts)], dtype=torch.long),
-                torch.tensor(norms, dtype=torch.float64).view(-1, NGRAMS), torch.tensor(lengths, dtype=torch.long))
+                torch.tensor(norms, dtype=torch.float64).view(-1, NGRAMS), torch.tensor(lengths, dtype=torch.long),
+                keys, key_grams, bound,
+                torch.tensor([math.log(max(1.0, df[gram])) for gram in grams], dtype=torch.float64))
         return self._table
 
     def _captions(self, image: int) -> list[str]:
@@ -186,37 +199,75 @@ def _length_penalties(differences: torch.Tensor, sigma: float = SIGMA) -> torch.
     return table[differences + span]
 
 
-def consensus_scores(memory: NeighbourMemory, candidates: Sequence[Sequence[str]],
-                     neighbours: torch.Tensor) -> torch.Tensor:
-    """`consensus` for a batch: float64 (B, K) CIDEr-D of `candidates[b][k]` (strings of word ids;
-    K per image) against the captions of the training images `neighbours[b]` (B, k), with tensors.
+class CandidateVectors(NamedTuple):
+    """Candidates' CIDEr vectors (`tfidf`, the same float64 values) as flat tensors: one entry
+    per distinct n-gram of each candidate."""
+
+    rows: torch.Tensor  # (U,) long: the candidate of each entry
+    grams: torch.Tensor  # (U,) long: its n-gram's id in the `ReferenceTable`, -1 where no memory caption has it
+    orders: torch.Tensor  # (U,) long: n - 1
+    weights: torch.Tensor  # (U,) float64: tf * idf
+    norms: torch.Tensor  # (R, NGRAMS) float64
+    lengths: torch.Tensor  # (R,) long: bigram counts (CIDEr's length)
+
+
+def candidate_vectors(tokens: torch.Tensor, eos_id: int, table: ReferenceTable, log_images: float) -> CandidateVectors:
+    """The CIDEr vectors of candidates tokens (R, L), each its words up to the first <eos> (all
+    L without one), under the memory's document frequencies, with tensors.
+
+    The n-grams at every position are built one order at a time from their prefix: looked up
+    in `table` (an n-gram is known only if its prefix is), given dense ids among this batch's
+    n-grams (known or not) by a 1-D `unique`, and counted per candidate by another."""
+    tokens = tokens.cpu().long()
+    R, L = tokens.shape
+    is_eos = tokens == eos_id
+    words = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), L)  # (R,) words per candidate
+    positions, G, W = torch.arange(L), len(table.keys), int(tokens.max()) + 1 if tokens.numel() else 1
+    known = torch.full((R, L), -1, dtype=torch.long)  # table id of the n-gram at each position (-1: unknown)
+    local = torch.full((R, L), -1, dtype=torch.long)  # its id among this batch's n-grams of its order
+    rows, grams, orders, counts = [], [], [], []
+    for k in range(NGRAMS):  # the (k+1)-grams: words i .. i+k
+        valid = positions + k < words.unsqueeze(1)  # (R, L)
+        last = torch.cat([tokens[:, k:], tokens.new_zeros(R, k)], dim=1)  # (R, L) word i+k
+        key = (known + 1) * table.word_bound + last
+        in_table = (last < table.word_bound) & ((known >= 0) if k else True)
+        if G:
+            at = torch.searchsorted(table.keys, key).clamp(max=G - 1)
+            known = torch.where(in_table & (table.keys[at] == key), table.key_grams[at], -1)
+        local_ids, local[valid] = torch.unique(((local + 1) * W + last)[valid], return_inverse=True)
+        pairs, which, tf = torch.unique(valid.nonzero()[:, 0] * len(local_ids) + local[valid], return_inverse=True,
+                                        return_counts=True)  # one per (candidate, n-gram)
+        rows.append(pairs // max(len(local_ids), 1))
+        grams.append(torch.full_like(pairs, -1).scatter_(0, which, known[valid]))
+        orders.append(torch.full_like(pairs, k))
+        counts.append(tf)
+    row, gram, order, tf = torch.cat(rows), torch.cat(grams), torch.cat(orders), torch.cat(counts)
+    log_df = table.log_df[gram.clamp(min=0)] if G else torch.zeros(len(gram), dtype=torch.float64)
+    weights = tf.double() * (log_images - torch.where(gram >= 0, log_df, 0.0))  # df 0: log(max(1, 0)) = 0
+    norms = torch.zeros(R * NGRAMS, dtype=torch.float64).index_add_(0, row * NGRAMS + order, weights**2)
+    return CandidateVectors(row, gram, order, weights, norms.sqrt().view(R, NGRAMS), (words - 1).clamp(min=0))
+
+
+def consensus_scores(memory: NeighbourMemory, tokens: torch.Tensor, neighbours: torch.Tensor,
+                     eos_id: int) -> torch.Tensor:
+    """`consensus` for a batch, with tensors: float64 (B, K) CIDEr-D of the candidates tokens
+    (B, K, L) (their words up to the first <eos>) against the captions of the training images
+    `neighbours[b]` (B, k).
 
     Only n-grams a candidate holds add to its clipped dot products, so each reference entry
     whose n-gram some candidate of its image holds is gathered once against the K candidates'
     weights for it, and the products are summed per (reference, n-gram order) by index_add.
     """
     table = memory.reference_table()
-    df, log_images = memory.frequencies()
-    B, K = len(candidates), len(candidates[0]) if candidates else 0
+    B, K, L = tokens.shape
     G = max(len(table.grams), 1)
-    # the candidates' vectors: the same `tfidf` as the plain path
-    vectors = [tfidf(ngram_counts(text), df, log_images) for row in candidates for text in row]
-    cand_norms = torch.tensor([v.norms for v in vectors], dtype=torch.float64).view(B, K, NGRAMS)
-    cand_lengths = torch.tensor([v.length for v in vectors], dtype=torch.long).view(B, K)
-    keys, rows, values = [], [], []  # candidate entries whose n-gram some reference holds
-    for i, vector in enumerate(vectors):
-        b, k = divmod(i, K)
-        for entries in vector.vectors:
-            for gram, weight in entries.items():
-                gram_id = table.grams.get(gram)
-                if gram_id is not None:
-                    keys.append(b * G + gram_id)
-                    rows.append(k)
-                    values.append(weight)
-    keys_ = torch.tensor(keys, dtype=torch.long)
-    columns, column_of = torch.unique(keys_, return_inverse=True)  # one column per (image, n-gram)
+    vectors = candidate_vectors(tokens.reshape(B * K, L), eos_id, table, memory.frequencies()[1])
+    cand_norms, cand_lengths = vectors.norms.view(B, K, NGRAMS), vectors.lengths.view(B, K)
+    known = vectors.grams >= 0  # candidate entries whose n-gram some reference holds
+    columns, column_of = torch.unique((vectors.rows[known] // K) * G + vectors.grams[known],
+                                      return_inverse=True)  # one column per (image, n-gram)
     weights = torch.zeros(K, len(columns), dtype=torch.float64)  # (K, J)
-    weights[torch.tensor(rows, dtype=torch.long), column_of] = torch.tensor(values, dtype=torch.float64)
+    weights[vectors.rows[known] % K, column_of] = vectors.weights[known]
 
     # the references: every caption of every neighbour, one slot per (image, caption)
     neighbours = neighbours.cpu().long()
@@ -255,9 +306,7 @@ def pick_by_consensus(tokens: torch.Tensor, scores: torch.Tensor, pooled: torch.
     """Index (B,) of the hypothesis to keep per image, from hypotheses tokens (B, K, L) with
     their log-probabilities (B, K) (-inf: a hypothesis the search never filled)."""
     near = memory.nearest(pooled, neighbours)  # (B, k)
-    texts = [[" ".join(map(str, row[: row.index(eos_id)] if eos_id in row else row)) for row in rows]
-             for rows in tokens.tolist()]
-    agreement = consensus_scores(memory, texts, near)  # (B, K) float64
+    agreement = consensus_scores(memory, tokens, near, eos_id)  # (B, K) float64
     total = agreement + logprob_weight * scores.double().cpu()  # -inf stays -inf
     picks = torch.where(torch.isfinite(total).any(dim=1), total.argmax(dim=1), 0)
     return picks.to(tokens.device)

@@ -6,8 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from imcap.metrics.cider import cider_d_scores
-from imcap.models.rerank import NeighbourMemory, consensus, consensus_scores, pick_by_consensus
+from imcap.metrics.cider import cider_d_scores, ngram_counts, tfidf
+from imcap.models.rerank import (
+    NeighbourMemory,
+    candidate_vectors,
+    consensus,
+    consensus_scores,
+    pick_by_consensus,
+)
 
 EOS = 2
 # three training images: two of dogs (features near [1, 0]), one of a boat (near [0, 1])
@@ -89,7 +95,7 @@ def assert_tensor_scores_equal_the_plain_ones(memory, tokens, scores, pooled, ne
     near = memory.nearest(pooled, neighbours)
     texts = [[" ".join(map(str, row[: row.index(EOS)] if EOS in row else row)) for row in rows]
              for rows in tokens.tolist()]
-    fast = consensus_scores(memory, texts, near)
+    fast = consensus_scores(memory, tokens, near, EOS)
     plain = torch.tensor([consensus(memory, row, near[b].tolist()) for b, row in enumerate(texts)],
                          dtype=torch.float64)
     assert fast.shape == plain.shape and fast.dtype == torch.float64
@@ -116,6 +122,30 @@ def test_tensor_scores_equal_the_plain_ones_on_random_captions():
     scores[3, 1:] = float("-inf")
     for neighbours in (1, 7, 40):
         assert_tensor_scores_equal_the_plain_ones(memory, tokens, scores, torch.randn(B, 8, generator=g), neighbours)
+
+
+def test_candidate_vectors_are_the_plain_tfidf_vectors():
+    """Each candidate's n-grams (those no memory caption has too, and repeated ones), with the
+    same float64 weights as `tfidf` of its string, its norms and its length."""
+    g = torch.Generator().manual_seed(2)
+    captions = [[torch.randint(4, 12, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (3,), generator=g)]
+                for _ in range(20)]
+    memory = NeighbourMemory.build(torch.randn(20, 4, generator=g), captions)
+    tokens = torch.randint(4, 14, (12, 10), generator=g)  # words 12 and 13: in no memory caption
+    tokens[0] = torch.tensor([5, 6, 5, 6, 5, 6, 5, 6, EOS, 7])  # repeated n-grams, words after <eos>
+    tokens[1, 0] = EOS  # no words
+    tokens[2] = 13  # no <eos>: all ten words, none known
+    table, (df, log_images) = memory.reference_table(), memory.frequencies()
+    vectors = candidate_vectors(tokens, EOS, table, log_images)
+    for r, row in enumerate(tokens.tolist()):
+        plain = tfidf(ngram_counts(" ".join(map(str, row[: row.index(EOS)] if EOS in row else row))), df, log_images)
+        want = sorted((k, weight, table.grams.get(gram, -1)) for k, entries in enumerate(plain.vectors)
+                      for gram, weight in entries.items())
+        mine = vectors.rows == r
+        got = sorted(zip(vectors.orders[mine].tolist(), vectors.weights[mine].tolist(), vectors.grams[mine].tolist()))
+        assert got == want  # the same n-grams with the same weights, to the bit
+        assert vectors.norms[r].tolist() == pytest.approx(plain.norms, rel=1e-12, abs=0)
+        assert int(vectors.lengths[r]) == plain.length
 
 
 @pytest.mark.realdata
