@@ -159,9 +159,11 @@ def bf16_verdict(gemm: dict[str, float], train: list[dict[str, Any]] | None = No
         out["bf16_over_fp32_training"] = rate["bf16"]["captions_per_s"] / rate["fp32"]["captions_per_s"]
         out["bf16_training_fraction_of_gemm"] = rate["bf16"]["fraction_of_gemm"]
     if speedup >= BF16_PAYS:
+        trained = (f" ({out['bf16_over_fp32_training']:.1f}x fp32 captions/s in this run)"
+                   if "bf16_over_fp32_training" in out else "")
         out["why"] = (f"bf16 GEMM runs at {speedup:.1f}x fp32 on this CPU (bf16 instructions: {flags}): "
-                      "trainer.precision=bf16-mixed trains faster here; the default stays 32-true, the one "
-                      "precision every CPU runs at full accuracy")
+                      f"trainer.precision=bf16-mixed trains faster here{trained}; the default stays 32-true, the "
+                      "one precision every CPU runs at full accuracy")
     else:
         out["why"] = (f"fp32 stays the default: bf16 GEMM runs at only {speedup:.1f}x fp32 on this CPU "
                       f"(bf16 instructions: {flags}; matrix units, AMX, would give several times fp32), too little "

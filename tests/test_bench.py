@@ -138,6 +138,7 @@ def test_bf16_verdict_records_the_cpu_flags_both_gemm_rates_and_why(monkeypatch,
     assert verdict["bf16_over_fp32_training"] == pytest.approx(1.7)
     assert verdict["bf16_training_fraction_of_gemm"] == 0.3
     assert verdict["why"].startswith("bf16 GEMM runs at 2.5x" if pays else "fp32 stays the default: bf16 GEMM runs at only 0.7x")
+    assert ("(1.7x fp32 captions/s in this run)" in verdict["why"]) == pays
     assert "avx512_bf16" in verdict["why"]
 
 
