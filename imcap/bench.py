@@ -2,7 +2,9 @@
 
 Sections (each a list of entries, fp32 and bf16 autocast where it applies; every time is the
 median of repeated runs after a warm-up):
-- gemm: this machine's own square matrix-multiply throughput, GFLOP/s per dtype;
+- gemm: this machine's own square matrix-multiply throughput, GFLOP/s per dtype; beside it
+  (`bf16`) the CPU's bf16 instructions (amx_bf16, avx512_bf16), the ratio of the two rates,
+  bf16 training's speed-up over fp32 (decoder_train's first pair) and why fp32 stays the default;
 - decoder_train: one training step (forward, backward, AdamW) of every valid decoder x
   attention pair at standard dims (B=32, T=20, V=10,000, embed/hidden/attention 512; grid
   7x7x2048 and 7x7x1280): captions/s, GFLOP/s from the step's FLOP count (matrix products,
