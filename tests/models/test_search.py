@@ -240,7 +240,7 @@ def test_reranking_chooses_among_the_beams_by_the_neighbours_captions():
     dec, vocab = decoder(), Vocabulary([*SPECIALS, *(str(i) for i in range(4, 9))])
     grid, pooled = features(3)
     rerank = Decoding(method="beam", max_length=8, bad_endings=[], rerank_neighbours=1, rerank_beams=4,
-                      rerank_logprob_weight=0.0)
+                      rerank_logprob_weight=0.0, block_trigrams=False)
     every = beam_search(dec, grid, pooled, BOS, EOS, PAD, beam_size=4, max_length=8, all_hypotheses=True,
                         **decoding_rules(vocab, rerank))
     with pytest.raises(ImcapError, match="decoding.rerank_neighbours=0"):
@@ -320,9 +320,11 @@ def test_sampling_truncation_and_seeding():
 # -- the fast search against the plain one ---------------------------------------------------
 @torch.no_grad()
 def plain_beam_search(decoder, grid, pooled, bos_id, eos_id, pad_id, beam_size=3, max_length=20, min_length=1,
-                      length_penalty=0.0, block_trigrams=False) -> SearchResult:
+                      length_penalty=0.0, block_trigrams=False, *, never=(), bad_endings=(), all_hypotheses=False,
+                      check_every=None) -> SearchResult:
     """Beam search as first written: the state expanded before `init_state`, every leaf, the
-    token history and the attention maps reordered every step."""
+    token history and the attention maps reordered every step, one topk over each image's K*V
+    continuations; with the decoding rules (`never`, `bad_endings`) written out plainly."""
     from imcap.models.packing import map_state
     from imcap.models.search import _block_repeated_trigrams
 
@@ -340,10 +342,14 @@ def plain_beam_search(decoder, grid, pooled, bos_id, eos_id, pad_id, beam_size=3
     for t in range(max_length):
         logits, state, weights = decoder.step(state, prev)
         logp = torch.log_softmax(logits.float(), dim=-1)
-        logp[:, [bos_id, pad_id]] = float("-inf")
+        logp[:, [bos_id, pad_id, *never]] = float("-inf")
         V = logp.shape[-1]
         if t < min_length:
             logp[:, eos_id] = float("-inf")
+        if bad_endings:
+            logp[torch.isin(prev, torch.tensor(list(bad_endings))), eos_id] = float("-inf")  # no end after "a"
+            if t == max_length - 1:
+                logp[:, list(bad_endings)] = float("-inf")
         if block_trigrams:
             _block_repeated_trigrams(logp, history)
         logp[finished] = float("-inf")
@@ -363,6 +369,11 @@ def plain_beam_search(decoder, grid, pooled, bos_id, eos_id, pad_id, beam_size=3
         if bool(finished.all()):
             break
     normalised = scores / ((5.0 + lengths.view(B, K).float()) / 6.0) ** length_penalty
+    if all_hypotheses:
+        best = (normalised.argsort(dim=-1, descending=True) + offsets).view(-1)
+        attention = maps.index_select(0, best).view(B, K, *maps.shape[1:]) if maps is not None else None
+        return SearchResult(history.index_select(0, best).view(B, K, -1), scores.view(-1).index_select(0, best).view(B, K),
+                            attention)
     best = normalised.argmax(dim=-1) + offsets.squeeze(1)
     attention = maps.index_select(0, best) if maps is not None else None
     return SearchResult(history.index_select(0, best), scores.view(-1).index_select(0, best), attention)
@@ -372,6 +383,7 @@ OPTIONS = {
     "plain": {},
     "penalty_min_length": {"length_penalty": 1.0, "min_length": 3},
     "trigrams": {"block_trigrams": True},
+    "rules_all_hypotheses": {"never": (UNK,), "bad_endings": (4, 5), "all_hypotheses": True},
 }
 
 
@@ -586,12 +598,16 @@ def captions(result: SearchResult) -> list[list[int]]:
     return out
 
 
+# the rules alone: no trigram blocking (it would stop "a a a a") and no reranking (no memory here)
+UNBLOCKED = {"block_trigrams": False, "rerank_neighbours": 0}
+
+
 @pytest.mark.parametrize("max_length", [1, 2, 8])
 @pytest.mark.parametrize("method", ["greedy", "beam", "sample"])
 @pytest.mark.parametrize("decoder_name", registry.names("decoder"))
 def test_no_unk_and_no_bad_ending_with_every_decoder_and_method(decoder_name, method, max_length):
     dec = Tilted(decoders.make_decoder(*first_pair(decoder_name)))
-    default = Decoding(method="greedy" if method == "sample" else method, max_length=max_length)
+    default = Decoding(method="greedy" if method == "sample" else method, max_length=max_length, **UNBLOCKED)
     got = captions(decode_with(method, dec, default))
     assert all(UNK not in c for c in got)
     assert all(c and c[-1] not in BAD for c in got), [VOCAB.decode(c) for c in got]
@@ -600,9 +616,10 @@ def test_no_unk_and_no_bad_ending_with_every_decoder_and_method(decoder_name, me
     if max_length == 8:  # (beam may prefer another first word, at a higher score)
         assert all(EOS in row for row in decode_with(method, dec, default).tokens.tolist())
     # what the rules prevented: the model's own choices
-    free = Decoding(method=default.method, max_length=max_length, allow_unk=True, bad_endings=[], min_length=0)
+    free = Decoding(method=default.method, max_length=max_length, allow_unk=True, bad_endings=[], min_length=0,
+                    **UNBLOCKED)
     assert all(UNK in c for c in captions(decode_with(method, dec, free)))
-    unk_only = Decoding(method=default.method, max_length=max_length, bad_endings=[])
+    unk_only = Decoding(method=default.method, max_length=max_length, bad_endings=[], **UNBLOCKED)
     assert all(c[-1] == A for c in captions(decode_with(method, dec, unk_only)))
 
 
@@ -612,7 +629,7 @@ def test_max_length_cut_never_leaves_a_bad_ending():
     with torch.no_grad():
         dec.output.bias[A] += 50.0
         dec.output.bias[EOS] -= 50.0
-    result = generate(dec, *decoders.inputs(batch=3)[:2], VOCAB, Decoding(max_length=5))
+    result = generate(dec, *decoders.inputs(batch=3)[:2], VOCAB, Decoding(method="greedy", max_length=5, **UNBLOCKED))
     for c in captions(result):
         assert c[:4] == [A] * 4 and len(c) == 5 and c[4] not in BAD
 
@@ -622,7 +639,7 @@ def test_unk_is_generated_and_shown_when_allowed():
     with torch.no_grad():
         dec.output.bias[UNK] += 50.0
     grid, pooled, _ = decoders.inputs(batch=2)
-    result = generate(dec, grid, pooled, VOCAB, Decoding(allow_unk=True, max_length=3))
+    result = generate(dec, grid, pooled, VOCAB, Decoding(method="greedy", allow_unk=True, max_length=3))
     assert all(VOCAB.decode(row) == ["<unk>"] * 3 for row in result.tokens.tolist())
 
 
