@@ -201,9 +201,11 @@ def test_ctrl_c_stops_with_one_line_that_says_how_to_continue(make_cfg, tmp_path
 def test_the_batched_path_gives_the_captions_of_the_one_path_captioner(reranking_run, make_cfg, tmp_path, data_dir,
                                                                       monkeypatch):
     """The fast path (workers, BatchNorm-folded encoder, batched search, tensor reranking) against
-    `Captioner.caption` with the Python reranking it replaced, for greedy, beam 3 and reranking."""
+    `Captioner.caption` with the Python reranking and the plain beam search they replaced, for greedy,
+    beam 3 and reranking."""
     from imcap.models import search
     from tests.models.test_rerank import plain_choose
+    from tests.models.test_search import plain_beam_search
 
     best = reranking_run / "checkpoints" / "best.ckpt"
     images = sorted(data_dir.rglob("test_*.png"))[:6]
@@ -216,6 +218,7 @@ def test_the_batched_path_gives_the_captions_of_the_one_path_captioner(reranking
         fast = [c.text for _, c in caption_images(cfg)]
         with monkeypatch.context() as m:
             m.setattr(search, "pick_by_consensus", lambda *a: torch.tensor(plain_choose(*a), dtype=torch.long))
+            m.setattr(search, "beam_search", plain_beam_search)  # and the beam search as first written
             decoding = search.Decoding(**{**captioner.decoding.to_config(), **change})
             plain = [c.text for c in captioner.caption(images, decoding)]
         assert fast == plain, name
