@@ -6,8 +6,9 @@ import torch
 
 from imcap.models.sat_kernel import without_autocast
 
-# rows of fp32 log-probabilities made at a time (32 rows at V = 10,000): they stay in cache
-# from the log-softmax to the gradient written out
+# on CPU, rows of fp32 log-probabilities made at a time (26 rows at V = 10,000): they stay in
+# cache from the log-softmax to the gradient written out. Elsewhere (GPU) all rows at once: a
+# few kernels per step rather than a few per chunk
 CHUNK_BYTES = 1 << 20
 
 
@@ -32,7 +33,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         if want_grad:  # the rows not read get a zero gradient
             grad = logits.new_empty(R, V) if rows is None else logits.new_zeros(R, V)
         total = logits.new_zeros((), dtype=wide)
-        chunk = max(1, CHUNK_BYTES // (V * 4))
+        chunk = max(1, CHUNK_BYTES // (V * 4) if logits.device.type == "cpu" else n)
         with without_autocast(logits.device.type):
             for start in range(0, n, chunk):
                 part = slice(start, start + chunk)

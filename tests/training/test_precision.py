@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from imcap.training import losses
 from imcap.training.losses import caption_cross_entropy
 
 PAD = 0
@@ -21,10 +22,14 @@ def _bf16_batch(V: int = 1000):
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_cross_entropy_of_bf16_logits_is_computed_in_fp32(smoothing, autocast):
+@pytest.mark.parametrize("rows_per_chunk", [3, None])
+def test_cross_entropy_of_bf16_logits_is_computed_in_fp32(smoothing, autocast, rows_per_chunk, monkeypatch):
     # the loss of bf16 logits, with or without autocast, is that of the same values in fp32,
-    # and their gradient is the fp32 gradient in bf16 (up to one rounding)
+    # and their gradient is the fp32 gradient in bf16 (up to one rounding), made a few rows at
+    # a time (as on CPU at V = 10,000) or all at once
     logits, targets = _bf16_batch()
+    if rows_per_chunk:
+        monkeypatch.setattr(losses, "CHUNK_BYTES", rows_per_chunk * logits.shape[-1] * 4)
     ours_in, ref_in = logits.clone().requires_grad_(), logits.float().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         ours = caption_cross_entropy(ours_in, targets, PAD, smoothing)
