@@ -84,17 +84,22 @@ def commands(block: Block) -> str:
     return block.text
 
 
-def run_block(block: Block, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_block(block: Block, cwd: Path, data: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`block` run in `cwd`; with `data`, the datasets and feature cache are there (IMCAP_DATA_DIR)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "IMCAP_ROOT": str(cwd), "ARGS": TINY_ARGS, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+           "IMCAP_ROOT": str(cwd), "ARGS": TINY_ARGS, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+           **({"IMCAP_DATA_DIR": str(data)} if data else {})}
     text = substitute(commands(block), cwd)
     argv = [sys.executable, "-c", text] if block.lang == "python" else ["bash", "-e", "-o", "pipefail", "-c", text]
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def write_fixtures(cwd: Path) -> None:
+def write_fixtures(cwd: Path, data: Path | None = None) -> None:
     """A working directory as a user has it: the checkout's Makefile and .venv, a photo, and
-    small folders in the layouts `make data` and `custom` read, standing in for the datasets."""
+    small folders in the layouts `make data` and `custom` read, standing in for the datasets;
+    those in the data folder (`data`, default cwd/data) are written once, when it has none."""
+    data = data or cwd / "data"
+    new_data = not (data / "flickr8k").is_dir()
     for name in ("Makefile", ".venv"):
         (cwd / name).symlink_to(REPO / name)
     colours = {"red": (200, 30, 30), "green": (30, 160, 60), "blue": (40, 60, 200), "yellow": (220, 200, 40),
@@ -105,18 +110,21 @@ def write_fixtures(cwd: Path) -> None:
         colour, thing = list(colours)[i % len(colours)], things[i % len(things)]
         captions[i] = [f"a {colour} {thing} on the grass", f"the {thing} is {colour}", f"a {thing} that is {colour}",
                        f"one {colour} {thing}", f"a small {colour} {thing} outside"]
-        write_image(cwd / "data" / "flickr8k" / "Flicker8k_Dataset" / f"{1000 + i}_fixture.jpg", colours[colour], 32)
+        if new_data:
+            write_image(data / "flickr8k" / "Flicker8k_Dataset" / f"{1000 + i}_fixture.jpg", colours[colour], 32)
         write_image(cwd / "my_photos" / "beach" / f"img_{i:04d}.jpg", colours[colour], 32)
-    (cwd / "data" / "flickr8k" / "Flickr8k.token.txt").write_text("".join(
-        f"{1000 + i}_fixture.jpg#{k}\t{text}\n" for i, texts in captions.items() for k, text in enumerate(texts)),
-        encoding="utf-8")
     (cwd / "my_photos" / "captions.csv").write_text("image,caption\n" + "".join(
         f"beach/img_{i:04d}.jpg,{text}\n" for i, texts in captions.items() for text in texts), encoding="utf-8")
+    write_image(cwd / "photo.jpg", colours["red"], 64)
+    if not new_data:
+        return
+    (data / "flickr8k" / "Flickr8k.token.txt").write_text("".join(
+        f"{1000 + i}_fixture.jpg#{k}\t{text}\n" for i, texts in captions.items() for k, text in enumerate(texts)),
+        encoding="utf-8")
     coco_captions = ["a red dog on the grass", "a blue car in the street", "a green ball on the grass",
                      "the dog is red", "a car that is blue"]
-    write_official(cwd / "data" / "coco", "train", range(1, 25), captions=coco_captions, size=32)
-    write_official(cwd / "data" / "coco", "val", range(100, 112), captions=coco_captions, size=32)
-    write_image(cwd / "photo.jpg", colours["red"], 64)
+    write_official(data / "coco", "train", range(1, 25), captions=coco_captions, size=32)
+    write_official(data / "coco", "val", range(100, 112), captions=coco_captions, size=32)
 
 
 def page_id(page: Path) -> str:
@@ -183,6 +191,16 @@ def test_a_renamed_option_fails_its_block(tmp_path):
 
 
 _PAGE_DIRS: dict[Path, list] = {}  # page -> [working directory, blocks run so far]
+# One data folder for every page, as IMCAP_DATA_DIR shares one between checkouts: the shapes demo
+# of `make train` (2,500 images) is generated and its features extracted once, by the README's
+# first block in a fresh folder, instead of again for the quickstart's
+_DATA: dict[str, Path] = {}
+
+
+def page_data(factory: pytest.TempPathFactory) -> Path:
+    if "data" not in _DATA:
+        _DATA["data"] = factory.mktemp("data")
+    return _DATA["data"]
 
 
 def page_dir(page: Path, upto: int, factory: pytest.TempPathFactory) -> Path:
@@ -190,13 +208,13 @@ def page_dir(page: Path, upto: int, factory: pytest.TempPathFactory) -> Path:
     runs them top to bottom."""
     if page not in _PAGE_DIRS:
         cwd = factory.mktemp(page.stem)
-        write_fixtures(cwd)
+        write_fixtures(cwd, page_data(factory))
         _PAGE_DIRS[page] = [cwd, 0]
     cwd, done = _PAGE_DIRS[page]
     for block in blocks(page)[done:upto]:
         _PAGE_DIRS[page][1] += 1
         if not block.skip:
-            result = run_block(block, cwd)
+            result = run_block(block, cwd, page_data(factory))
             assert result.returncode == 0, f"an earlier block, {block}, failed:\n{result.stderr[-3000:]}"
     return cwd
 
@@ -213,5 +231,5 @@ def test_a_command_block_runs(page, index, tmp_path_factory):
         pytest.skip(f"{block}: {block.skip}")
     cwd = page_dir(page, index, tmp_path_factory)
     _PAGE_DIRS[page][1] = index + 1
-    result = run_block(block, cwd)
+    result = run_block(block, cwd, page_data(tmp_path_factory))
     assert result.returncode == 0, f"{block} failed:\n{block.text}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
