@@ -79,6 +79,7 @@ class NeighbourMemory(nn.Module):
         self._vectors: dict[int, list[TfIdf]] = {}  # per image, built on first use
         self._frequencies: tuple[Counter, float] | None = None
         self._table: ReferenceTable | None = None
+        self._features32: tuple[tuple[int, torch.device], torch.Tensor] | None = None  # `nearest`'s fp32 copy
 
     @classmethod
     def build(cls, pooled: torch.Tensor, captions: Sequence[Sequence[Sequence[int]]],
@@ -112,12 +113,17 @@ class NeighbourMemory(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         self._vectors, self._frequencies, self._table = {}, None, None  # new captions: the caches are stale
+        self._features32 = None  # and new features, copied into the same buffer
         super()._load_from_state_dict(*args, **kwargs)
 
     def nearest(self, pooled: torch.Tensor, k: int) -> torch.Tensor:
         """Indices (B, k) of the k training images nearest to pooled features (B, C), nearest first."""
         query = nn.functional.normalize(pooled.float(), dim=-1)
-        similarity_ = query @ self.features.to(query.device, torch.float32).T  # (B, M)
+        # the fp16 features converted once, not per batch (20,000 images x 1,280 channels: 25M values)
+        key = (self.features.data_ptr(), query.device)
+        if self._features32 is None or self._features32[0] != key:
+            self._features32 = key, self.features.to(query.device, torch.float32)
+        similarity_ = query @ self._features32[1].T  # (B, M)
         return similarity_.topk(min(k, len(self)), dim=-1).indices.cpu()
 
     def frequencies(self) -> tuple[Counter, float]:

@@ -79,6 +79,13 @@ def test_a_loaded_memory_scores_with_its_own_captions_not_the_cached_ones(memory
     assert consensus(memory, ["10 11"], [0]) == consensus(other, ["10 11"], [0])
 
 
+def test_a_loaded_memory_finds_neighbours_by_its_own_features(memory):
+    query = torch.tensor([[1.0, 0.05]])
+    assert memory.nearest(query, 1).tolist() == [[0]]  # keeps an fp32 copy of the features
+    memory.load_state_dict(NeighbourMemory.build(POOLED[[2, 1, 0]], CAPTIONS[::-1]).state_dict())
+    assert memory.nearest(query, 1).tolist() == [[2]]  # the same image, now in the last row
+
+
 def plain_choose(tokens, scores, pooled, memory, neighbours, logprob_weight, eos_id) -> list[int]:
     """`choose` as it was before it scored with tensors: `consensus` per image, in Python."""
     near = memory.nearest(pooled, neighbours)
