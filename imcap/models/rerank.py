@@ -19,10 +19,12 @@ exported folders carry it and `imcap.caption` reranks on a machine without the t
 the training images' L2-normalised pooled features (fp16) and their captions as word ids.
 
 `pick_by_consensus` scores a whole batch of candidates at once with tensors (`consensus_scores`):
-every memory caption's CIDEr vector is flattened once into a `ReferenceTable`, and the clipped dot
+every memory caption's CIDEr vector is flattened once into a `ReferenceTable`, the candidates'
+vectors are built from their token ids (`candidate_vectors`, no strings), and the clipped dot
 products of all candidate x reference pairs of the batch are one gather and one index_add.
 `consensus` is the plain path it is held to (one candidate and one reference at a time, with
-`imcap.metrics.cider.similarity`): the scores agree to float64 rounding (tests/models/test_rerank.py).
+`imcap.metrics.cider.similarity`): the candidates' weights are the same to the bit, the scores
+agree to float64 rounding (tests/models/test_rerank.py).
 """
 
 from __future__ import annotations
