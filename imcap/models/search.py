@@ -237,7 +237,7 @@ class _Beams:
         scores (A, K), source hypothesis rows (A*K,) and tokens (A*K,).
 
         One topk over each image's K*V candidates: on a CPU, 7x faster than a topk of K per
-        hypothesis followed by one over the K*K (measured at K=16, V=805: 3 against 23 ms)."""
+        hypothesis followed by one over the K*K (one thread, 512 rows, V=805, K=16: 3 against 21 ms)."""
         A, K, V = len(self.live), self.K, logp.shape[-1]
         candidates = self.scores.view(-1, 1) + logp  # (A*K, V)
         # a finished hypothesis continues only with <pad>, at no cost
