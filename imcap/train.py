@@ -33,13 +33,11 @@ from imcap.trainer_setup import (
     scalar_metrics,
 )
 from imcap.training.callbacks import RunInterrupted, StopOnSignal
-from imcap.training.module import CaptionModule
+from imcap.training.module import MODULE_OPTIONS, CaptionModule
 from imcap.wandb_setup import configure_wandb, configure_wandb_mode, define_metrics, run_labels
 
 log = logging.getLogger("imcap.train")
 
-MODULE_OPTIONS = ("optimizer", "scheduler", "encoder_lr", "label_smoothing", "feature_dropout", "attention_reg", "decoding",
-                  "val_metrics", "test_metrics", "monitor", "scst", "scheduled_sampling", "compile")
 
 
 def build_module(cfg: DictConfig, vocab: Vocabulary) -> CaptionModule:

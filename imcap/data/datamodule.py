@@ -36,24 +36,25 @@ class CaptionDataModule(pl.LightningDataModule):
     Call `attach_encoder(encoder)` before `setup`: the encoder supplies the image transform
     and, with `features=auto` and a frozen encoder (or `features=cached`), the grid features
     that are extracted once into `cache_dir` instead of re-running the CNN every epoch.
+    The defaults are conf/data/_base.yaml's (tests/test_defaults.py holds them equal).
     """
 
     def __init__(
         self,
         source: CaptionSource,
         image_size: int = 224,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = 100,
         num_workers: int | str = "auto",
         pin_memory: bool | str = "auto",
-        min_freq: int = 1,
-        max_vocab_size: int | None = None,
+        min_freq: int = 5,
+        max_vocab_size: int | None = 10000,
         max_caption_length: int = 30,
         captions_per_image: int | None = None,
         features: str = "auto",
         cache_dir: str | None = None,
         feature_precision: str = "fp32",
-        seed: int = 0,
+        seed: int = 42,
         root: str | None = None,
         pad_to_multiple: int = 1,
         length_buckets: list[int] | None = None,

@@ -81,8 +81,9 @@ class AdditiveAttention(Attention):
     e_i = w^T tanh(W_k k_i + W_q q),  alpha = softmax(e),  context = sum_i alpha_i v_i."""
 
 
-    def __init__(self, key_dim: int, query_dim: int, attention_dim: int = 512):
+    def __init__(self, key_dim: int, query_dim: int, attention_dim: int | None = None):
         super().__init__(key_dim, query_dim)
+        attention_dim = attention_dim or query_dim  # None: the decoder's width, as the YAML's default
         self.key_proj = nn.Linear(key_dim, attention_dim)
         self.query_proj = nn.Linear(query_dim, attention_dim, bias=False)
         self.score = nn.Linear(attention_dim, 1)
@@ -199,8 +200,9 @@ class MultiHeadAttention(Attention):
     """
 
 
-    def __init__(self, key_dim: int, query_dim: int, attention_dim: int = 512, heads: int = 8):
+    def __init__(self, key_dim: int, query_dim: int, attention_dim: int | None = None, heads: int = 8):
         super().__init__(key_dim, query_dim)
+        attention_dim = attention_dim or query_dim  # None: the decoder's width, as the YAML's default
         if heads < 1 or attention_dim % heads:
             raise ImcapError(f"model.attention.heads={heads} must divide model.attention.attention_dim="
                              f"{attention_dim}; choose e.g. heads=8 with attention_dim=512")
@@ -244,8 +246,9 @@ class AdaptiveAttention(Attention):
 
     needs_sentinel = True
 
-    def __init__(self, key_dim: int, query_dim: int, attention_dim: int = 512):
+    def __init__(self, key_dim: int, query_dim: int, attention_dim: int | None = None):
         super().__init__(key_dim, query_dim)
+        attention_dim = attention_dim or query_dim  # None: the decoder's width, as the YAML's default
         self.context_dim = query_dim
         self.value_proj = nn.Linear(key_dim, query_dim)  # W_a: features into the decoder's space
         self.key_proj = nn.Linear(query_dim, attention_dim)  # W_v

@@ -75,9 +75,12 @@ def build_captioner(
     checking that the decoder x attention pair is valid.
 
     `pretrained=False` skips loading encoder weights and reading word-vector files (used when a
-    checkpoint supplies them).
+    checkpoint supplies them). A composed `model` config may be passed whole: its `decoding` is
+    then how the captioner decodes, as the CLI's would (without one: `Decoding()`, the YAML's).
     """
     arch = _plain(architecture)
+    decoding = Decoding(**arch["decoding"]) if arch.get("decoding") is not None else None
+    arch = {k: arch[k] for k in (*COMPONENTS, "ensemble") if k in arch}  # what checkpoints store
     missing = [c for c in COMPONENTS if c not in arch]
     if missing:
         raise ImcapError(f"model config lacks {missing}; compose it from conf/model/ (model/encoder=...)")
@@ -96,7 +99,7 @@ def build_captioner(
         log.warning("The encoder starts from random weights (model.encoder.%s=null)", weight_options[0])
     encoder = instantiate(encoder_cfg)
     decoder = build_decoder(arch, vocab, encoder.out_channels, pretrained)
-    return Captioner(encoder, decoder, vocab, image_size, arch)
+    return Captioner(encoder, decoder, vocab, image_size, arch, decoding)
 
 
 def build_decoder(arch: dict, vocab: Vocabulary, feature_dim: int, pretrained: bool = True) -> nn.Module:
@@ -136,12 +139,15 @@ class Captioner(nn.Module):
         vocab: Vocabulary,
         image_size: int,
         architecture: dict | None = None,
+        decoding: Decoding | None = None,
     ):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
         self.vocab, self.image_size = vocab, image_size
         self.architecture = architecture or {}
-        self.decoding = Decoding()  # how caption() decodes; checkpoints store the trained setting
+        # how caption() decodes: by default as the CLI does (conf/model/captioner.yaml); checkpoints
+        # store the trained setting
+        self.decoding = decoding or Decoding()
         # the training images' features and captions that consensus reranking votes with
         # (imcap.models.rerank); in the weights when set, so checkpoints and exports carry it
         self.memory: NeighbourMemory | None = None
@@ -196,7 +202,7 @@ class Captioner(nn.Module):
         captioner = build_captioner(meta["architecture"], Vocabulary(meta["vocab"]),
                                     meta["image_size"], pretrained=False)
         load_state(captioner, weights_under(checkpoint, "captioner."), path)
-        captioner.decoding = Decoding(**meta.get("decoding", {}))
+        captioner.decoding = Decoding.from_stored(meta.get("decoding"))
         return captioner.eval()
 
     def save_pretrained(self, folder: str | Path, data: dict | None = None,
@@ -225,7 +231,7 @@ class Captioner(nn.Module):
         except Exception as e:  # wrong keys or shapes, a damaged file
             raise ImcapError(f"{folder / WEIGHTS} does not fit model config {folder / CONFIG} ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200]}); export the model again") from e
-        captioner.decoding = Decoding(**config.get("decoding", {}))
+        captioner.decoding = Decoding.from_stored(config.get("decoding"))
         return captioner.eval()
 
     @classmethod
@@ -306,6 +312,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     # before anything is imported or built from it: the stored config names components, not code
     check_stored_config(checkpoint[CHECKPOINT_KEY], f"checkpoint {path}")
     check_stored_values(checkpoint[CHECKPOINT_KEY], f"checkpoint {path}")  # its format and decoding
+    meta["decoding"] = Decoding.from_stored(meta.get("decoding")).to_config()  # keys it predates filled in
     return checkpoint
 
 

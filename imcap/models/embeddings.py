@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 class LearnedEmbedding(nn.Embedding):
     """A trainable embedding table; `<pad>` maps to a zero vector."""
 
-    def __init__(self, vocab: Sequence[str], dim: int = 512):
+    def __init__(self, vocab: Sequence[str], dim: int):  # dim: the decoder's width in the YAML
         super().__init__(len(vocab), dim, padding_idx=Vocabulary.pad_id)
         self.dim = dim
 

@@ -80,7 +80,7 @@ class LSTMDecoder(nn.Module):
         feature_dim: int,
         embedding: nn.Module,
         attention: Callable[..., nn.Module] | None = None,
-        hidden_dim: int = 512,
+        hidden_dim: int = 256,
         dropout: float = 0.5,
         gate: bool = True,
     ):

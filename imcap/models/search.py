@@ -16,7 +16,7 @@ with most (`imcap.models.rerank`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any, NamedTuple
@@ -43,22 +43,27 @@ class SearchResult(NamedTuple):
     attention: torch.Tensor | None  # (B, L, N) weights per generated token
 
 
+# What a stored decoding without these keys meant: the defaults before they were the YAML's.
+WRITTEN_WITHOUT = {"method": "greedy", "block_trigrams": False, "rerank_neighbours": 0}
+
+
 @dataclass(frozen=True)
 class Decoding:
-    """How captions are generated for validation, test and `imcap.caption`."""
+    """How captions are generated for validation, test and `imcap.caption`; the defaults are
+    conf/model/captioner.yaml's `decoding` (tests/test_defaults.py holds them equal)."""
 
-    method: str = "greedy"  # greedy | beam
+    method: str = "beam"  # greedy | beam
     beam_size: int = 3
     max_length: int = 20
     min_length: int = 1
     length_penalty: float = 0.0  # GNMT alpha: final score / ((5 + len) / 6) ** alpha
-    block_trigrams: bool = False
+    block_trigrams: bool = True
     allow_unk: bool = False  # whether <unk> may be generated
     bad_endings: tuple[str, ...] | None = None  # words a caption may not end on (None: BAD_ENDINGS, (): any)
     # consensus reranking (imcap.models.rerank), beam search only: > 0 keeps, of `rerank_beams`
     # final hypotheses, the one whose CIDEr-D against the captions of this many nearest training
     # images, plus rerank_logprob_weight x its log-probability, is highest
-    rerank_neighbours: int = 0
+    rerank_neighbours: int = 50
     rerank_beams: int = 16
     rerank_logprob_weight: float = 0.02
     rerank_memory_images: int = 20000  # training images the memory keeps at most (evenly spaced)
@@ -78,6 +83,12 @@ class Decoding:
             raise ImcapError(f"decoding.bad_endings={self.bad_endings!r}; give a list of words, "
                              "e.g. decoding.bad_endings=[a,the] (or [] to allow any ending)")
         object.__setattr__(self, "bad_endings", tuple(words))  # YAML gives a list; checkpoints store the words
+
+    @classmethod
+    def from_stored(cls, stored: Mapping[str, Any] | None) -> Decoding:
+        """The decoding a checkpoint or exported folder stores. A key it lacks was written before
+        that option or its current default existed: it decodes as it did then (WRITTEN_WITHOUT)."""
+        return cls(**{**WRITTEN_WITHOUT, **(stored or {})})
 
     @property
     def reranks(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from collections.abc import Iterable, Sequence
@@ -51,7 +52,9 @@ class CaptionModule(pl.LightningModule):
 
     `architecture` holds the encoder/decoder/attention/embedding configs and is stored in every
     checkpoint together with the vocabulary, so a checkpoint alone rebuilds the model.
-    `optimizer` / `scheduler` are Hydra configs with `_partial_: true`.
+    `optimizer` / `scheduler` are Hydra configs with `_partial_: true`. The keyword-only
+    arguments are the `model.*` options of conf/model/captioner.yaml (MODULE_OPTIONS); a None
+    builds the YAML's default (`decoding`, `scst`, `scheduled_sampling`) or means none (`scheduler`).
     """
 
     def __init__(
@@ -59,16 +62,17 @@ class CaptionModule(pl.LightningModule):
         architecture: dict,
         vocab: list[str],
         image_size: int,
+        pretrained: bool = True,
+        data_config: dict | None = None,
+        eval_prefix: str = "test",
+        *,  # from here: the model.* options of conf/model/captioner.yaml, whose defaults these equal
         optimizer: dict,
         scheduler: dict | None = None,
-        encoder_lr: float | None = None,
+        encoder_lr: float | None = 1.0e-4,
         label_smoothing: float = 0.0,
         feature_dropout: float = 0.0,
         attention_reg: float = 1.0,
         decoding: dict | None = None,
-        pretrained: bool = True,
-        data_config: dict | None = None,
-        eval_prefix: str = "test",
         val_metrics: Sequence[str] = ("BLEU", "ROUGE-L", "CIDEr-D"),
         test_metrics: Sequence[str] = ("BLEU", "METEOR", "ROUGE-L", "CIDEr-D"),
         monitor: str = "CIDEr-D",
@@ -377,3 +381,8 @@ def gather_predictions(predictions: list[dict[str, Any]]) -> list[dict[str, Any]
 def _partial(cfg: dict) -> partial:
     built = instantiate(cfg, _partial_=True)
     return built if isinstance(built, partial) else partial(built)
+
+
+# The model.* options train.py passes to CaptionModule: its keyword-only arguments.
+MODULE_OPTIONS = tuple(name for name, p in inspect.signature(CaptionModule).parameters.items()
+                       if p.kind is inspect.Parameter.KEYWORD_ONLY)

@@ -185,7 +185,7 @@ def test_attention_name_of_none_and_of_a_class_of_ones_own():
 
 
 def test_adaptive_beta_moves_the_context_towards_the_sentinel():
-    module = attention("adaptive")(key_dim=24, query_dim=8)
+    module = attention("adaptive")(key_dim=24, query_dim=8, attention_dim=512)
     cache = module.precompute(torch.randn(B, N, 24))
     query, sentinel = torch.randn(B, 8), torch.randn(B, 8)
     context, weights, beta = module(query, cache, sentinel=sentinel)
