@@ -52,19 +52,6 @@ def trained_run(trained) -> Path:
     return trained[0]
 
 
-@pytest.fixture(scope="session")
-def reranking_run(tmp_path_factory, data_dir) -> Path:
-    """One tiny run trained with beam search and consensus reranking (5 neighbours among 6 beams)
-    for 4 epochs, so that its captions differ between images; its checkpoints carry the neighbour
-    memory. Shared by the eval and caption tests of reranking: they write elsewhere, never into it."""
-    from imcap.train import train
-
-    out = tmp_path_factory.mktemp("reranking") / "run"
-    train(compose_config("train", [*TINY, "model.decoding.method=beam", "model.decoding.rerank_neighbours=5",
-                                   "model.decoding.rerank_beams=6", "trainer.max_epochs=4"], out, data_dir))
-    return out
-
-
 @pytest.fixture
 def make_cfg(tmp_path, data_dir):
     def make(*overrides: str, name: str = "train", tiny: bool = True, out: Path | None = None) -> DictConfig:

@@ -198,16 +198,18 @@ def test_ctrl_c_stops_with_one_line_that_says_how_to_continue(make_cfg, tmp_path
 
 
 @pytest.mark.slow
-def test_the_batched_path_gives_the_captions_of_the_one_path_captioner(reranking_run, make_cfg, tmp_path, data_dir,
-                                                                      monkeypatch):
+def test_the_batched_path_gives_the_captions_of_the_one_path_captioner(make_cfg, tmp_path, data_dir, monkeypatch):
     """The fast path (workers, BatchNorm-folded encoder, batched search, tensor reranking) against
     `Captioner.caption` with the Python reranking and the plain beam search they replaced, for greedy,
     beam 3 and reranking."""
     from imcap.models import search
+    from imcap.train import train
     from tests.models.test_rerank import plain_choose
     from tests.models.test_search import plain_beam_search
 
-    best = reranking_run / "checkpoints" / "best.ckpt"
+    train(make_cfg("model.decoding.method=beam", "model.decoding.rerank_neighbours=5",
+                   "model.decoding.rerank_beams=6", "trainer.max_epochs=4", out=tmp_path / "train"))
+    best = tmp_path / "train" / "checkpoints" / "best.ckpt"
     images = sorted(data_dir.rglob("test_*.png"))[:6]
     captioner = Captioner.from_checkpoint(best)
     assert captioner.decoding.reranks and captioner.memory is not None

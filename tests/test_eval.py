@@ -116,15 +116,18 @@ def test_ensembling_a_checkpoint_with_another_vocabulary_is_a_one_line_error(tra
     assert_one_line_error(result, "other.ckpt has another vocabulary than", "same captions")
 
 
-def test_a_reranking_run_carries_its_neighbour_memory_to_eval_caption_and_export(reranking_run, tmp_path, data_dir):
+def test_a_reranking_run_carries_its_neighbour_memory_to_eval_caption_and_export(make_cfg, tmp_path, data_dir):
     """Consensus reranking votes with the training captions. The checkpoint carries them: a new
     `python -m imcap.eval` process in another folder writes the run's test captions, and
     `Captioner` (imcap.caption) and an exported folder caption with the same memory."""
     import torch
 
     from imcap.models.captioner import Captioner
+    from imcap.train import train
 
-    run = reranking_run
+    run = tmp_path / "run"
+    train(make_cfg("model.decoding.method=beam", "model.decoding.rerank_neighbours=3",
+                   "model.decoding.rerank_beams=4", "trainer.max_epochs=2", out=run))
     state = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert state["captioner.memory.features"].shape[0] == 48  # every training image
     assert state["captioner.memory.image_starts"][-1] == state["captioner.memory.caption_starts"].shape[0] - 1
