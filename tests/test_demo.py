@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -157,7 +158,9 @@ def photo(trained_run) -> Path:
 
 def expected_caption(trained_run, photo, beam_size: int, max_length: int) -> str:
     captioner = load_model(f"{trained_run}/checkpoints/best.ckpt")
-    decoding = Decoding(method="beam" if beam_size > 1 else "greedy", beam_size=beam_size, max_length=max_length)
+    # the run's own decoding rules (what the demo starts from), with the two settings the page sets
+    decoding = replace(captioner.decoding, method="beam" if beam_size > 1 else "greedy", beam_size=beam_size,
+                       max_length=max_length, min_length=min(captioner.decoding.min_length, max_length))
     return captioner.caption([photo], decoding)[0].text
 
 
