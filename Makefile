@@ -64,8 +64,10 @@ data-stats:  ## splits, vocabulary, caption lengths, embedding coverage: make da
 features:  ## extract the grid-feature cache ahead of training: make features dataset=flickr8k
 	$(PY) -m imcap.data features $(DATA_ARG) $(ARGS)
 
-test:  ## run the whole test suite (CI runs this)
-	$(PY) -m pytest -q $(ARGS)
+# test files run in JOBS pytest-xdist workers, each file whole in one (its fixtures are built once)
+JOBS ?= 2
+test:  ## run the whole test suite (CI runs this); JOBS=N workers (default 2), JOBS=0 one process
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile $(ARGS)
 
 test-fast:  ## tests without the slow end-to-end ones
 	$(PY) -m pytest -q -m "not slow" $(ARGS)

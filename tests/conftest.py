@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
-from omegaconf import DictConfig
+# `make test` runs the suite in two pytest-xdist workers, one per core of a CI machine. Each
+# worker computes on one thread (two 2-thread OpenMP pools on 2 cores mostly wait on each other),
+# and so does every process its tests start; each has a temporary folder of its own, so that what
+# one worker's processes leave in the system temp folder (demo uploads, staged shards) is never
+# seen or cleaned by the other's.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["TMPDIR"] = tempfile.mkdtemp(prefix=f"imcap-tests-{os.environ['PYTEST_XDIST_WORKER']}-")
+    tempfile.tempdir = None  # read TMPDIR again
 
-from imcap.config_compose import compose_config
-from tests.helpers.paths import FLICKR_1K
-from tests.helpers.runs import TINY
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from imcap.config_compose import compose_config  # noqa: E402
+from tests.helpers.paths import FLICKR_1K  # noqa: E402
+from tests.helpers.runs import TINY  # noqa: E402
 
 os.environ.setdefault("WANDB_MODE", "offline")  # tests never need a W&B key
 os.environ.setdefault("WANDB_SILENT", "true")

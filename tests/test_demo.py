@@ -27,6 +27,7 @@ from PIL import Image
 from imcap.config_compose import compose_config
 from imcap.demo import (
     DISPLAY_LONG_SIDE,
+    OFFLINE_ENV,
     build_app,
     example_images,
     load_model,
@@ -386,9 +387,11 @@ def test_a_network_host_warns_and_says_how_to_require_a_login(shared_demo, tmp_p
     assert network_warning("192.168.1.20", None) and network_warning("my-host.local", None)
 
 
-def test_the_safety_options_reach_gradio_and_bad_ones_are_one_line(trained_run, tmp_path):
+def test_the_safety_options_reach_gradio_and_bad_ones_are_one_line(trained_run, tmp_path, monkeypatch):
     options = serving_options(compose_config("demo"))
     assert options == {"queue_size": 20, "delete_cache": (600, 3600), "max_file_size": 20 * 2**20, "auth": None}
+    for key in OFFLINE_ENV:  # build_app sets them for the server's process: this one gets its own back afterwards
+        monkeypatch.setenv(key, os.environ.get(key, ""))
     app = build_app(load_model(f"{trained_run}/checkpoints/best.ckpt"), [], queue_size=3, delete_cache=(5, 60))
     assert app._queue.max_size == 3 and app.delete_cache == (5, 60)
     (tmp_path / "bad.txt").write_text("alice secret-in-a-bad-line\n")

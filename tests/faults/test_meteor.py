@@ -29,14 +29,12 @@ FAKE = textwrap.dedent("""
             if behaviour == "garbage":
                 print("Exception in thread main java.lang.OutOfMemoryError", flush=True)
                 continue
-            if behaviour == "extra" and scored == 1:
-                print("0 0 0")  # one answer too many: every later answer is one off
-            print(f"{line.count('|||') - 1} 1 2", flush=True)
+            extra = "0 0 0\\n" if behaviour == "extra" and scored == 1 else ""  # every later answer one off
+            print(f"{extra}{line.count('|||') - 1} 1 2", flush=True)
         elif line.startswith("EVAL"):
+            # one write per request, as a JVM's buffered stdout sends it (also under PYTHONUNBUFFERED=1)
             counts = [float(s.split()[0]) for s in line.split(" ||| ")[1:]]
-            for c in counts:
-                print(c)
-            print(sum(counts) / len(counts), flush=True)
+            print("\\n".join(map(str, [*counts, sum(counts) / len(counts)])), flush=True)
 """)
 
 CANDIDATES = ["a dog", "a cat", "two birds"]
