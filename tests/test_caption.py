@@ -20,7 +20,7 @@ from PIL import Image, features
 from imcap.caption import caption_images
 from imcap.models.captioner import Captioner
 from tests.helpers.checkpoints import write_untrained_checkpoint
-from tests.helpers.runs import assert_one_line_error, module
+from tests.helpers.runs import assert_one_line_error, ctrl_c_as_in_a_terminal, module
 
 
 def test_images_with_the_same_name_in_different_folders_get_their_own_plots(make_cfg, tmp_path):
@@ -183,7 +183,7 @@ def test_ctrl_c_stops_with_one_line_that_says_how_to_continue(make_cfg, tmp_path
     run = subprocess.Popen([sys.executable, "-m", "imcap.caption", f"ckpt_path={tmp_path}/model.ckpt",
                             f"images=[{tmp_path}/photos]", "batch_size=2", f"output={out}"], cwd=tmp_path,
                            env={**os.environ, "IMCAP_ROOT": str(tmp_path)}, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+                           stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_as_in_a_terminal)
     jsonl = out.with_suffix(".jsonl")
     deadline = time.monotonic() + 120
     while not jsonl.is_file() or len(read_lines(jsonl)) < 2:

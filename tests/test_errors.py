@@ -137,11 +137,12 @@ def test_ctrl_c_during_feature_extraction_is_one_line_that_says_how_to_continue(
     import time
 
     from tests.helpers.paths import FLICKR_1K
+    from tests.helpers.runs import ctrl_c_as_in_a_terminal
 
     process = subprocess.Popen(
         [sys.executable, "-m", "imcap.data", "features", "data=flickr8k", f"data.root={FLICKR_1K}"],
         cwd=tmp_path, env={**os.environ, "IMCAP_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_as_in_a_terminal)
     deadline = time.monotonic() + 300
     while not list((tmp_path / "data" / "features").glob("*.npy")) and time.monotonic() < deadline:
         time.sleep(0.2)  # the cache file exists once extraction has started

@@ -27,6 +27,12 @@ TINY = [
 ]
 
 
+def ctrl_c_as_in_a_terminal() -> None:
+    """`preexec_fn` of a process a test sends Ctrl-C: SIGINT acts as in a terminal's foreground job,
+    also when the test runner was started in the background (whose children inherit it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """A command in a new process, with generated files under `cwd` (IMCAP_ROOT)."""
     return subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout,
