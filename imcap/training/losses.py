@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from imcap.models.sat_kernel import without_autocast
 
@@ -68,8 +69,14 @@ def caption_cross_entropy(
     logits: torch.Tensor, targets: torch.Tensor, pad_id: int, label_smoothing: float = 0.0
 ) -> torch.Tensor:
     """Mean token cross-entropy over non-pad targets (as F.cross_entropy with ignore_index
-    and label_smoothing computes it), at least in fp32. logits (B, T, V), targets (B, T).
+    and label_smoothing computes it), at least in fp32: torch's own for fp32 logits, the chunked
+    one above for bf16 and fp16. logits (B, T, V), targets (B, T).
     Only the valid positions are read (the decoders leave zeros at the others)."""
+    if logits.dtype in (torch.float32, torch.float64):  # torch's own: what fp32 training always computed
+        valid = targets != pad_id  # (B, T)
+        if bool(valid.all()):  # no copy
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), label_smoothing=label_smoothing)
+        return F.cross_entropy(logits[valid], targets[valid], label_smoothing=label_smoothing)
     flat, targets = logits.flatten(0, 1), targets.flatten()  # (B*T, V), (B*T,)
     valid = targets != pad_id
     rows = None

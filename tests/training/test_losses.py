@@ -46,3 +46,20 @@ def test_doubly_stochastic_penalty_is_zero_when_every_cell_gets_one_unit():
     weights = torch.full((2, 4, 4), 0.25)  # 4 valid steps, each spreading 1/4 over 4 cells
     assert doubly_stochastic_penalty(weights, torch.ones(2, 4, dtype=torch.bool)).item() == 0
     assert doubly_stochastic_penalty(weights, torch.tensor([[1, 1, 0, 0]] * 2).bool()).item() == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_fp32_logits_get_torchs_own_cross_entropy_bit_for_bit(smoothing):
+    """fp32 training computes exactly what it did before the bf16 path existed: same loss, same
+    gradient, to the bit (a different summation order moves every later step's weights)."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 7, 50, requires_grad=True)
+    targets = torch.randint(1, 50, (4, 7))
+    targets[0, 5:] = PAD
+    ours = caption_cross_entropy(logits, targets, PAD, smoothing)
+    ours.backward()
+    ours_grad, logits.grad = logits.grad.clone(), None
+    valid = targets != PAD
+    reference = torch.nn.functional.cross_entropy(logits[valid], targets[valid], label_smoothing=smoothing)
+    reference.backward()
+    assert torch.equal(ours, reference) and torch.equal(ours_grad, logits.grad)
