@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from pathlib import Path
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["TMPDIR"] = tempfile.mkdtemp(prefix=f"imcap-tests-{os.environ['PYTEST_XDIST_WORKER']}-")
+    atexit.register(shutil.rmtree, os.environ["TMPDIR"], ignore_errors=True)
     tempfile.tempdir = None  # read TMPDIR again
 
 import pytest  # noqa: E402
