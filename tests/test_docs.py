@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -181,6 +182,47 @@ def test_the_readme_is_a_page_for_users():
                     "make train dataset=custom root=DIR", "make sweep dataset=flickr8k ARGS=\"logger=wandb\"",
                     "make compare"):
         assert command in readme, command
+
+
+def build_site(checkout: Path, site: Path) -> subprocess.CompletedProcess:
+    """`make docs` in `checkout`: the site built with --strict into `site`, in a new process."""
+    return subprocess.run([str(Path(sys.executable).parent / "mkdocs"), "build", "--strict", "-d", str(site)],
+                          cwd=checkout, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+                          capture_output=True, text=True, timeout=300)
+
+
+def docs_checkout(tmp_path: Path) -> Path:
+    """The site's sources as a checkout has them, in a folder a test may change."""
+    checkout = tmp_path / "checkout"
+    for name in ("docs", "experiments"):
+        shutil.copytree(REPO / name, checkout / name)
+    shutil.copy(REPO / "mkdocs.yml", checkout)
+    (checkout / "imcap").symlink_to(REPO / "imcap")  # the API reference pages read it
+    return checkout
+
+
+@pytest.mark.slow
+def test_a_new_or_rerun_study_figure_reaches_the_site_with_no_copy_under_docs(tmp_path):
+    checkout = docs_checkout(tmp_path)
+    study = checkout / "experiments" / "attention_variants"
+    write_image(study / "results-new.png", (200, 30, 30), 16)
+    with (study / "README.md").open("a", encoding="utf-8") as readme:
+        readme.write("\n![a figure added to the study](results-new.png)\n")
+    write_image(study / "results-shapes.png", (30, 160, 60), 16)  # the study rerun: its figure replaced
+    result = build_site(checkout, tmp_path / "site")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("results-new.png", "results-shapes.png"):
+        assert (tmp_path / "site" / "results" / name).read_bytes() == (study / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_a_figure_copied_under_docs_fails_the_build_with_one_line_saying_to_delete_it(tmp_path):
+    checkout = docs_checkout(tmp_path)
+    shutil.copy(checkout / "experiments" / "attention_variants" / "results-shapes.png", checkout / "docs" / "results")
+    result = build_site(checkout, tmp_path / "site")
+    assert result.returncode != 0
+    assert ("error: docs/results/results-shapes.png is a copy of experiments/attention_variants/results-shapes.png"
+            in result.stderr), result.stderr[-3000:]
 
 
 def test_a_renamed_option_fails_its_block(tmp_path):
