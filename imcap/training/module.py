@@ -301,10 +301,13 @@ class CaptionModule(pl.LightningModule):
             self.log(f"{self.eval_prefix}/{name}", value.float())
         self.test_metrics.reset()
         self.predictions = gather_predictions(self.predictions)
-        grounding = self.test_grounding.compute()
-        if float(grounding["grounding_words"]) > 0:  # only datasets with object boxes
-            for name in ("grounding", "grounding_chance"):
-                self.log(f"{self.eval_prefix}/{name}", grounding[name].float())
+        # only datasets with object boxes (the shapes demo) update grounding; computing it unupdated
+        # warns. Any rank's update counts: compute() gathers from every rank, so all call it or none
+        if self.trainer.strategy.reduce_boolean_decision(self.test_grounding.update_called, all=False):
+            grounding = self.test_grounding.compute()
+            if float(grounding["grounding_words"]) > 0:
+                for name in ("grounding", "grounding_chance"):
+                    self.log(f"{self.eval_prefix}/{name}", grounding[name].float())
         self.test_grounding.reset()
 
     def configure_optimizers(self):
