@@ -17,6 +17,7 @@ not know or a value of the wrong type is one line saying to upgrade imcap, not a
 
 from __future__ import annotations
 
+import dataclasses
 import types
 import typing
 from collections.abc import Mapping
@@ -120,13 +121,14 @@ def check_stored_values(stored: Mapping[str, Any], origin: str, format_key: str 
 
 def check_decoding_overrides(overrides: Mapping[str, Any]) -> None:
     """Refuse a `decoding.*` value from the command line that has the wrong type."""
+    from imcap.models.search import Decoding
+
     for key, value in overrides.items():
         problem = decoding_problem(key, value)
-        if problem == "unknown":  # conf/_decoding_overrides.yaml lists every option: only `+decoding.x=`
-            raise ImcapError(f"decoding.{key} is not a decoding option; see conf/_decoding_overrides.yaml")
+        if problem == "unknown":  # the config holds every option (imcap.config_compose): only `+decoding.x=`
+            raise ImcapError(f"decoding.{key} is not a decoding option; choose one of "
+                             f"{', '.join(f.name for f in dataclasses.fields(Decoding))}")
         if problem:
-            from imcap.models.search import Decoding
-
             default = Decoding().to_config()[key]
             raise ImcapError(f"decoding.{key}={value!r} is not {problem}; e.g. decoding.{key}={default}")
 

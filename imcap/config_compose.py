@@ -1,4 +1,5 @@
-"""Composed configs: conf/ outside a Hydra app, a run's config as plain data, decoding overrides."""
+"""Composed configs: conf/ outside a Hydra app, a run's config as plain data, decoding overrides
+(the `_decoding_overrides` config node, derived from the Decoding dataclass)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,29 @@ from imcap.atomic_files import write_text
 from imcap.errors import ImcapError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# eval.yaml's and caption.yaml's defaults lists name this config node: `decoding.<field>: null` for
+# each Decoding field (null: the checkpoint's value). It lives in Hydra's ConfigStore, built from the
+# dataclass, so that a new decoding option needs no YAML edit.
+DECODING_OVERRIDES = "_decoding_overrides"
+
+
+def register_decoding_overrides() -> None:
+    """Store the `_decoding_overrides` node in Hydra's ConfigStore (again: the same node)."""
+    from dataclasses import fields
+
+    from hydra.core.config_store import ConfigStore
+
+    from imcap.models.search import Decoding
+
+    ConfigStore.instance().store(name=DECODING_OVERRIDES, provider="imcap",
+                                 node={"decoding": dict.fromkeys(f.name for f in fields(Decoding))})
+
+
+def _names_decoding_overrides(name: str) -> bool:
+    """Whether conf/<name>.yaml's defaults list names `_decoding_overrides`: only those configs pay
+    for importing Decoding (torch), so the data tools' `compose_config("train")` stays light."""
+    path = CONF_DIR / f"{name}.yaml"
+    return path.is_file() and DECODING_OVERRIDES in (OmegaConf.load(path).get("defaults") or [])
 
 
 def compose_config(name: str, overrides: Sequence[str] = (), output_dir: Path | None = None,
@@ -31,6 +55,8 @@ def compose_config(name: str, overrides: Sequence[str] = (), output_dir: Path | 
     from hydra.core.hydra_config import HydraConfig
     from hydra.errors import HydraException
 
+    if _names_decoding_overrides(name):
+        register_decoding_overrides()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):

@@ -25,7 +25,7 @@ import hydra
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
-from imcap.config_compose import CONF_DIR
+from imcap.config_compose import CONF_DIR, register_decoding_overrides
 from imcap.console import quiet_libraries
 from imcap.errors import end_progress_bars, report_user_errors, user_error
 from imcap.plugins import load_plugins
@@ -182,6 +182,7 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Cal
             real = sys.stderr
             stderr = _HeldStderr(real)
             sys.stderr = stderr
+            register_decoding_overrides()  # eval.yaml's and caption.yaml's decoding.* (no cost: the entry imported Decoding)
             record = os.path.join(tempfile.gettempdir(), f"imcap-sweep-{uuid.uuid4().hex}.jsonl")
             os.environ[SWEEP_RECORD] = record
             try:

@@ -1,7 +1,9 @@
 """compose_config: conf/ composed outside a Hydra app, as `@hydra.main` would; its mistakes are
-user errors. And the plain-data views of a run's config."""
+user errors. And the plain-data views of a run's config, and the decoding overrides."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, fields
 
 import pytest
 from omegaconf import OmegaConf
@@ -53,3 +55,25 @@ def test_decoding_overrides_replace_only_what_is_set():
     overrides = OmegaConf.create({"method": "beam", "beam_size": None, "max_length": 12})
     assert decoding_with_overrides(stored, overrides) == {"method": "beam", "beam_size": 3, "max_length": 12}
     assert decoding_with_overrides(stored, None) == stored
+
+
+def test_an_unknown_decoding_override_names_the_options():
+    with pytest.raises(ImcapError, match=r"^decoding.beam_width is not a decoding option; choose one of "
+                                         r"method, beam_size, .*, rerank_memory_images$"):
+        decoding_with_overrides({}, OmegaConf.create({"beam_width": 5}))
+
+
+@pytest.mark.parametrize("name,required", [("eval", ["ckpt_path=x.ckpt"]),
+                                           ("caption", ["ckpt_path=x.ckpt", "images=[a.jpg]"])])
+def test_a_new_decoding_field_is_an_option_of_eval_and_caption_without_a_yaml_edit(monkeypatch, name, required):
+    """The `_decoding_overrides` node that eval.yaml and caption.yaml name is built from Decoding."""
+    import imcap.models.search as search
+
+    @dataclass(frozen=True)
+    class WithTemperature(search.Decoding):
+        temperature: float = 1.0
+
+    monkeypatch.setattr(search, "Decoding", WithTemperature)
+    cfg = compose_config(name, [*required, "decoding.temperature=0.7"])
+    assert OmegaConf.to_container(cfg.decoding) == {**dict.fromkeys(f.name for f in fields(search.Decoding)),
+                                                    "temperature": 0.7}

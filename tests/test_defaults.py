@@ -111,8 +111,8 @@ def test_a_stored_decoding_without_later_keys_decodes_as_when_it_was_written():
 
 @pytest.mark.parametrize("name", ["eval", "caption"])
 def test_the_decoding_overrides_name_every_decoding_option(make_cfg, name):
-    """conf/_decoding_overrides.yaml (imcap.eval, imcap.caption) lists each Decoding field, null:
-    the checkpoint's value unless given."""
+    """imcap.eval and imcap.caption have a decoding.* option for each Decoding field, null: the
+    checkpoint's value unless given."""
     cfg = make_cfg("ckpt_path=x.ckpt", "images=[a.jpg]", name=name) if name == "caption" else \
         make_cfg("ckpt_path=x.ckpt", name=name)
     assert OmegaConf.to_container(cfg.decoding) == dict.fromkeys(f.name for f in fields(Decoding))
