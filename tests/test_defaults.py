@@ -1,7 +1,8 @@
 """One home per default: the YAML config. A Python signature default either equals the value the
-YAML gives in the real-photo run (`python -m imcap.train data=flickr8k`), or is None where the
-YAML's value comes from another option (`${model.decoder.hidden_dim}`: the caller passes it) or
-is an object config (`_target_`: None builds none). A None that builds a typed-options dataclass
+YAML gives in the real-photo run (`python -m imcap.train data=flickr8k`; a dataset source: in its
+own `data=<name>`), or is None where the YAML's value comes from another option
+(`${model.decoder.hidden_dim}`: the caller passes it) or is an object config (`_target_`: None
+builds none). A None that builds a typed-options dataclass
 (`Decoding`, `SCST`, `ScheduledSampling`) is held to the YAML through that dataclass."""
 
 from __future__ import annotations
@@ -67,6 +68,13 @@ def test_datamodule_defaults_are_the_yamls(make_cfg):
     data = make_cfg(*REAL_PHOTOS, tiny=False).data
     # data.root is ??? in the YAML: the user's to give (here on the command line)
     assert competing_defaults(get_class(data._target_), data, skip=("root",)) == []
+
+
+@pytest.mark.parametrize("name", [n for n, cls in components("source").items() if cls.__module__.startswith("imcap.")])
+def test_source_defaults_are_the_yamls(make_cfg, name):
+    """Each of imcap's registered sources against its conf/data/<name>.yaml `source:` node."""
+    source = make_cfg(f"data={name}", "data.root=x", tiny=False).data.source
+    assert competing_defaults(components("source")[name], source, skip=("root",)) == []
 
 
 def test_caption_module_defaults_are_the_yamls(make_cfg):

@@ -23,7 +23,9 @@ import logging
 import os
 import re
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 from imcap.data.records import SPLITS, CaptionRecord
 from imcap.data.sources.splits import split_of
@@ -141,13 +143,13 @@ class CustomSource:
         self,
         root: str,
         captions: str | None = None,
-        split_ratios: dict[str, float] | None = None,
+        split_ratios: Mapping[str, float] = MappingProxyType({"train": 0.8, "val": 0.1, "test": 0.1}),
         split_seed: int = 0,
         missing_images: str = "error",
     ):
         self.root = Path(root)
         self.captions = captions
-        self.split_ratios = dict(split_ratios or {"train": 0.8, "val": 0.1, "test": 0.1})
+        self.split_ratios = dict(split_ratios)
         self.split_seed = split_seed
         self.missing_images = check_choice(missing_images, MISSING_IMAGES, "data.source.missing_images")
 

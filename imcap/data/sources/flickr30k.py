@@ -21,8 +21,10 @@ from __future__ import annotations
 import logging
 import re
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from types import MappingProxyType
 
 from imcap.data.records import CaptionRecord
 from imcap.data.resources import Resource, karpathy_split
@@ -128,13 +130,13 @@ class Flickr30kSource:
     def __init__(
         self,
         root: str,
-        split_ratios: dict[str, float] | None = None,
+        split_ratios: Mapping[str, float] = MappingProxyType({"train": 0.94, "val": 0.03, "test": 0.03}),
         split_seed: int = 0,
         missing_images: str = "error",
         bad_rows: str = "repair",
     ):
         self.root = Path(root)
-        self.split_ratios = dict(split_ratios or {"train": 0.94, "val": 0.03, "test": 0.03})
+        self.split_ratios = dict(split_ratios)
         self.split_seed = split_seed
         self.missing_images = validation.check_choice(missing_images, validation.MISSING_IMAGES, "data.source.missing_images")
         self.bad_rows = validation.check_choice(bad_rows, BAD_ROWS, "data.source.bad_rows")

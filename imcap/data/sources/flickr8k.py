@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 from imcap.data.records import CaptionRecord
 from imcap.data.resources import Resource, karpathy_split
@@ -80,12 +82,12 @@ class Flickr8kSource:
     def __init__(
         self,
         root: str,
-        split_ratios: dict[str, float] | None = None,
+        split_ratios: Mapping[str, float] = MappingProxyType({"train": 0.8, "val": 0.1, "test": 0.1}),
         split_seed: int = 0,
         missing_images: str = "error",
     ):
         self.root = Path(root)
-        self.split_ratios = dict(split_ratios or {"train": 0.8, "val": 0.1, "test": 0.1})
+        self.split_ratios = dict(split_ratios)
         self.split_seed = split_seed
         self.missing_images = validation.check_choice(missing_images, validation.MISSING_IMAGES, "data.source.missing_images")
 

@@ -15,8 +15,10 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -158,13 +160,13 @@ class ShapesSource:
     def __init__(
         self,
         root: str,
-        num_images: dict[str, int] | None = None,
+        num_images: Mapping[str, int] = MappingProxyType({"train": 2000, "val": 250, "test": 250}),
         image_size: int = 128,
         max_objects: int = 3,
         seed: int = 0,
     ):
         self.root = Path(root)
-        self.num_images = dict(num_images or {"train": 2000, "val": 250, "test": 250})
+        self.num_images = dict(num_images)
         unknown = set(self.num_images) - set(SPLITS)
         if unknown:
             raise ImcapError(f"data.source.num_images has unknown splits {sorted(unknown)}; use {SPLITS}")
