@@ -5,6 +5,7 @@ checkpoint naming a component nobody registered, refused without importing anyth
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -127,6 +128,33 @@ def test_a_stored_config_naming_an_unregistered_component_says_how_to_provide_it
         "with plugins=[marker_plugin_xyz]")
     assert "'imcap.plugins' entry point" in str(caught.value) and "\n" not in str(caught.value)
     assert not marker.exists() and "marker_plugin_xyz" not in sys.modules
+
+
+@pytest.fixture
+def example_imported(monkeypatch):
+    """The example package imported in this process; its registrations are undone afterwards."""
+    for kind in registry.KINDS:
+        monkeypatch.setitem(registry._registry, kind, dict(registry.components(kind)))
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    plugins.load_plugins(["imcap_example_plugin"])
+    yield
+    for name in [m for m in sys.modules if m.split(".")[0] == "imcap_example_plugin"]:
+        del sys.modules[name]
+
+
+def test_the_examples_signature_defaults_are_its_yamls(make_cfg, example_imported):
+    """One home per default holds for a plugin as for imcap's own components: each class's
+    signature defaults are its YAML's, or None where the YAML takes the value from another option."""
+    from tests.test_defaults import competing_defaults
+
+    cfg = make_cfg(*USER_CONF, "data=stripes", "model/encoder=patches", "model/attention=cosine", tiny=False)
+    found = [*competing_defaults(registry.get("attention", "cosine"), cfg.model.attention),
+             *competing_defaults(registry.get("encoder", "patches"), cfg.model.encoder),
+             *competing_defaults(registry.get("source", "stripes"), cfg.data.source, skip=("root",))]
+    assert found == []
+    interpolated = [k for k in cfg.model.attention if OmegaConf.is_interpolation(cfg.model.attention, k)]
+    signature = inspect.signature(registry.get("attention", "cosine")).parameters
+    assert interpolated == ["attention_dim"] and signature["attention_dim"].default is None
 
 
 @pytest.mark.slow

@@ -19,8 +19,9 @@ from imcap.registry import register
 
 @register("attention", "cosine")
 class CosineAttention(Attention):
-    def __init__(self, key_dim: int, query_dim: int, attention_dim: int = 256, temperature: float = 10.0):
+    def __init__(self, key_dim: int, query_dim: int, attention_dim: int | None = None, temperature: float = 10.0):
         super().__init__(key_dim, query_dim)
+        attention_dim = attention_dim or query_dim  # None: the decoder's width (its YAML names that)
         self.key_proj = nn.Linear(key_dim, attention_dim, bias=False)
         self.query_proj = nn.Linear(query_dim, attention_dim, bias=False)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))

@@ -2,9 +2,10 @@
 
 Each `patch_size` x `patch_size` patch of the image is projected to `channels` dims by one
 convolution drawn from `seed`; the grid is those patches, pooled is their mean. It follows
-imcap's encoder contract (`imcap.models.encoders.GridEncoder`): `forward(images) -> (grid
+imcap's encoder contract (`imcap.models.grid_encoder.GridEncoder`): `forward(images) -> (grid
 (B, N, C), pooled (B, C))`, `out_channels`, `image_transform`, `identity` (the cache key besides
-the weights) and the finetune policy; the base class does caching and frozen BatchNorm.
+the weights) and the finetune policy; the base class does caching and frozen BatchNorm, and drops
+the `output_stride` a recipe may set (it is for CNN trunks), so this class need not take it.
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ import torch
 from torch import nn
 
 from imcap.data.images import image_transform
-from imcap.models.encoders import GridEncoder, read_weights_file, set_trainable
+from imcap.models.grid_encoder import GridEncoder, read_weights_file, set_trainable
 from imcap.registry import register
 
 
 @register("encoder", "patches")
 class PatchEncoder(GridEncoder):
-    WEIGHT_OPTIONS = ("weights_path",)  # a checkpoint supplies the weights; none are downloaded
+    # the option that names pretrained weights (a file here; none are downloaded): loading a
+    # checkpoint clears it, because the checkpoint holds the weights
+    WEIGHT_OPTIONS = ("weights_path",)
 
     def __init__(self, patch_size: int = 8, channels: int = 64, seed: int = 0, weights_path: str | None = None,
-                 finetune: str = "none", output_stride: int | None = None):  # output_stride: for CNN trunks; unused
+                 finetune: str = "none"):
         super().__init__(finetune)
         self.patch_size, self.seed = patch_size, seed
         self.trunk = nn.Conv2d(3, channels, patch_size, stride=patch_size)

@@ -12,7 +12,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 from PIL import Image
@@ -29,9 +31,10 @@ DIRECTIONS = ("vertical", "horizontal")
 class StripesSource:
     """`num_images` per split, `image_size` pixels square, drawn into `root/stripes-<hash>/`."""
 
-    def __init__(self, root: str, num_images: dict[str, int] | None = None, image_size: int = 64, seed: int = 0):
+    def __init__(self, root: str, num_images: Mapping[str, int] = MappingProxyType({"train": 200, "val": 50, "test": 50}),
+                 image_size: int = 64, seed: int = 0):  # the defaults are conf/data/stripes.yaml's
         self.root = Path(root)
-        self.num_images = dict(num_images or {"train": 200, "val": 50, "test": 50})
+        self.num_images = dict(num_images)
         unknown = set(self.num_images) - set(SPLITS)
         if unknown:
             raise ImcapError(f"data.source.num_images has unknown splits {sorted(unknown)}; use {SPLITS}")
