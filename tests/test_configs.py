@@ -29,14 +29,6 @@ def group_options() -> list[tuple[str, str]]:
     return options
 
 
-def bringing_data_option(recipe: str) -> str:
-    """The data option whose defaults list brings conf/recipe/<recipe>.yaml."""
-    for path in sorted((CONF / "data").glob("*.yaml")):
-        if f"/recipe@_global_: {recipe}" in path.read_text(encoding="utf-8"):
-            return path.stem
-    raise AssertionError(f"no conf/data option brings conf/recipe/{recipe}.yaml")
-
-
 def test_every_group_directory_is_covered():
     groups = {g for g, _ in group_options()}
     assert {"data", "model", "model/encoder", "model/decoder", "model/attention", "model/embedding",
@@ -48,13 +40,11 @@ def test_every_group_directory_is_covered():
 def test_option_composes_and_instantiates(group, option, make_cfg):
     # the tiny overrides are shapes-specific (experiments may choose other data)
     extra = ["trainer.accelerator=cpu"] if option == "gpu" and not torch.cuda.is_available() else []
-    if group == "recipe":  # a recipe comes with the data option that names it
-        group, option = "data", bringing_data_option(option)
     if (group, option) == ("model/attention", "dot"):  # no width of its own: the tiny runs' attention_dim is refused
         extra.append("~model.attention.attention_dim")
     cfg = make_cfg(f"{group}={option}", *extra, tiny=group != "experiment" and not (group == "data" and option != "shapes"))
     vocab = Vocabulary.build([["a", "red", "circle"]])
-    if group.startswith("model") or group == "experiment":
+    if group.startswith("model") or group in ("recipe", "experiment"):
         model = OmegaConf.to_container(cfg.model, resolve=True)
         captioner = build_captioner({k: model[k] for k in COMPONENTS}, vocab, 64, pretrained=False)
         if model["encoder"].get("weights"):  # the named torchvision weights exist
@@ -158,6 +148,17 @@ def test_the_demo_and_the_real_photo_recipe_keep_their_settings(make_cfg, recipe
     cfg = make_cfg(*overrides, tiny=False)
     got = {key: OmegaConf.select(cfg, key) for key in expected}
     assert {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in got.items()} == expected
+
+
+@pytest.mark.parametrize("overrides,like", [
+    (["data=flickr8k", "data.root=x", "recipe=shapes"], []),  # the demo's model on real photos
+    (["~recipe"], ["data=flickr8k", "data.root=x"]),  # the real-photo model on the shapes
+], ids=["recipe=shapes", "~recipe"])
+def test_the_command_line_chooses_the_recipe_whatever_the_data(make_cfg, overrides, like):
+    cfg, model_of = make_cfg(*overrides, tiny=False), make_cfg(*like, tiny=False)
+    data_of = make_cfg(*[o for o in overrides if "recipe" not in o], tiny=False)
+    assert OmegaConf.to_container(cfg.model) == OmegaConf.to_container(model_of.model)
+    assert OmegaConf.to_container(cfg.data) == OmegaConf.to_container(data_of.data)
 
 
 def test_data_options_choose_no_model_part(make_cfg):
