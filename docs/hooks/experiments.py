@@ -46,7 +46,7 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
     root = repo_root(config)
     served: dict[str, Path] = {}  # src_uri in the site -> the file in experiments/
     for page in files.documentation_pages():
-        for include in SNIPPET.finditer(Path(page.abs_src_path).read_text(encoding="utf-8")):
+        for include in SNIPPET.finditer(page.content_string):
             readme = root / include["path"]
             if not readme.is_file():
                 continue  # pymdownx.snippets (check_paths) fails the build on the page itself
