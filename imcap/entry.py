@@ -179,10 +179,10 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Cal
         @functools.wraps(task)
         def main() -> Any:
             nonlocal stderr
+            register_decoding_overrides()  # eval.yaml's and caption.yaml's decoding.* (no cost: the entry imported Decoding)
             real = sys.stderr
             stderr = _HeldStderr(real)
             sys.stderr = stderr
-            register_decoding_overrides()  # eval.yaml's and caption.yaml's decoding.* (no cost: the entry imported Decoding)
             record = os.path.join(tempfile.gettempdir(), f"imcap-sweep-{uuid.uuid4().hex}.jsonl")
             os.environ[SWEEP_RECORD] = record
             try:
