@@ -169,11 +169,21 @@ class LSTMDecoder(nn.Module):
         h, c = lstm_update(gates, c)
         return LSTMState(h, c, cache), weights, h
 
+    @property
+    def skips_rows(self) -> bool:
+        """Whether `step` takes `active`: only the Show-Attend-Tell kernel computes some rows."""
+        return self.path is self.sat_path
+
     def step(
-        self, state: LSTMState, prev_tokens: torch.Tensor
+        self, state: LSTMState, prev_tokens: torch.Tensor, active: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, LSTMState, torch.Tensor | None]:
-        """One decoding step: prev_tokens (B,) -> logits (B, V), new state, weights (B, N)."""
-        return self.path.step(state, prev_tokens)
+        """One decoding step: prev_tokens (B,) -> logits (B, V), new state, weights (B, N).
+        active (R,), ascending, where `skips_rows` (beam search: the hypotheses that have not
+        ended): only these rows are computed; the others keep their state and get logits and
+        weights 0."""
+        if active is None:
+            return self.path.step(state, prev_tokens)
+        return self.path.step(state, prev_tokens, active)  # the plain path takes no `active`
 
     def forward(
         self, grid: torch.Tensor, pooled: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor | None = None
@@ -257,15 +267,21 @@ class ShowAttendTellPath:
     def expand_cache(self, cache: SATCache, rows: Callable) -> SATCache:
         return cache  # one per image, shared by its hypotheses (sat_step reads it per image)
 
-    def step(self, state: LSTMState, prev_tokens: torch.Tensor) -> tuple[torch.Tensor, LSTMState, torch.Tensor]:
+    def step(self, state: LSTMState, prev_tokens: torch.Tensor,
+             active: torch.Tensor | None = None) -> tuple[torch.Tensor, LSTMState, torch.Tensor]:
         d = self.decoder
         dtype = compute_dtype(prev_tokens.device, d.output.weight.dtype)
         w, (inputs, *linears, output) = self.step_weights(dtype, prev_tokens.shape[0])
         with without_autocast(prev_tokens.device.type):
-            x = inputs(d.embedding(prev_tokens).to(dtype))
+            tokens = prev_tokens if active is None else prev_tokens.index_select(0, active)
+            x = inputs(d.embedding(tokens).to(dtype))
             s = self.step_fn(w, linears, x, state.h.to(dtype), at_least_fp32(state.c.to(dtype)),
-                             state.cache.doubled_keys, state.cache.values, keep=False)
-            return output(d.dropout(s.h)), LSTMState(s.h, s.c, state.cache), s.alpha
+                             state.cache.doubled_keys, state.cache.values, keep=False, active=active)
+            if active is None:
+                return output(d.dropout(s.h)), LSTMState(s.h, s.c, state.cache), s.alpha
+            computed = output(d.dropout(s.h.index_select(0, active)))  # (R, V)
+            logits = computed.new_zeros(len(prev_tokens), computed.shape[1]).index_copy_(0, active, computed)
+            return logits, LSTMState(s.h, s.c, state.cache), s.alpha
 
     def recurrence(self, x: torch.Tensor, state: LSTMState, packing: Packing) -> Recurrence:
         dtype = compute_dtype(x.device, self.decoder.output.weight.dtype)

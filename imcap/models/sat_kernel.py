@@ -135,19 +135,33 @@ class SATStep(NamedTuple):
 
 
 def sat_step(w: SATWeights, linears: tuple[PrepackedLinear, PrepackedLinear], x: torch.Tensor, h: torch.Tensor,
-             c: torch.Tensor, doubled_keys: torch.Tensor, values: torch.Tensor, keep: bool = True) -> SATStep:
+             c: torch.Tensor, doubled_keys: torch.Tensor, values: torch.Tensor, keep: bool = True,
+             active: torch.Tensor | None = None) -> SATStep:
     """One Show-Attend-Tell step. x: (B, 4H) the embedding part of the gates and h: (B, H) in
     the compute dtype (that of w.h_weight); c: (B, H), doubled_keys: (G, N, A), values: (G, N, C),
     at least fp32; G = B, or G images with B/G hypotheses each (consecutive rows), as beam
     search gets from `LSTMDecoder.expand_state`. `linears`: `w.prepacked(...)`. Out of place but
     for one sigmoid_ (which autograd allows there), so `step` can run it under autograd too.
     keep=False (no autograd): the (B, N, A) energy may be made a few images at a time and is
-    not returned."""
-    (B, H4), (G, N, A) = x.shape, doubled_keys.shape
-    H, K = H4 // 4, B // G  # K > 1: the rows are K hypotheses per image, keys and values one per image
+    not returned.
+
+    active (R,), ascending (beam search: the hypotheses that have not ended): compute these
+    rows of h and c only; x holds just these rows. The other rows' h and c come back as they
+    came and their attention weights as 0; the rest of the SATStep holds the R rows (but for
+    the energy, of all B). Each row gets bit for bit what it gets without `active`: the
+    products run row by row, and the attention is made for every row in the same shapes (MKL's
+    matrix-vector product rounds its last few rows differently, so a row's place counts)."""
+    (B, H), (G, N, A) = h.shape, doubled_keys.shape
+    K = B // G  # K > 1: the rows are K hypotheses per image, keys and values one per image
+    h_all, c_all = h, c
+    if active is not None:
+        h, c = h.index_select(0, active), c.index_select(0, active)
     h_linear, context_linear = linears
-    fused = h_linear(h)  # (B, 4H + A + C')
-    query = fused[:, 4 * H : 4 * H + A].reshape(G, K, 1, A)
+    fused = h_linear(h)  # (R, 4H + A + C')
+    query = fused[:, 4 * H : 4 * H + A]
+    if active is not None:  # the skipped rows' queries: any value
+        query = query.new_zeros(B, A).index_copy_(0, active, query)
+    query = query.reshape(G, K, 1, A)
     # w . tanh(u) + b = 2 w . sigmoid(2u) + b - sum(w)
     score_weight, score_bias = 2 * w.score_weight, w.score_bias - w.score_weight.sum()
     if keep or torch.is_grad_enabled() or B * N * A * doubled_keys.element_size() <= ENERGY_CHUNK_BYTES:
@@ -158,15 +172,21 @@ def sat_step(w: SATWeights, linears: tuple[PrepackedLinear, PrepackedLinear], x:
         scores = torch.cat([(torch.add(k.unsqueeze(1), q, alpha=2).sigmoid_() @ score_weight).view(-1, N)
                             for k, q in zip(doubled_keys.split(step), query.split(step))]) + score_bias
     alpha = torch.softmax(scores, dim=-1)
+    if active is not None:
+        alpha = torch.zeros_like(alpha).index_copy_(0, active, alpha.index_select(0, active))
     context = torch.bmm(alpha.view(G, K, N), values).view(B, -1)  # (B, C)
+    if active is not None:
+        context = context.index_select(0, active)  # (R, C)
     gate = torch.sigmoid(at_least_fp32(fused[:, 4 * H + A :])) if w.h_bias is not None else None
     gated = (gate * context if gate is not None else context).to(h.dtype)
-    gates = at_least_fp32(context_linear(gated) + (x + fused[:, : 4 * H]))  # (B, 4H)
+    gates = at_least_fp32(context_linear(gated) + (x + fused[:, : 4 * H]))  # (R, 4H)
     i, f, g, o = gates.chunk(4, dim=-1)
     i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
     c_new = f * c + i * g
     tanh_c = torch.tanh(c_new)
     h_new = (o * tanh_c).to(h.dtype)
+    if active is not None:
+        h_new, c_new = h_all.index_copy(0, active, h_new), c_all.index_copy(0, active, c_new)
     return SATStep(h_new, c_new, alpha, h, energy, context, gate, gated, (i, f, g, o), c, tanh_c)
 
 

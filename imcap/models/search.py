@@ -1,8 +1,9 @@
 """Decoding strategies over any decoder: greedy, batched beam search, sampling.
 
-Search talks only to `decoder.init_state(grid, pooled)` and `decoder.step(state, prev)`; it
-never knows which decoder it drives. Decoder states are (nested) tuples of tensors with the
-batch first, so beams are expanded and reordered generically with `index_select`.
+Search talks only to `decoder.init_state(grid, pooled)` and `decoder.step(state, prev)` (and
+the optional capabilities `imcap.models.decoder.Decoder` lists); it never knows which decoder it
+drives. Decoder states are (nested) tuples of tensors with the batch first, so beams are
+expanded and reordered generically with `index_select`.
 
 Every method obeys the same rules on what may be generated (`_constrain`): never <bos>, <pad>
 or the ids in `never` (<unk> unless `decoding.allow_unk`), no <eos> before `min_length` words,
@@ -40,7 +41,7 @@ BAD_ENDINGS = ("a", "an", "the", "in", "for", "at", "of", "with", "before", "aft
 class SearchResult(NamedTuple):
     tokens: torch.Tensor  # (B, L) generated ids, <eos> included, <pad> after it
     scores: torch.Tensor  # (B,) sum of token log-probabilities (beam: before length penalty)
-    attention: torch.Tensor | None  # (B, L, N) weights per generated token
+    attention: torch.Tensor | None  # (B, L, N) weights per generated token; at <pad> meaningless (0 where search skipped the row)
 
 
 # What a stored decoding without these keys meant: the defaults before they were the YAML's.
@@ -272,6 +273,12 @@ class _Beams:
             self.history = torch.cat([self.history.index_select(0, rows), token.unsqueeze(1)], dim=1)
         self.scores, self.finished, self.prev = scores, finished | (token == eos_id), token
 
+    def unfinished(self) -> torch.Tensor | None:
+        """The rows of the hypotheses that have not ended (read back from the device), None when
+        that is every row."""
+        running = (~self.finished).nonzero().squeeze(1)
+        return running if len(running) < len(self.finished) else None
+
     def drop_ended_images(self) -> None:
         """Images whose K hypotheses have all ended leave the batch (their scores and lengths
         kept aside): later steps run on the other images' rows only. With 16 beams most
@@ -371,7 +378,9 @@ def beam_search(decoder: nn.Module, grid: torch.Tensor, pooled: torch.Tensor, bo
     `check_every` steps (None: `stop_check_interval`, every step on a CPU); an image whose
     hypotheses have all ended keeps them in place, so the steps run past the end change
     nothing. On a CPU (where asking is free) such an image leaves the batch instead
-    (`_Beams.drop_ended_images`).
+    (`_Beams.drop_ended_images`), and where the decoder `skips_rows`, a finished hypothesis
+    is not computed either (its logits are never read and its state only copied along), with
+    the same captions, scores and attention of every word.
     """
     B, K, device = grid.shape[0], beam_size, grid.device
     rules = _rules(bos_id, pad_id, never, bad_endings, device)
@@ -379,9 +388,11 @@ def beam_search(decoder: nn.Module, grid: torch.Tensor, pooled: torch.Tensor, bo
     beams, trace = _Beams(state, B, K, bos_id, device), _Trace(B * K, pad_id)
     ended = _Ended(stop_check_interval(device) if check_every is None else check_every, device)
     compact = K > 1 and device.type == "cpu" and check_every is None
+    skips = compact and getattr(decoder, "skips_rows", False)
     for t in range(max_length):
         if t > 0:  # the first step is done
-            logits, beams.state, weights = decoder.step(beams.state, beams.prev)
+            rows = {"active": beams.unfinished()} if skips else {}
+            logits, beams.state, weights = decoder.step(beams.state, beams.prev, **rows)
         logp = _constrain(torch.log_softmax(logits.float(), dim=-1), beams.prev, t, max_length, eos_id,
                           min_length=min_length, **rules)  # (A*K, V)
         if block_trigrams:

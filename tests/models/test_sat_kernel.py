@@ -208,3 +208,29 @@ def test_backward_frees_what_the_loop_kept_without_waiting_for_the_cyclic_gc():
     finally:
         gc.enable()
     assert kept == []
+
+
+@pytest.mark.parametrize("chunk", [None, N * A * 4 * 2], ids=["whole", "chunked"])
+def test_a_step_of_some_rows_gives_those_rows_bit_for_bit_and_leaves_the_others(chunk, monkeypatch):
+    """step(..., active=rows) (beam search skipping its finished hypotheses): the rows computed
+    get exactly what a step of every row gives them; the others keep h and c, with logits and
+    attention weights 0. Only the kernel takes `active` (`skips_rows`)."""
+    if chunk:
+        monkeypatch.setattr(sat_kernel, "ENERGY_CHUNK_BYTES", chunk)
+    dec, beams = make(), 4
+    grid, tokens = data()
+    active = torch.tensor([0, 2, 3, 5, 8, 9, 10])  # of B * beams = 12: every image loses some rows
+    with torch.no_grad():
+        state = dec.expand_state(dec.init_state(grid, grid.mean(1)), beams)
+        state = state._replace(h=state.h + torch.randn_like(state.h), c=state.c + torch.randn_like(state.c))
+        prev = torch.randint(0, V, (B * beams,))
+        logits, new, weights = dec.step(state, prev)
+        some_logits, some, some_weights = dec.step(state, prev, active=active)
+    skipped = torch.ones(B * beams, dtype=torch.bool).index_fill_(0, active, False)
+    for full, part in ((logits, some_logits), (new.h, some.h), (new.c, some.c), (weights, some_weights)):
+        assert torch.equal(part[active], full[active])
+    assert torch.equal(some.h[skipped], state.h[skipped]) and torch.equal(some.c[skipped], state.c[skipped])
+    assert not some_logits[skipped].any() and not some_weights[skipped].any()
+    assert dec.skips_rows
+    dec.fast_path = False
+    assert not dec.skips_rows

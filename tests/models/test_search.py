@@ -663,3 +663,50 @@ def test_decoding_round_trips_through_a_checkpoints_plain_config():
     stored = decoding.to_config()
     check_stored_config({"decoding": stored}, "checkpoint x.ckpt")  # plain values only: accepted
     assert Decoding(**stored) == decoding
+
+
+class ComputedRows(nn.Module):
+    """A real decoder that says it `skips_rows` or not (`skips`), whose <eos> grows likelier with
+    every step (hypotheses end at different steps), recording per step how many rows it ran on
+    and how many it computed."""
+
+    def __init__(self, inner: nn.Module, skips: bool):
+        super().__init__()
+        self.inner, self.skips_rows, self.rows = inner, skips, []
+        self.expand_state = inner.expand_state
+
+    def init_state(self, grid: torch.Tensor, pooled: torch.Tensor):
+        return self.inner.init_state(grid, pooled)
+
+    def step(self, state, prev: torch.Tensor, active: torch.Tensor | None = None):
+        self.rows.append((prev.shape[0], prev.shape[0] if active is None else active.shape[0]))
+        logits, state, weights = self.inner.step(state, prev, active=active)
+        logits = logits.clone()
+        logits[:, EOS] += 0.3 * len(self.rows)
+        return logits, state, weights
+
+
+@pytest.mark.parametrize("options", [{}, {"block_trigrams": True, "length_penalty": 1.0}], ids=["plain", "trigrams"])
+def test_skipping_finished_hypotheses_changes_no_caption_score_or_attention(options):
+    """16 beams whose hypotheses end at different steps: with the kernel computing only the
+    hypotheses that have not ended (`skips_rows`), every final hypothesis has bit for bit the
+    tokens, score and attention of every word of computing them all; at <pad> the weights are 0."""
+    dec = decoders.make_decoder("lstm", "additive", vocab=12)  # fp32: the default's products (oneDNN)
+    with torch.no_grad():
+        dec.output.weight.mul_(4.0)  # sharper distributions: beams diverge
+        dec.output.bias[EOS] -= 1.0  # few end at once
+    grid, pooled, _ = decoders.inputs(batch=4)
+    found = {}
+    for skips in (True, False):
+        counted = ComputedRows(dec, skips)
+        found[skips] = beam_search(counted, grid, pooled, BOS, EOS, PAD, beam_size=16, max_length=12,
+                                   all_hypotheses=True, **options)
+        ran, computed = (sum(n) for n in zip(*counted.rows))
+        assert (computed < ran) == skips  # finished hypotheses were skipped, and only with skips_rows
+    skipped, whole = found[True], found[False]
+    ends = (whole.tokens == EOS).float().argmax(-1)  # (B, K) the step where each final hypothesis ended
+    assert len(ends.unique()) >= 5
+    assert torch.equal(skipped.tokens, whole.tokens) and torch.equal(skipped.scores, whole.scores)
+    words = (whole.tokens != PAD).unsqueeze(-1).expand_as(whole.attention)
+    assert torch.equal(skipped.attention[words], whole.attention[words])
+    assert not skipped.attention[~words].any()
