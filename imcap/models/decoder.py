@@ -32,7 +32,9 @@ from imcap.models.packing import Packing, first_rows, map_state, pack, stack_ste
 class Decoder(Protocol):
     """What search, training and the captioner call. Optional, found with getattr:
     `expand_state(state, beams)` (beam search: a state with `beams` rows per image, which may
-    keep per-image leaves unexpanded) and `compile_steps(**options)` (torch.compile the hot
+    keep per-image leaves unexpanded), `skips_rows` (True: `step(state, prev_tokens, active=rows)`
+    computes only those rows, the others keeping their state, with logits and weights 0; beam
+    search skips its finished hypotheses) and `compile_steps(**options)` (torch.compile the hot
     path; `model.compile`)."""
 
     vocab_size: int
