@@ -153,10 +153,12 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Cal
     bug keeps its traceback (exit status 1)."""
 
     def decorate(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
-        stderr: _HeldStderr | None = None
-
         @functools.wraps(task)
         def run_task(cfg: DictConfig) -> Any:
+            # read from sys.stderr, not kept in this closure: a launcher that runs jobs in worker
+            # processes (joblib) pickles run_task, and the held stream's real file cannot be
+            # pickled; in such a worker nothing is held
+            stderr = sys.stderr if isinstance(sys.stderr, _HeldStderr) else None
             if stderr is not None and stderr.holding:
                 stderr.release()  # the config composed: from here on everything shows as it comes
             if not _in_multirun():
@@ -178,7 +180,6 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Cal
 
         @functools.wraps(task)
         def main() -> Any:
-            nonlocal stderr
             register_decoding_overrides()  # eval.yaml's and caption.yaml's decoding.* (no cost: the entry imported Decoding)
             real = sys.stderr
             stderr = _HeldStderr(real)

@@ -31,8 +31,9 @@ def summary(stderr: str) -> list[str]:
 
 @pytest.mark.parametrize("launcher", ["basic", "joblib"])
 def test_a_failed_first_job_is_named_and_the_second_runs_to_the_end(launcher, tmp_path):
+    # joblib runs its 2 jobs in 2 worker processes, which it sends the task to pickled
     result = sweep(tmp_path, "model.feature_dropout=1.5,0.0", f"hydra/launcher={launcher}",
-                   *(["hydra.launcher.n_jobs=1"] if launcher == "joblib" else []))
+                   *(["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []))
     assert result.returncode == 2, result.stderr[-3000:]
     (sweep_dir,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
     assert (sweep_dir / "1" / "metrics.json").is_file()  # the second job ran to the end
