@@ -173,6 +173,14 @@ def test_data_options_choose_no_model_part(make_cfg):
         assert not [e for e in entries if "model" in e], f"{path.name} chooses a model part"
 
 
+def test_eval_on_the_shapes_composes_and_keeps_the_checkpoints_model(make_cfg):
+    """data=shapes brings the demo's recipe, which eval has no model to apply to: it composes
+    (it failed with "Could not override 'recipe'"), with the shapes data, and resolves."""
+    cfg = make_cfg("ckpt_path=x.ckpt", "data=shapes", name="eval")
+    assert cfg.data.source._target_.endswith("ShapesSource")
+    plain_config(cfg)
+
+
 def test_eval_and_caption_configs_compose(make_cfg):
     ev = make_cfg("ckpt_path=x.ckpt", name="eval")
     assert ev.get("data") is None and ev.split == "test"
