@@ -19,7 +19,10 @@ from omegaconf import OmegaConf
 
 from imcap import plugins, registry
 from imcap.config_checks import check_stored_config
+from imcap.data.vocab import Vocabulary
 from imcap.errors import ImcapError
+from imcap.models.captioner import build_captioner
+from imcap.models.grid_encoder import GridEncoder
 from tests.helpers.paths import ROOT
 from tests.helpers.runs import TINY, assert_one_line_error
 
@@ -322,3 +325,32 @@ def test_a_plugin_metric_named_in_test_metrics_is_computed_into_metrics_json(tra
     words = [w for p in json.loads((run / "predictions" / "test.json").read_text()) for w in tokenize(p["caption"]).split()]
     assert metrics["test/distinct-1"] == pytest.approx(len(set(words)) / len(words), rel=1e-6)  # logged as float32
     assert "test/BLEU-4" in metrics and "test/CIDEr-D" not in metrics  # exactly the metrics named
+
+
+class EncoderNamingNoWeights(GridEncoder):
+    """An encoder of one's own that follows docs/extending/encoder.md and has no weight option."""
+
+    def __init__(self, channels: int = 8, finetune: str = "none"):
+        super().__init__(finetune)
+        self.trunk = torch.nn.Conv2d(3, channels, 8, stride=8)
+        self.out_channels = channels
+
+    def identity(self) -> str:
+        return "no-weights"
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grid = self.trunk(images).flatten(2).transpose(1, 2)  # (B, N, C)
+        return grid, grid.mean(dim=1)
+
+
+@pytest.mark.parametrize("pretrained", [True, False], ids=["training", "from_a_checkpoint"])
+def test_an_encoder_that_names_no_weights_builds_for_training_and_from_a_checkpoint(pretrained):
+    """build_captioner clears the weight options when a checkpoint holds the weights: only those
+    the encoder takes (before: TypeError 'weights' from every loader of such a checkpoint)."""
+    arch = {"encoder": {"_target_": f"{__name__}.EncoderNamingNoWeights"},
+            "decoder": {"_target_": "imcap.models.lstm.LSTMDecoder", "hidden_dim": 16},
+            "attention": {"_target_": "imcap.models.attention.AdditiveAttention"},
+            "embedding": {"_target_": "imcap.models.embeddings.LearnedEmbedding", "dim": 8}}
+    vocab = Vocabulary.build([["a", "dot"]])
+    captioner = build_captioner(arch, vocab, 32, pretrained=pretrained)
+    assert isinstance(captioner.encoder, EncoderNamingNoWeights)

@@ -71,6 +71,26 @@ def test_builtin_components_register_on_import():
     assert {"additive", "dot", "multihead", "adaptive"} <= set(registry.names("attention"))
 
 
+def test_a_new_component_module_is_found_without_being_listed(tmp_path):
+    """One class + one YAML: a module of the package that registers a component is found by
+    reading the files (no hand list to add it to); one that only mentions @register is not."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text("")
+    (tmp_path / "models" / "mine.py").write_text('from imcap.registry import register\n\n\n'
+                                                 '@register("attention", "mine")\nclass Mine:\n    pass\n')
+    (tmp_path / "notes.py").write_text('"""Use it like this:\n    @register("attention", "x")\n"""\n')
+    (tmp_path / "sources.py").write_text('from imcap import registry\n\n\n@registry.register("source", "s")\n'
+                                         'class S:\n    pass\n')
+    assert registry.modules_that_register(tmp_path, "pkg") == ("pkg.models.mine", "pkg.sources")
+
+
+def test_every_builtin_module_registers_something_and_every_builtin_component_is_found():
+    registry.components("attention")  # imports the builtin modules
+    owners = {cls.__module__ for kind in registry.KINDS for cls in registry.components(kind).values()
+              if cls.__module__.startswith("imcap.")}
+    assert owners == set(registry.BUILTIN_MODULES)
+
+
 def test_a_missing_component_module_is_a_user_error_and_a_broken_one_keeps_its_traceback(tmp_path, monkeypatch):
     with pytest.raises(ImcapError, match="'no_such_module_xyz' cannot be imported"):
         registry.import_components(["no_such_module_xyz"])

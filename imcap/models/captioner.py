@@ -89,13 +89,17 @@ def build_captioner(
     # the options that name pretrained weights: torchvision's `weights`, timm's `pretrained`, ...
     encoder_class = _class(encoder_cfg.get("_target_"))
     weight_options = getattr(encoder_class, "WEIGHT_OPTIONS", ("weights", "weights_path"))
+    if encoder_class is not None:  # an encoder of one's own may name no weights at all
+        params = inspect.signature(encoder_class).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            weight_options = tuple(o for o in weight_options if o in params)
     if not pretrained and encoder_class is not None and "load_weights" in inspect.signature(encoder_class).parameters:
         # named but not read: the weights' input normalisation (and open_clip's activation) are
         # part of the trained model; clearing the name rebuilt a model that saw other inputs
         encoder_cfg["load_weights"] = False
     elif not pretrained:
         encoder_cfg.update(dict.fromkeys(weight_options))
-    elif not any(encoder_cfg.get(option) for option in weight_options):
+    elif weight_options and not any(encoder_cfg.get(option) for option in weight_options):
         log.warning("The encoder starts from random weights (model.encoder.%s=null)", weight_options[0])
     encoder = instantiate(encoder_cfg)
     decoder = build_decoder(arch, vocab, encoder.out_channels, pretrained)
