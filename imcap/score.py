@@ -6,7 +6,8 @@ REFS is a COCO captions file ({"annotations": [{"image_id", "caption"}, ...]}, w
 ([{"image_id", "caption"}, ...]) with exactly one caption for every image of REFS. Prints one JSON
 object: by default BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (and SPICE where it can run) on
 coco-caption's scales; `--metrics` chooses among every registered metric (imcap.metrics.coco), an
-installed plugin's included.
+installed plugin's included, and those of the modules `--plugins` imports (as `plugins=[...]` does
+for training).
 
 Image ids are compared as text, so 42 and "42" are the same image: a flat REFS file can only have
 string keys, while COCO results files usually carry integers. Ids must be integers or strings.
@@ -24,6 +25,7 @@ from typing import Any
 from imcap.data import text_files
 from imcap.errors import ImcapError, report_user_errors
 from imcap.metrics.java import MeteorScorer
+from imcap.plugins import load_plugins
 
 
 def load_json(path: Path, option: str) -> Any:
@@ -130,11 +132,16 @@ def score(references: Path, predictions: Path, metrics: Sequence[str] | None = N
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    # --plugins is read first: the modules it names register metrics that --metrics then offers
+    plugins = argparse.ArgumentParser(add_help=False)
+    plugins.add_argument("--plugins", nargs="+", default=[], metavar="MODULE",
+                         help="modules to import first, registering metrics of one's own (my_pkg.metrics)")
+    load_plugins(plugins.parse_known_args(argv)[0].plugins)
     # the choices are the registry's, so a plugin's metric is offered too; reading them loads torch
     # before METEOR's Java process starts
     from imcap.metrics.coco import coco_caption_names, metric_names
 
-    parser = argparse.ArgumentParser(prog="python -m imcap.score", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(parents=[plugins], prog="python -m imcap.score", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--references", required=True, type=Path, metavar="REFS",

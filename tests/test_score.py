@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -147,3 +148,17 @@ def test_the_cli_offers_every_registered_metric_and_defaults_to_coco_captions(ca
     out = capsys.readouterr().out
     assert all(name in out for name in registry.names("metric")), out
     assert parse_args(["--references", "r", "--predictions", "p", "--metrics", "BLEU_nltk"]).metrics == ["BLEU_nltk"]
+
+
+@requires_java
+def test_plugins_registers_a_metric_of_ones_own_for_metrics(files):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "examples" / "imcap_example_plugin")}
+    done = subprocess.run([sys.executable, "-m", "imcap.score", "--plugins", "imcap_example_plugin",
+                           "--references", str(files["refs"]), "--predictions", str(files["preds"]),
+                           "--metrics", "BLEU", "distinct-1"],
+                          cwd=files["folder"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    words = [word for caption in PREDICTIONS.values() for word in caption.split()]
+    printed = json.loads(done.stdout)
+    assert set(printed) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "distinct-1"}
+    assert printed["distinct-1"] == pytest.approx(len(set(words)) / len(words))
