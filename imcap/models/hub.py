@@ -101,6 +101,18 @@ def resolve_folder(source: str | Path, revision: str | None = None) -> Path:
     return folder
 
 
+def plugin_modules(architecture: Any) -> list[str]:
+    """The modules outside imcap whose classes `architecture` names: what a user of the model must
+    pass as `plugins=[...]` (imcap.plugins) to build it."""
+    if isinstance(architecture, dict):
+        target = architecture.get("_target_")
+        own = [target.rpartition(".")[0]] if isinstance(target, str) and not target.startswith("imcap.") else []
+        return list(dict.fromkeys([*own, *(m for v in architecture.values() for m in plugin_modules(v))]))
+    if isinstance(architecture, list):
+        return list(dict.fromkeys(m for v in architecture for m in plugin_modules(v)))
+    return []
+
+
 def model_card(config: dict, vocab_size: int, data: dict | None, metrics: dict[str, float] | None,
                metrics_note: str | None = None) -> str:
     """README.md for the folder: Hub metadata, components, training data, test metrics (those of
@@ -137,10 +149,18 @@ def model_card(config: dict, vocab_size: int, data: dict | None, metrics: dict[s
         lines += [f"| {k} | {v:.4f} |" for k, v in sorted(tested.items())]
     else:
         lines.append(metrics_note or "Not recorded.")
-    lines += ["", "## Use", "", "```python", "from imcap.models.captioner import Captioner",
-              "captioner = Captioner.from_pretrained(\"<owner/name>\", revision=\"<commit>\")  # or this folder",
+    # components of a plugin are built only once its modules are imported: the commands name them
+    plugins = plugin_modules(arch)
+    python_plugins = f", plugins={json.dumps(plugins)}" if plugins else ""
+    cli_plugins = f" plugins=[{','.join(plugins)}]" if plugins else ""
+    lines += ["", "## Use", ""]
+    if plugins:
+        lines += [f"Needs the plugin modules {', '.join(f'`{m}`' for m in plugins)} installed or on PYTHONPATH.", ""]
+    lines += ["```python", "from imcap.models.captioner import Captioner",
+              f"captioner = Captioner.from_pretrained(\"<owner/name>\", revision=\"<commit>\"{python_plugins})"
+              "  # or this folder",
               "print(captioner.caption([\"photo.jpg\"])[0].text)", "```", "",
-              "or `python -m imcap.caption ckpt_path=<owner/name> revision=<commit> 'images=[photo.jpg]'`. Pin the "
-              "commit (or a tag) you tested: without `revision` the newest upload is used, which changes whenever "
-              "its owner pushes.", ""]
+              f"or `python -m imcap.caption ckpt_path=<owner/name> revision=<commit>{cli_plugins} 'images=[photo.jpg]'`. "
+              "Pin the commit (or a tag) you tested: without `revision` the newest upload is used, which changes "
+              "whenever its owner pushes.", ""]
     return "\n".join(lines)

@@ -21,6 +21,7 @@ from imcap.registry import allowed_targets
 from tests.helpers.checkpoints import write_untrained_checkpoint
 from tests.helpers.hub_server import serve_hub_repo
 from tests.helpers.paths import ROOT
+from tests.test_plugins import USER_CONF, example_imported  # noqa: F401  (a fixture: the example plugin imported)
 
 
 @pytest.fixture
@@ -159,3 +160,13 @@ def test_the_model_card_names_the_dataset_not_the_folder_it_was_read_from(captio
     assert "Dataset: coco, year=2017" in card
     assert "alice" not in card and "/home" not in card
     assert "revision=<commit>" in card  # the usage line pins a revision
+
+
+@pytest.mark.usefixtures("example_imported")
+def test_the_model_card_of_a_plugins_model_passes_its_modules_in_every_command(make_cfg, tmp_path):
+    cfg = make_cfg(*USER_CONF, "model/attention=cosine", out=tmp_path / "train")
+    write_untrained_checkpoint(cfg, tmp_path / "model.ckpt")
+    card = (Captioner.from_checkpoint(tmp_path / "model.ckpt").save_pretrained(tmp_path / "shared")
+            / "README.md").read_text()
+    assert 'revision="<commit>", plugins=["imcap_example_plugin.attention"])' in card
+    assert "revision=<commit> plugins=[imcap_example_plugin.attention] 'images=[photo.jpg]'" in card
