@@ -7,6 +7,8 @@ that runs until stopped) is preceded by `<!-- docs-test: skip (reason) -->` and 
 saying so. The blocks are run as written; what the test adds lives in two places below:
 `TINY_ARGS`, an `ARGS` environment variable that make reads when a block gives none (so
 `make train` trains for a few batches), and `SUBSTITUTIONS`, for the placeholders a user fills in.
+The site itself builds (`make docs`) with the study figures served from experiments/
+(docs/hooks/experiments.py).
 """
 
 from __future__ import annotations
