@@ -16,7 +16,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ProgressBar
+from pytorch_lightning.callbacks import EarlyStopping, ProgressBar
+from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -38,6 +39,17 @@ from imcap.wandb_setup import configure_wandb, configure_wandb_mode, define_metr
 
 log = logging.getLogger("imcap.train")
 
+
+
+class StayEarlyStopped(pl.Callback):
+    """A run resumed from a checkpoint written after EarlyStopping stopped it (killed during its
+    test) trains no further epoch: Lightning restores the callback's state but not the trainer's
+    `should_stop`, and would train one more epoch before EarlyStopping stops it again."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if any(isinstance(c, EarlyStopping) and c.stopping_reason != EarlyStoppingReason.NOT_STOPPED
+               for c in trainer.callbacks):
+            trainer.should_stop = True  # the fit loop ends before its first epoch
 
 
 def build_module(cfg: DictConfig, vocab: Vocabulary) -> CaptionModule:
@@ -70,6 +82,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = instantiate_group(cfg.get("callbacks"))
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar callback then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    callbacks.append(StayEarlyStopped())
     loggers = instantiate_group(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
     for lg in loggers:
