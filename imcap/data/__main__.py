@@ -68,7 +68,14 @@ def _data_name(cfg: DictConfig) -> str:
 # -- prepare --------------------------------------------------------------------------------------
 def run_prepare(name: str, overrides: Sequence[str], keep_archives: bool = False,
                 base_url: str | None = None) -> list[str]:
-    cfg = compose_config("train", [f"data={name}", *overrides])
+    try:
+        cfg = compose_config("train", [f"data={name}", *overrides])
+    except ImcapError as e:
+        if f"Could not find 'data/{name}'" not in str(e):
+            raise
+        # a source of one's own has its YAML in the user's config directory, which Hydra only reads when told
+        raise ImcapError(f"{e}; a source of your own needs its config directory: "
+                         f"hydra.searchpath=[file:///abs/conf] (the folder holding data/{name}.yaml)") from e
     load_plugins(cfg.get("plugins"))  # a source of one's own: plugins=[my_pkg.source]
     if cfg.data.get("source") is None:  # data=shards reads your own shards
         raise ImcapError(f"data={name} has no source to prepare; choose one of {registry.names('source')}")

@@ -188,6 +188,16 @@ def test_a_source_of_ones_own_is_prepared_and_listed_without_another_edit(tmp_pa
     assert "mirrored_pictures" in _parser()._subparsers._group_actions[0].choices["prepare"].format_help()
 
 
+def test_prepare_of_a_source_whose_yaml_is_not_found_says_to_pass_its_config_dir(env, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", "my_pictures", "plugins=[my_sources]"])  # its YAML in a folder Hydra was not told of
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: In 'train': Could not find 'data/my_pictures'")
+    assert err.endswith("a source of your own needs its config directory: hydra.searchpath=[file:///abs/conf] "
+                        "(the folder holding data/my_pictures.yaml)\n")
+
+
 def test_stats_table_and_embedding_coverage_from_the_found_mask(env, capsys):
     assert main(["stats", "--json", *SHAPES_TINY,
                  f"model.embedding._target_={PartlyPretrained.__module__}.PartlyPretrained"]) == 0
