@@ -46,10 +46,12 @@ class StayEarlyStopped(pl.Callback):
     test) trains no further epoch: Lightning restores the callback's state but not the trainer's
     `should_stop`, and would train one more epoch before EarlyStopping stops it again."""
 
+    resumed_stopped = False  # set when this fit trains nothing
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if any(isinstance(c, EarlyStopping) and c.stopping_reason != EarlyStoppingReason.NOT_STOPPED
                for c in trainer.callbacks):
-            trainer.should_stop = True  # the fit loop ends before its first epoch
+            self.resumed_stopped = trainer.should_stop = True  # the fit loop ends before its first epoch
 
 
 def build_module(cfg: DictConfig, vocab: Vocabulary) -> CaptionModule:
@@ -82,7 +84,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = instantiate_group(cfg.get("callbacks"))
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar callback then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    callbacks.append(StayEarlyStopped())
+    stay_stopped = StayEarlyStopped()
+    callbacks.append(stay_stopped)
     loggers = instantiate_group(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
     for lg in loggers:
@@ -112,6 +115,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 if last is not None and last.is_file() else "no checkpoint was saved"), file=sys.stderr, flush=True)
         raise SystemExit(128 + signal.SIGTERM) from None
     metrics = scalar_metrics(trainer.callback_metrics)
+    if stay_stopped.resumed_stopped:  # no validation ran: the best score is the checkpoint's
+        metrics[f"val/{module.monitor}_best"] = float(module.val_best.compute())
 
     if cfg.get("test") and not trainer.fast_dev_run:
         best = checkpoint_cb.best_model_path if checkpoint_cb is not None else ""

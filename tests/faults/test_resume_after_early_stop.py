@@ -40,5 +40,7 @@ def test_resuming_a_run_that_early_stopping_stopped_trains_no_further_epoch(tmp_
     resumed = train(tmp_path / "second", *overrides, f"ckpt_path={last}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert trained_batches(record) == trained  # no batch trained after the resume
-    (metrics,) = (tmp_path / "second").glob("logs/train/runs/*/metrics.json")
-    assert "test/CIDEr-D" in json.loads(metrics.read_text())
+    (before,) = (tmp_path / "first").glob("logs/train/runs/*/metrics.json")
+    (after,) = (tmp_path / "second").glob("logs/train/runs/*/metrics.json")
+    before, after = json.loads(before.read_text()), json.loads(after.read_text())
+    assert "test/CIDEr-D" in after and after["val/CIDEr-D_best"] == before["val/CIDEr-D_best"]
