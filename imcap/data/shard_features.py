@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imcap.atomic_files import write_json
 from imcap.data.features import PRECISIONS, _to_numpy, inference_encoder, wait_for_lock
 from imcap.data.images import PIXELS_VERSION, accepts_uint8_tensor
 from imcap.data.shard_split import ShardSplit, decode_image
@@ -87,7 +88,7 @@ def _ensure(encoder, shard: str, path: Path, transform, cache_dir, batch_size, p
         samples = load_index(shard, cache_dir)
         with local_copy(shard, path.parent) as source:  # a remote shard: downloaded once, removed after
             bad = _extract(encoder, shard, source, samples, path, transform, batch_size, precision, policy, dtype)
-        bad_file.write_text(json.dumps({"bad": bad}), encoding="utf-8")
+        write_json(bad_file, {"bad": bad}, indent=None)  # whole or absent: other ranks read it without the lock
     return bad
 
 

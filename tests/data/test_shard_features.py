@@ -3,8 +3,10 @@ not decode stop the run or are left out and counted."""
 
 from __future__ import annotations
 
+import builtins
 import io
 import logging
+import os
 import tarfile
 
 import numpy as np
@@ -69,6 +71,28 @@ def test_features_are_cached_next_to_each_shard_and_reused(tmp_path):
     assert extract_shard_features(encoder, split, transform, None, "fp-1") == paths
     assert [(tmp_path / p).stat().st_mtime_ns for p in paths] == mtimes  # read, not extracted again
     assert extract_shard_features(encoder, split, transform, None, "fp-2") != paths  # another encoder
+
+
+def test_a_shards_list_of_bad_images_is_never_written_where_another_rank_reads_it(tmp_path, monkeypatch):
+    """Another DDP rank that finds a shard's features reads its list of bad images without the
+    lock, so the list must appear whole: written beside it and moved into place (written in place,
+    a rank of a 2-rank run read it empty and crashed with JSONDecodeError)."""
+    shard = _shard(tmp_path / "a.tar", [_jpeg(10), _jpeg(90)])
+    opened_for_writing = []
+    real_open = io.open
+
+    def recording_open(file, mode="r", *args, **kwargs):
+        if any(m in mode for m in "wax+"):
+            opened_for_writing.append(os.path.basename(os.fspath(file)))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", recording_open)
+    monkeypatch.setattr(builtins, "open", recording_open)
+    (path,) = extract_shard_features(TinyEncoder(), ShardSplit.load("train", [shard], None, "error"), transform,
+                                     None, "fp")
+    bad_list = os.path.basename(path).removesuffix(".npy") + ".json"
+    assert os.path.exists(os.path.join(os.path.dirname(path), bad_list))
+    assert bad_list not in opened_for_writing, opened_for_writing
 
 
 def test_an_image_that_does_not_decode_stops_or_is_skipped_and_counted(tmp_path, caplog):
