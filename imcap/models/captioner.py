@@ -89,11 +89,10 @@ def build_captioner(
     # the options that name pretrained weights: torchvision's `weights`, timm's `pretrained`, ...
     encoder_class = _class(encoder_cfg.get("_target_"))
     weight_options = getattr(encoder_class, "WEIGHT_OPTIONS", ("weights", "weights_path"))
-    if encoder_class is not None:  # an encoder of one's own may name no weights at all
-        params = inspect.signature(encoder_class).parameters
-        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            weight_options = tuple(o for o in weight_options if o in params)
-    if not pretrained and encoder_class is not None and "load_weights" in inspect.signature(encoder_class).parameters:
+    params = inspect.signature(encoder_class).parameters if encoder_class is not None else {}
+    if encoder_class is not None and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        weight_options = tuple(o for o in weight_options if o in params)  # one's own may name no weights
+    if not pretrained and "load_weights" in params:
         # named but not read: the weights' input normalisation (and open_clip's activation) are
         # part of the trained model; clearing the name rebuilt a model that saw other inputs
         encoder_cfg["load_weights"] = False
