@@ -16,8 +16,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import EarlyStopping, ProgressBar
-from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
+from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -33,25 +32,12 @@ from imcap.trainer_setup import (
     instantiate_group,
     scalar_metrics,
 )
-from imcap.training.callbacks import RunInterrupted, StopOnSignal
+from imcap.training.callbacks import RunInterrupted, StayEarlyStopped, StopOnSignal
 from imcap.training.module import MODULE_OPTIONS, CaptionModule
 from imcap.wandb_setup import configure_wandb, configure_wandb_mode, define_metrics, run_labels
 
 log = logging.getLogger("imcap.train")
 
-
-
-class StayEarlyStopped(pl.Callback):
-    """A run resumed from a checkpoint written after EarlyStopping stopped it (killed during its
-    test) trains no further epoch: Lightning restores the callback's state but not the trainer's
-    `should_stop`, and would train one more epoch before EarlyStopping stops it again."""
-
-    resumed_stopped = False  # set when this fit trains nothing
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if any(isinstance(c, EarlyStopping) and c.stopping_reason != EarlyStoppingReason.NOT_STOPPED
-               for c in trainer.callbacks):
-            self.resumed_stopped = trainer.should_stop = True  # the fit loop ends before its first epoch
 
 
 def build_module(cfg: DictConfig, vocab: Vocabulary) -> CaptionModule:

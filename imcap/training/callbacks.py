@@ -1,4 +1,5 @@
-"""Callbacks that the default training config adds."""
+"""Callbacks that training adds: the default config's, and `StayEarlyStopped`, which
+`imcap.train` always adds."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import EarlyStopping
+from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 
 
 class ReseedEveryStep(pl.Callback):
@@ -206,3 +209,16 @@ class StopOnSignal(pl.Callback):
                 if hasattr(loader, "batches_trained"):
                     loader.batches_trained = 0
         raise RunInterrupted(signum, str(Path(self.path).resolve()), trainer.global_step, trainer.current_epoch)
+
+
+class StayEarlyStopped(pl.Callback):
+    """A run resumed from a checkpoint written after EarlyStopping stopped it (killed during its
+    test) trains no further epoch: Lightning restores the callback's state but not the trainer's
+    `should_stop`, and would train one more epoch before EarlyStopping stops it again."""
+
+    resumed_stopped = False  # set when this fit trains nothing
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if any(isinstance(c, EarlyStopping) and c.stopping_reason != EarlyStoppingReason.NOT_STOPPED
+               for c in trainer.callbacks):
+            self.resumed_stopped = trainer.should_stop = True  # the fit loop ends before its first epoch
