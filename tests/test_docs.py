@@ -13,6 +13,7 @@ The site itself builds (`make docs`) with the study figures served from experime
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -186,6 +187,28 @@ def test_the_readme_is_a_page_for_users():
         assert command in readme, command
 
 
+def test_every_relative_link_of_the_readme_is_a_file_in_the_repository():
+    """GitHub renders the README's repository paths, its picture included; nothing else checks them."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    targets = [match["target"].split("#", 1)[0] for match in re.finditer(r"\]\(\s*<?(?P<target>[^)\s>]+)", readme)]
+    targets = [target for target in targets if target and "://" not in target and not target.startswith("mailto:")]
+    assert any(target.endswith(".png") for target in targets), targets
+    assert [target for target in targets if not (REPO / target).is_file()] == []
+
+
+def test_no_file_under_docs_is_a_copy_of_a_study_file():
+    """A study's figure has one home, experiments/: the README links it there and the site serves it
+    from there (docs/hooks/experiments.py), so a copy under docs/, whatever its name, is one that
+    goes stale when the study reruns."""
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    studies = {digest(path): path for path in (REPO / "experiments").rglob("*") if path.is_file()}
+    copies = [f"{path.relative_to(REPO)} is {studies[digest(path)].relative_to(REPO)}"
+              for path in (REPO / "docs").rglob("*") if path.is_file() and digest(path) in studies]
+    assert copies == []
+
+
 def build_site(checkout: Path, site: Path) -> subprocess.CompletedProcess:
     """`make docs` in `checkout`: the site built with --strict into `site`, in a new process."""
     return subprocess.run([str(Path(sys.executable).parent / "mkdocs"), "build", "--strict", "-d", str(site)],
@@ -211,10 +234,16 @@ def test_a_new_or_rerun_study_figure_reaches_the_site_with_no_copy_under_docs(tm
     with (study / "README.md").open("a", encoding="utf-8") as readme:
         readme.write("\n![a figure added to the study](results-new.png)\n")
     write_image(study / "results-shapes.png", (30, 160, 60), 16)  # the study rerun: its figure replaced
+    write_image(study / "example-attention-photo.png", (30, 60, 160), 16)  # and the home page's picture
     result = build_site(checkout, tmp_path / "site")
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("results-new.png", "results-shapes.png"):
         assert (tmp_path / "site" / "results" / name).read_bytes() == (study / name).read_bytes(), name
+    home = (tmp_path / "site" / "index.html").read_text(encoding="utf-8")
+    pictures = re.findall(r'<img [^>]*src="([^"]+)"', home)
+    assert len(pictures) == 1, pictures
+    assert (tmp_path / "site" / pictures[0]).read_bytes() == (study / "example-attention-photo.png").read_bytes(), \
+        f"the home page shows {pictures[0]}, not the study's rerun picture"
 
 
 @pytest.mark.slow

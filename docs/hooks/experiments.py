@@ -1,16 +1,20 @@
-"""mkdocs hook: the figures of the study READMEs that docs pages include, served from experiments/.
+"""mkdocs hook: the study files that docs pages show, served from experiments/ when the site builds.
 
-A results page is one snippet line, `--8<-- "experiments/<study>/README.md"`; the README's relative
-links (`![...](results-shapes.png)`) then resolve next to the page. This hook adds each file they
-link to, read from experiments/ at build time, at the path the link resolves to, so a new or rerun
-figure needs no copy under docs/ (and none can go stale). A link to a file that does not exist is
-left alone: `mkdocs build --strict` reports it on the page.
+A page shows a study's file in one of two ways, and the hook serves what both link to:
+- a results page is one snippet line, `--8<-- "experiments/<study>/README.md"`; the README's
+  relative links (`![...](results-shapes.png)`) then resolve next to the page;
+- any page links a study's file at its path in the site, which mirrors the repository's:
+  `experiments/<study>/<file>` from the home page, `../experiments/<study>/<file>` one folder down.
+Each linked file is added, read from experiments/ at build time, at the path the link resolves to,
+so a new or rerun figure needs no copy under docs/ (and none can go stale). A link to a file that
+does not exist is left alone: `mkdocs build --strict` reports it on the page.
 """
 
 from __future__ import annotations
 
 import posixpath
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from mkdocs.config.defaults import MkDocsConfig
@@ -27,41 +31,63 @@ def repo_root(config: MkDocsConfig) -> Path:
     return Path(config.config_file_path).resolve().parent
 
 
+def relative_links(markdown: str) -> list[str]:
+    """The relative link targets in `markdown` that may be files (not pages: a link to a Markdown
+    file stays a link mkdocs checks)."""
+    found = []
+    for match in LINK.finditer(markdown):
+        target = match["target"].split("#", 1)[0]
+        if target and "://" not in target and not target.startswith(("/", "mailto:")) and not target.endswith(".md"):
+            found.append(target)
+    return found
+
+
 def linked_files(readme: Path) -> list[str]:
-    """The relative link targets of `readme` that are files beside it or below it in experiments/
-    (not pages: a link to another README stays a link mkdocs checks)."""
+    """The relative link targets of `readme` that are files beside it or below it in experiments/."""
     experiments = readme.parents[1]
     found = []
-    for match in LINK.finditer(readme.read_text(encoding="utf-8")):
-        target = match["target"].split("#", 1)[0]
-        if not target or "://" in target or target.startswith(("/", "mailto:")) or target.endswith(".md"):
-            continue
+    for target in relative_links(readme.read_text(encoding="utf-8")):
         source = (readme.parent / target).resolve()
         if source.is_file() and source.is_relative_to(experiments):
             found.append(target)
     return found
 
 
+def study_files(page_uri: str, markdown: str, root: Path) -> Iterator[tuple[str, Path]]:
+    """(path in the site, file under experiments/) for each study file the page links directly."""
+    for target in relative_links(markdown):
+        uri = posixpath.normpath(posixpath.join(posixpath.dirname(page_uri), target))
+        source = (root / uri).resolve()
+        if uri.startswith("experiments/") and source.is_file() and source.is_relative_to(root / "experiments"):
+            yield uri, source
+
+
+def included_files(page_uri: str, markdown: str, root: Path) -> Iterator[tuple[str, Path]]:
+    """(path in the site, file under experiments/) for each file the study READMEs that the page
+    includes link to."""
+    for include in SNIPPET.finditer(markdown):
+        readme = root / include["path"]
+        if not readme.is_file():
+            continue  # pymdownx.snippets (check_paths) fails the build on the page itself
+        for target in linked_files(readme):
+            yield (posixpath.normpath(posixpath.join(posixpath.dirname(page_uri), target)),
+                   (readme.parent / target).resolve())
+
+
 def on_files(files: Files, config: MkDocsConfig) -> Files:
     root = repo_root(config)
     served: dict[str, Path] = {}  # src_uri in the site -> the file in experiments/
     for page in files.documentation_pages():
-        for include in SNIPPET.finditer(page.content_string):
-            readme = root / include["path"]
-            if not readme.is_file():
-                continue  # pymdownx.snippets (check_paths) fails the build on the page itself
-            for target in linked_files(readme):
-                uri = posixpath.normpath(posixpath.join(posixpath.dirname(page.src_uri), target))
-                source = (readme.parent / target).resolve()
-                if served.get(uri, source) != source:
-                    raise PluginError(f"error: docs/{uri} would be both {served[uri].relative_to(root)} and "
-                                      f"{source.relative_to(root)}: rename one of them in its study")
-                existing = files.get_file_from_path(uri)
-                if existing is not None and uri not in served:
-                    raise PluginError(f"error: docs/{uri} is a copy of {source.relative_to(root)}, which the "
-                                      f"docs serve from experiments/ at build time: delete docs/{uri}")
-                if uri not in served:
-                    files.append(File.generated(config, uri, abs_src_path=str(source)))
-                    served[uri] = source
+        markdown = page.content_string
+        for uri, source in [*included_files(page.src_uri, markdown, root), *study_files(page.src_uri, markdown, root)]:
+            if served.get(uri, source) != source:
+                raise PluginError(f"error: docs/{uri} would be both {served[uri].relative_to(root)} and "
+                                  f"{source.relative_to(root)}: rename one of them in its study")
+            if uri in served:
+                continue
+            if files.get_file_from_path(uri) is not None:
+                raise PluginError(f"error: docs/{uri} is a copy of {source.relative_to(root)}, which the "
+                                  f"docs serve from experiments/ at build time: delete docs/{uri}")
+            files.append(File.generated(config, uri, abs_src_path=str(source)))
+            served[uri] = source
     return files
-
