@@ -85,7 +85,7 @@ def check_stored_config(tree: Any, origin: str, path: str = "") -> None:
             return
         if isinstance(value, str) and value not in allowed:  # perhaps a plugin's: say how to load it
             raise ImcapError(f"{origin} is refused: {where} names the {kind} {value!r}, which no loaded "
-                             f"module registers; {how_to_provide(value)}")
+                             f"module registers; {how_to_provide()}")
         if not isinstance(value, str) or allowed.get(value, (None,))[0] != kind:
             raise refuse(where, f"names {value!r}, which is not a registered {kind}")
 

@@ -99,10 +99,11 @@ def _load_entry_point(ep: EntryPoint) -> Any:
                          "reinstall that package or uninstall it") from e
 
 
-def how_to_provide(target: str) -> str:
-    """What to do about a stored config that names `target`, a component nobody registered:
-    the module to load is read off the name, never imported here."""
-    module = target.rsplit(".", 1)[0] if "." in target else target
-    return (f"load the module that registers it with plugins=[{module}] (on the command line, in your "
-            f"config, or Captioner.from_checkpoint(path, plugins=[...])), or install the package that "
-            f"declares it as an {ENTRY_POINT_GROUP!r} entry point")
+def how_to_provide() -> str:
+    """What to do about a stored config that names a component nobody registered. Generic on
+    purpose: the module part of the name is the file's choice (a shared checkpoint may name
+    `os.system`), so the hint never quotes it as a module to load."""
+    return ("if it is a component of your own, load the module that registers it with plugins=[your_pkg.module] "
+            "(on the command line, in your config, or Captioner.from_checkpoint(path, plugins=[...])) or install "
+            f"the package that declares it as an {ENTRY_POINT_GROUP!r} entry point; never load a module only "
+            "because a file names it")

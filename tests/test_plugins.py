@@ -127,10 +127,23 @@ def test_a_stored_config_naming_an_unregistered_component_says_how_to_provide_it
         check_stored_config(config, "checkpoint x.ckpt")
     assert str(caught.value).startswith(
         "checkpoint x.ckpt is refused: architecture.attention._target_ names the attention "
-        "'marker_plugin_xyz.Sneaky', which no loaded module registers; load the module that registers it "
-        "with plugins=[marker_plugin_xyz]")
+        "'marker_plugin_xyz.Sneaky', which no loaded module registers; if it is a component of your own, load "
+        "the module that registers it with plugins=[your_pkg.module]")
     assert "'imcap.plugins' entry point" in str(caught.value) and "\n" not in str(caught.value)
     assert not marker.exists() and "marker_plugin_xyz" not in sys.modules
+
+
+@pytest.mark.parametrize("target", ["os.system", "subprocess.Popen", "builtins.exec", "system"])
+def test_the_hint_for_an_unregistered_component_never_offers_the_module_the_file_chose(target):
+    """A downloaded checkpoint chooses the name: the hint must not invite plugins=[os]."""
+    config = {"architecture": {"decoder": {"_target_": target, "hidden_dim": 8}}}
+    with pytest.raises(ImcapError) as caught:
+        check_stored_config(config, "checkpoint x.ckpt")
+    message = str(caught.value)
+    assert f"names the decoder {target!r}, which no loaded module registers" in message
+    assert "plugins=[your_pkg.module]" in message and "\n" not in message
+    module = target.rsplit(".", 1)[0]
+    assert f"plugins=[{module}" not in message and f"{module}]" not in message
 
 
 @pytest.fixture
@@ -178,13 +191,13 @@ def test_a_checkpoint_naming_an_unregistered_component_is_refused_by_every_loade
                  ["caption", f"ckpt_path={path}", f"images=[{image}]", "plugins=[imcap_example_plugin]"]):
         result = imcap(*args, cwd=tmp_path, pythonpath=pythonpath)
         assert_one_line_error(result, f"error: checkpoint {path} is refused: architecture.attention._target_ names "
-                                      "the attention 'marker_plugin_xyz.Sneaky'", "plugins=[marker_plugin_xyz]")
-        assert result.stderr.strip().count("\n") == 0, result.stderr
+                                      "the attention 'marker_plugin_xyz.Sneaky'", "plugins=[your_pkg.module]")
+        assert result.stderr.strip().count("\n") == 0 and "plugins=[marker_plugin_xyz" not in result.stderr
     code = (f"from imcap.models.captioner import Captioner\n"
             f"Captioner.from_checkpoint({str(path)!r}, plugins=['imcap_example_plugin'])")
     result = imcap(code, cwd=tmp_path, pythonpath=pythonpath, command=("-c",))
-    assert "no loaded module registers; load the module that registers it with plugins=[marker_plugin_xyz]" \
-        in result.stderr
+    assert "no loaded module registers; if it is a component of your own, load the module that registers it " \
+           "with plugins=[your_pkg.module]" in result.stderr and "plugins=[marker_plugin_xyz" not in result.stderr
     assert not marker.exists()
 
 
@@ -206,7 +219,7 @@ def test_evaluate_with_plugins_and_without_them_a_line_that_says_how(trained, tm
     ckpt = trained / "checkpoints" / "best.ckpt"
     refused = imcap("eval", f"ckpt_path={ckpt}", cwd=tmp_path)
     assert_one_line_error(refused, f"names the encoder '{PATCHES}', which no loaded module registers",
-                          "plugins=[imcap_example_plugin.patches]", "'imcap.plugins' entry point")
+                          "plugins=[your_pkg.module]", "'imcap.plugins' entry point")
     assert_one_line_error(imcap("eval", f"ckpt_path={ckpt}", "plugins=[imcap_example_plugin,no_such_plugin_xyz]",
                                 cwd=tmp_path), "error: plugin module 'no_such_plugin_xyz' cannot be imported")
     result = imcap("eval", f"ckpt_path={ckpt}", "plugins=[imcap_example_plugin]", "metrics=[BLEU,CIDEr-D]",
@@ -225,7 +238,7 @@ def test_export_caption_and_python_load_with_plugins(trained, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert COSINE in (folder / "config.json").read_text()
     assert_one_line_error(imcap("caption", f"ckpt_path={folder}", f"images=[{image}]", cwd=tmp_path),
-                          f"model config {folder / 'config.json'} is refused", "plugins=[imcap_example_plugin.patches]")
+                          f"model config {folder / 'config.json'} is refused", "plugins=[your_pkg.module]")
     result = imcap("caption", f"ckpt_path={folder}", f"images=[{image}]", "plugins=[imcap_example_plugin]",
                    cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -273,7 +286,7 @@ def test_a_sweep_over_the_users_attention_with_their_encoder_from_config_dir(tmp
 def test_the_demo_serves_a_users_model_with_plugins(trained, tmp_path):
     ckpt = trained / "checkpoints" / "best.ckpt"
     assert_one_line_error(imcap("demo", f"ckpt_path={ckpt}", "port=1", cwd=tmp_path),
-                          "which no loaded module registers", "plugins=[imcap_example_plugin.patches]")
+                          "which no loaded module registers", "plugins=[your_pkg.module]")
     import socket
     import time
 
