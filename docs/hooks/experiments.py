@@ -6,12 +6,14 @@ A page shows a study's file in one of two ways, and the hook serves what both li
 - any page links a study's file at its path in the site, which mirrors the repository's:
   `experiments/<study>/<file>` from the home page, `../experiments/<study>/<file>` one folder down.
 Each linked file is added, read from experiments/ at build time, at the path the link resolves to,
-so a new or rerun figure needs no copy under docs/ (and none can go stale). A link to a file that
-does not exist is left alone: `mkdocs build --strict` reports it on the page.
+so a new or rerun figure needs no copy under docs/ (and none can go stale): a file under docs/ at
+such a path, or with the bytes of a study's file under any name, fails the build. A link to a file
+that does not exist is left alone: `mkdocs build --strict` reports it on the page.
 """
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 import re
 from collections.abc import Iterator
@@ -90,4 +92,24 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
                                   f"docs serve from experiments/ at build time: delete docs/{uri}")
             files.append(File.generated(config, uri, abs_src_path=str(source)))
             served[uri] = source
+    refuse_copies(files, Path(config.docs_dir).resolve(), root)
     return files
+
+
+def refuse_copies(files: Files, docs_dir: Path, root: Path) -> None:
+    """A file of docs/ with the bytes of a file under experiments/, under any name (a hand copy
+    of a figure, which goes stale when the study reruns), fails the build in one line."""
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    ours = [(file.src_uri, Path(file.abs_src_path)) for file in files
+            if file.abs_src_path and Path(file.abs_src_path).resolve().is_relative_to(docs_dir)]
+    theirs = [path for path in (root / "experiments").rglob("*") if path.is_file()]
+    # only files of a size both sides have are read
+    sizes = {path.stat().st_size for _, path in ours} & {path.stat().st_size for path in theirs}
+    studies = {digest(path): path for path in theirs if path.stat().st_size in sizes}
+    for uri, path in ours:
+        if path.stat().st_size in sizes and (source := studies.get(digest(path))) is not None:
+            study = source.relative_to(root)
+            raise PluginError(f"error: docs/{uri} is a copy of {study}: link {study} from the page instead "
+                              f"(the docs serve it from experiments/ at build time) and delete docs/{uri}")
