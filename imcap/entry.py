@@ -5,6 +5,11 @@ In a multirun (`-m`, `hparams_search=...`) a failing job does not end the sweep:
 printed as it happens, the job raises `JobFailed` (an Exception, which Hydra's launchers record
 and go past, and the Optuna sweeper tells its study as a FAILED trial), and at the end one
 summary names every failed job; the exit status is then 2, or 1 if any job met a bug.
+
+A single run that fails on its input or is stopped with Ctrl-C before it wrote anything leaves
+no run directory: Hydra made it before the task started, and one holding only Hydra's files and
+the log would look like a run (`remove_unused_run_dir`). A run that wrote anything keeps it all,
+and so does a bug (its composed config in .hydra/ helps a report).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import logging
 import os
 import re
 import sys
@@ -19,6 +25,7 @@ import tempfile
 import traceback
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -112,6 +119,31 @@ def _sweep_jobs(path: str) -> list[dict]:
         return []
 
 
+def remove_unused_run_dir() -> None:
+    """Remove this run's directory if it holds nothing but what Hydra wrote for it (its
+    output_subdir, .hydra/, and the log files of this process); anything else keeps it all."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
+    if run_dir == Path.cwd().resolve() or run_dir in Path.cwd().resolve().parents:  # hydra.run.dir=.
+        return
+    logs = {Path(h.baseFilename).resolve() for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)}
+    own = run_dir / hydra_cfg.output_subdir if hydra_cfg.output_subdir else None  # None in a DDP child rank
+    entries = list(run_dir.rglob("*"))
+    files = [p for p in entries if p.is_symlink() or not p.is_dir()]
+    if any(p.resolve() not in logs and (own is None or own not in p.parents) for p in files):
+        return
+    for path in files:
+        path.unlink(missing_ok=True)
+    try:
+        for folder in sorted(set(entries) - set(files), key=lambda p: len(p.parts), reverse=True):
+            folder.rmdir()
+        run_dir.rmdir()
+    except OSError:  # another process (a DDP rank) wrote into it meanwhile: what is left stays
+        pass
+
+
 def _run_job(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """One job of a multirun: a user error is printed as one line, a bug with its traceback,
     and either is raised again as JobFailed so that the sweep goes on to its next job."""
@@ -162,7 +194,12 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Cal
             if stderr is not None and stderr.holding:
                 stderr.release()  # the config composed: from here on everything shows as it comes
             if not _in_multirun():
-                return report_user_errors(task_with_plugins)(cfg)
+                try:
+                    return report_user_errors(task_with_plugins)(cfg)
+                except SystemExit as stop:
+                    if stop.code not in (0, None, 1):  # a user error or Ctrl-C, not a bug
+                        remove_unused_run_dir()
+                    raise
             try:
                 return _run_job(task_with_plugins, cfg)
             finally:

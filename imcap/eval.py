@@ -25,13 +25,16 @@ from imcap.data.vocab import Vocabulary
 from imcap.ddp import ddp_job
 from imcap.entry import hydra_entry
 from imcap.errors import ImcapError
+from imcap.metrics.coco import chosen_metrics
 from imcap.models.captioner import (
     CHECKPOINT_KEY,
+    checkpoint_file,
     checkpoint_list,
     join_ensemble,
     load_checkpoint,
     load_state,
 )
+from imcap.models.search import Decoding
 from imcap.trainer_setup import build_trainer, scalar_metrics
 from imcap.training.module import CaptionModule
 from imcap.viz.gallery import write_gallery
@@ -39,15 +42,33 @@ from imcap.viz.gallery import write_gallery
 log = logging.getLogger("imcap.eval")
 
 
-def evaluate(cfg: DictConfig) -> dict[str, float]:
+def check_options(cfg: DictConfig) -> tuple[list[str], tuple[str, ...]]:
+    """Refuse what the config alone shows to be wrong, each with the one line of its own check;
+    returns the checkpoint paths (several: their ensemble) and the metric names. No file is read."""
     if cfg.split not in ("val", "test"):
         raise ImcapError(f"split={cfg.split!r}; choose val or test")
-    first, *others = checkpoint_list(cfg.ckpt_path)  # several: their ensemble
+    metrics = chosen_metrics(OmegaConf.to_object(cfg.metrics) if OmegaConf.is_config(cfg.metrics) else cfg.metrics)
+    decoding_with_overrides(None, cfg.get("decoding"))  # each decoding.* override's type
+    gallery = cfg.get("gallery")
+    if gallery is not None and (isinstance(gallery, bool) or not isinstance(gallery, int) or gallery < 0):
+        raise ImcapError(f"gallery={gallery!r}; give the number of images to show (0: no gallery)")
+    paths = checkpoint_list(cfg.ckpt_path)
+    for path in paths:  # the third of an ensemble missing fails now, not after the first is loaded
+        checkpoint_file(path)
+    return paths, metrics
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    # a mistyped option fails before a checkpoint is loaded or the data built
+    (first, *others), metric_names = check_options(cfg)
+    trainer = build_trainer(cfg, callbacks=[], loggers=[])  # refuses its own options (devices, precision)
     checkpoint = load_checkpoint(first)
     meta = checkpoint[CHECKPOINT_KEY]
     data_cfg = cfg.data if cfg.get("data") else OmegaConf.create(meta["data"])
     if not data_cfg:
         raise ImcapError(f"checkpoint {first} stores no data config; pass data=NAME")
+    # the overrides' values with the checkpoint's (decoding.min_length above its max_length), before data
+    decoding = Decoding(**decoding_with_overrides(meta.get("decoding"), cfg.get("decoding")))
     run_dir = Path(cfg.paths.output_dir)
 
     datamodule = instantiate(data_cfg)
@@ -59,10 +80,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         image_size=meta["image_size"],
         optimizer={},
         pretrained=False,  # the checkpoint holds every weight
-        decoding=decoding_with_overrides(meta.get("decoding"), cfg.get("decoding")),
+        decoding=decoding.to_config(),
         data_config=OmegaConf.to_container(data_cfg, resolve=True),
         eval_prefix=cfg.split,
-        test_metrics=list(cfg.metrics),
+        test_metrics=list(metric_names),
     )
     load_state(module, checkpoint["state_dict"], first)
     if others:
@@ -72,7 +93,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule.attach_encoder(module.captioner.encoder)
     datamodule.eval_split = cfg.split
 
-    trainer = build_trainer(cfg, callbacks=[], loggers=[])
     results = trainer.test(module, datamodule=datamodule)
     metrics = scalar_metrics(results[0] if results else {})
     if not trainer.is_global_zero:  # DDP: rank 0 writes; every rank holds the gathered results

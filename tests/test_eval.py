@@ -89,6 +89,42 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
     assert_one_line_error(result, "broken.ckpt is corrupt")
 
 
+def test_an_unknown_metric_is_refused_before_the_checkpoint_is_read_and_leaves_no_run_directory(tmp_path):
+    """A new process, as a user mistypes a metric: the one line names the option and its choices
+    (the corrupt checkpoint would be refused next), and no run directory holding only Hydra's
+    files and eval.log is left under logs/eval/runs."""
+    (tmp_path / "broken.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    result = module("eval", f"ckpt_path={tmp_path}/broken.ckpt", "metrics=[BLEU,nope]", cwd=tmp_path)
+    assert result.returncode == 2
+    assert_one_line_error(result, "metrics=['BLEU', 'nope']: choose one or more of BLEU, METEOR")
+    assert not list(tmp_path.glob("logs/eval/runs/*"))
+
+
+@pytest.mark.parametrize(("override", "says"), [
+    ("gallery=abc", "gallery='abc'; give the number of images"),
+    ("decoding.beam_size=five", "decoding.beam_size='five' is not an integer"),
+    ("ckpt_path=[{ckpt},{ckpt}.missing]", "checkpoint not found: {ckpt}.missing"),
+])
+def test_options_the_config_alone_refuses_fail_before_any_checkpoint_is_read(make_cfg, tmp_path, override, says):
+    """The corrupt first checkpoint is never opened: the option's own one line comes first."""
+    ckpt = tmp_path / "broken.ckpt"
+    ckpt.write_bytes(b"PK\x03\x04 truncated")
+    cfg = make_cfg(f"ckpt_path={ckpt}", override.format(ckpt=ckpt), name="eval", out=tmp_path / "eval")
+    with pytest.raises(ImcapError) as refused:
+        evaluate(cfg)
+    assert says.format(ckpt=ckpt) in str(refused.value)
+
+
+def test_decoding_that_does_not_fit_the_checkpoints_is_refused_before_the_data_is_read(trained, make_cfg, tmp_path):
+    """decoding.min_length=30 is above the checkpoint's max_length (20): refused once the
+    checkpoint is read, before data=custom's missing folder is looked at."""
+    out, _ = trained
+    cfg = make_cfg(f"ckpt_path={out}/checkpoints/best.ckpt", "data=custom", "decoding.min_length=30",
+                   name="eval", out=tmp_path / "eval")
+    with pytest.raises(ImcapError, match=r"0 <= min_length <= max_length; got 3, 20, 30"):
+        evaluate(cfg)
+
+
 def test_a_list_of_checkpoints_is_evaluated_as_their_ensemble(trained, tmp_path):
     """A new process in another folder, as a user ensembles runs: the ensemble of a checkpoint
     with itself decodes exactly what the checkpoint alone does (the mean of equal word

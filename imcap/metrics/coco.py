@@ -110,6 +110,17 @@ def metric_keys() -> list[str]:
     return [key for cls in registry.components("metric").values() for key in cls.keys]
 
 
+def chosen_metrics(metrics: Sequence[str] | str | None) -> tuple[str, ...]:
+    """The registered metrics that `metrics` names (None: coco-caption's), in registration order;
+    an unknown name is one line listing the choices."""
+    metrics = coco_caption_names() if metrics is None else [metrics] if isinstance(metrics, str) else list(metrics)
+    known = registry.components("metric")
+    unknown = [m for m in metrics if m not in known]
+    if unknown or not metrics:
+        raise ImcapError(f"metrics={metrics}: choose one or more of {', '.join(known)}")
+    return tuple(m for m in known if m in metrics)
+
+
 class CaptionMetrics(CaptionCorpusMetric):
     """`update(image_ids, candidates, references)`; `compute()` returns the keys of the chosen
     registered `metrics` ("BLEU" gives BLEU-1..4, "BLEU_nltk" gives BLEU-4_nltk, nltk's corpus
@@ -123,13 +134,9 @@ class CaptionMetrics(CaptionCorpusMetric):
                  meteor_memory: str = "2G", spice_memory: str = "8G",
                  meteor: MeteorScorer | None = None, **kwargs: Any) -> None:
         super().__init__(tokenize=tokenize, **kwargs)
-        metrics = coco_caption_names() if metrics is None else [metrics] if isinstance(metrics, str) else list(metrics)
-        known = registry.components("metric")
-        unknown = [m for m in metrics if m not in known]
-        if unknown or not metrics:
-            raise ImcapError(f"metrics={metrics}: choose one or more of {', '.join(known)}")
         options = {"METEOR": {"max_memory": meteor_memory, "scorer": meteor}, "SPICE": {"max_memory": spice_memory}}
-        self.metrics = tuple(m for m in known if m in metrics)
+        self.metrics = chosen_metrics(metrics)
+        known = registry.components("metric")
         self.scorers = {m: known[m](**options.get(m, {})) for m in self.metrics}
 
     def score(self, candidates: list[str], references: list[list[str]]) -> dict[str, float]:

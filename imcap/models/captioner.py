@@ -294,11 +294,17 @@ def weights_under(checkpoint: Mapping[str, Any], prefix: str) -> dict[str, torch
     return {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A training checkpoint, or a one-line error saying why it cannot be used."""
+def checkpoint_file(path: str | Path) -> Path:
+    """`path` if it is a file, or a one-line error saying what to pass."""
     path = Path(path)
     if not path.is_file():
         raise ImcapError(f"checkpoint not found: {path}; pass ckpt_path=.../checkpoints/best.ckpt")
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A training checkpoint, or a one-line error saying why it cannot be used."""
+    path = checkpoint_file(path)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, pickle garbage, wrong file type
