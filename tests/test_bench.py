@@ -55,12 +55,17 @@ def test_quick_smoke_run_writes_every_section(tmp_path, jpegs, one_thread):
     assert "epoch" not in results  # not in --quick
     caption = results["caption"]
     assert [(r["run"], r["decoding"]) for r in caption] == [
-        ("encoder only", "-"), ("default", "beam 16 + rerank 50"), ("beam 3", "beam 3"), ("greedy", "greedy"),
+        ("encoder only", "-"), ("default", "beam 16 + rerank 50"), ("encoder only, precision=bf16", "-"),
+        ("default, precision=bf16", "beam 16 + rerank 50"), ("beam 3", "beam 3"), ("greedy", "greedy"),
         ("one photo at a time", "beam 16 + rerank 50")]
-    assert [r["photos"] for r in caption] == [4, 4, 4, 4, 1]
+    assert [r["photos"] for r in caption] == [4, 4, 4, 4, 4, 4, 1]
     for row in caption:
         assert row["photos_per_s"] > 0 and row["fraction_of_encoder"] > 0 and row["x_one_photo_loop"] > 0
         assert row["cpu_bf16"] and "load_average" in row
+    # how many bf16 captions are the fp32 ones: a fraction of the 4 photos, only on the bf16 decoding row
+    assert [r["captions_as_fp32"] for r in caption if r["captions_as_fp32"] != "-"] in ([0.0], [0.25], [0.5], [0.75],
+                                                                                        [1.0])
+    assert caption[3]["captions_as_fp32"] != "-"
     if not torch.cuda.is_available():
         assert results["gpu"] == bench_gpu.NO_CUDA
 
