@@ -8,6 +8,7 @@ predictions/test.json, vocab.json and config.yaml.
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 import signal
 import sys
@@ -25,8 +26,9 @@ from imcap.config_compose import plain_config, save_config
 from imcap.data.vocab import Vocabulary
 from imcap.ddp import ddp_job
 from imcap.entry import hydra_entry
-from imcap.errors import on_ctrl_c
+from imcap.errors import ImcapError, on_ctrl_c
 from imcap.models.captioner import CHECKPOINT_KEY, COMPONENTS, load_checkpoint, load_state
+from imcap.registry import allowed_targets
 from imcap.trainer_setup import (
     build_trainer,
     instantiate_group,
@@ -57,6 +59,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     configure_wandb_mode(cfg)
     run_dir = Path(cfg.paths.output_dir)
     resume = load_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    if resume:  # before any data is built: `ckpt_path=` alone composes the default data=shapes
+        check_resume_data(resume[CHECKPOINT_KEY].get("data"), cfg, cfg.ckpt_path)
 
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
@@ -126,6 +130,67 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if name in metrics:
             log.info("%s = %.4f", name, metrics[name])
     return metrics
+
+
+# data options that say where the data is or how fast it is read, not what is trained on: a resume
+# may change them (another IMCAP_ROOT or machine, more workers)
+NOT_WHAT_IS_TRAINED_ON = ("root", "source.root", "cache_dir", "remote_cache_dir", "storage_options",
+                          "num_workers", "pin_memory", "eval_batch_size", "features", "feature_precision")
+
+
+def check_resume_data(stored: dict | None, cfg: DictConfig, checkpoint: str) -> None:
+    """Refuse in one line to resume `checkpoint` on other data than it was trained on (`stored`, its
+    data options), naming the options to repeat. Its run's .hydra/overrides.yaml is named, never read:
+    which options a run takes is the user's command line's to say, not a file's beside a checkpoint."""
+    if not isinstance(stored, dict):
+        return  # written before checkpoints held their data options
+    given = OmegaConf.to_container(cfg.data, resolve=True)
+    listed = Path(checkpoint).resolve().parent.parent / ".hydra" / "overrides.yaml"
+    rest = f", and the others listed in {listed}" if listed.is_file() else ""
+    theirs, ours = data_option(stored), data_option(given)
+    if theirs != ours:
+        raise ImcapError(f"checkpoint {checkpoint} was trained on data={theirs}, and this command gives data={ours}; "
+                         f"resume with the options of the run that wrote it (data={theirs}{rest}) and the same ckpt_path")
+    old, new = _leaves(stored), _leaves(given)
+    differ = [k for k in old if k in new and old[k] != new[k] and k not in NOT_WHAT_IS_TRAINED_ON]
+    if differ:
+        shown = "; ".join(f"data.{k}={_override(old[k])} there, {_override(new[k])} here" for k in differ[:3])
+        repeat = " ".join(f"data.{k}={_override(old[k])}" for k in differ)
+        raise ImcapError(f"checkpoint {checkpoint} was trained on other data options than this command gives "
+                         f"({shown}{'; ...' if len(differ) > 3 else ''}); resume with the options of the run "
+                         f"that wrote it ({repeat}{rest}) and the same ckpt_path")
+
+
+def data_option(data: dict) -> str:
+    """The `data=` option a data config came from: its source's registered name (its datamodule's
+    where it has no source, as data=shards), else the `_target_` as written."""
+    source = data.get("source")
+    target = source.get("_target_") if isinstance(source, dict) else data.get("_target_")
+    return (allowed_targets().get(target) or (None, str(target)))[1]
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{"source.num_images.train": 48, ...}: each value of a nested config under its dotted key."""
+    found: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and f"{prefix}{key}" not in NOT_WHAT_IS_TRAINED_ON:
+            found.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            found[f"{prefix}{key}"] = value
+    return found
+
+
+def _override(value: object) -> str:
+    """`value` as a command line override writes it."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_override(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_override(v) for v in value) + "]"
+    if isinstance(value, str) and not re.fullmatch(r"[\w./-]+", value):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return str(value)
 
 
 def evaluate_advice(checkpoint: str) -> str:

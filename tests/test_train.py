@@ -11,9 +11,11 @@ import optuna
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 from imcap.config_compose import compose_config
 from imcap.data.vocab import Vocabulary
+from imcap.errors import ImcapError
 from imcap.train import train
 from tests.helpers.paths import ROOT
 from tests.helpers.runs import TINY, assert_one_line_error, module, run
@@ -123,6 +125,40 @@ def test_make_train_then_eval_caption_and_mismatched_resume(tmp_path):
                         f"hydra.run.dir={tmp_path}/mismatch", cwd=tmp_path)
     assert mismatched.returncode == 2
     assert_one_line_error(mismatched, "does not match the model architecture")
+
+
+def test_resuming_with_only_ckpt_path_says_which_data_options_to_repeat_before_building_any(trained_run, tmp_path):
+    """`python -m imcap.train ckpt_path=...` alone composes the default data (2,500 shapes): it used to
+    generate them and then fail on the model's size; it now stops first, naming the options to repeat."""
+    last = trained_run / "checkpoints" / "last.ckpt"
+    result = module("train", f"ckpt_path={last}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert_one_line_error(result, f"error: checkpoint {last} was trained on other data options than this command "
+                                  "gives (data.source.num_images.train=48 there, 2000 here;",
+                          "resume with the options of the run that wrote it (data.source.num_images.train=48 "
+                          "data.source.num_images.val=16 data.source.num_images.test=16 data.source.image_size=64")
+    assert not (tmp_path / "data").exists() and not list(tmp_path.rglob("*.ckpt"))  # no image generated, no run
+
+
+def test_a_checkpoint_is_never_resumed_on_another_dataset(trained_run, tmp_path):
+    """The shapes demo's checkpoint resumed with a command for one's own photos and the same model
+    used to train on the photos, read with the demo's vocabulary; it is refused before they are read."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rows = ["image,caption,split"]
+    for i, split in enumerate(["train", "train", "val", "test"]):
+        Image.new("RGB", (32, 32), (200, 60 * i, 0)).save(photos / f"{i}.png")
+        rows.append(f"{i}.png,a red square,{split}")
+    (photos / "captions.csv").write_text("\n".join(rows) + "\n")
+    model = [o for o in TINY if not o.startswith("data.source.")]
+    cfg = compose_config("train", [*model, "data=custom", f"data.root={photos}", "recipe=shapes", "data.min_freq=1",
+                                   "trainer.max_epochs=3", "test=false",
+                                   f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}"],
+                         tmp_path / "run", tmp_path / "data")
+    with pytest.raises(ImcapError, match=r"was trained on data=shapes, and this command gives data=custom; resume "
+                                         r"with the options of the run that wrote it \(data=shapes\) and the same"):
+        train(cfg)
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 
 def optuna_search(tmp_path, trials: int) -> None:
