@@ -4,7 +4,9 @@ Rebuilds model and vocabulary from the checkpoint alone and, without `data=...`,
 was trained on; decodes the split as the checkpoint was trained to (greedy or beam search; the
 `decoding.*` overrides change that) and reports the coco-caption metrics in `metrics`. Writes
 metrics.json and predictions/<split>.json into its own run directory. With the same decoding,
-the metrics equal the ones the training run reported for the same checkpoint.
+the metrics equal the ones the training run reported for the same checkpoint. An option the
+config alone shows wrong (a metric name, `gallery`, a `decoding.*` type, a missing checkpoint) is
+refused before any checkpoint is read (`check_options`).
 
 `ckpt_path=[a.ckpt,b.ckpt,...]` evaluates the ensemble of separately trained checkpoints (e.g.
 other seeds of one recipe): their decoders' word probabilities are averaged at every step

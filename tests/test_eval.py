@@ -1,5 +1,6 @@
 """`imcap.eval`: a checkpoint alone reproduces its run's test metrics; val split, beam search,
-gallery; a corrupt checkpoint is a one-line error."""
+gallery; a corrupt checkpoint is a one-line error; an option the config alone shows wrong is
+refused before any checkpoint is read, and leaves no run directory."""
 
 from __future__ import annotations
 
