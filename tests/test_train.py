@@ -161,6 +161,15 @@ def test_a_checkpoint_is_never_resumed_on_another_dataset(trained_run, tmp_path)
     assert not (tmp_path / "data").exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_the_data_options_a_resume_may_change_are_data_options():
+    """A misspelt name in NOT_WHAT_IS_TRAINED_ON would make the resume check refuse a change it allows."""
+    from imcap.config_compose import CONF_DIR
+    from imcap.train import NOT_WHAT_IS_TRAINED_ON, _leaves
+
+    keys = {k for path in (CONF_DIR / "data").glob("*.yaml") for k in _leaves(OmegaConf.to_container(OmegaConf.load(path)))}
+    assert set(NOT_WHAT_IS_TRAINED_ON) <= keys
+
+
 def optuna_search(tmp_path, trials: int) -> None:
     result = module("train", "-m", "hparams_search=optuna", f"hydra.sweeper.n_trials={trials}",
                     "hydra.sweeper.sampler.n_startup_trials=1", *TINY, cwd=tmp_path)
