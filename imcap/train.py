@@ -67,7 +67,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     vocab = datamodule.build_vocab(Vocabulary(resume[CHECKPOINT_KEY]["vocab"]) if resume else None)
     module = build_module(cfg, vocab)
     if resume:  # fail now, in one line, if the checkpoint's architecture differs
-        load_state(module, resume["state_dict"], cfg.ckpt_path)
+        try:
+            load_state(module, resume["state_dict"], cfg.ckpt_path)
+        except ImcapError as e:
+            listed = options_listed(cfg.ckpt_path)
+            raise ImcapError(f"{e}{f' (its run was started with the options in {listed})' if listed else ''}") from e
     datamodule.attach_encoder(module.captioner.encoder)
 
     configure_wandb(cfg, (resume or {}).get(CHECKPOINT_KEY, {}).get("wandb_run_id"))
@@ -145,8 +149,8 @@ def check_resume_data(stored: dict | None, cfg: DictConfig, checkpoint: str) -> 
     if not isinstance(stored, dict):
         return  # written before checkpoints held their data options
     given = OmegaConf.to_container(cfg.data, resolve=True)
-    listed = Path(checkpoint).resolve().parent.parent / ".hydra" / "overrides.yaml"
-    rest = f", and the others listed in {listed}" if listed.is_file() else ""
+    listed = options_listed(checkpoint)
+    rest = f", and the others listed in {listed}" if listed else ""
     theirs, ours = data_option(stored), data_option(given)
     if theirs != ours:
         raise ImcapError(f"checkpoint {checkpoint} was trained on data={theirs}, and this command gives data={ours}; "
@@ -159,6 +163,13 @@ def check_resume_data(stored: dict | None, cfg: DictConfig, checkpoint: str) -> 
         raise ImcapError(f"checkpoint {checkpoint} was trained on other data options than this command gives "
                          f"({shown}{'; ...' if len(differ) > 3 else ''}); resume with the options of the run "
                          f"that wrote it ({repeat}{rest}) and the same ckpt_path")
+
+
+def options_listed(checkpoint: str) -> Path | None:
+    """The file listing the options of the run that wrote `checkpoint` (<run>/.hydra/overrides.yaml,
+    which Hydra writes in every run directory), or None where there is none."""
+    listed = Path(checkpoint).resolve().parent.parent / ".hydra" / "overrides.yaml"
+    return listed if listed.is_file() else None
 
 
 def data_option(data: dict) -> str:

@@ -124,7 +124,8 @@ def test_make_train_then_eval_caption_and_mismatched_resume(tmp_path):
     mismatched = module("train", *TINY, "model.decoder.hidden_dim=32", f"ckpt_path={run_dir}/checkpoints/last.ckpt",
                         f"hydra.run.dir={tmp_path}/mismatch", cwd=tmp_path)
     assert mismatched.returncode == 2
-    assert_one_line_error(mismatched, "does not match the model architecture")
+    assert_one_line_error(mismatched, "does not match the model architecture", "(its run was started with the options "
+                          f"in {(run_dir / '.hydra' / 'overrides.yaml').resolve()})")
 
 
 def test_resuming_with_only_ckpt_path_says_which_data_options_to_repeat_before_building_any(trained_run, tmp_path):
