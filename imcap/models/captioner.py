@@ -297,6 +297,14 @@ def weights_under(checkpoint: Mapping[str, Any], prefix: str) -> dict[str, torch
 def checkpoint_file(path: str | Path) -> Path:
     """`path` if it is a file, or a one-line error saying what to pass."""
     path = Path(path)
+    if path.is_dir():
+        if (path / CONFIG).is_file() and (path / WEIGHTS).is_file():
+            raise ImcapError(f"ckpt_path={path} is a folder written by imcap.export, which captions (imcap.caption, the "
+                             "demo, Captioner.load) but holds no training state; pass the training checkpoint it "
+                             "was exported from, e.g. ckpt_path=logs/train/runs/<run>/checkpoints/best.ckpt")
+        inside = next((c for c in (path / "checkpoints" / "best.ckpt", path / "best.ckpt") if c.is_file()), None)
+        hint = f"e.g. ckpt_path={inside}" if inside else "ckpt_path=.../checkpoints/best.ckpt"
+        raise ImcapError(f"ckpt_path={path} is a folder, not a checkpoint file; pass the file, {hint}")
     if not path.is_file():
         raise ImcapError(f"checkpoint not found: {path}; pass ckpt_path=.../checkpoints/best.ckpt")
     return path

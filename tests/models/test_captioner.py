@@ -76,3 +76,19 @@ def test_a_checkpoint_rebuilds_the_input_normalisation_its_encoder_weights_were_
     # the same feature cache key: evaluating a run reuses the features it trained on
     transform = repr(trained.encoder.image_transform(64))
     assert rebuilt.encoder.fingerprint(transform) == trained.encoder.fingerprint(transform)
+
+
+def test_a_folder_as_ckpt_path_is_one_line_saying_which_file_to_pass(tmp_path):
+    exported = tmp_path / "my-captioner"  # what imcap.export writes: it captions, it does not train or evaluate
+    exported.mkdir()
+    for name in ("config.json", "model.safetensors", "vocab.json"):
+        (exported / name).write_text("{}")
+    with pytest.raises(ImcapError, match=r"ckpt_path=.*my-captioner is a folder written by imcap\.export.*training "
+                                         r"checkpoint it was exported from"):
+        load_checkpoint(exported)
+    run = tmp_path / "run"  # a training run's folder: the file inside is named
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.ckpt").write_bytes(b"")
+    with pytest.raises(ImcapError, match=r"is a folder, not a checkpoint file; pass the file, e\.g\. ckpt_path=.*run/"
+                                         r"checkpoints/best\.ckpt$"):
+        load_checkpoint(run)
