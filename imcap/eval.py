@@ -63,7 +63,6 @@ def check_options(cfg: DictConfig) -> tuple[list[str], tuple[str, ...]]:
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     # a mistyped option fails before a checkpoint is loaded or the data built
     (first, *others), metric_names = check_options(cfg)
-    trainer = build_trainer(cfg, callbacks=[], loggers=[])  # refuses its own options (devices, precision)
     checkpoint = load_checkpoint(first)
     meta = checkpoint[CHECKPOINT_KEY]
     data_cfg = cfg.data if cfg.get("data") else OmegaConf.create(meta["data"])
@@ -72,6 +71,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     # the overrides' values with the checkpoint's (decoding.min_length above its max_length), before data
     decoding = Decoding(**decoding_with_overrides(meta.get("decoding"), cfg.get("decoding")))
     run_dir = Path(cfg.paths.output_dir)
+    # its own options (devices, precision) refused before the data is built; after the checkpoint
+    # is read, so that a bad checkpoint's one line is not preceded by Lightning's device report
+    trainer = build_trainer(cfg, callbacks=[], loggers=[])
 
     datamodule = instantiate(data_cfg)
     datamodule.prepare_data()
