@@ -174,6 +174,22 @@ def bf16_verdict(gemm: dict[str, float], train: list[dict[str, Any]] | None = No
     return out
 
 
+BF16_CAPTIONS_AGREE = 0.95  # bf16 may caption by default only where this many of its captions are fp32's
+
+
+def caption_verdict(rows: list[dict[str, Any]] | str) -> dict[str, Any]:
+    """What the caption section's bf16 row means for `imcap.caption`'s precision (nothing when
+    the section was skipped)."""
+    agree = next((r["captions_as_fp32"] for r in rows if r["captions_as_fp32"] != "-"), None) if isinstance(
+        rows, list) else None
+    if agree is None:
+        return {}
+    verdict = (f"below the {BF16_CAPTIONS_AGREE:.0%} a default needs: imcap.caption stays fp32"
+               if agree < BF16_CAPTIONS_AGREE else "precision=bf16 may caption by default here")
+    return {"captions_as_fp32": agree, "caption_why": f"bf16 captioning (precision=bf16) gives the fp32 caption "
+                                                     f"for {agree:.0%} of the photos, {verdict}"}
+
+
 def train_step(decoder: torch.nn.Module, optimizer: torch.optim.Optimizer, grid: torch.Tensor,
                tokens: torch.Tensor, dtype: str) -> None:
     """Teacher-forced forward, training's cross-entropy, backward and an optimiser step."""
@@ -433,7 +449,6 @@ def bench_caption(quick: bool, sizes: Sizes = Sizes(), checkpoint: str | None = 
                      "photos": n, "photos_per_s": n / seconds, "load_average": load})
     loop, flags = rows[-1]["photos_per_s"], cpu_bf16_flags()
     encoder = {"fp32": rows[0]["photos_per_s"], "bf16": rows[2]["photos_per_s"]}  # each precision's own pace
-    # bf16 may caption by default only where its captions are fp32's on at least 95% of photos
     agree = sum(a == b for a, b in zip(texts["fp32"], texts["bf16"])) / len(paths)
     for row in rows:
         bf16 = row["run"].endswith("precision=bf16")
@@ -468,6 +483,7 @@ def run(quick: bool, sections: tuple[str, ...] = SECTIONS, sizes: Sizes = Sizes(
         results["epoch"] = bench_epoch(sizes)
     if "caption" in sections:
         results["caption"] = bench_caption(quick, sizes, caption_checkpoint)
+        results["bf16"].update(caption_verdict(results["caption"]))
     if "gpu" in sections:
         from imcap.bench_gpu import bench_gpu
 
@@ -482,6 +498,8 @@ def print_tables(results: dict[str, Any], console: Console) -> None:
                   f"{results.get('load_average_after')} at the end")
     if "bf16" in results:
         console.print(f"bf16: {results['bf16']['why']}")
+        if "caption_why" in results["bf16"]:
+            console.print(f"bf16: {results['bf16']['caption_why']}")
     for section in ("gemm", *SECTIONS[1:]):
         rows = results.get(section)
         if not rows:

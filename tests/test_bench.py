@@ -66,6 +66,8 @@ def test_quick_smoke_run_writes_every_section(tmp_path, jpegs, one_thread):
     assert [r["captions_as_fp32"] for r in caption if r["captions_as_fp32"] != "-"] in ([0.0], [0.25], [0.5], [0.75],
                                                                                         [1.0])
     assert caption[3]["captions_as_fp32"] != "-"
+    assert results["bf16"]["captions_as_fp32"] == caption[3]["captions_as_fp32"]
+    assert results["bf16"]["caption_why"].startswith("bf16 captioning (precision=bf16) gives the fp32 caption for")
     if not torch.cuda.is_available():
         assert results["gpu"] == bench_gpu.NO_CUDA
 
@@ -153,3 +155,11 @@ def test_every_run_says_whether_bf16_pays_on_this_cpu(capsys, one_thread):
     assert "bf16_over_fp32_training" not in results["bf16"]  # no decoder_train section
     bench.print_tables(results, bench.Console(width=200))
     assert f"bf16: {results['bf16']['why']}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("agree", "says"), [(0.89, "below the 95% a default needs: imcap.caption stays fp32"),
+                                             (0.96, "precision=bf16 may caption by default here")])
+def test_the_bf16_caption_verdict_holds_bf16_to_95_percent_of_fp32_captions(agree, says):
+    rows = [{"run": "default", "captions_as_fp32": "-"}, {"run": "default, precision=bf16", "captions_as_fp32": agree}]
+    assert bench.caption_verdict(rows)["caption_why"].endswith(says)
+    assert bench.caption_verdict("skipped: no data") == {}
