@@ -19,7 +19,7 @@ from imcap.data.mirror import mirrored_transform
 from imcap.data.records import SPLITS, CaptionRecord
 from imcap.data.sources import CaptionSource
 from imcap.data.tokenizer import tokenize
-from imcap.data.vocab import Vocabulary
+from imcap.data.vocab import SPECIALS, Vocabulary
 from imcap.errors import ImcapError
 from imcap.registry import name_of, register
 from imcap.training.checkpoints import ResumableLoader
@@ -27,6 +27,17 @@ from imcap.training.checkpoints import ResumableLoader
 log = logging.getLogger(__name__)
 
 FEATURE_MODES = ("auto", "cached", "none")
+
+
+def whole_number(value: object, option: str, least: int, meaning: str, null: str | None = None) -> None:
+    """Refuse data.`option`=`value` unless it is a whole number >= `least` (or null, where `null`
+    says what null means): one line, before any data is generated or read (a batch size of -1
+    used to fail only in the first DataLoader, after the feature extraction)."""
+    if value is None and null is not None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        counts = "a positive whole number" if least == 1 else f"a whole number >= {least}"
+        raise ImcapError(f"data.{option}={value!r}; give {counts} ({meaning}){f', or null {null}' if null else ''}")
 
 
 @register("datamodule", "caption")
@@ -69,6 +80,15 @@ class CaptionDataModule(pl.LightningDataModule):
             raise ImcapError(f"data.num_workers={num_workers!r}; use auto or a count >= 0")
         if pin_memory != "auto" and not isinstance(pin_memory, bool):
             raise ImcapError(f"data.pin_memory={pin_memory!r}; use auto or a bool")
+        whole_number(image_size, "image_size", 1, "the side in pixels images are resized to")
+        whole_number(batch_size, "batch_size", 1, "captions per training batch")
+        whole_number(eval_batch_size, "eval_batch_size", 1, "images per evaluation batch", null="for data.batch_size")
+        whole_number(min_freq, "min_freq", 1, "times a word is seen to enter the vocabulary; 1: every word")
+        whole_number(max_vocab_size, "max_vocab_size", len(SPECIALS) + 1,
+                     f"words kept, {len(SPECIALS)} of them special tokens", null="for no limit")
+        whole_number(max_caption_length, "max_caption_length", 1, "words a caption is cut to")
+        whole_number(captions_per_image, "captions_per_image", 1, "captions drawn per image each epoch",
+                     null="for all of them")
         self.source = source
         self.root = root  # conf: data.root, which the source reads (named in logs and errors)
         self.image_size = image_size

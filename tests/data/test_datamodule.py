@@ -1,4 +1,5 @@
-"""CaptionDataModule's loader settings: `auto` picks what measured fastest for the mode."""
+"""CaptionDataModule: its options refused when it is built, and its loader settings (`auto` picks what
+measured fastest for the mode)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import pytest
 import torch
 
 from imcap.data.datamodule import CaptionDataModule
+from imcap.data.streaming import ShardDataModule
 from imcap.errors import ImcapError
+from tests.helpers.runs import TINY, assert_one_line_error, module
 
 
 def _dm(trainable: bool, cacheable: bool | None = None, **kwargs) -> CaptionDataModule:
@@ -45,6 +48,44 @@ def test_auto_pins_memory_only_for_a_gpu(monkeypatch):
 def test_bad_loader_settings_name_the_option(option, value):
     with pytest.raises(ImcapError, match=rf"data.{option}=.*use auto or"):
         CaptionDataModule(source=None, **{option: value})
+
+
+@pytest.mark.parametrize("option,value,says", [
+    ("batch_size", -1, "give a positive whole number (captions per training batch)"),
+    ("batch_size", 0, "give a positive whole number"),
+    ("batch_size", 2.5, "give a positive whole number"),
+    ("batch_size", True, "give a positive whole number"),
+    ("batch_size", "32", "give a positive whole number"),
+    ("eval_batch_size", 0, "give a positive whole number (images per evaluation batch), or null for data.batch_size"),
+    ("image_size", 0, "give a positive whole number"),
+    ("min_freq", 0, "give a positive whole number (times a word is seen to enter the vocabulary; 1: every word)"),
+    ("max_vocab_size", 4, "give a whole number >= 5 (words kept, 4 of them special tokens), or null for no limit"),
+    ("max_caption_length", -3, "give a positive whole number"),
+    ("captions_per_image", 0, "give a positive whole number (captions drawn per image each epoch), or null"),
+])
+def test_bad_sizes_are_refused_when_the_datamodule_is_built_naming_the_option(option, value, says):
+    with pytest.raises(ImcapError) as refused:
+        CaptionDataModule(source=None, **{option: value})
+    assert str(refused.value).startswith(f"data.{option}={value!r}; {says}")
+
+
+def test_the_shards_datamodule_refuses_bad_sizes_the_same_way(tmp_path):
+    with pytest.raises(ImcapError, match=r"^data.batch_size=0; give a positive whole number"):
+        ShardDataModule(root=str(tmp_path), batch_size=0)
+
+
+def test_null_sizes_keep_their_meaning():
+    dm = CaptionDataModule(source=None, batch_size=8, eval_batch_size=None, max_vocab_size=None, captions_per_image=None)
+    assert dm.eval_batch_size == 8 and dm.max_vocab_size is None and dm.captions_per_image is None
+
+
+@pytest.mark.slow
+def test_a_bad_batch_size_is_one_line_before_any_image_is_generated(tmp_path):
+    result = module("train", *[o for o in TINY if not o.startswith("data.batch_size=")], "data.batch_size=-1",
+                    cwd=tmp_path)
+    assert_one_line_error(result, "error: data.batch_size=-1; give a positive whole number")
+    assert result.returncode == 2
+    assert not (tmp_path / "data").exists(), sorted((tmp_path / "data").rglob("*"))[:5]  # the shapes never made
 
 
 def test_feature_precision_reaches_the_extraction(monkeypatch, tmp_path):
