@@ -4,11 +4,17 @@ loggers, the trainer), and the flat metrics it reports. W&B: imcap/wandb_setup.p
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+from imcap.errors import ImcapError
 
 log = logging.getLogger("imcap")
 
@@ -21,7 +27,69 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[Any]) -> pl.Trainer:
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    """The Lightning Trainer of `cfg.trainer`. Its options that this machine or Lightning refuses
+    are one line each (ImcapError, Lightning's exception chained): a GPU it lacks, or a value
+    Lightning's refusal names (`trainer.precision='fp8'`, `trainer.devices=0`, `trainer.strategy=...`).
+    Any other failure keeps its traceback."""
+    check_devices(cfg.trainer, trainer_choice())
+    try:
+        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    except InstantiationException as e:
+        refusal = e.__cause__
+        option = refused_option(cfg.trainer, refusal) if isinstance(refusal, OPTION_REFUSALS) else None
+        if option is None:
+            raise
+        value = cfg.trainer[option]
+        shown = list(value) if isinstance(value, ListConfig) else value
+        raise ImcapError(f"trainer.{option}={shown!r}: {' '.join(str(refusal).split())}") from refusal
+
+
+# what Lightning raises for a Trainer argument it refuses (a bad value, a device this machine lacks)
+OPTION_REFUSALS = (MisconfigurationException, ValueError, TypeError)
+
+
+def refused_option(trainer: DictConfig, refusal: BaseException) -> str | None:
+    """The trainer option (a key of cfg.trainer holding a plain value) that Lightning's refusal names
+    first, as in "`devices` selected with `CPUAccelerator` should be an int > 0"; None if it names none."""
+    first: tuple[int, str] | None = None
+    for key, value in trainer.items():
+        if isinstance(value, DictConfig) or (isinstance(value, ListConfig) and any(
+                isinstance(v, (DictConfig, ListConfig)) for v in value)):
+            continue  # plugins: objects the config builds, not a value the user set
+        found = re.search(rf"(?<![A-Za-z_]){re.escape(str(key))}(?![A-Za-z_])", str(refusal), re.IGNORECASE)
+        if found and (first is None or found.start() < first[0]):
+            first = (found.start(), str(key))
+    return first[1] if first else None
+
+
+def trainer_choice() -> str | None:
+    """The conf/trainer option the run was started with (`trainer=gpu`), if Hydra composed it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.choices.get("trainer") if HydraConfig.initialized() else None
+
+
+def check_devices(trainer: DictConfig, choice: str | None) -> None:
+    """Refuse CUDA GPUs this machine lacks in one line naming the option: Lightning's own refusals
+    ("No supported gpu backend found!", "You requested gpu: [0, 1, 2, 3] But your machine only
+    has: [0]") name none. accelerator=gpu is CUDA's or Apple's MPS (left to Lightning); auto takes
+    the CUDA GPUs when torch sees any, else the CPU."""
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator not in ("gpu", "cuda", "auto") or (accelerator == "gpu" and torch.backends.mps.is_available()):
+        return
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if accelerator == "auto" and gpus == 0:
+        return
+    named = "trainer=gpu" if choice == "gpu" and accelerator == "gpu" else f"trainer.accelerator={accelerator}"
+    if gpus == 0:
+        fix = "drop trainer=gpu" if named == "trainer=gpu" else "use trainer.accelerator=cpu"
+        raise ImcapError(f"{named} needs a CUDA GPU and torch sees none (torch.cuda.is_available() is False); "
+                         f"{fix} to run on the CPU")
+    devices = trainer.get("devices", "auto")
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices > gpus:
+        on_cpu = f", or trainer.accelerator=cpu to run {devices} processes on the CPU" if accelerator == "auto" else ""
+        raise ImcapError(f"trainer.devices={devices} with {named}, but torch sees {gpus} CUDA GPU{'s' * (gpus > 1)}; "
+                         f"use trainer.devices={gpus} or fewer (-1: every GPU){on_cpu}")
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
