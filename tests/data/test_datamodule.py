@@ -74,9 +74,11 @@ def test_the_shards_datamodule_refuses_bad_sizes_the_same_way(tmp_path):
         ShardDataModule(root=str(tmp_path), batch_size=0)
 
 
-def test_null_sizes_keep_their_meaning():
+def test_null_sizes_keep_their_meaning_and_zero_is_no_null():
     dm = CaptionDataModule(source=None, batch_size=8, eval_batch_size=None, max_vocab_size=None, captions_per_image=None)
     assert dm.eval_batch_size == 8 and dm.max_vocab_size is None and dm.captions_per_image is None
+    with pytest.raises(ImcapError, match=r"^data.eval_batch_size=0; "):  # once quietly taken as null
+        CaptionDataModule(source=None, batch_size=8, eval_batch_size=0)
 
 
 @pytest.mark.slow
