@@ -65,8 +65,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     (first, *others), metric_names = check_options(cfg)
     checkpoint = load_checkpoint(first)
     meta = checkpoint[CHECKPOINT_KEY]
-    data_cfg = cfg.data if cfg.get("data") else OmegaConf.create(meta["data"])
-    if not data_cfg:
+    given = cfg.get("data") or OmegaConf.create({})
+    # data=NAME chooses a whole data option; data.* keys alone (data.num_workers=0, or trainer=gpu's
+    # batch sizes) change the checkpoint's own
+    data_cfg = given if "_target_" in given else OmegaConf.merge(meta.get("data") or {}, given)
+    if "_target_" not in data_cfg:
         raise ImcapError(f"checkpoint {first} stores no data config; pass data=NAME")
     # the overrides' values with the checkpoint's (decoding.min_length above its max_length), before data
     decoding = Decoding(**decoding_with_overrides(meta.get("decoding"), cfg.get("decoding")))

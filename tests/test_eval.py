@@ -203,3 +203,15 @@ def test_a_greedy_run_with_reranking_set_carries_the_memory_for_beams_later(make
     assert len(captioner.memory) == 48
     images = sorted(data_dir.rglob("test_000*.png"))[:2]
     assert all(c.words for c in captioner.caption(images, replace(captioner.decoding, method="beam")))
+
+
+def test_data_keys_without_a_data_option_change_the_checkpoints_own_data(trained, make_cfg, tmp_path):
+    """trainer=gpu sets data.batch_size, data.eval_batch_size, ... (a `_global_` package): eval
+    keeps the checkpoint's data option and takes those keys over it (here on the CPU)."""
+    out, metrics = trained
+    cfg = make_cfg(f"ckpt_path={out}/checkpoints/best.ckpt", "trainer=gpu", "trainer.accelerator=cpu",
+                   "trainer.precision=32-true", "trainer.enable_progress_bar=false", "metrics=[BLEU]",
+                   "data.eval_batch_size=3", name="eval", out=tmp_path / "eval")
+    assert "_target_" not in cfg.data and cfg.data.batch_size == 256
+    evaluated = evaluate(cfg)
+    assert {k: evaluated[k] for k in TEST_METRICS} == {k: metrics[k] for k in TEST_METRICS}
