@@ -31,8 +31,10 @@ from imcap.models.captioner import CHECKPOINT_KEY, COMPONENTS, load_checkpoint, 
 from imcap.registry import allowed_targets
 from imcap.trainer_setup import (
     build_trainer,
+    check_devices,
     instantiate_group,
     scalar_metrics,
+    trainer_choice,
 )
 from imcap.training.callbacks import RunInterrupted, StayEarlyStopped, StopOnSignal
 from imcap.training.module import MODULE_OPTIONS, CaptionModule
@@ -58,6 +60,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     configure_wandb_mode(cfg)
     run_dir = Path(cfg.paths.output_dir)
+    check_devices(cfg.trainer, trainer_choice())  # trainer=gpu without a GPU: before any data is made
     resume = load_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
     if resume:  # before any data is built: `ckpt_path=` alone composes the default data=shapes
         check_resume_data(resume[CHECKPOINT_KEY].get("data"), cfg, cfg.ckpt_path)

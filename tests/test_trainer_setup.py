@@ -49,6 +49,7 @@ def test_trainer_gpu_on_a_machine_without_one_is_one_line_saying_to_drop_it(tmp_
     assert_one_line_error(result, "error: trainer=gpu needs a CUDA GPU and torch sees none "
                           "(torch.cuda.is_available() is False); drop trainer=gpu to run on the CPU")
     assert result.returncode == 2
+    assert not (tmp_path / "data").exists()  # refused before the demo's images are made
 
 
 @pytest.mark.slow
