@@ -60,6 +60,11 @@ HEADER_BYTES = 1 << 16  # enough of an image for PIL to read its header (format,
 # an unreachable endpoint is an error in seconds (a refused connection: 3 s), not after retries for minutes
 S3_DEFAULTS = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 60,
                                  "retries": {"max_attempts": 2, "mode": "standard"}}}
+# The first request to an S3 store waits this many seconds for an answer, once, with no retry:
+# an endpoint that accepts connections but never answers (a wrong port behind a proxy, a hung
+# server) is an error in seconds, not after each call's retries time out for minutes
+FIRST_CONTACT_TIMEOUT = 5
+_ANSWERED: set[tuple[str, str]] = set()  # the (protocol, bucket)s that answered in this process
 
 
 # -- where shards are: local paths or fsspec URLs -------------------------------------------------
@@ -99,12 +104,36 @@ def filesystem(url: str) -> tuple[Any, str]:
     configured = fsspec.config.conf.get(protocol, {})
     options = {k: v for k, v in S3_DEFAULTS.items() if k not in configured} if protocol in ("s3", "s3a") else {}
     try:
-        return fsspec.core.url_to_fs(url, **options)
+        found = fsspec.core.url_to_fs(url, **options)
+        if protocol in ("s3", "s3a"):
+            check_answers(url, configured)
+        return found
     except ImportError as e:
         raise ImcapError(f"{protocol}:// URLs need fsspec's {protocol} filesystem ({e}); install it, e.g. "
                          f"pip install {'gcsfs' if protocol in ('gs', 'gcs') else 's3fs'}") from e
     except ValueError as e:
         raise ImcapError(f"{shown(url)}: {e}; use a local path or an fsspec URL (s3://, gs://, https://)") from e
+
+
+def check_answers(url: str, configured: dict[str, Any]) -> None:
+    """One quick request to the S3 store of `url` (its object's metadata), the first time this
+    process uses that bucket: an ImcapError when it times out. Whatever else the request meets
+    (a missing object, no access, a refused connection) is left to the real request to report."""
+    protocol, bucket = url.split("://", 1)[0], urlsplit(url).netloc
+    if (protocol, bucket) in _ANSWERED:
+        return
+    config = {**configured.get("config_kwargs", {}), "connect_timeout": FIRST_CONTACT_TIMEOUT,
+              "read_timeout": FIRST_CONTACT_TIMEOUT, "retries": {"max_attempts": 1}}
+    probe, path = fsspec.core.url_to_fs(url, skip_instance_cache=True, config_kwargs=config)
+    probe.retries = 1  # s3fs retries a timed-out call 5 times on top of botocore's attempts
+    try:
+        probe.info(path)
+    except Exception as e:  # noqa: BLE001 - only a silent endpoint is this check's to report
+        if type(e).__name__ in ("ReadTimeoutError", "ReadTimeout") or isinstance(e, TimeoutError):
+            raise ImcapError(f"cannot reach {shown(url)}: its endpoint accepted the connection but did not answer "
+                             f"within {FIRST_CONTACT_TIMEOUT} s; check the endpoint (for S3: AWS_ENDPOINT_URL) and "
+                             "the network") from e
+    _ANSWERED.add((protocol, bucket))
 
 
 # the packages whose exceptions mean the store could not be reached or answered

@@ -168,6 +168,28 @@ def test_an_unreachable_endpoint_is_a_one_line_error(tmp_path):
     assert SECRET not in done.stdout + done.stderr
 
 
+def test_an_endpoint_that_accepts_connections_but_never_answers_is_a_one_line_error(tmp_path):
+    """A hung server (or a wrong port behind a proxy): the first request gives up after
+    FIRST_CONTACT_TIMEOUT, once, instead of every call's retries timing out for many minutes."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)  # accepts connections (the kernel's backlog) and never answers
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "imcap.train", "data=shards", "data.root=s3://shards/silent", "trainer.max_epochs=1"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=180,  # a hang guard: it took over 300 s
+            env={**os.environ, "IMCAP_ROOT": str(tmp_path), "PYTHONPATH": str(ROOT),
+                 "AWS_ENDPOINT_URL": f"http://127.0.0.1:{listener.getsockname()[1]}", "AWS_ACCESS_KEY_ID": "k",
+                 "AWS_SECRET_ACCESS_KEY": SECRET})
+    finally:
+        listener.close()
+    assert_one_line_error(done, "error: cannot reach s3://shards/silent/train/*.tar: its endpoint accepted the "
+                                "connection but did not answer within 5 s; check the endpoint")
+    assert SECRET not in done.stdout + done.stderr
+
+
 # -- as users run it: write to the bucket, train on 2 ranks, kill -9, resume ---------------------------
 def _run_env(home: Path, s3: dict[str, str]) -> dict[str, str]:
     env = {**os.environ, **s3, "IMCAP_ROOT": str(home), "PYTHONPATH": str(ROOT)}
