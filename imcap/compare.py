@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from imcap.config_compose import flatten
 from imcap.errors import ImcapError, report_user_errors
 
 SKIP_KEYS = ("paths.", "hydra.", "tags")  # differ between any two runs, say nothing about the method
@@ -44,15 +45,6 @@ def find_runs(paths: list[str]) -> list[Path]:
     if not runs:
         raise ImcapError("name at least one run directory")
     return runs
-
-
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
 
 
 def distinguishing(configs: list[dict[str, Any]]) -> list[str]:

@@ -82,6 +82,17 @@ def plain_config(cfg: DictConfig) -> dict[str, Any]:
             for k in cfg if k != "hydra"}
 
 
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """{"source.num_images.train": 48, ...}: each value of a nested plain config under its dotted
+    key (lists are values; an empty mapping has no key)."""
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
 def save_config(cfg: DictConfig, path: Path) -> None:
     write_text(path, OmegaConf.to_yaml(OmegaConf.create(plain_config(cfg))))
 

@@ -22,7 +22,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from imcap.atomic_files import write_json
-from imcap.config_compose import plain_config, save_config
+from imcap.config_compose import flatten, plain_config, save_config
 from imcap.data.vocab import Vocabulary
 from imcap.ddp import ddp_job
 from imcap.entry import hydra_entry
@@ -158,8 +158,10 @@ def check_resume_data(stored: dict | None, cfg: DictConfig, checkpoint: str) -> 
     if theirs != ours:
         raise ImcapError(f"checkpoint {checkpoint} was trained on data={theirs}, and this command gives data={ours}; "
                          f"resume with the options of the run that wrote it (data={theirs}{rest}) and the same ckpt_path")
-    old, new = _leaves(stored), _leaves(given)
-    differ = [k for k in old if k in new and old[k] != new[k] and k not in NOT_WHAT_IS_TRAINED_ON]
+    old, new = flatten(stored), flatten(given)
+    below = tuple(f"{k}." for k in NOT_WHAT_IS_TRAINED_ON)  # the keys inside one (storage_options.s3....)
+    differ = [k for k in old if k in new and old[k] != new[k] and k not in NOT_WHAT_IS_TRAINED_ON
+              and not k.startswith(below)]
     if differ:
         shown = "; ".join(f"data.{k}={_override(old[k])} there, {_override(new[k])} here" for k in differ[:3])
         repeat = " ".join(f"data.{k}={_override(old[k])}" for k in differ)
@@ -181,17 +183,6 @@ def data_option(data: dict) -> str:
     source = data.get("source")
     target = source.get("_target_") if isinstance(source, dict) else data.get("_target_")
     return (allowed_targets().get(target) or (None, str(target)))[1]
-
-
-def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
-    """{"source.num_images.train": 48, ...}: each value of a nested config under its dotted key."""
-    found: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value and f"{prefix}{key}" not in NOT_WHAT_IS_TRAINED_ON:
-            found.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            found[f"{prefix}{key}"] = value
-    return found
 
 
 def _override(value: object) -> str:

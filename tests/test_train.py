@@ -165,9 +165,15 @@ def test_a_checkpoint_is_never_resumed_on_another_dataset(trained_run, tmp_path)
 def test_the_data_options_a_resume_may_change_are_data_options():
     """A misspelt name in NOT_WHAT_IS_TRAINED_ON would make the resume check refuse a change it allows."""
     from imcap.config_compose import CONF_DIR
-    from imcap.train import NOT_WHAT_IS_TRAINED_ON, _leaves
+    from imcap.train import NOT_WHAT_IS_TRAINED_ON
 
-    keys = {k for path in (CONF_DIR / "data").glob("*.yaml") for k in _leaves(OmegaConf.to_container(OmegaConf.load(path)))}
+    def paths(tree: dict, prefix: str = ""):  # every dotted key, a mapping's own included
+        for key, value in tree.items():
+            yield f"{prefix}{key}"
+            if isinstance(value, dict):
+                yield from paths(value, f"{prefix}{key}.")
+
+    keys = {k for path in (CONF_DIR / "data").glob("*.yaml") for k in paths(OmegaConf.to_container(OmegaConf.load(path)))}
     assert set(NOT_WHAT_IS_TRAINED_ON) <= keys
 
 
