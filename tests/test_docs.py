@@ -186,13 +186,49 @@ def test_the_readme_is_a_page_for_users():
         assert command in readme, command
 
 
+def relative_links(markdown: str) -> list[str]:
+    """The relative link targets of a page (Markdown links and images), without their #anchors."""
+    targets = [match["target"].split("#", 1)[0] for match in re.finditer(r"\]\(\s*<?(?P<target>[^)\s>]+)", markdown)]
+    return [target for target in targets if target and "://" not in target and not target.startswith(("mailto:", "/"))]
+
+
 def test_every_relative_link_of_the_readme_is_a_file_in_the_repository():
     """GitHub renders the README's repository paths, its picture included; nothing else checks them."""
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    targets = [match["target"].split("#", 1)[0] for match in re.finditer(r"\]\(\s*<?(?P<target>[^)\s>]+)", readme)]
-    targets = [target for target in targets if target and "://" not in target and not target.startswith("mailto:")]
+    targets = relative_links((REPO / "README.md").read_text(encoding="utf-8"))
     assert any(target.endswith(".png") for target in targets), targets
     assert [target for target in targets if not (REPO / target).is_file()] == []
+
+
+def links_out_of_docs(page: Path, docs: Path = REPO / "docs") -> list[str]:
+    """The page's relative links to repository files outside `docs` (read as GitHub reads them)."""
+    return [target for target in relative_links(page.read_text(encoding="utf-8"))
+            if not (page.parent / target).resolve().is_relative_to(docs)]
+
+
+def test_every_relative_link_of_the_docs_is_a_file_at_that_path_on_github():
+    """GitHub shows docs/*.md with their links relative to the page in the repository: a link to a
+    study's file outside docs/ (the home page's picture) is its path from the page, which the site
+    serves too (test_a_new_or_rerun_study_figure_reaches_the_site_with_no_copy_under_docs)."""
+    pages = sorted((REPO / "docs").rglob("*.md"))
+    broken = [f"{page_id(page)}: {target}" for page in pages for target in relative_links(page.read_text(encoding="utf-8"))
+              if not (page.parent / target).exists()]
+    assert broken == []
+    assert "../experiments/attention_variants/example-attention-photo.png" in links_out_of_docs(REPO / "docs" / "index.md")
+
+
+def site_page(site: Path, page: str) -> Path:
+    """The built HTML of docs/<page> (use_directory_urls: guides/x.md -> guides/x/index.html,
+    extending/index.md -> extending/index.html)."""
+    stem = page.removesuffix(".md")
+    return site / (f"{stem}.html" if stem == "index" or stem.endswith("/index") else f"{stem}/index.html")
+
+
+def linked_site_files(site: Path, page: str) -> list[Path]:
+    """The files of the site that the built page shows or links (img src, a href)."""
+    html = site_page(site, page)
+    targets = re.findall(r'<(?:img [^>]*src|a [^>]*href)="([^"#?]+)', html.read_text(encoding="utf-8"))
+    return [(html.parent / target).resolve() for target in targets if "://" not in target
+            and (html.parent / target).resolve().is_file()]
 
 
 def build_site(checkout: Path, site: Path) -> subprocess.CompletedProcess:
@@ -221,8 +257,18 @@ def test_a_new_or_rerun_study_figure_reaches_the_site_with_no_copy_under_docs(tm
         readme.write("\n![a figure added to the study](results-new.png)\n")
     write_image(study / "results-shapes.png", (30, 160, 60), 16)  # the study rerun: its figure replaced
     write_image(study / "example-attention-photo.png", (30, 60, 160), 16)  # and the home page's picture
+    write_image(study / "results-guide.png", (220, 200, 40), 16)  # linked, as GitHub reads it, one folder down
+    with (checkout / "docs" / "guides" / "decoding.md").open("a", encoding="utf-8") as guide:
+        guide.write("\n![a study figure](../../experiments/attention_variants/results-guide.png)\n")
     result = build_site(checkout, tmp_path / "site")
     assert result.returncode == 0, result.stderr[-3000:]
+    docs = checkout / "docs"
+    out_of_docs = {page: links_out_of_docs(page, docs) for page in sorted(docs.rglob("*.md"))}
+    assert sum(map(len, out_of_docs.values())) >= 2, out_of_docs  # the home page's picture and the guide's
+    for page, targets in out_of_docs.items():  # each shows the repository's file in the site too
+        shown = [path.read_bytes() for path in linked_site_files(tmp_path / "site", page.relative_to(docs).as_posix())]
+        for target in targets:
+            assert (page.parent / target).read_bytes() in shown, f"{page.relative_to(checkout)}: {target} not in the site"
     for name in ("results-new.png", "results-shapes.png"):
         assert (tmp_path / "site" / "results" / name).read_bytes() == (study / name).read_bytes(), name
     home = (tmp_path / "site" / "index.html").read_text(encoding="utf-8")
@@ -247,6 +293,22 @@ def test_a_figure_copied_under_docs_fails_the_build_with_one_line_saying_to_dele
     assert len(errors) == 1, result.stderr[-3000:]
     assert f"error: docs/{copy} is a copy of experiments/attention_variants/{figure}" in errors[0], errors[0]
     assert f"delete docs/{copy}" in errors[0], errors[0]
+
+
+@pytest.mark.slow
+def test_a_study_file_linked_by_its_path_in_the_site_fails_the_build_naming_the_link_github_shows(tmp_path):
+    """`experiments/...` from docs/index.md is where the site serves the picture, but a broken
+    link on GitHub: the build says which link to write instead."""
+    checkout = docs_checkout(tmp_path)
+    index = checkout / "docs" / "index.md"
+    picture = "experiments/attention_variants/example-attention-photo.png"
+    index.write_text(index.read_text(encoding="utf-8").replace(f"../{picture}", picture), encoding="utf-8")
+    result = build_site(checkout, tmp_path / "site")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error: " in line]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert f"error: docs/index.md links {picture}" in errors[0], errors[0]
+    assert f"link ../{picture}," in errors[0], errors[0]
 
 
 def test_a_renamed_option_fails_its_block(tmp_path):
