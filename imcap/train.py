@@ -44,10 +44,15 @@ log = logging.getLogger("imcap.train")
 
 
 
+def architecture_of(model: dict) -> dict:
+    """The part of a plain `model` config that a checkpoint stores as its architecture."""
+    return {**{k: model.get(k) for k in COMPONENTS}, "ensemble": model.get("ensemble", 1)}
+
+
 def build_module(cfg: DictConfig, vocab: Vocabulary) -> CaptionModule:
     model = OmegaConf.to_container(cfg.model, resolve=True)
     return CaptionModule(
-        architecture={**{k: model.get(k) for k in COMPONENTS}, "ensemble": model.get("ensemble", 1)},
+        architecture=architecture_of(model),
         vocab=vocab.itos,
         image_size=cfg.data.image_size,
         data_config=OmegaConf.to_container(cfg.data, resolve=True),
@@ -64,12 +69,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resume = load_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
     if resume:  # before any data is built: `ckpt_path=` alone composes the default data=shapes
         check_resume_data(resume[CHECKPOINT_KEY].get("data"), cfg, cfg.ckpt_path)
+        check_resume_model(resume[CHECKPOINT_KEY].get("architecture"), cfg, cfg.ckpt_path)
 
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     vocab = datamodule.build_vocab(Vocabulary(resume[CHECKPOINT_KEY]["vocab"]) if resume else None)
     module = build_module(cfg, vocab)
-    if resume:  # fail now, in one line, if the checkpoint's architecture differs
+    if resume:  # what check_resume_model cannot see (an option the checkpoint predates, a word-vector
+        # file of another width) fails here, in one line too
         try:
             load_state(module, resume["state_dict"], cfg.ckpt_path)
         except ImcapError as e:
@@ -159,15 +166,64 @@ def check_resume_data(stored: dict | None, cfg: DictConfig, checkpoint: str) -> 
         raise ImcapError(f"checkpoint {checkpoint} was trained on data={theirs}, and this command gives data={ours}; "
                          f"resume with the options of the run that wrote it (data={theirs}{rest}) and the same ckpt_path")
     old, new = flatten(stored), flatten(given)
-    below = tuple(f"{k}." for k in NOT_WHAT_IS_TRAINED_ON)  # the keys inside one (storage_options.s3....)
-    differ = [k for k in old if k in new and old[k] != new[k] and k not in NOT_WHAT_IS_TRAINED_ON
-              and not k.startswith(below)]
+    differ = changed_options(old, new, NOT_WHAT_IS_TRAINED_ON)
     if differ:
         shown = "; ".join(f"data.{k}={_override(old[k])} there, {_override(new[k])} here" for k in differ[:3])
         repeat = " ".join(f"data.{k}={_override(old[k])}" for k in differ)
         raise ImcapError(f"checkpoint {checkpoint} was trained on other data options than this command gives "
                          f"({shown}{'; ...' if len(differ) > 3 else ''}); resume with the options of the run "
                          f"that wrote it ({repeat}{rest}) and the same ckpt_path")
+
+
+# model options (under model.) that a checkpoint's architecture holds but a resume may change: they
+# shape no weight and no input. Dropout is how training goes; the others say where a file is (the
+# checkpoint's weights replace what it holds) or how memory is laid out. Not here: finetune,
+# finetune_last_k and embedding.freeze: they change the optimiser's parameter groups, whose state a
+# resume restores (torch refuses it for other groups). The model's options outside its architecture
+# (optimizer, scheduler, decoding, scst, scheduled_sampling, label_smoothing, feature_dropout,
+# compile, ...) are not compared.
+NOT_THE_ARCHITECTURE = ("decoder.dropout", "encoder.channels_last", "encoder.weights_path", "embedding.path")
+
+
+def check_resume_model(stored: dict | None, cfg: DictConfig, checkpoint: str) -> None:
+    """Refuse in one line to resume `checkpoint` into another model than it holds (`stored`, its
+    architecture), naming the options to repeat, before any data is made: the weights would not
+    fit it, or (another number of heads) fit and train something else."""
+    if not isinstance(stored, dict):
+        return
+    old = {**stored, "ensemble": stored.get("ensemble", 1)}  # written before ensembles: one model
+    new = architecture_of(OmegaConf.to_container(cfg.model, resolve=True))
+    switched = [c for c in COMPONENTS if isinstance(old.get(c), dict) and isinstance(new.get(c), dict)
+                and old[c].get("_target_") != new[c].get("_target_")]
+    shown = [f"model/{c}={component_option(old[c])} there, {component_option(new[c])} here" for c in switched]
+    repeat = [f"model/{c}={component_option(old[c])}" for c in switched]
+    inside = tuple(f"{c}." for c in switched)  # another component's options are not compared
+    flat_old, flat_new = flatten(old), flatten(new)
+    for k in changed_options(flat_old, flat_new, NOT_THE_ARCHITECTURE):
+        if not k.startswith(inside):
+            shown.append(f"model.{k}={_override(flat_old[k])} there, {_override(flat_new[k])} here")
+            repeat.append(f"model.{k}={_override(flat_old[k])}")
+    if shown:
+        listed = options_listed(checkpoint)
+        rest = f", and the others listed in {listed}" if listed else ""
+        raise ImcapError(f"checkpoint {checkpoint} holds another model than this command asks for "
+                         f"({'; '.join(shown[:3])}{'; ...' if len(shown) > 3 else ''}); resume with the options of "
+                         f"the run that wrote it ({' '.join(repeat)}{rest}) and the same ckpt_path, or start a new "
+                         "run without ckpt_path")
+
+
+def changed_options(old: dict, new: dict, may_change: tuple[str, ...]) -> list[str]:
+    """The dotted keys of both `old` and `new` whose values differ, except those `may_change` names
+    and the keys inside one (storage_options.s3....)."""
+    below = tuple(f"{k}." for k in may_change)
+    return [k for k in old if k in new and old[k] != new[k] and k not in may_change and not k.startswith(below)]
+
+
+def component_option(component: dict) -> str:
+    """The registered name a component config's `_target_` has (`none` for no attention), else the
+    `_target_` as written."""
+    target = component.get("_target_")
+    return "none" if target is None else (allowed_targets().get(target) or (None, str(target)))[1]
 
 
 def options_listed(checkpoint: str) -> Path | None:

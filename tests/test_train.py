@@ -4,6 +4,7 @@ search that resumes; and `make train` as the README shows it."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 
@@ -124,8 +125,9 @@ def test_make_train_then_eval_caption_and_mismatched_resume(tmp_path):
     mismatched = module("train", *TINY, "model.decoder.hidden_dim=32", f"ckpt_path={run_dir}/checkpoints/last.ckpt",
                         f"hydra.run.dir={tmp_path}/mismatch", cwd=tmp_path)
     assert mismatched.returncode == 2
-    assert_one_line_error(mismatched, "does not match the model architecture", "(its run was started with the options "
-                          f"in {(run_dir / '.hydra' / 'overrides.yaml').resolve()})")
+    assert_one_line_error(mismatched, "holds another model than this command asks for (model.decoder.hidden_dim=64 "
+                          "there, 32 here); resume with the options of the run that wrote it (model.decoder.hidden_dim=64"
+                          f", and the others listed in {(run_dir / '.hydra' / 'overrides.yaml').resolve()})")
 
 
 def test_resuming_with_only_ckpt_path_says_which_data_options_to_repeat_before_building_any(trained_run, tmp_path):
@@ -175,6 +177,58 @@ def test_the_data_options_a_resume_may_change_are_data_options():
 
     keys = {k for path in (CONF_DIR / "data").glob("*.yaml") for k in paths(OmegaConf.to_container(OmegaConf.load(path)))}
     assert set(NOT_WHAT_IS_TRAINED_ON) <= keys
+
+
+def test_resuming_into_another_model_says_which_options_to_repeat_before_building_any_data(trained_run, tmp_path):
+    """The tiny run's LSTM checkpoint resumed with model/decoder=transformer used to generate the
+    images and extract their features, and only then fail on the weights; it now stops first."""
+    last = trained_run / "checkpoints" / "last.ckpt"
+    result = module("train", *TINY, "model/decoder=transformer", f"ckpt_path={last}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert_one_line_error(result, f"error: checkpoint {last} holds another model than this command asks for "
+                                  "(model/decoder=lstm there, transformer here; model/attention=additive there, "
+                                  "multihead here); resume with the options of the run that wrote it (model/decoder=lstm "
+                                  "model/attention=additive", "or start a new run without ckpt_path")
+    assert not (tmp_path / "data").exists() and not list(tmp_path.rglob("*.ckpt"))  # no image, no feature, no run
+
+
+RESUME_CHANGES = [  # an option changed on resuming a transformer, and what the refusal says (None: allowed)
+    ("model.decoder.heads=4", "model.decoder.heads=8 there, 4 here"),  # the weights fit: only this check sees it
+    ("model.attention.heads=4", "model.attention.heads=8 there, 4 here"),
+    ("model.encoder.finetune=last_k", "model.encoder.finetune=none there, last_k here"),  # other optimiser groups
+    ("model.ensemble=2", "model.ensemble=1 there, 2 here"),
+    ("model/attention=scaled_dot", "model/attention=multihead there, scaled_dot here"),
+    ("model.decoder.dropout=0.3", None),
+    ("model.encoder.channels_last=false", None),
+    ("model.optimizer.lr=0.1", None),
+    ("model.decoding.beam_size=1", None),
+    ("model.label_smoothing=0.1", None),
+    ("model.feature_dropout=0.2", None),
+    ("model.scst.start_epoch=1", None),
+]
+
+
+@pytest.mark.parametrize(("change", "said"), RESUME_CHANGES, ids=[change for change, _ in RESUME_CHANGES])
+def test_a_resume_may_change_how_the_model_trains_but_not_what_it_is(make_cfg, change, said):
+    from imcap.train import architecture_of, check_resume_model
+
+    stored = architecture_of(OmegaConf.to_container(make_cfg("model/decoder=transformer").model, resolve=True))
+    cfg = make_cfg("model/decoder=transformer", change)
+    if said is None:
+        check_resume_model(stored, cfg, "x.ckpt")
+    else:
+        with pytest.raises(ImcapError, match=re.escape(f"({said}); resume with the options")):
+            check_resume_model(stored, cfg, "x.ckpt")
+
+
+def test_the_model_options_a_resume_may_change_are_model_options():
+    """A misspelt name in NOT_THE_ARCHITECTURE would make the resume check refuse a change it allows."""
+    from imcap.config_compose import CONF_DIR
+    from imcap.train import NOT_THE_ARCHITECTURE
+
+    keys = {f"{group.name}.{key}" for group in (CONF_DIR / "model").iterdir() if group.is_dir()
+            for path in group.glob("*.yaml") for key in OmegaConf.load(path)}
+    assert set(NOT_THE_ARCHITECTURE) <= keys
 
 
 def optuna_search(tmp_path, trials: int) -> None:
