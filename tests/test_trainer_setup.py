@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import re
 import sys
+from importlib.util import find_spec
 
 import pytest
 import torch
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
+from pytorch_lightning.accelerators import AcceleratorRegistry, CPUAccelerator, MPSAccelerator
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from imcap.errors import ImcapError
@@ -58,6 +60,48 @@ def test_eval_on_a_gpu_the_machine_lacks_is_one_line_naming_the_option(trained_r
                  "trainer.accelerator=gpu", cwd=tmp_path, env=NO_GPU)
     assert_one_line_error(result, "error: trainer.accelerator=gpu needs a CUDA GPU", "use trainer.accelerator=cpu")
     assert result.returncode == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(find_spec("torch_xla") is not None, reason="torch_xla is installed here")
+def test_a_tpu_without_torch_xla_is_one_line_saying_what_to_install_before_any_data_is_made(tmp_path):
+    result = run(sys.executable, "-m", "imcap.train", *TINY, "trainer.accelerator=tpu", cwd=tmp_path)
+    assert_one_line_error(result, "error: trainer.accelerator=tpu needs torch_xla, which is not installed; use "
+                          "trainer.accelerator=cpu to run on the CPU, or install torch_xla (pip install torch_xla)")
+    assert result.returncode == 2
+    assert not (tmp_path / "data").exists()
+
+
+KNOWN = "choose one of auto, cpu, cuda, gpu, mps, tpu"
+
+
+@pytest.mark.parametrize("override,says", [
+    ("trainer.accelerator=nope", f"trainer.accelerator=nope is not an accelerator Lightning knows; {KNOWN}"),
+    ("trainer.accelerator=hpu", f"trainer.accelerator=hpu is not an accelerator Lightning knows; {KNOWN}"),
+    ("trainer.accelerator=mps", "trainer.accelerator=mps needs Apple's MPS and torch sees none "
+                                "(torch.backends.mps.is_available() is False); use trainer.accelerator=cpu to run on the CPU"),
+])
+def test_an_accelerator_unknown_or_absent_here_is_one_line_saying_why(make_cfg, tmp_path, monkeypatch, override, says):
+    monkeypatch.setattr(MPSAccelerator, "is_available", staticmethod(lambda: False))  # also on an Apple machine
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.delenv("DISABLE_MPS", raising=False)
+    with pytest.raises(ImcapError) as refused:
+        build_trainer(make_cfg(override, out=tmp_path), [], [])
+    assert str(refused.value) == says
+
+
+def test_a_plugins_accelerator_this_machine_cannot_run_is_one_line(make_cfg, tmp_path, monkeypatch):
+    class FarAccelerator(CPUAccelerator):
+        @staticmethod
+        def is_available() -> bool:
+            return False
+
+    monkeypatch.setitem(AcceleratorRegistry, "far", {"accelerator": FarAccelerator, "accelerator_name": "far",
+                                                     "description": "", "init_params": {}})
+    with pytest.raises(ImcapError) as refused:
+        build_trainer(make_cfg("trainer.accelerator=far", out=tmp_path), [], [])
+    assert str(refused.value) == ("trainer.accelerator=far cannot run on this machine (FarAccelerator.is_available() "
+                                  "is False); use trainer.accelerator=cpu to run on the CPU")
 
 
 @pytest.mark.parametrize("overrides,says", [
