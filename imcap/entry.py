@@ -8,8 +8,10 @@ summary names every failed job; the exit status is then 2, or 1 if any job met a
 
 A single run that fails on its input or is stopped with Ctrl-C before it wrote anything leaves
 no run directory: Hydra made it before the task started, and one holding only Hydra's files and
-the log would look like a run (`remove_unused_run_dir`). A run that wrote anything keeps it all,
-and so does a bug (its composed config in .hydra/ helps a report).
+the log would look like a run (`remove_unused_run_dir`). Nor does it leave the folders above it
+that Hydra made for it (a typo in a fresh directory leaves no empty logs/train/runs/): the Hydra
+callback `RecordNewParents` (conf/hydra/default.yaml) notes which did not exist yet. A run that
+wrote anything keeps it all, and so does a bug (its composed config in .hydra/ helps a report).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from typing import Any
 
 import hydra
 from hydra.errors import CompactHydraException
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 from imcap.config_compose import CONF_DIR, register_decoding_overrides
 from imcap.console import quiet_libraries
@@ -119,9 +122,32 @@ def _sweep_jobs(path: str) -> list[dict]:
         return []
 
 
+# the folders above this single run's directory that did not exist when it started, deepest first
+_new_parents: list[Path] = []
+
+
+class RecordNewParents(Callback):
+    """Hydra callback (conf/hydra/default.yaml): before Hydra makes a single run's directory, with
+    its parents, note which of those parents do not exist yet, so that `remove_unused_run_dir`
+    removes them too and nothing else. A sweep's folders are never noted (no on_multirun_start)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        _new_parents.clear()
+        HydraConfig.instance().set_config(config)  # a run dir naming ${hydra:...}; Hydra sets it next anyway
+        try:
+            run_dir = Path(os.path.abspath(str(OmegaConf.select(config, "hydra.run.dir"))))
+        except Exception:  # a run dir that does not resolve: Hydra reports it next, before making anything
+            return
+        _new_parents.extend(folder for folder in run_dir.parents if not folder.exists())
+
+
 def remove_unused_run_dir() -> None:
     """Remove this run's directory if it holds nothing but what Hydra wrote for it (its
-    output_subdir, .hydra/, and the log files of this process); anything else keeps it all."""
+    output_subdir, .hydra/, and the log files of this process); anything else keeps it all.
+    The folders Hydra made above it for this run (logs/, logs/train/, ...) go too, each only
+    while it is empty: one that holds another run stays, and so does every folder above it."""
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
@@ -140,7 +166,10 @@ def remove_unused_run_dir() -> None:
         for folder in sorted(set(entries) - set(files), key=lambda p: len(p.parts), reverse=True):
             folder.rmdir()
         run_dir.rmdir()
-    except OSError:  # another process (a DDP rank) wrote into it meanwhile: what is left stays
+        made_for_it = Path(hydra_cfg.runtime.output_dir).parents  # as Hydra named it, before resolve()
+        for folder in (folder for folder in _new_parents if folder in made_for_it):
+            folder.rmdir()
+    except OSError:  # another process (a DDP rank, another run) wrote into it meanwhile: what is left stays
         pass
 
 
