@@ -130,9 +130,9 @@ def check_answers(url: str, configured: dict[str, Any]) -> None:
         probe.info(path)
     except Exception as e:  # noqa: BLE001 - only a silent endpoint is this check's to report
         if type(e).__name__ in ("ReadTimeoutError", "ReadTimeout") or isinstance(e, TimeoutError):
-            raise ImcapError(f"cannot reach {shown(url)}: its endpoint accepted the connection but did not answer "
-                             f"within {FIRST_CONTACT_TIMEOUT} s; check the endpoint (for S3: AWS_ENDPOINT_URL) and "
-                             "the network") from e
+            raise ImcapError(f"cannot reach {shown(url)}: its endpoint {endpoint_of(probe)} accepted the connection "
+                             f"but did not answer within {FIRST_CONTACT_TIMEOUT} s; check the endpoint (for S3: "
+                             "AWS_ENDPOINT_URL) and the network") from e
     _ANSWERED.add((protocol, bucket))
 
 
@@ -152,6 +152,14 @@ def storage_errors(url: str | Path, what: str):
     except (ImcapError, tarfile.TarError, EOFError):  # not the store's: the caller names them
         raise
     except FileNotFoundError as e:
+        parts = urlsplit(str(url))  # in a bucket: a 404 may be the bucket's or the endpoint's, not the object's
+        answer = None
+        if parts.scheme in S3_PROTOCOLS and what != "bucket":
+            with contextlib.suppress(ImcapError):  # the bucket cannot be asked: the object's own error stands
+                answer = ask_bucket(f"{parts.scheme}://{parts.netloc}", top_level=False)
+        if answer is not None and answer.kind in ("no bucket", "not s3"):
+            raise ImcapError(f"{what} not found: {shown(url)}: {answer.text}; check the bucket in data.root, and the "
+                             "endpoint (AWS_ENDPOINT_URL, or data.storage_options={s3:{endpoint_url:URL}})") from e
         raise ImcapError(f"{what} not found: {shown(url)}; check data.root and data.train/val/test") from e
     except PermissionError as e:
         raise ImcapError(f"no access to {shown(url)} ({type(e).__name__}); check the store's credentials "
@@ -162,8 +170,94 @@ def storage_errors(url: str | Path, what: str):
         if local_path(url) is not None:
             raise ImcapError(f"cannot read {what} {url}: {getattr(e, 'strerror', None) or e}") from e
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise ImcapError(f"cannot reach {shown(url)} ({reason}); check the endpoint (for S3: AWS_ENDPOINT_URL), "
+        raise ImcapError(f"cannot reach {shown(url)}{_at_endpoint(url)} ({reason}); check the endpoint (for S3: AWS_ENDPOINT_URL), "
                          "the network and the credentials") from e
+
+
+# -- what an S3 store answers when nothing is found: which endpoint, and whether the bucket is there --
+S3_PROTOCOLS = ("s3", "s3a")
+NAMES_SHOWN = 5  # what a bucket holds, a few names: one listing request
+
+
+@dataclass(frozen=True)
+class BucketAnswer:
+    """What an S3 endpoint answered to a listing: `kind` is "no bucket" (not at that endpoint),
+    "not s3" (an answer with no S3 error: a web server, a proxy), "holds" or "nothing" (the bucket
+    is there, with or without names under the folder); `text` says it, naming the endpoint."""
+
+    kind: str
+    text: str
+
+
+class _NotThere(Exception):
+    def __init__(self, answer: BucketAnswer):
+        super().__init__(answer.text)
+        self.answer = answer
+
+
+def endpoint_of(fs: Any) -> str:
+    """The endpoint an S3 filesystem sends its requests to, however it was given (AWS_ENDPOINT_URL,
+    ~/.aws/config, data.storage_options, FSSPEC_S3_ENDPOINT_URL, AWS's own), without user:password@."""
+    fs.connect()
+    return shown(fs.s3.meta.endpoint_url)
+
+
+def _list(fs: Any, bucket: str, prefix: str, delimiter: str = "") -> tuple[list[str], bool]:
+    """A few names under `prefix` in `bucket` (relative to it) and whether there are more. _NotThere
+    when the bucket is not at the endpoint, or the endpoint answers with no S3 error (botocore then
+    names the error by its HTTP status); other failures as they come."""
+    try:
+        answer = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=NAMES_SHOWN,
+                            **({"Delimiter": delimiter} if delimiter else {}))
+    except OSError as e:  # s3fs's translation of the answer: its cause holds the S3 error code
+        code = str((getattr(e.__cause__, "response", None) or {}).get("Error", {}).get("Code", ""))
+        if code == "NoSuchBucket":
+            raise _NotThere(BucketAnswer("no bucket", f"the bucket {bucket} does not exist at {endpoint_of(fs)}")) from e
+        if code.isdigit():
+            raise _NotThere(BucketAnswer("not s3", f"{endpoint_of(fs)} answered HTTP {code} to a listing of the bucket "
+                                                   f"{bucket}, with no S3 error: it is not an S3 endpoint (a web server, "
+                                                   "a proxy, or a wrong path in its URL)")) from e
+        raise
+    names = [p["Prefix"] for p in answer.get("CommonPrefixes", [])] + [o["Key"] for o in answer.get("Contents", [])]
+    return sorted(n[len(prefix):] for n in names), bool(answer.get("IsTruncated"))
+
+
+def _some(names: list[str], more: bool) -> str:
+    return ", ".join(names) + (", ..." if more else "")
+
+
+def ask_bucket(folder: str, top_level: bool = True) -> BucketAnswer | None:
+    """What the S3 store of `folder` holds there, by one listing (with `top_level`, a second when
+    nothing is under the folder, to name what the bucket holds at its top); None for other stores.
+    A listing that fails otherwise (no access, no connection) is an ImcapError saying so."""
+    if folder.split("://", 1)[0] not in S3_PROTOCOLS:
+        return None
+    fs, _ = filesystem(folder)
+    parts = urlsplit(folder)
+    bucket, prefix = parts.netloc, parts.path.strip("/") + "/" if parts.path.strip("/") else ""
+    try:
+        with storage_errors(folder, "bucket"):
+            under = _list(fs, bucket, prefix)
+            top = _list(fs, bucket, "", "/") if top_level and under == ([], False) and prefix else None
+    except _NotThere as e:
+        return e.answer
+    where = f"the bucket {bucket} at {endpoint_of(fs)}"
+    if under[0]:
+        return BucketAnswer("holds", f"{where} holds under {prefix or '/'}: {_some(*under)}")
+    if not prefix:
+        return BucketAnswer("nothing", f"{where} is empty")
+    there = f" (at its top: {_some(*top)})" if top and top[0] else ""
+    return BucketAnswer("nothing", f"{where} holds nothing under {prefix}{there}")
+
+
+def _at_endpoint(url: str | Path) -> str:
+    """" at ENDPOINT" for an S3 `url`, "" for other stores or when it cannot be told."""
+    if str(url).split("://", 1)[0] not in S3_PROTOCOLS:
+        return ""
+    try:
+        return f" at {endpoint_of(filesystem(str(url))[0])}"
+    except Exception:  # noqa: BLE001 - the error being reported is the one that matters
+        return ""
 
 
 def glob_shards(pattern: str) -> list[str]:
@@ -206,10 +300,18 @@ def write_shards(records: Iterable[CaptionRecord], folder: str | Path, shard_siz
 
 
 def check_writable(folder: str | Path) -> None:
-    """Shards can be written to a folder or a bucket; a web server is only read from."""
+    """Shards can be written to a folder or a bucket; a web server is only read from. A bucket
+    must be at its endpoint: asked before any shard is made, rather than at the first upload."""
     if str(folder).split("://", 1)[0] in ("http", "https"):
         raise ImcapError(f"cannot write shards to {shown(folder)}: web servers are read from only; write them to a "
                          "folder or a bucket (s3://, gs://) and serve that")
+    answer = ask_bucket(str(folder), top_level=False)
+    endpoint = "AWS_ENDPOINT_URL or FSSPEC_S3_ENDPOINT_URL"
+    if answer is not None and answer.kind == "no bucket":
+        raise ImcapError(f"cannot write shards to {shown(folder)}: {answer.text}; create it, or check the bucket in "
+                         f"out= and the endpoint ({endpoint})")
+    if answer is not None and answer.kind == "not s3":
+        raise ImcapError(f"cannot write shards to {shown(folder)}: {answer.text}; check the endpoint ({endpoint})")
 
 
 def _upload(staged: str, folder: str) -> str:

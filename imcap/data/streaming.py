@@ -41,6 +41,7 @@ from imcap.data.shard_split import ShardSplit, decode_image
 from imcap.data.shards import (
     BAD_SAMPLES,
     Sample,
+    ask_bucket,
     glob_shards,
     join,
     load_index,
@@ -356,8 +357,22 @@ class ShardDataModule(CaptionDataModule):
 
     def prepare_data(self) -> None:
         if not expand_shards(self.root, self.patterns["train"]):
-            raise ImcapError(f"no train shards match data.train={self.patterns['train']!r} under data.root={shown(self.root)}; "
-                             "write some with `python -m imcap.data shards data=NAME out=DIR`")
+            raise self._none_match("train")
+
+    def _none_match(self, split: str) -> ImcapError:
+        """No shard matches the `split` pattern. In a bucket: which endpoint answered and what it
+        holds there, so that a wrong endpoint or bucket is not taken for missing shards."""
+        what = f"no {split} shards match data.{split}={self.patterns[split]!r} under data.root={shown(self.root)}"
+        answer = ask_bucket(self.root)
+        if answer is None:
+            return ImcapError(f"{what}; write some with `python -m imcap.data shards data=NAME out=DIR`")
+        endpoint = "AWS_ENDPOINT_URL, or data.storage_options={s3:{endpoint_url:URL}}"
+        fix = {"no bucket": f"check the bucket in data.root, and the endpoint ({endpoint})",
+               "not s3": f"check the endpoint ({endpoint})",
+               "holds": f"check data.root and data.{split}",
+               "nothing": f"check data.root, or write shards there with `python -m imcap.data shards data=NAME "
+                          f"out={shown(self.root)}`"}[answer.kind]
+        return ImcapError(f"{what}: {answer.text}; {fix}")
 
     @property
     def records(self):
@@ -368,8 +383,7 @@ class ShardDataModule(CaptionDataModule):
         if split not in self.splits:
             shards = expand_shards(self.root, self.patterns[split])
             if not shards:
-                raise ImcapError(f"no {split} shards match data.{split}={self.patterns[split]!r} under "
-                                 f"data.root={shown(self.root)}")
+                raise self._none_match(split)
             self.splits[split] = ShardSplit.load(split, shards, self.cache_dir, self.bad_samples)
             s = self.splits[split]
             log.info("Shards %s: %d shards, %d images, %d captions", split, len(shards), s.images, s.captions)

@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 import boto3
+import fsspec
 import numpy as np
 import pytest
 import torch
@@ -25,7 +26,14 @@ from PIL import Image
 from imcap.data import shards as shards_module
 from imcap.data.records import CaptionRecord
 from imcap.data.shard_features import extract_shard_features
-from imcap.data.shards import index_path, load_index, read_image_bytes, read_images, write_shards
+from imcap.data.shards import (
+    endpoint_of,
+    index_path,
+    load_index,
+    read_image_bytes,
+    read_images,
+    write_shards,
+)
 from imcap.data.streaming import (
     ShardSplit,
     ShardStream,
@@ -163,7 +171,8 @@ def test_an_unreachable_endpoint_is_a_one_line_error(tmp_path):
              "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": SECRET})
     assert done.returncode != 0
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    assert "error: cannot reach s3://shards/nowhere/train/*.tar (Could not connect to the endpoint URL" in done.stderr
+    assert f"error: cannot reach s3://shards/nowhere/train/*.tar at http://127.0.0.1:{port} (Could not connect to the " \
+           "endpoint URL" in done.stderr
     assert "check the endpoint (for S3: AWS_ENDPOINT_URL)" in done.stderr
     assert SECRET not in done.stdout + done.stderr
 
@@ -176,18 +185,103 @@ def test_an_endpoint_that_accepts_connections_but_never_answers_is_a_one_line_er
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)  # accepts connections (the kernel's backlog) and never answers
+    endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
     try:
         done = subprocess.run(
             [sys.executable, "-m", "imcap.train", "data=shards", "data.root=s3://shards/silent", "trainer.max_epochs=1"],
             cwd=tmp_path, capture_output=True, text=True, timeout=180,  # a hang guard: it took over 300 s
             env={**os.environ, "IMCAP_ROOT": str(tmp_path), "PYTHONPATH": str(ROOT),
-                 "AWS_ENDPOINT_URL": f"http://127.0.0.1:{listener.getsockname()[1]}", "AWS_ACCESS_KEY_ID": "k",
+                 "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "k",
                  "AWS_SECRET_ACCESS_KEY": SECRET})
     finally:
         listener.close()
-    assert_one_line_error(done, "error: cannot reach s3://shards/silent/train/*.tar: its endpoint accepted the "
-                                "connection but did not answer within 5 s; check the endpoint")
+    assert_one_line_error(done, f"error: cannot reach s3://shards/silent/train/*.tar: its endpoint {endpoint} accepted "
+                                "the connection but did not answer within 5 s; check the endpoint")
     assert SECRET not in done.stdout + done.stderr
+
+
+# -- an endpoint that answers, but without the shards: which endpoint, and whether the bucket is there --
+class NotFoundHandler(http.server.BaseHTTPRequestHandler):
+    """A web server, a proxy or a path-style URL with a wrong path as the S3 endpoint: 404 to everything."""
+
+    def _not_found(self) -> None:
+        self.send_error(404)
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _not_found  # noqa: N815 (http.server's naming)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def not_found():
+    """The URL of a server on 127.0.0.1 that answers 404 to every request."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFoundHandler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_an_endpoint_that_answers_404_to_everything_is_named_not_taken_for_missing_shards(not_found, tmp_path):
+    env = {"PYTHONPATH": str(ROOT), "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": SECRET,
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    trained = run(sys.executable, "-m", "imcap.train", "data=shards", "data.root=s3://shards/flickr8k", cwd=tmp_path,
+                  env={**env, "AWS_ENDPOINT_URL": f"{not_found}/s3"})
+    assert_one_line_error(trained, "error: no train shards match data.train='train/*.tar' under data.root=s3://shards/"
+                                   f"flickr8k: {not_found}/s3 answered HTTP 404 to a listing of the bucket shards, with no "
+                                   "S3 error: it is not an S3 endpoint", "check the endpoint (AWS_ENDPOINT_URL")
+    written = run(sys.executable, "-m", "imcap.data", "shards", "out=s3://shards/flickr8k", cwd=tmp_path,
+                  env={**env, "AWS_ENDPOINT_URL": not_found})
+    assert_one_line_error(written, f"error: cannot write shards to s3://shards/flickr8k: {not_found} answered HTTP 404 to "
+                                   "a listing of the bucket shards, with no S3 error", "check the endpoint (AWS_ENDPOINT_URL")
+    assert SECRET not in trained.stdout + trained.stderr + written.stdout + written.stderr
+    # an endpoint is named without the user:password@ its URL may carry
+    with_password = fsspec.filesystem("s3", endpoint_url=not_found.replace("://", "://user:pa55word@"),
+                                      skip_instance_cache=True)
+    assert endpoint_of(with_password) == not_found
+
+
+def test_a_missing_bucket_is_named_with_its_endpoint_not_taken_for_missing_shards(s3, tmp_path):
+    done = run(sys.executable, "-m", "imcap.train", "data=shards", "data.root=s3://no-such-bucket/flickr8k", cwd=tmp_path,
+               env={"PYTHONPATH": str(ROOT)})  # the server's environment, from the fixture
+    assert_one_line_error(done, "error: no train shards match data.train='train/*.tar' under data.root=s3://no-such-"
+                                f"bucket/flickr8k: the bucket no-such-bucket does not exist at {s3['AWS_ENDPOINT_URL']}; "
+                                "check the bucket in data.root, and the endpoint (AWS_ENDPOINT_URL")
+    assert SECRET not in done.stdout + done.stderr
+    # writing asks before any shard is made; a shard named without a glob says the same
+    with pytest.raises(ImcapError, match=r"^cannot write shards to s3://no-such-bucket/flickr8k/train: the bucket "
+                                         rf"no-such-bucket does not exist at {s3['AWS_ENDPOINT_URL']}; create it"):
+        write_shards(_records(tmp_path, 1), "s3://no-such-bucket/flickr8k/train", shard_size=1)
+    with pytest.raises(ImcapError, match=r"^shard not found: s3://no-such-bucket/flickr8k/train/000000.tar: the bucket "
+                                         rf"no-such-bucket does not exist at {s3['AWS_ENDPOINT_URL']}; check the bucket"):
+        load_index("s3://no-such-bucket/flickr8k/train/000000.tar", tmp_path / "cache")
+
+
+def test_a_bucket_without_matching_shards_says_what_it_holds(s3, tmp_path, monkeypatch):
+    from hydra.utils import instantiate
+
+    from imcap.config_compose import compose_config
+
+    client = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"])
+    for key in ("bad-layout/shards/000000.index.json", "bad-layout/shards/000000.tar"):
+        client.put_object(Bucket="shards", Key=key, Body=b"")
+    monkeypatch.setenv("IMCAP_ROOT", str(tmp_path))
+    monkeypatch.delenv("IMCAP_DATA_DIR", raising=False)
+    where = f"the bucket shards at {s3['AWS_ENDPOINT_URL']}"
+    for root, said in (
+        ("s3://shards/bad-layout", f"{where} holds under bad-layout/: shards/000000.index.json, shards/000000.tar; "
+                                   "check data.root and data.train$"),
+        ("s3://shards/bad-layuot", rf"{where} holds nothing under bad-layuot/ \(at its top: bad-layout/[,)].*; check "
+                                   "data.root, or write shards there with `python -m imcap.data shards data=NAME "
+                                   "out=s3://shards/bad-layuot`$")):
+        data = instantiate(compose_config("train", ["data=shards", f"data.root={root}"]).data)
+        with pytest.raises(ImcapError) as error:
+            data.prepare_data()
+        assert re.search(f"^no train shards match data.train='train/\\*.tar' under data.root={root}: {said}",
+                         str(error.value)), str(error.value)
 
 
 # -- as users run it: write to the bucket, train on 2 ranks, kill -9, resume ---------------------------
