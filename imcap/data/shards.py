@@ -18,7 +18,8 @@ index beside it (`NAME.index.json`). Reading fetches each image by a byte-range 
 index is read once from beside the shard (or built by one streamed pass) and kept on local disk
 under data.cache_dir, mirroring the URL (`CACHE/s3/BUCKET/PATH/NAME.index.json`). Credentials
 come the store's standard way (for S3: AWS_* variables, ~/.aws/config, AWS_ENDPOINT_URL),
-never from imcap's config or logs.
+never from imcap's config or logs. When a bucket yields nothing, its errors name the endpoint
+that answered (never a key, nor a user:password@ in its URL) and whether the bucket is there.
 """
 
 from __future__ import annotations
@@ -204,8 +205,9 @@ def endpoint_of(fs: Any) -> str:
 
 def _list(fs: Any, bucket: str, prefix: str, delimiter: str = "") -> tuple[list[str], bool]:
     """A few names under `prefix` in `bucket` (relative to it) and whether there are more. _NotThere
-    when the bucket is not at the endpoint, or the endpoint answers with no S3 error (botocore then
-    names the error by its HTTP status); other failures as they come."""
+    when the bucket is not at the endpoint, or the endpoint answers with no S3 error or listing
+    (botocore then names an error by its HTTP status, and parses a web page as an empty answer);
+    other failures as they come."""
     try:
         answer = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=NAMES_SHOWN,
                             **({"Delimiter": delimiter} if delimiter else {}))
@@ -214,12 +216,18 @@ def _list(fs: Any, bucket: str, prefix: str, delimiter: str = "") -> tuple[list[
         if code == "NoSuchBucket":
             raise _NotThere(BucketAnswer("no bucket", f"the bucket {bucket} does not exist at {endpoint_of(fs)}")) from e
         if code.isdigit():
-            raise _NotThere(BucketAnswer("not s3", f"{endpoint_of(fs)} answered HTTP {code} to a listing of the bucket "
-                                                   f"{bucket}, with no S3 error: it is not an S3 endpoint (a web server, "
-                                                   "a proxy, or a wrong path in its URL)")) from e
+            raise _NotThere(_not_s3(fs, bucket, code, "error")) from e
         raise
+    if answer.get("Name") != bucket:  # every S3 listing names its bucket
+        raise _NotThere(_not_s3(fs, bucket, answer.get("ResponseMetadata", {}).get("HTTPStatusCode", "?"), "listing"))
     names = [p["Prefix"] for p in answer.get("CommonPrefixes", [])] + [o["Key"] for o in answer.get("Contents", [])]
     return sorted(n[len(prefix):] for n in names), bool(answer.get("IsTruncated"))
+
+
+def _not_s3(fs: Any, bucket: str, status: str | int, missing: str) -> BucketAnswer:
+    return BucketAnswer("not s3", f"{endpoint_of(fs)} answered HTTP {status} to a listing of the bucket {bucket}, with "
+                                  f"no S3 {missing}: it is not an S3 endpoint (a web server, a proxy, or a wrong path in "
+                                  "its URL)")
 
 
 def _some(names: list[str], more: bool) -> str:

@@ -4,6 +4,7 @@ streamed to 2 DDP ranks with every caption once, resumed after kill -9; credenti
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import io
 import os
@@ -213,16 +214,38 @@ class NotFoundHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def not_found():
-    """The URL of a server on 127.0.0.1 that answers 404 to every request."""
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFoundHandler)
+class WebPageHandler(http.server.BaseHTTPRequestHandler):
+    """A web server with a catch-all page as the S3 endpoint: 200 and the same page to everything."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        page = b"<html><body>Welcome</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def serving(handler: type[http.server.BaseHTTPRequestHandler]):
+    """The URL of a server on 127.0.0.1 answering with `handler`, while in the block."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{httpd.server_address[1]}"
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.fixture
+def not_found():
+    """The URL of a server on 127.0.0.1 that answers 404 to every request."""
+    with serving(NotFoundHandler) as url:
+        yield url
 
 
 def test_an_endpoint_that_answers_404_to_everything_is_named_not_taken_for_missing_shards(not_found, tmp_path):
@@ -242,6 +265,24 @@ def test_an_endpoint_that_answers_404_to_everything_is_named_not_taken_for_missi
     with_password = fsspec.filesystem("s3", endpoint_url=not_found.replace("://", "://user:pa55word@"),
                                       skip_instance_cache=True)
     assert endpoint_of(with_password) == not_found
+
+
+def test_an_endpoint_that_answers_a_web_page_to_everything_is_named(tmp_path, monkeypatch):
+    """botocore takes a web page for an empty listing: the bucket would seem to hold nothing."""
+    from hydra.utils import instantiate
+
+    from imcap.config_compose import compose_config
+
+    monkeypatch.setattr(fsspec.config, "conf", {})  # data.storage_options goes there
+    for name, value in (("AWS_ACCESS_KEY_ID", "k"), ("AWS_SECRET_ACCESS_KEY", SECRET), ("IMCAP_ROOT", str(tmp_path))):
+        monkeypatch.setenv(name, value)
+    with serving(WebPageHandler) as page:
+        data = instantiate(compose_config("train", ["data=shards", "data.root=s3://shards/flickr8k",
+                                                    f'data.storage_options={{s3:{{endpoint_url:"{page}"}}}}']).data)
+        with pytest.raises(ImcapError, match=rf"data.root=s3://shards/flickr8k: {page} answered HTTP 200 to a listing "
+                                             r"of the bucket shards, with no S3 listing: it is not an S3 endpoint"):
+            data.prepare_data()
+    fsspec.AbstractFileSystem.clear_instance_cache()
 
 
 def test_a_missing_bucket_is_named_with_its_endpoint_not_taken_for_missing_shards(s3, tmp_path):
