@@ -171,8 +171,8 @@ def storage_errors(url: str | Path, what: str):
         if local_path(url) is not None:
             raise ImcapError(f"cannot read {what} {url}: {getattr(e, 'strerror', None) or e}") from e
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise ImcapError(f"cannot reach {shown(url)}{_at_endpoint(url)} ({reason}); check the endpoint (for S3: AWS_ENDPOINT_URL), "
-                         "the network and the credentials") from e
+        raise ImcapError(f"cannot reach {shown(url)}{_at_endpoint(url)} ({reason}); check the endpoint (for S3: "
+                         "AWS_ENDPOINT_URL), the network and the credentials") from e
 
 
 # -- what an S3 store answers when nothing is found: which endpoint, and whether the bucket is there --
@@ -183,8 +183,9 @@ NAMES_SHOWN = 5  # what a bucket holds, a few names: one listing request
 @dataclass(frozen=True)
 class BucketAnswer:
     """What an S3 endpoint answered to a listing: `kind` is "no bucket" (not at that endpoint),
-    "not s3" (an answer with no S3 error: a web server, a proxy), "holds" or "nothing" (the bucket
-    is there, with or without names under the folder); `text` says it, naming the endpoint."""
+    "not s3" (an answer with no S3 error or listing: a web server, a proxy), "holds" or "nothing"
+    (the bucket is there, with or without names under the folder); `text` says it, naming the
+    endpoint."""
 
     kind: str
     text: str
