@@ -314,7 +314,12 @@ def check_writable(folder: str | Path) -> None:
     if str(folder).split("://", 1)[0] in ("http", "https"):
         raise ImcapError(f"cannot write shards to {shown(folder)}: web servers are read from only; write them to a "
                          "folder or a bucket (s3://, gs://) and serve that")
-    answer = ask_bucket(str(folder), top_level=False)
+    try:
+        answer = ask_bucket(str(folder), top_level=False)
+    except ImcapError as e:
+        if not isinstance(e.__cause__, PermissionError):
+            raise
+        answer = None  # credentials that may write but not list: the first upload tells
     endpoint = "AWS_ENDPOINT_URL or FSSPEC_S3_ENDPOINT_URL"
     if answer is not None and answer.kind == "no bucket":
         raise ImcapError(f"cannot write shards to {shown(folder)}: {answer.text}; create it, or check the bucket in "

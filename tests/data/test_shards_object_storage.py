@@ -301,6 +301,20 @@ def test_a_missing_bucket_is_named_with_its_endpoint_not_taken_for_missing_shard
         load_index("s3://no-such-bucket/flickr8k/train/000000.tar", tmp_path / "cache")
 
 
+def test_credentials_that_may_write_but_not_list_still_write_shards(s3, tmp_path, monkeypatch):
+    """Asking the bucket before writing must not refuse a writer whose listing is denied
+    (a write-only policy): the upload itself is what tells."""
+
+    def denied(*args, **kwargs):
+        raise PermissionError("AccessDenied: s3:ListBucket")
+
+    monkeypatch.setattr(shards_module, "_list", denied)
+    write_shards(_records(tmp_path, 2), "s3://shards/write-only/train", shard_size=1)
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"])
+            .list_objects_v2(Bucket="shards", Prefix="write-only/")["Contents"]]
+    assert sum(k.endswith(".tar") for k in keys) == 2, keys
+
+
 def test_a_bucket_without_matching_shards_says_what_it_holds(s3, tmp_path, monkeypatch):
     from hydra.utils import instantiate
 
