@@ -4,7 +4,7 @@ DIR receives model.safetensors, config.json, vocab.json and a README.md model ca
 data from the checkpoint; test metrics from the run's metrics.json when it is beside
 checkpoints/ and they are this checkpoint's: training tests best.ckpt). No pickle:
 `Captioner.from_pretrained(DIR)` and `imcap.caption ckpt_path=DIR` read it; upload it with
-`huggingface-cli upload owner/name DIR` to share it by repo id. A checkpoint whose weights hold
+`hf upload owner/name DIR` to share it by repo id. A checkpoint whose weights hold
 NaN or inf (a diverged run) is refused.
 """
 

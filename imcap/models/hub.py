@@ -91,7 +91,7 @@ def resolve_folder(source: str | Path, revision: str | None = None) -> Path:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise ImcapError(
             f"cannot download model {source!r} from the Hugging Face Hub ({type(e).__name__}: {reason}); "
-            f"without network, fetch it elsewhere (`huggingface-cli download {source} --local-dir DIR`) and "
+            f"without network, fetch it elsewhere (`hf download {source} --local-dir DIR`) and "
             f"pass the folder DIR holding {CONFIG}, {WEIGHTS} and {VOCAB}") from e
     if revision is None and str(source) not in _warned_unpinned:
         _warned_unpinned.add(str(source))

@@ -90,7 +90,7 @@ def test_a_repo_id_without_network_is_one_line_naming_what_to_place_where(tmp_pa
     assert result.returncode == 2, result.stderr[-3000:]
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: cannot download model 'someone/captioner' from the Hugging Face Hub")
-    assert "huggingface-cli download someone/captioner --local-dir DIR" in line
+    assert "hf download someone/captioner --local-dir DIR" in line
     assert "config.json, model.safetensors and vocab.json" in line
 
 
