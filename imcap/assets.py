@@ -174,7 +174,12 @@ def _pip(*args: str) -> None:
 
 def check() -> list[str]:
     """Names of the assets that are missing or corrupt."""
-    return [f"{asset.what} ({asset.where})" for asset in ASSETS if not asset.provisioned()]
+    return [named(asset) for asset in ASSETS if not asset.provisioned()]
+
+
+def named(asset) -> str:
+    """How `check` names an asset: what it is and where it lies."""
+    return f"{asset.what} ({asset.where})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
             print("assets: " + asset.install())
         return 0
     missing = check()
-    for name in missing:
-        print(f"missing: {name} — run `make install`")
+    for asset in ASSETS:  # each asset a line, so that a check that passes says what it found
+        name = named(asset)
+        print(f"missing: {name} — run `make install`" if name in missing else f"ok: {name}")
     return 1 if missing else 0
 
 

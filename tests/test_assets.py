@@ -152,4 +152,16 @@ def test_check_command_exits_1_and_says_what_to_run(tmp_path):
     assert result.returncode == 1
     lines = result.stdout.splitlines()
     assert f"missing: MobileNetV2 ImageNet weights ({tmp_path / 'torch' / 'hub' / 'checkpoints' / 'mobilenet_v2-b0353104.pth'}) — run `make install`" in lines
-    assert all(line.startswith("missing: ") and line.endswith("run `make install`") for line in lines)
+    assert all(line.startswith("ok: ") or line.startswith("missing: ") and line.endswith("run `make install`")
+               for line in lines)
+    assert len(lines) == len(assets.ASSETS)  # one line per asset, found or not
+
+
+def test_check_command_names_each_asset_it_found():
+    """After `make install` (as in CI), a check that passes says what it checked, not nothing."""
+    if assets.check():
+        pytest.skip("the assets are not installed here (run `make install`)")
+    result = subprocess.run([sys.executable, "-m", "imcap.assets", "check"], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert result.returncode == 0
+    assert result.stdout.splitlines() == [f"ok: {a.what} ({a.where})" for a in assets.ASSETS]
