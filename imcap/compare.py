@@ -1,7 +1,7 @@
 """Compare runs without the cloud: `python -m imcap.compare RUN_DIR... [--metric val/CIDEr-D] [--plot curves.png]`.
 
 Prints one row per run with the config values that differ between the runs, the final test
-metrics and the best validation score, and writes a PNG of the validation curves. A folder
+metrics and the best validation score, and writes a PNG of the validation curves (beside the runs unless --plot says where). A folder
 that holds several runs (a multirun directory) contributes every run below it.
 """
 
@@ -11,6 +11,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,9 @@ def plot_curves(runs: list[dict[str, Any]], labels: list[str], metric: str, path
     return path
 
 
-def compare(paths: list[str], metric: str = "val/CIDEr-D", plot: str | None = "curves.png") -> list[dict[str, Any]]:
+def compare(paths: list[str], metric: str = "val/CIDEr-D", plot: str | None = None) -> list[dict[str, Any]]:
+    """Print the table of the runs under `paths` and plot their `metric` curves to `plot` (None:
+    curves.png in the folder the runs share, so the picture stays with them; "": no plot)."""
     runs = [load_run(p) for p in find_runs(paths)]
     keys = distinguishing([r["config"] for r in runs])
     labels = [_short(r["path"].name + ": " + ", ".join(f"{k}={r['config'].get(k)}" for k in keys)) for r in runs]
@@ -116,7 +119,11 @@ def compare(paths: list[str], metric: str = "val/CIDEr-D", plot: str | None = "c
         rows.append({"run": str(r["path"]), **{k: r["config"].get(k) for k in keys}, **values})
         table.add_row(r["path"].name, "\n".join(f"{k}={r['config'].get(k)}" for k in keys),
                       *(f"{v:.4f}" for v in values.values()))
-    Console(width=max(100, Console().width)).print(table)
+    terminal = Console()
+    # piped or redirected, the table keeps its full width (a terminal wraps it to fit)
+    (Console(width=max(100, terminal.width)) if terminal.is_terminal else Console(width=10_000)).print(table)
+    if plot is None:
+        plot = str(Path(os.path.commonpath([r["path"].resolve() for r in runs])) / "curves.png")
     if plot:
         written = plot_curves(runs, labels, metric, Path(plot))
         print(f"curves: {written}" if written else f"no {metric} curves found (csv logger off?)", file=sys.stderr)
@@ -128,10 +135,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m imcap.compare", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run directories, or folders holding runs")
     parser.add_argument("--metric", default="val/CIDEr-D", help="curve to plot and best value to show")
-    parser.add_argument("--plot", default="curves.png", help="PNG path for the curves ('' for none)")
+    parser.add_argument("--plot", help="PNG path for the curves (default: curves.png in the folder the runs share; "
+                        "'' for none)")
     parser.add_argument("--json", action="store_true", help="also print the rows as JSON")
     args = parser.parse_args(argv)
-    rows = compare(args.runs, args.metric, args.plot or None)
+    rows = compare(args.runs, args.metric, args.plot)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
 

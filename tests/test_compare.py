@@ -32,3 +32,25 @@ def test_missing_run_is_a_one_line_error(tmp_path, capsys):
         main([str(tmp_path / "nope")])
     assert exit_info.value.code == 2
     assert "run directory not found" in capsys.readouterr().err
+
+
+def test_piped_the_table_keeps_its_width_and_the_curves_land_beside_the_runs(tmp_path):
+    """As `make compare ARGS=... | less` runs it: a new process whose stdout is a pipe, from
+    another folder; no header is cut, and no curves.png is left where the command was typed."""
+    import subprocess
+    import sys
+
+    from tests.helpers.paths import ROOT
+
+    long_name = "imcap.models.attention.AdditiveAttentionWithAVeryLongNameIndeed"
+    fake_run(tmp_path / "sweep" / "0", long_name, 0.7, [0.5, 0.6, 0.7])
+    fake_run(tmp_path / "sweep" / "1", None, 0.6, [0.4, 0.6])
+    (tmp_path / "elsewhere").mkdir()
+    done = subprocess.run([sys.executable, "-m", "imcap.compare", str(tmp_path / "sweep"), "--metric", "val/BLEU-4"],
+                          cwd=tmp_path / "elsewhere", capture_output=True, text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "COLUMNS": "80"})
+    assert done.returncode == 0, done.stderr
+    assert long_name in done.stdout and "…" not in done.stdout
+    assert "BLEU-4_best" in done.stdout
+    assert (tmp_path / "sweep" / "curves.png").stat().st_size > 1000
+    assert list((tmp_path / "elsewhere").iterdir()) == []
