@@ -33,11 +33,11 @@ from typing import Any
 import hydra
 from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from imcap.config_compose import CONF_DIR, register_decoding_overrides
 from imcap.console import quiet_libraries
-from imcap.errors import end_progress_bars, report_user_errors, user_error
+from imcap.errors import ImcapError, end_progress_bars, report_user_errors, user_error
 from imcap.plugins import load_plugins
 
 
@@ -78,7 +78,7 @@ class _HeldStderr:
             if not lines or lines[0].startswith("Set the environment variable"):
                 continue
             if lines[0].endswith(":"):  # a heading and its list: "Available options in 'x': a, b"
-                parts.append(f"{lines[0]} {', '.join(lines[1:])}")
+                parts.append(f"{lines[0]} {', '.join(ln for ln in lines[1:] if not _is_base(ln))}")
             else:
                 parts.append("; ".join(ln.rstrip(".") for ln in lines))
         return "; ".join(parts) or None
@@ -208,6 +208,132 @@ def _sweep_summary(jobs: list[dict]) -> int | None:
     return 1 if any(j["bug"] for j in failed) else 2
 
 
+# What to give for each option a conf/ file leaves `???` (required), shown in the one error line of
+# a command without it; a test holds every `???` under conf/ to an entry here. An option of a
+# plugin's own config gets the generic "give <option>=VALUE".
+REQUIRED_OPTIONS = {
+    "ckpt_path": "ckpt_path=RUN/checkpoints/best.ckpt (or an exported folder, or a Hub repo id)",
+    "images": "'images=[photo.jpg,photos/]' (image files or folders)",
+    "out": "out=DIR (the folder to write the exported model to)",
+    "data.root": "data.root=DIR (the dataset's folder; `make data dataset=NAME root=DIR` downloads one)",
+}
+
+
+def missing_options(cfg: DictConfig) -> list[str]:
+    """The full keys (data.root) of the values `cfg` leaves `???`, in the config's order; an
+    interpolation is not read (`${data.root}` is data.root's concern, not its own)."""
+    found: list[str] = []
+
+    def walk(node: DictConfig | ListConfig, prefix: str) -> None:
+        keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+        for key in keys:
+            full = f"{prefix}{key}" if isinstance(node, DictConfig) else f"{prefix.rstrip('.')}[{key}]"
+            child = node._get_node(key)
+            if OmegaConf.is_missing(node, key):
+                found.append(full)
+            elif isinstance(child, (DictConfig, ListConfig)) and not OmegaConf.is_interpolation(node, key):
+                walk(child, f"{full}.")
+
+    walk(cfg, "")
+    return found
+
+
+def required_option_error(exc: BaseException, missing: list[str], entry: str) -> ImcapError | None:
+    """The user's error when `exc` is reading a value this command's config leaves `???` (directly or
+    through an interpolation such as data.source.root: ${data.root}); it names every such option of
+    the command. None when the missing value is not one of the command's options: a config built in
+    code or read from a checkpoint that leaves a `???` is a bug, and keeps its traceback."""
+    from hydra.errors import InstantiationException
+    from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
+
+    while isinstance(exc, InstantiationException) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    if not isinstance(exc, (MissingMandatoryValue, InterpolationToMissingValueError)):
+        return None
+    # both say "Missing mandatory value: <key>"; the key is the full one for a read of the option
+    # itself and for an absolute interpolation (${data.root}), the only kinds conf/ uses
+    read = re.search(r"Missing mandatory value: (\S+)", str(exc))
+    if read is None or read.group(1) not in missing:
+        return None
+    gives = [REQUIRED_OPTIONS.get(key, f"{key}=VALUE (`python -m imcap.{entry} --help` shows the config)")
+             for key in missing]
+    verb = "is" if len(missing) == 1 else "are"
+    return ImcapError(f"{' and '.join(missing)} {verb} required: give {' and '.join(gives)}")
+
+
+def _is_base(option: str) -> bool:
+    """A `_`-file of a config group (data/_base.yaml) is the base its options extend, not an option
+    (docs/guides/configuration.md)."""
+    return option.rsplit("/", 1)[-1].startswith("_")
+
+
+def _hide_bases_from_group_options() -> None:
+    """Hydra lists every file of a group as one of its options (--help, tab completion, glob()
+    sweeps): leave its bases out. Composition reads the files itself, so nothing else changes."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    listed = ConfigLoaderImpl.get_group_options
+    if getattr(listed, "leaves_out_bases", False):
+        return
+
+    def get_group_options(self: Any, *args: Any, **kwargs: Any) -> list[str]:
+        return [option for option in listed(self, *args, **kwargs) if not _is_base(option)]
+
+    get_group_options.leaves_out_bases = True  # type: ignore[attr-defined]
+    ConfigLoaderImpl.get_group_options = get_group_options  # type: ignore[method-assign]
+
+
+def refuse_chosen_bases() -> None:
+    """A base chosen as a group's option (data=_base) is one error line naming the group's options."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    for group, option in HydraConfig.get().runtime.choices.items():
+        if isinstance(option, str) and _is_base(option) and not group.startswith("hydra/"):
+            hydra_ = GlobalHydra.instance()  # not set up in a joblib worker: then --help names them
+            options = (f"one of {', '.join(sorted(hydra_.config_loader().get_group_options(group)))}"
+                       if hydra_.is_initialized() else "another (--help lists them)")
+            raise ImcapError(f"{group}={option} is the base file that every {group} option extends, not an "
+                             f"option: choose {options} ({group}=NAME)")
+
+
+# what a value of an override may hold outside quotes (hydra/grammar/OverrideLexer.g4: ASCII only)
+UNQUOTED = "ASCII letters, digits, spaces and _ - + . / \\ : $ % * @ ? |"
+
+
+def _quoted(override: str) -> str | None:
+    """`override` with its value (each item of a [list]) in Hydra's double quotes, inside the shell's
+    single quotes; None where the value holds quotes or brackets of its own."""
+    key, value = override.split("=", 1)
+    listed = value.startswith("[") and value.endswith("]")
+    items = value[1:-1].split(",") if listed else [value]
+    if any(mark in item for item in items for mark in "'\"[](){}"):
+        return None
+    quoted = ",".join(f'"{item.strip()}"' for item in items)
+    return f"'{key}=[{quoted}]'" if listed else f"'{key}={quoted}'"
+
+
+def unreadable_override(args: list[str]) -> str | None:
+    """The error line for the first of `args` that Hydra's override grammar cannot read, naming it
+    and how to quote it; None if every override reads (Hydra refused something else)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:  # a flag (-m, --config-name=x) or a flag's value
+            continue
+        try:
+            parser.parse_overrides([arg])
+        except OverrideParseException as exc:
+            said = str(exc).splitlines()[0]  # the lexer's names the override only: what the grammar saw otherwise
+            why = "" if said.startswith("LexerNoViableAltException") else f" ({said})"
+            quoted = _quoted(arg)
+            fix = f"quote it: {quoted}" if quoted else "quote the value (\"...\") inside the shell's quotes"
+            return f"cannot read the override {arg}{why}: outside quotes a value may hold only {UNQUOTED}; {fix}"
+    return None
+
+
 def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
     """`@hydra.main` on conf/<config_name>.yaml with imcap's error policy: a user error (an
     ImcapError, an unknown option or config choice) is one `error:` line and exit status 2; a
@@ -238,15 +364,26 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Cal
                     stderr.hold()
 
         def task_with_plugins(cfg: DictConfig) -> Any:
+            from hydra.core.hydra_config import HydraConfig
+
+            refuse_chosen_bases()
+            missing = missing_options(cfg)  # before the task sets any
             quiet_libraries()  # library messages a user cannot act on: imcap.console names each
             load_plugins(cfg.get("plugins"))  # the user's own components, before anything is built or loaded
-            return task(cfg)
+            try:
+                return task(cfg)
+            except Exception as exc:
+                required = required_option_error(exc, missing, HydraConfig.get().job.name)
+                if required is None:
+                    raise
+                raise required from None
 
         hydra_main = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(run_task)
 
         @functools.wraps(task)
         def main() -> Any:
             register_decoding_overrides()  # eval.yaml's and caption.yaml's decoding.* (no cost: the entry imported Decoding)
+            _hide_bases_from_group_options()
             real = sys.stderr
             stderr = _HeldStderr(real)
             sys.stderr = stderr
@@ -262,7 +399,12 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Cal
                             stderr.hold()  # its re-raise of a job that the summary names: not shown
                         status = _sweep_summary(jobs)
                         raise SystemExit(status if status is not None and exc.code == 1 else exc.code) from None
-                    message = stderr.one_line() if stderr.holding and exc.code == 1 else None
+                    message = None
+                    if stderr.holding and exc.code == 1:
+                        held = stderr.held.getvalue()
+                        if "override_grammar" in held and "Traceback" not in held:  # Hydra's link on a parse error
+                            message = unreadable_override(sys.argv[1:])
+                        message = message or stderr.one_line()
                     if message is None:
                         raise
                     stderr.holding = False  # Hydra refused the command line or a config file: one line
