@@ -215,7 +215,7 @@ REQUIRED_OPTIONS = {
     "ckpt_path": "ckpt_path=RUN/checkpoints/best.ckpt (or an exported folder, or a Hub repo id)",
     "images": "'images=[photo.jpg,photos/]' (image files or folders)",
     "out": "out=DIR (the folder to write the exported model to)",
-    "data.root": "data.root=DIR (the dataset's folder; `make data dataset=NAME root=DIR` downloads one)",
+    "data.root": "data.root=DIR (the dataset's folder; `make data dataset=NAME root=DIR` downloads a public one)",
 }
 
 
