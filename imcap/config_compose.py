@@ -62,7 +62,11 @@ def compose_config(name: str, overrides: Sequence[str] = (), output_dir: Path | 
         with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
             cfg = compose(config_name=name, overrides=list(overrides), return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as e:  # data=bogus, a misspelt key, bad syntax
-        raise ImcapError(" ".join(str(e).split("Config search path")[0].split())) from e
+        # the entry points' wording of bad syntax (imcap.entry imports this module: imported here)
+        from imcap.entry import unreadable_override
+
+        raise ImcapError(unreadable_override(list(overrides))
+                         or " ".join(str(e).split("Config search path")[0].split())) from e
     with open_dict(cfg):
         cfg.hydra.runtime.cwd = os.getcwd()
         cfg.hydra.runtime.output_dir = str(output_dir) if output_dir is not None else os.getcwd()

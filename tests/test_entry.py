@@ -171,3 +171,14 @@ def test_the_quoted_form_an_unreadable_override_is_given_reads_as_meant(override
     [parsed] = OverridesParser.create().parse_overrides([as_typed])
     assert parsed.value() == value
     assert unreadable_override(["data=shapes", 'images=["a.jpg"]']) is None
+
+
+def test_the_data_tools_word_an_unreadable_override_the_same():
+    """`python -m imcap.data stats data.root=café` composes outside @hydra.main (imcap.config_compose)."""
+    from imcap.config_compose import compose_config
+    from imcap.errors import ImcapError
+
+    with pytest.raises(ImcapError) as refused:
+        compose_config("train", ["data=custom", "data.root=données"])
+    assert str(refused.value).startswith("cannot read the override data.root=données: ")
+    assert str(refused.value).endswith("quote it: 'data.root=\"données\"'")
