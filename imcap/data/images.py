@@ -13,24 +13,34 @@ goes through `load_image`, `load_image_tensor`, `decode_image` or `as_viewed`, s
   the page behind an image in a browser or viewer; `convert("RGB")` keeps whatever colour lies
   under the transparent pixels, usually black, which turns a logo into a dark square;
 - a refusal of any image over `PIL.Image.MAX_IMAGE_PIXELS`, from the header before any pixel is
-  decoded (PIL itself only warns up to twice that number);
-- every damaged or unreadable file as one `ImcapError` line naming it: PIL raises OSError,
-  SyntaxError (a broken PNG chunk), ValueError, EOFError, IndexError or struct.error for them.
+  decoded (PIL itself only warns up to twice that number), except a baseline JPEG (what phones
+  write, 108 and 200 MP modes included), which libjpeg decodes reduced instead (1/2, 1/4 or 1/8,
+  the largest that fits the limit): its memory is that of the reduced image, and the encoder
+  resizes every photo to a few hundred pixels anyway. A progressive JPEG over the limit is
+  still refused: libjpeg holds all of its coefficients, full size, at any scale (peak memory of
+  a process decoding a 12000 x 9000 file: 430 MB whole, baseline 120 MB at 1/2 and 24 MB at
+  1/8, progressive 333 MB at 1/8);
+- every damaged or unreadable file as one `ImcapError` line naming it, with the true reason (an
+  empty file, a folder, a symlink loop, or damage: PIL raises OSError, SyntaxError (a broken
+  PNG chunk), ValueError, EOFError, IndexError or struct.error for them).
 
 Only the first frame of an animated or multi-page file is read, as thumbnails show it.
 """
 
 from __future__ import annotations
 
+import errno
 import io
+import os
 import struct
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import IO
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2 as T
 
@@ -46,6 +56,7 @@ PIXELS_VERSION = "viewer-2"
 DAMAGED = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
+JPEG_SCALES = (2, 4, 8)  # the reductions libjpeg's DCT scaling decodes to (1/2, 1/4, 1/8)
 
 
 @contextmanager
@@ -59,10 +70,14 @@ def _read_errors(name: str, verb: str = "read", fix: str = "replace or remove th
         raise ImcapError(f"image not found: {e.filename}") from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImcapError(f"{name} is too large to decode safely ({e}); shrink it or remove it") from e
+    except IsADirectoryError as e:
+        raise ImcapError(f"cannot {verb} {name}: a folder, not an image; {fix}") from e
     except UnidentifiedImageError as e:
         reason = "not an image file PIL can read" if "BytesIO" in str(e) else str(e)  # no object reprs
         raise ImcapError(f"cannot {verb} {name}: {reason}; {fix}") from e
     except DAMAGED as e:
+        if isinstance(e, OSError) and e.errno == errno.ELOOP:  # links leading back to themselves
+            raise ImcapError(f"cannot {verb} {name}: a symlink loop; {fix}") from e
         reason = " ".join(str(e).split()) or type(e).__name__
         raise ImcapError(f"cannot {verb} {name}: {reason} (a damaged or truncated file); {fix}") from e
 
@@ -84,6 +99,61 @@ def check_pixels(im: Image.Image) -> None:
         raise Image.DecompressionBombError(f"Image size ({im.width * im.height} pixels) exceeds limit of {limit} pixels")
 
 
+def _scale_within_limit(width: int, height: int) -> int | None:
+    """The smallest of JPEG_SCALES at which a width x height JPEG decodes within PIL's pixel
+    limit (libjpeg rounds the reduced sides up), None where even 1/8 is over it."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return next((s for s in JPEG_SCALES if -(-width // s) * -(-height // s) <= limit), None)
+
+
+def _open_reduced_jpeg(source: str | IO[bytes], over: Exception | str) -> Image.Image:
+    """The JPEG in `source`, over PIL's pixel limit (`over`: PIL's refusal), opened to decode
+    at the largest of 1/2, 1/4, 1/8 that fits (module docstring); refused, with the reason, if
+    progressive or over the limit even at 1/8."""
+    if not isinstance(source, str):
+        source.seek(0)
+    im = JpegImagePlugin.jpeg_factory(source)  # Image.open without its pixel check: checked here
+    try:
+        scale, over = _scale_within_limit(*im.size), str(over).rstrip(".")
+        if im.info.get("progressive"):  # libjpeg holds all of its coefficients at any scale
+            raise Image.DecompressionBombError(f"{over}; a progressive JPEG cannot be decoded reduced")
+        if scale is None:
+            raise Image.DecompressionBombError(f"{over}, even decoded at 1/8 scale")
+        im.draft(im.mode, (im.width // scale, im.height // scale))  # libjpeg's DCT scaling
+        check_pixels(im)  # the reduced size libjpeg will decode to
+    except BaseException:
+        im.close()
+        raise
+    return im
+
+
+def open_image(source: str | IO[bytes]) -> Image.Image:
+    """`Image.open(source)` within PIL's pixel limit (`Image.MAX_IMAGE_PIXELS` itself, not twice
+    it): a baseline JPEG over it opened to decode reduced (module docstring), any other image
+    over it refused with `Image.DecompressionBombError`."""
+    try:
+        with pixel_limit():
+            im = Image.open(source)
+        try:
+            check_pixels(im)
+        except BaseException:
+            im.close()
+            raise
+        return im
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        if _peek(source, len(JPEG_MAGIC)) != JPEG_MAGIC:
+            raise
+        return _open_reduced_jpeg(source, e)
+
+
+def _peek(source: str | IO[bytes], size: int) -> bytes:
+    if isinstance(source, str):
+        with open(source, "rb") as f:
+            return f.read(size)
+    source.seek(0)
+    return source.read(size)
+
+
 def _orientation(im: Image.Image) -> int:
     """The EXIF orientation (1: upright, 2-8: flipped and/or turned), 1 when there is none."""
     value = im.getexif().get(ExifTags.Base.Orientation, 1)
@@ -92,7 +162,10 @@ def _orientation(im: Image.Image) -> int:
 
 def as_viewed(im: Image.Image) -> Image.Image:
     """RGB image as a viewer shows `im` (module docstring): turned upright by its EXIF
-    orientation, its pixel mode converted, transparency on white. `im` must be loaded."""
+    orientation, its pixel mode converted, transparency on white. A lazily opened
+    `im` (`Image.open`) is loaded here: a damaged file is one line naming it."""
+    with _read_errors(f"image {im.filename}" if getattr(im, "filename", "") else "the image"):
+        im.load()
     if _orientation(im) != 1:
         im = ImageOps.exif_transpose(im)
     if im.mode == "RGB":
@@ -111,9 +184,15 @@ def as_viewed(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def _is_empty(source: str | io.BytesIO) -> bool:
+    return (os.path.getsize(source) if isinstance(source, str) else source.getbuffer().nbytes) == 0
+
+
 def _viewed(source: str | io.BytesIO, name: str, verb: str = "read", fix: str = "replace or remove the file") -> Image.Image:
-    with _read_errors(name, verb, fix), Image.open(source) as im:
-        check_pixels(im)
+    with _read_errors(name, verb, fix):
+        if _is_empty(source):  # PIL would say "cannot identify image file"
+            raise ImcapError(f"cannot {verb} {name}: an empty file (0 bytes); {fix}")
+    with _read_errors(name, verb, fix), open_image(source) as im:
         im.load()
         _orientation(im)  # a damaged EXIF block is the file's fault: read it under the net
     try:
@@ -123,9 +202,10 @@ def _viewed(source: str | io.BytesIO, name: str, verb: str = "read", fix: str = 
                          f"save it as RGB first") from e
 
 
-def load_image(path: str) -> Image.Image:
-    """RGB image as a viewer shows the file (module docstring), or a one-line error naming it."""
-    return _viewed(path, f"image {path}")
+def load_image(path: str, name: str | None = None, fix: str = "replace or remove the file") -> Image.Image:
+    """RGB image as a viewer shows the file (module docstring), or a one-line error naming it
+    (`name`: "image photos/a.jpg" unless given; `fix`: what to do about a damaged one)."""
+    return _viewed(path, name or f"image {path}", fix=fix)
 
 
 # EXIF orientation -> the same turn on a (C, H, W) tensor as ImageOps.exif_transpose's on the image
@@ -145,9 +225,13 @@ def _jpeg_tensor(data: bytes, name: str, verb: str, fix: str) -> torch.Tensor | 
     PIL must decode it (grey, CMYK, or a file torchvision refuses). PIL reads the header first:
     its pixel limit before torchvision allocates H x W x 3 bytes (a 60000 x 60000 header asks for
     10 GB), and its reading of the orientation tag, so both paths turn a file the same way."""
-    with _read_errors(name, verb, fix), Image.open(io.BytesIO(data)) as im:  # PIL stops at the first scan
-        check_pixels(im)
-        orientation = _orientation(im)
+    with _read_errors(name, verb, fix):
+        try:
+            with pixel_limit(), Image.open(io.BytesIO(data)) as im:  # PIL stops at the first scan
+                check_pixels(im)
+                orientation = _orientation(im)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            return None  # over the limit: PIL decodes it reduced, or refuses it
     try:
         image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
     except RuntimeError:
@@ -163,6 +247,8 @@ def load_image_tensor(path: str) -> torch.Tensor:
     pixels; faster by the conversions it saves); anything else through PIL."""
     with _read_errors(f"image {path}"), open(path, "rb") as f:
         data = f.read()
+    if not data:
+        raise ImcapError(f"cannot read image {path}: an empty file (0 bytes); replace or remove the file")
     if data.startswith(JPEG_MAGIC):
         image = _jpeg_tensor(data, f"image {path}", "read", "replace or remove the file")
         if image is not None:

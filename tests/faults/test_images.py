@@ -1,6 +1,6 @@
 """Untrusted images and image lists: decompression bombs (by their header: nothing large is
-allocated here), phone photos, pixel modes and damaged files read as viewers show them, and
-records naming files outside the data root."""
+allocated here), phone photos (108 MP ones decoded reduced), pixel modes and damaged files read
+as viewers show them, and records naming files outside the data root."""
 
 from __future__ import annotations
 
@@ -25,26 +25,14 @@ from imcap.errors import ImcapError
 HUGE = 60_000  # 3.6 G pixels: 10.8 GB as RGB, 20x PIL's default MAX_IMAGE_PIXELS
 
 
-def huge_jpeg(path):
-    """A real 16x16 JPEG whose frame header (SOF0) claims HUGE x HUGE."""
-    buf = io.BytesIO()
-    Image.new("RGB", (16, 16), "red").save(buf, format="JPEG")
-    data = bytearray(buf.getvalue())
-    sof = data.index(b"\xff\xc0")
-    struct.pack_into(">HH", data, sof + 5, HUGE, HUGE)  # FFC0, length (2), precision (1), height, width
-    path.write_bytes(bytes(data))
-    return str(path)
-
-
 def huge_png(path):
     """A PNG whose header (IHDR, with its CRC) claims HUGE x HUGE, with one tiny data chunk."""
     return header_only_png(path, HUGE, HUGE)
 
 
-@pytest.mark.parametrize("make", [huge_jpeg, huge_png])
 @pytest.mark.parametrize("load", [load_image_tensor, load_image])
-def test_a_huge_image_is_one_line_naming_the_file_before_any_decoding(tmp_path, make, load):
-    path = make(tmp_path / ("huge.jpg" if make is huge_jpeg else "huge.png"))
+def test_a_huge_image_is_one_line_naming_the_file_before_any_decoding(tmp_path, load):
+    path = huge_png(tmp_path / "huge.png")
     with pytest.raises(ImcapError, match=rf"image {path} is too large to decode safely \(.*\); shrink it") as e:
         load(path)
     assert "\n" not in str(e.value)
@@ -62,17 +50,19 @@ def header_only_png(path, width, height):
 
 
 @pytest.mark.parametrize("load", [load_image_tensor, load_image])
-@pytest.mark.parametrize("suffix", ["png", "jpg"])
+@pytest.mark.parametrize("suffix", ["png", "webp"])
 def test_the_pixel_limit_is_pil_s_limit_itself_not_twice_it(tmp_path, monkeypatch, load, suffix):
-    """Between 1x and 2x MAX_IMAGE_PIXELS PIL only warns and decodes; imcap refuses from the header."""
+    """Between 1x and 2x MAX_IMAGE_PIXELS PIL only warns and decodes; imcap refuses from the header
+    (a JPEG is decoded reduced instead: below)."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     path = tmp_path / f"big.{suffix}"
     Image.new("RGB", (40, 40), "red").save(path)  # 1600 pixels: 1.6x the limit
     with pytest.raises(ImcapError, match=rf"image {path} is too large to decode safely") as e:
         load(str(path))
     assert "\n" not in str(e.value)
-    with pytest.raises(ImcapError, match="too large to decode safely"):
-        decode_image(path.read_bytes(), "the image of key 1 in a.tar", suffix == "jpg", fix="rewrite it")
+    for tensor in (True, False):
+        with pytest.raises(ImcapError, match="too large to decode safely"):
+            decode_image(path.read_bytes(), "the image of key 1 in a.tar", tensor, fix="rewrite it")
     Image.new("RGB", (25, 40), "red").save(path)  # exactly the limit: allowed
     assert load(str(path)) is not None
 
@@ -103,6 +93,82 @@ def test_a_header_of_1_1_times_pil_s_default_limit_is_refused_before_decoding(tm
     path = header_only_png(tmp_path / "big.png", 10_000, 10_000)  # 1e8 pixels, PIL's limit is 8.9e7
     with pytest.raises(ImcapError, match="too large to decode safely"):
         load_image(path)
+
+
+# -- JPEGs over the limit (108 and 200 MP phone photos): decoded reduced by libjpeg ----------------
+def noise_jpeg(path, width, height, **kwargs):
+    Image.fromarray(np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(
+        path, quality=90, **kwargs)
+    return str(path)
+
+
+def every_loader(path) -> list[torch.Tensor]:
+    """(3, H, W) uint8 pixels of `path` through each way imcap reads an image file or shard member."""
+    data = open(path, "rb").read()
+    return [load_image_tensor(path), T.PILToTensor()(load_image(path)),
+            decode_image(data, "the image of key 1 in a.tar", True, fix="rewrite it"),
+            T.PILToTensor()(decode_image(data, "the image of key 1 in a.tar", False, fix="rewrite it"))]
+
+
+def test_a_jpeg_over_the_limit_is_decoded_reduced_and_one_within_it_as_before(tmp_path, monkeypatch):
+    expected = {}
+    for (width, height), scale in {(40, 40): 2, (100, 90): 4, (250, 120): 8, (25, 40): 1}.items():
+        path = noise_jpeg(tmp_path / f"{width}.jpg", width, height)
+        with Image.open(path) as im:  # what libjpeg decodes at that scale (25 x 40, the limit: whole)
+            if scale > 1:
+                im.draft("RGB", (width // scale, height // scale))
+            expected[path] = T.PILToTensor()(im.convert("RGB"))
+        assert tuple(expected[path].shape) == (3, -(-height // scale), -(-width // scale))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    for path, pixels in expected.items():
+        assert all(torch.equal(got, pixels) for got in every_loader(path)), path
+
+
+def test_a_sideways_phone_photo_over_the_limit_is_upright_after_reduced_decoding(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    path = sideways_jpeg(tmp_path / "phone.jpg", 6)  # 60 x 40 stored: 2400 pixels, 600 at 1/2
+    for pixels in every_loader(path):
+        assert tuple(pixels.shape) == (3, 30, 20)
+        top, bottom = pixels[:, :12].float().mean((1, 2)), pixels[:, 18:].float().mean((1, 2))
+        assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60, (top, bottom)
+
+
+@pytest.mark.parametrize("load", [load_image_tensor, load_image])
+def test_a_jpeg_over_the_limit_at_1_8_or_progressive_is_still_refused(tmp_path, monkeypatch, load):
+    """At 1/8 libjpeg still decodes too many pixels; a progressive file holds all its coefficients
+    whatever the scale."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    bomb = noise_jpeg(tmp_path / "bomb.jpg", 400, 300)  # 50 x 38 = 1900 pixels at 1/8
+    with pytest.raises(ImcapError, match=rf"image {bomb} is too large to decode safely \(.*, even decoded at "
+                                         r"1/8 scale\); shrink it"):
+        load(bomb)
+    progressive = noise_jpeg(tmp_path / "progressive.jpg", 40, 40, progressive=True)
+    with pytest.raises(ImcapError, match=rf"image {progressive} is too large to decode safely \(.*; a progressive "
+                                         r"JPEG cannot be decoded reduced\)"):
+        load(progressive)
+
+
+def phone_photo_108_mp(path) -> str:
+    """A 12000 x 9000 baseline JPEG as a phone's 108 MP mode writes (its pixels cheap to make)."""
+    im = Image.new("RGB", (12000, 9000), (70, 130, 200))
+    im.paste((240, 200, 40), (0, 6000, 12000, 9000))
+    im.save(path, quality=30)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_a_108_mp_phone_photo_is_captioned_by_imcap_caption_decoded_at_half_size(trained_run, tmp_path):
+    from tests.helpers.runs import module
+
+    photo = phone_photo_108_mp(tmp_path / "IMG_108MP.jpg")
+    assert Image.open(photo).size == (12000, 9000)  # over PIL's limit of 89478485 pixels
+    assert load_image(photo).size == (6000, 4500)  # the memory of a 27 MP image, not of 108 MP
+    result = module("caption", f"ckpt_path={trained_run}/checkpoints/best.ckpt", f"images=[{photo}]",
+                    f"output={tmp_path}/captions.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "captioned 1, skipped 0" in result.stderr
+    [entry] = json.loads((tmp_path / "captions.json").read_text())
+    assert entry["image"] == photo and entry["caption"]
 
 
 def test_an_image_under_the_limit_still_decodes_on_the_fast_path(tmp_path):
@@ -286,6 +352,22 @@ def test_a_damaged_image_of_any_format_is_one_line_naming_the_file(tmp_path, nam
             decode_image(path.read_bytes(), "the image of key 7 in a.tar", tensor, fix="rewrite it")
 
 
+def test_a_folder_a_symlink_loop_and_an_empty_file_are_named_as_what_they_are(tmp_path):
+    """Not "(a damaged or truncated file)" nor "cannot identify image file"."""
+    (tmp_path / "album.jpg").mkdir()
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    reasons = {"album.jpg": "a folder, not an image", "loop.jpg": "a symlink loop", "empty.jpg": "an empty file (0 bytes)"}
+    for name, reason in reasons.items():
+        path = str(tmp_path / name)
+        for load in (load_image, load_image_tensor):
+            with pytest.raises(ImcapError) as e:
+                load(path)
+            assert str(e.value) == f"cannot read image {path}: {reason}; replace or remove the file"
+    with pytest.raises(ImcapError, match=r"^cannot decode the image of key 7 in a.tar: an empty file \(0 bytes\); "):
+        decode_image(b"", "the image of key 7 in a.tar", False, fix="rewrite it")
+
+
 @pytest.mark.slow
 def test_a_damaged_png_in_a_dataset_is_one_error_line_from_imcap_data_features(tmp_path):
     """Through the CLI, in a new process: PIL's SyntaxError was a traceback."""
@@ -396,6 +478,17 @@ def test_a_pil_image_handed_to_the_captioner_is_read_as_a_viewer_shows_it(traine
         saved_bytes(sideways, exif))), clear, white])
     assert turned.words == upright.words and torch.equal(turned.attention, upright.attention)
     assert on_clear.words == on_white.words and torch.equal(on_clear.attention, on_white.attention)
+
+
+def test_a_damaged_file_opened_with_pil_and_handed_to_the_captioner_is_one_line_naming_it(trained_run, tmp_path):
+    from imcap.models.captioner import Captioner
+
+    path = tmp_path / "cut.jpg"
+    data = image_bytes("JPEG")
+    path.write_bytes(data[: len(data) * 2 // 3])  # the header whole: Image.open succeeds, the pixels fail
+    captioner = Captioner.from_checkpoint(trained_run / "checkpoints" / "best.ckpt")
+    with pytest.raises(ImcapError, match=rf"^cannot read image {path}: .*truncated.*; replace or remove the file$"):
+        captioner.caption([Image.open(path)])
 
 
 def saved_bytes(image, exif) -> bytes:
