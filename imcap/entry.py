@@ -1,6 +1,12 @@
 """`@hydra_entry(name)`: how train, eval and caption start. `@hydra.main` on conf/<name>.yaml
 with imcap's error policy (imcap.errors): a user error is one `error:` line, exit status 2.
 
+What Hydra refuses before the task starts is one line too; an override its grammar cannot read
+(`images=[café.jpg]`: unquoted values are ASCII) names itself and its quoted form. An option the
+command leaves `???` names itself and an example (REQUIRED_OPTIONS) once the task reads it; a `???`
+read from anywhere else (a checkpoint's config, one built in code) is a bug. A group's `_`-files
+(data/_base.yaml) are the bases its options extend: not listed as options, and refused if chosen.
+
 In a multirun (`-m`, `hparams_search=...`) a failing job does not end the sweep: its error is
 printed as it happens, the job raises `JobFailed` (an Exception, which Hydra's launchers record
 and go past, and the Optuna sweeper tells its study as a FAILED trial), and at the end one
@@ -209,10 +215,11 @@ def _sweep_summary(jobs: list[dict]) -> int | None:
 
 
 # What to give for each option a conf/ file leaves `???` (required), shown in the one error line of
-# a command without it; a test holds every `???` under conf/ to an entry here. An option of a
-# plugin's own config gets the generic "give <option>=VALUE".
+# a command without it; "<entry>:<option>" where one entry takes more than the others. A test holds
+# every `???` under conf/ to an entry here; an option of a plugin's own config gets "give <option>=VALUE".
 REQUIRED_OPTIONS = {
-    "ckpt_path": "ckpt_path=RUN/checkpoints/best.ckpt (or an exported folder, or a Hub repo id)",
+    "ckpt_path": "ckpt_path=RUN/checkpoints/best.ckpt",
+    "caption:ckpt_path": "ckpt_path=RUN/checkpoints/best.ckpt (or an exported folder, or a Hub repo id)",
     "images": "'images=[photo.jpg,photos/]' (image files or folders)",
     "out": "out=DIR (the folder to write the exported model to)",
     "data.root": "data.root=DIR (the dataset's folder; `make data dataset=NAME root=DIR` downloads a public one)",
@@ -239,10 +246,11 @@ def missing_options(cfg: DictConfig) -> list[str]:
 
 
 def required_option_error(exc: BaseException, missing: list[str], entry: str) -> ImcapError | None:
-    """The user's error when `exc` is reading a value this command's config leaves `???` (directly or
-    through an interpolation such as data.source.root: ${data.root}); it names every such option of
-    the command. None when the missing value is not one of the command's options: a config built in
-    code or read from a checkpoint that leaves a `???` is a bug, and keeps its traceback."""
+    """The user's error when `exc` is reading a value that this command's config (conf/<entry>.yaml)
+    leaves `???`, one of `missing` (directly or through an interpolation such as data.source.root:
+    ${data.root}); it names every option in `missing`. None when the missing value is not one of
+    them: a config built in code or read from a checkpoint that leaves a `???` is a bug, and keeps
+    its traceback."""
     from hydra.errors import InstantiationException
     from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
@@ -255,8 +263,8 @@ def required_option_error(exc: BaseException, missing: list[str], entry: str) ->
     read = re.search(r"Missing mandatory value: (\S+)", str(exc))
     if read is None or read.group(1) not in missing:
         return None
-    gives = [REQUIRED_OPTIONS.get(key, f"{key}=VALUE (`python -m imcap.{entry} --help` shows the config)")
-             for key in missing]
+    gives = [REQUIRED_OPTIONS.get(f"{entry}:{key}") or REQUIRED_OPTIONS.get(key)
+             or f"{key}=VALUE (`python -m imcap.{entry} --help` shows the config)" for key in missing]
     verb = "is" if len(missing) == 1 else "are"
     return ImcapError(f"{' and '.join(missing)} {verb} required: give {' and '.join(gives)}")
 
@@ -364,8 +372,6 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Cal
                     stderr.hold()
 
         def task_with_plugins(cfg: DictConfig) -> Any:
-            from hydra.core.hydra_config import HydraConfig
-
             refuse_chosen_bases()
             missing = missing_options(cfg)  # before the task sets any
             quiet_libraries()  # library messages a user cannot act on: imcap.console names each
@@ -373,7 +379,7 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Cal
             try:
                 return task(cfg)
             except Exception as exc:
-                required = required_option_error(exc, missing, HydraConfig.get().job.name)
+                required = required_option_error(exc, missing, config_name)
                 if required is None:
                     raise
                 raise required from None

@@ -84,7 +84,9 @@ def test_every_option_conf_leaves_required_has_its_example():
     (["caption"],  # `make caption` with no ARGS
      "error: ckpt_path and images are required: give ckpt_path=RUN/checkpoints/best.ckpt (or an exported folder, "
      "or a Hub repo id) and 'images=[photo.jpg,photos/]' (image files or folders)"),
-    (["export", "ckpt_path=best.ckpt"], "error: out is required: give out=DIR (the folder to write the exported model to)"),
+    (["export"],  # a training checkpoint only: no exported folder nor Hub repo id
+     "error: ckpt_path and out are required: give ckpt_path=RUN/checkpoints/best.ckpt and out=DIR (the folder to "
+     "write the exported model to)"),
     # a data option of one's own that extends _base and names no root: read through data.source.root's ${data.root}
     (["train", "hydra.searchpath=[file://{own}]", "data=mine"], "error: data.root is required: give data.root=DIR"),
 ], ids=["caption", "export", "train-own-data"])
