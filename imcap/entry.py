@@ -234,6 +234,8 @@ def missing_options(cfg: DictConfig) -> list[str]:
     def walk(node: DictConfig | ListConfig, prefix: str) -> None:
         keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
         for key in keys:
+            if not prefix and key == "hydra":  # Hydra's own node (in a config composed with it): not an option
+                continue
             full = f"{prefix}{key}" if isinstance(node, DictConfig) else f"{prefix.rstrip('.')}[{key}]"
             child = node._get_node(key)
             if OmegaConf.is_missing(node, key):
@@ -277,7 +279,9 @@ def _is_base(option: str) -> bool:
 
 def _hide_bases_from_group_options() -> None:
     """Hydra lists every file of a group as one of its options (--help, tab completion, glob()
-    sweeps): leave its bases out. Composition reads the files itself, so nothing else changes."""
+    sweeps): leave its bases out. Hydra has no setting for it (its help template's
+    $APP_CONFIG_GROUPS lists what this method returns), hence the wrap; composition reads the
+    files through another path, so choosing and composing are unchanged."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
 
     listed = ConfigLoaderImpl.get_group_options
@@ -311,13 +315,14 @@ UNQUOTED = "ASCII letters, digits, spaces and _ - + . / \\ : $ % * @ ? |"
 
 def _quoted(override: str) -> str | None:
     """`override` with its value (each item of a [list]) in Hydra's double quotes, inside the shell's
-    single quotes; None where the value holds quotes or brackets of its own."""
+    single quotes, `~/` as the home folder; None where the value holds quotes or brackets of its own."""
     key, value = override.split("=", 1)
     listed = value.startswith("[") and value.endswith("]")
     items = value[1:-1].split(",") if listed else [value]
     if any(mark in item for item in items for mark in "'\"[](){}"):
         return None
-    quoted = ",".join(f'"{item.strip()}"' for item in items)
+    # inside quotes the shell leaves `~` as it is, and imcap reads paths as given: the home folder written out
+    quoted = ",".join(f'"{os.path.expanduser(item.strip())}"' for item in items)
     return f"'{key}=[{quoted}]'" if listed else f"'{key}={quoted}'"
 
 
@@ -334,8 +339,13 @@ def unreadable_override(args: list[str]) -> str | None:
         try:
             parser.parse_overrides([arg])
         except OverrideParseException as exc:
-            said = str(exc).splitlines()[0]  # the lexer's names the override only: what the grammar saw otherwise
-            why = "" if said.startswith("LexerNoViableAltException") else f" ({said})"
+            said = str(exc).splitlines()[0]  # a lexer's error only repeats the override; a parser's says what it met
+            why = "" if said.startswith(("LexerNoViableAltException", "Error parsing override")) else f" ({said})"
+            key = arg.split("=", 1)[0]
+            try:
+                parser.parse_overrides([f"{key}=x"])
+            except OverrideParseException:  # no quotes help a key: `model.decoder.hidden dim=3`
+                return f"cannot read the override {arg}{why}: an option's name holds ASCII letters, digits, _ - and dots"
             quoted = _quoted(arg)
             fix = f"quote it: {quoted}" if quoted else "quote the value (\"...\") inside the shell's quotes"
             return f"cannot read the override {arg}{why}: outside quotes a value may hold only {UNQUOTED}; {fix}"

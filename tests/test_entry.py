@@ -184,3 +184,19 @@ def test_the_data_tools_word_an_unreadable_override_the_same():
         compose_config("train", ["data=custom", "data.root=données"])
     assert str(refused.value).startswith("cannot read the override data.root=données: ")
     assert str(refused.value).endswith("quote it: 'data.root=\"données\"'")
+
+
+def test_an_unreadable_home_path_is_quoted_with_the_home_folder_written_out(monkeypatch, tmp_path):
+    """Inside quotes the shell leaves `~` as it is, and imcap reads a path as given."""
+    from imcap.entry import unreadable_override
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    line = unreadable_override(["data.root=~/données"])
+    assert line is not None and line.endswith(f"quote it: 'data.root=\"{tmp_path}/données\"'")
+
+
+def test_an_unreadable_option_name_is_not_told_to_quote_its_value():
+    from imcap.entry import unreadable_override
+
+    assert unreadable_override(["model.decoder.hidden dim=3"]) == (
+        "cannot read the override model.decoder.hidden dim=3: an option's name holds ASCII letters, digits, _ - and dots")
