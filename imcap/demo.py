@@ -1,9 +1,10 @@
 """A captioning web demo: `python -m imcap.demo ckpt_path=...` (or `make demo`).
 
 A local Gradio page: upload or drop a photo and get its caption (beam size and maximum
-length adjustable), then select a word to see where the model looked for it. Example images
-come from the test split of the data the model was trained on. The page is served offline on
-127.0.0.1 by default: Gradio's analytics and Hugging Face calls are off, the theme uses the
+length adjustable), then select a word to see where the model looked for it. Uploads are read
+by imcap's own loader, as `imcap.caption` reads files: one that cannot be read (empty, cut short,
+HEIC) is one line on the page naming it and saying why. Example images come from the test split
+of the data the model was trained on. The page is served offline on 127.0.0.1 by default: Gradio's analytics and Hugging Face calls are off, the theme uses the
 system's fonts, and no share link is made.
 
 Safe to share: uploads are limited in size and deleted after a while, the queue of waiting
@@ -29,8 +30,8 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from imcap.caption import expand_images
-from imcap.data.images import as_viewed
+from imcap.caption import UNSUPPORTED, UNSUPPORTED_SUFFIXES, expand_images
+from imcap.data.images import as_viewed, load_image
 from imcap.entry import hydra_entry
 from imcap.errors import ImcapError
 from imcap.models.captioner import CHECKPOINT_KEY, Caption, Captioner, load_checkpoint
@@ -91,9 +92,21 @@ class Demo:
     def __init__(self, captioner: Captioner):
         self.captioner = captioner
 
-    def caption(self, image: Image.Image | None, beam_size: int, max_length: int) -> Caption:
-        if image is None:
+    @staticmethod
+    def read(path: str | Path | None) -> Image.Image:
+        """The uploaded file at `path` as viewers show it (imcap's loader: EXIF orientation, pixel
+        modes, transparency on white), or one line naming the upload and why it cannot be read."""
+        if path is None:
             raise ImcapError("no image: upload or drop a photo first")
+        name = Path(path).name  # Gradio keeps the upload's own file name
+        if Path(path).suffix.lower() in UNSUPPORTED_SUFFIXES:
+            raise ImcapError(f"cannot read upload {name}: {UNSUPPORTED}")
+        return load_image(str(path), name=f"upload {name}", fix="upload another photo")
+
+    def caption(self, image: Image.Image | str | Path | None, beam_size: int, max_length: int) -> Caption:
+        """The caption of `image` (a PIL image, or an uploaded file's path)."""
+        if not isinstance(image, Image.Image):
+            image = self.read(image)
         # a reranking model's beams are the candidates it chooses among (decoding.rerank_beams)
         beams = {"rerank_beams": int(beam_size)} if self.captioner.decoding.reranks else {}
         decoding = replace(self.captioner.decoding, method="beam" if beam_size > 1 else "greedy",
@@ -201,22 +214,45 @@ def build_app(captioner: Captioner, examples: list[Path], queue_size: int | None
     default = captioner.decoding
     has_attention = bool((captioner.architecture.get("attention") or {}).get("_target_"))
 
-    def caption(image, beam_size, max_length):
+    class Upload(gr.Image):
+        """gr.Image that hands the uploaded file's path over unopened: Gradio's own preprocessing
+        opens every upload with PIL (even for type="filepath"), and an empty, truncated or HEIC
+        file then fails there, before any function of ours, as Gradio's bare "an exception was
+        raised". imcap's loader reads the file and says what is wrong with it."""
+
+        is_template = True  # drawn by gr.Image's own frontend
+
+        def preprocess(self, payload):
+            if payload is None or payload.path is None:  # none, or a data: URL (Gradio decodes those)
+                return super().preprocess(payload)
+            return payload.path
+
+    def refuse(e: ImcapError) -> gr.Error:
+        """The reason on the page and as one line in the server's log (not Gradio's traceback)."""
+        log.warning("%s", e)
+        return gr.Error(str(e), print_exception=False)
+
+    def caption(path, beam_size, max_length):
         try:
+            image = demo.read(path)
             result = demo.caption(image, beam_size, max_length)
         except ImcapError as e:
-            raise gr.Error(str(e)) from e
+            raise refuse(e) from e
         words = [f"{k + 1}. {w}" for k, w in enumerate(result.words)]
         state = {"words": result.words,
                  "attention": result.attention.tolist() if result.attention is not None else None}
         first = demo.overlay(image, result, 0)
         return result.text, gr.update(choices=words, value=words[0] if words else None), first, state
 
-    def show_word(image, word, state):
-        if image is None or not word or not state or state["attention"] is None:
+    def show_word(path, word, state):
+        if path is None or not word or not state or state["attention"] is None:
             return None
         index = int(word.split(".", 1)[0]) - 1
         attention = torch.tensor(state["attention"])
+        try:
+            image = demo.read(path)
+        except ImcapError as e:  # the upload was deleted (delete_cache) since it was captioned
+            raise refuse(e) from e
         return demo.overlay(image, Caption(" ".join(state["words"]), state["words"], attention), index)
 
     with gr.Blocks(title="imcap demo", analytics_enabled=False, delete_cache=delete_cache) as app:
@@ -225,10 +261,9 @@ def build_app(captioner: Captioner, examples: list[Path], queue_size: int | None
         state = gr.State()
         with gr.Row():
             with gr.Column():
-                # image_mode=None: the file's own mode, converted by imcap as viewers show it (not Gradio's RGB)
-                image = gr.Image(type="pil", image_mode=None, sources=["upload", "clipboard"], label="photo",
-                                 elem_id="photo",
-                                 height=300)
+                # the file's own path, read by imcap as viewers show it (not by Gradio's preprocessing)
+                image = Upload(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="photo",
+                               elem_id="photo", height=300)
                 beams = default.rerank_beams if default.reranks else default.beam_size
                 beam = gr.Slider(1, MAX_BEAM, value=beams if default.method == "beam" else 1, step=1,
                                  label="beams (1: greedy; a reranking model chooses among them)")
@@ -280,11 +315,27 @@ def launch(cfg: DictConfig) -> None:
 
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # no web fonts to fetch
-    log.info("Serving the demo on http://%s:%s (Ctrl-C stops it)", cfg.host, cfg.port or "7860+")
-    # the example files themselves, never their folders: Gradio serves everything below an allowed folder
-    app.launch(server_name=cfg.host, server_port=cfg.port, share=False, inbrowser=False, ssr_mode=False,
-               theme=theme, allowed_paths=[str(p.resolve()) for p in examples], quiet=False,
-               max_file_size=options["max_file_size"], auth=options["auth"])
+    try:
+        # the example files themselves, never their folders: Gradio serves everything below an allowed folder
+        app.launch(server_name=cfg.host, server_port=cfg.port, share=False, inbrowser=False, ssr_mode=False,
+                   theme=theme, allowed_paths=[str(p.resolve()) for p in examples], quiet=False,
+                   max_file_size=options["max_file_size"], auth=options["auth"], prevent_thread_lock=True)
+    except OSError as e:
+        if "Cannot find empty port" not in str(e):
+            raise
+        raise ImcapError(port_error(cfg.host, cfg.port)) from None
+    log.info("Serving the demo on %s (Ctrl-C stops it)", app.local_url)  # the port Gradio found free
+    app.block_thread()  # until Ctrl-C or SIGTERM, as launch() itself waits
+
+
+def port_error(host: str, port: int | None) -> str:
+    """Why the demo could not listen (Gradio says "Cannot find empty port") and what to do."""
+    if port is None:
+        first = int(os.environ.get("GRADIO_SERVER_PORT", 7860))
+        last = first + int(os.environ.get("GRADIO_NUM_PORTS", 100)) - 1
+        return f"no free port on {host} from {first} to {last}; pass port=N with a free one"
+    return (f"port={port} on {host} is in use by another program (or below 1024, which needs root); "
+            f"pass another port=N, or leave port unset to take the next free one from 7860")
 
 
 @hydra_entry("demo")

@@ -8,6 +8,7 @@ import http.cookiejar
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -49,19 +50,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_demo(work: Path, *overrides: str) -> tuple[subprocess.Popen, str]:
+def start_demo(work: Path, *overrides: str, first_port: int | None = None) -> tuple[subprocess.Popen, str]:
     """`python -m imcap.demo overrides...` in its own process on a free loopback port, its output in
-    work/demo.out; returns once the page is served (the process, the URL)."""
-    port = free_port()
+    work/demo.out; returns once the page is served (the process, the URL). With `first_port`, no
+    port= is given (as `make demo` gives none): Gradio tries first_port and the ones after it, and
+    the URL is the one the demo's log names."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADIO_")}
+    if first_port is None:
+        port = free_port()
+        options, url = [f"port={port}"], f"http://127.0.0.1:{port}/"
+    else:
+        env["GRADIO_SERVER_PORT"] = str(first_port)  # where Gradio starts looking instead of 7860
+        options, url = [], None
     process = subprocess.Popen(
-        [sys.executable, "-m", "imcap.demo", f"port={port}", *overrides],
+        [sys.executable, "-m", "imcap.demo", *options, *overrides],
         cwd=work, env={**env, "IMCAP_ROOT": str(work), "PYTHONPATH": str(ROOT)},
         stdout=(work / "demo.out").open("w"), stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 300  # a limit for a loaded machine, not a speed requirement
     while True:
         assert process.poll() is None, (work / "demo.out").read_text()[-3000:]
+        assert time.monotonic() < deadline, "the demo did not start serving"
+        if url is None:
+            named = re.search(r"Serving the demo on (http://127\.0\.0\.1:\d+/) ", (work / "demo.out").read_text())
+            if not named:
+                time.sleep(0.5)
+                continue
+            url = named[1]
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 if response.status == 200:
@@ -70,7 +84,6 @@ def start_demo(work: Path, *overrides: str) -> tuple[subprocess.Popen, str]:
             return process, url  # serving (a login page answers 401 to some requests)
         except OSError:
             pass
-        assert time.monotonic() < deadline, "the demo did not start serving"
         time.sleep(0.5)
 
 
@@ -87,11 +100,16 @@ def stop_demo(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def demo_server(trained_run, tmp_path_factory):
     """`make demo` after `make train`: `python -m imcap.demo` in its own process, in a folder
-    whose logs/ hold the trained run, without ckpt_path (the newest run is served); yields the URL."""
+    whose logs/ hold the trained run, without ckpt_path (the newest run is served) nor port (the
+    first port it tries is busy: the log names the one it took); yields the URL."""
     work = tmp_path_factory.mktemp("demo")
     (work / "logs" / "train" / "runs").mkdir(parents=True)
     (work / "logs" / "train" / "runs" / "2026-11-30_10-00-00").symlink_to(trained_run)
-    process, url = start_demo(work)
+    with socket.socket() as busy:  # another program on the first port Gradio tries
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        process, url = start_demo(work, first_port=busy.getsockname()[1])
+        assert url != f"http://127.0.0.1:{busy.getsockname()[1]}/"
     yield url
     stop_demo(process)
 
@@ -199,6 +217,39 @@ def test_gradio_client_captions_with_the_chosen_decoding(demo_server, trained_ru
         assert text and len(text.split()) <= max_length
         assert words["value"] == f"1. {text.split()[0]}"  # the first word's map is shown at once
         assert Path(heat).is_file()  # the attention overlay, as an image file
+
+
+def test_a_bad_upload_is_one_reason_naming_the_file(demo_server, tmp_path):
+    """Gradio's own preprocessing once failed on these first, as its bare "The upstream Gradio app
+    has raised an exception"."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    jpeg = io.BytesIO()
+    Image.effect_noise((64, 48), 60).convert("RGB").save(jpeg, "JPEG")
+    files = {"cut.jpg": jpeg.getvalue()[: len(jpeg.getvalue()) * 2 // 3],  # a download stopped part-way
+             "empty.jpg": b"", "IMG_0001.HEIC": b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)}
+    reasons = {"cut.jpg": "cannot read upload cut.jpg: image file is truncated",
+               "empty.jpg": "cannot read upload empty.jpg: an empty file (0 bytes); upload another photo",
+               "IMG_0001.HEIC": "cannot read upload IMG_0001.HEIC: format not supported (convert to JPEG/PNG)"}
+    client = Client(demo_server, verbose=False)
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(AppError) as e:
+            client.predict(handle_file(str(tmp_path / name)), 1, 8, api_name="/caption")
+        assert str(e.value).startswith(reasons[name]), str(e.value)
+
+
+def test_a_busy_port_is_one_error_line_naming_the_option(trained_run, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "imcap.demo", f"ckpt_path={trained_run}/checkpoints/best.ckpt",
+                                 f"port={port}"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "IMCAP_ROOT": str(tmp_path), "PYTHONPATH": str(ROOT)})
+    assert_one_line_error(result, f"error: port={port} on 127.0.0.1 is in use by another program",
+                          "pass another port=N, or leave port unset")
 
 
 def test_server_listens_on_loopback_only(demo_server):
