@@ -96,11 +96,13 @@ def report_user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except (KeyboardInterrupt, Interrupted) as stop:  # Ctrl-C outside training, which saves
-            # and says how to resume itself
+            # and says how to resume itself; a `signum` attribute names another signal (SIGTERM: 143)
             end_progress_bars()
             advice = stop.args[0] if isinstance(stop, Interrupted) else RUN_AGAIN
-            print(f"error: interrupted (Ctrl-C); {advice}", file=sys.stderr, flush=True)
-            raise SystemExit(130) from None
+            signum = getattr(stop, "signum", signal.SIGINT)
+            how = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            print(f"error: interrupted ({how}); {advice}", file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum) from None
         except Exception as exc:
             end_progress_bars()
             user = user_error(exc)

@@ -1,7 +1,9 @@
 """`imcap.caption` and `Captioner` without Lightning: captions for image files, one attention plot
-per image even when names repeat; a foreign checkpoint is a one-line error; bad files are
-skipped and listed; results stream to a JSONL and a run killed with SIGKILL resumes from it;
-the batched fast path gives the captions of the one-path `Captioner.caption`."""
+per image even when names repeat; folders searched with their subfolders; a foreign checkpoint
+is a one-line error; bad files are skipped and listed; results stream to a JSONL and a run
+killed with SIGKILL resumes from it; an output holds one command's captions and one run at a
+time; Ctrl-C and SIGTERM stop with one line; the batched fast path gives the captions of the
+one-path `Captioner.caption`."""
 
 from __future__ import annotations
 
@@ -11,13 +13,15 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, features
 
-from imcap.caption import caption_images
+from imcap.caption import caption_images, list_images, plot_file_names
+from imcap.errors import ImcapError
 from imcap.models.captioner import Captioner
 from tests.helpers.checkpoints import write_untrained_checkpoint
 from tests.helpers.runs import assert_one_line_error, ctrl_c_as_in_a_terminal, module
@@ -170,6 +174,8 @@ def test_a_run_killed_with_sigkill_resumes_without_captioning_a_file_twice(make_
     assert sorted(e["image"] for e in lines) == sorted(str(p) for p in photos)  # each once
     written = json.loads((jsonl.parent / "captions.json").read_text())
     assert [e["image"] for e in written] == [str(p) for p in photos]
+    assert list(work.glob("logs/caption/runs/*")) == [jsonl.parent]  # the resume left no folder of its own
+    assert "Continuing the stopped run" in (jsonl.parent / "caption.log").read_text()  # it logged there
     # finished: the same command now starts a new run
     third = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert third.returncode == 0 and len(third.stdout.splitlines()) == len(photos)
@@ -191,9 +197,10 @@ def test_ctrl_c_stops_with_one_line_that_says_how_to_continue(make_cfg, tmp_path
         time.sleep(0.2)
     run.send_signal(signal.SIGINT)
     stdout, stderr = run.communicate(timeout=60)
-    assert run.returncode == 2 and "Traceback" not in stderr, stderr
+    assert run.returncode == 130 and "Traceback" not in stderr, stderr
     (line,) = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
-    assert "of 400 images captioned in" in line and "run the same command again to continue" in line
+    assert line.startswith("error: interrupted (Ctrl-C); ") and "of 400 images captioned in" in line
+    assert "run the same command again to continue" in line
     assert len(stdout.splitlines()) == len(read_lines(jsonl))  # what it printed, it had written
 
 
@@ -225,3 +232,120 @@ def test_the_batched_path_gives_the_captions_of_the_one_path_captioner(make_cfg,
             plain = [c.text for c in captioner.caption(images, decoding)]
         assert fast == plain, name
         assert len(set(plain)) > 1  # captions that differ between images
+
+
+def test_folders_are_searched_with_their_subfolders_once_each(tmp_path):
+    photos = tmp_path / "my_photos"
+    for folder in ("beach", "city", "city/night", ".thumbnails"):
+        write_photos(photos / folder, 1)
+    (photos / "city" / "up").symlink_to(photos)  # a link back up: searched once, not in a loop
+    found = list_images([str(photos)])
+    assert found.images == [photos / "beach" / "IMG_0000.jpg", photos / "city" / "IMG_0000.jpg",
+                            photos / "city" / "night" / "IMG_0000.jpg"]
+    assert found.not_searched == [(photos / ".thumbnails", "hidden"), (photos / "city" / "up", "searched already")]
+    assert len(set(plot_file_names(found.images))) == 3
+
+
+def perturbed_copy(checkpoint, path) -> None:
+    """Another model in `path`: the checkpoint's weights with one tensor changed."""
+    changed = torch.load(checkpoint, weights_only=False)
+    key = next(k for k, v in changed["state_dict"].items() if v.is_floating_point())
+    changed["state_dict"][key] = changed["state_dict"][key] + 1.0
+    torch.save(changed, path)
+
+
+def test_an_output_holds_the_captions_of_one_command(make_cfg, tmp_path):
+    model = tmp_path / "model.ckpt"
+    write_untrained_checkpoint(make_cfg(out=tmp_path / "train"), model)
+    photos = write_photos(tmp_path / "photos", 2)
+    out = tmp_path / "out"
+
+    def cfg(*overrides: str, ckpt=model, image=photos[0]):
+        return make_cfg(f"ckpt_path={ckpt}", f"images=[{image}]", *overrides, name="caption", out=out)
+
+    caption_images(cfg())
+    written = {name: (out / name).read_bytes() for name in ("captions.json", "captions.jsonl")}
+    (tmp_path / "copy.ckpt").write_bytes(model.read_bytes())
+    caption_images(cfg(ckpt=tmp_path / "copy.ckpt"))  # the same model read from elsewhere: the same command
+    perturbed_copy(model, tmp_path / "other.ckpt")
+    for config, differs in ((cfg(ckpt=tmp_path / "other.ckpt"), "checkpoint (another model's weights)"),
+                            (cfg(image=photos[1]), "images"),
+                            (cfg("decoding.max_length=5"), "decoding (max_length)"),
+                            (cfg("precision=bf16"), "precision (fp32 there, bf16 here)"),
+                            (cfg("attention_plots=true"), "attention_plots (False there, True here)")):
+        with pytest.raises(ImcapError, match=r"output .*captions\.json holds the captions of another command") as e:
+            caption_images(config)
+        assert differs in str(e.value) and "give another output=PATH" in str(e.value)
+    state = json.loads((out / "captions.run.json").read_text())
+    del state["command"]["checkpoint"]  # a record written before the fingerprint was
+    (out / "captions.run.json").write_text(json.dumps(state))
+    with pytest.raises(ImcapError, match="not recorded: written by an older imcap"):
+        caption_images(cfg())
+    assert {name: (out / name).read_bytes() for name in written} == written
+
+
+def test_a_fixed_run_directory_refuses_the_captions_of_a_model_replaced_at_its_path(make_cfg, tmp_path):
+    model = tmp_path / "model.ckpt"
+    write_untrained_checkpoint(make_cfg(out=tmp_path / "train"), model)
+    write_photos(tmp_path / "my_photos" / "beach", 2)  # in a subfolder only
+    command = ("caption", f"ckpt_path={model}", "images=[my_photos]", "hydra.run.dir=captions")
+    first = module(*command, cwd=tmp_path)
+    assert first.returncode == 0 and "captioned 2, skipped 0" in first.stderr, first.stderr
+    written = (tmp_path / "captions" / "captions.json").read_bytes()
+    perturbed_copy(model, model)  # retrained, exported again: another model at the same path
+    second = module(*command, cwd=tmp_path)
+    assert second.returncode == 2 and second.stdout == ""
+    assert_one_line_error(second, "captions.json holds the captions of another command",
+                          "checkpoint (another model's weights) differ")
+    assert (tmp_path / "captions" / "captions.json").read_bytes() == written
+
+
+def live_processes_in_session(session: int) -> list[int]:
+    """The pids of the processes in `session` that have not ended (zombies left out)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)": state, ppid, pgrp, session
+        except OSError:
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_a_second_run_on_an_output_is_refused_and_sigterm_stops_with_one_line(make_cfg, tmp_path):
+    write_untrained_checkpoint(make_cfg(out=tmp_path / "train"), tmp_path / "model.ckpt")
+    photos = write_photos(tmp_path / "photos", 200)
+    out = tmp_path / "out" / "captions.json"
+    command = [sys.executable, "-m", "imcap.caption", f"ckpt_path={tmp_path}/model.ckpt",
+               f"images=[{tmp_path}/photos]", "batch_size=2", f"output={out}"]  # one DataLoader worker
+    env = {**os.environ, "IMCAP_ROOT": str(tmp_path)}
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    jsonl = out.with_suffix(".jsonl")
+    deadline = time.monotonic() + 120
+    while not jsonl.is_file() or len(read_lines(jsonl)) < 2:
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(first.pid, signal.SIGSTOP)  # it holds the output, as a slow run does
+    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2 and second.stdout == ""
+    assert_one_line_error(second, f"another imcap.caption is writing {out}")
+
+    os.kill(first.pid, signal.SIGTERM)
+    os.kill(first.pid, signal.SIGCONT)
+    stdout, stderr = first.communicate(timeout=60)
+    assert first.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
+    (line,) = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    done = len(read_lines(jsonl))
+    assert line.startswith("error: interrupted (SIGTERM); ") and f"{done} of 200 images captioned in {jsonl}" in line
+    assert "run the same command again to continue" in line and len(stdout.splitlines()) == done
+    deadline = time.monotonic() + 30  # its DataLoader worker ends with it (a limit, not a speed)
+    while live_processes_in_session(first.pid):
+        assert time.monotonic() < deadline, live_processes_in_session(first.pid)
+        time.sleep(0.2)
+
+    third = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0 and len(third.stdout.splitlines()) == 200 - done, third.stderr
+    assert sorted(e["image"] for e in read_lines(jsonl)) == sorted(map(str, photos))
