@@ -22,7 +22,9 @@ import re
 import shutil
 import signal
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +128,17 @@ class Demo:
         return attention_overlay(image, caption.attention[index])
 
 
+def upload_path(preprocess: Callable[[Any], Any], payload: Any) -> Any:
+    """The uploaded file's path, unopened, for the photo's gr.Image: Gradio's own preprocessing
+    (`preprocess`) opens every upload with PIL, even for type="filepath", and an empty, truncated
+    or HEIC file then fails there, before any function of ours, as Gradio's bare "The upstream
+    Gradio app has raised an exception". imcap's loader reads the file and says what is wrong.
+    (Set on the instance: a subclass of a Gradio component writes a .pyi file beside this module.)"""
+    if payload is None or payload.path is None:  # nothing, or a data: URL: Gradio decodes those
+        return preprocess(payload)
+    return payload.path
+
+
 def is_loopback(host: str) -> bool:
     """Whether only this machine can reach a server bound to `host`."""
     if host == "localhost":
@@ -214,19 +227,6 @@ def build_app(captioner: Captioner, examples: list[Path], queue_size: int | None
     default = captioner.decoding
     has_attention = bool((captioner.architecture.get("attention") or {}).get("_target_"))
 
-    class Upload(gr.Image):
-        """gr.Image that hands the uploaded file's path over unopened: Gradio's own preprocessing
-        opens every upload with PIL (even for type="filepath"), and an empty, truncated or HEIC
-        file then fails there, before any function of ours, as Gradio's bare "an exception was
-        raised". imcap's loader reads the file and says what is wrong with it."""
-
-        is_template = True  # drawn by gr.Image's own frontend
-
-        def preprocess(self, payload):
-            if payload is None or payload.path is None:  # none, or a data: URL (Gradio decodes those)
-                return super().preprocess(payload)
-            return payload.path
-
     def refuse(e: ImcapError) -> gr.Error:
         """The reason on the page and as one line in the server's log (not Gradio's traceback)."""
         log.warning("%s", e)
@@ -262,8 +262,9 @@ def build_app(captioner: Captioner, examples: list[Path], queue_size: int | None
         with gr.Row():
             with gr.Column():
                 # the file's own path, read by imcap as viewers show it (not by Gradio's preprocessing)
-                image = Upload(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="photo",
-                               elem_id="photo", height=300)
+                image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="photo",
+                                 elem_id="photo", height=300)
+                image.preprocess = partial(upload_path, image.preprocess)
                 beams = default.rerank_beams if default.reranks else default.beam_size
                 beam = gr.Slider(1, MAX_BEAM, value=beams if default.method == "beam" else 1, step=1,
                                  label="beams (1: greedy; a reranking model chooses among them)")
