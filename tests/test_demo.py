@@ -66,22 +66,33 @@ def start_demo(work: Path, *overrides: str, first_port: int | None = None) -> tu
         [sys.executable, "-m", "imcap.demo", *options, *overrides],
         cwd=work, env={**env, "IMCAP_ROOT": str(work), "PYTHONPATH": str(ROOT)},
         stdout=(work / "demo.out").open("w"), stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    try:
+        return process, wait_until_served(process, work / "demo.out", url)
+    except BaseException:
+        stop_demo(process)  # a demo that failed to start does not outlive the test
+        raise
+
+
+def wait_until_served(process: subprocess.Popen, log: Path, url: str | None) -> str:
+    """The URL once the page answers there (`url`, or the one the log's "Serving the demo on" names)."""
     deadline = time.monotonic() + 300  # a limit for a loaded machine, not a speed requirement
     while True:
-        assert process.poll() is None, (work / "demo.out").read_text()[-3000:]
+        assert process.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, "the demo did not start serving"
         if url is None:
-            named = re.search(r"Serving the demo on (http://127\.0\.0\.1:\d+/) ", (work / "demo.out").read_text())
-            if not named:
+            line = next((ln for ln in log.read_text().splitlines() if "Serving the demo on" in ln), None)
+            if line is None:
                 time.sleep(0.5)
                 continue
+            named = re.search(r"Serving the demo on (http://127\.0\.0\.1:\d+/) ", line)
+            assert named, f"the log names no URL one can open: {line}"
             url = named[1]
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 if response.status == 200:
-                    return process, url
+                    return url
         except urllib.error.HTTPError:
-            return process, url  # serving (a login page answers 401 to some requests)
+            return url  # serving (a login page answers 401 to some requests)
         except OSError:
             pass
         time.sleep(0.5)
