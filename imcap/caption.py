@@ -263,18 +263,22 @@ def differences(previous: Any, command: dict[str, Any]) -> list[str]:
         if key == "checkpoint":
             found.append("checkpoint (another model's weights)")
         elif key == "decoding" and isinstance(before, dict):
-            found.append(f"decoding ({', '.join(k for k in now if before.get(k) != now[k])})")
+            found.append(f"decoding ({', '.join(k for k in {**before, **now} if before.get(k) != now.get(k))})")
         elif key == "images":
             found.append("images")
         else:
-            found.append(f"{key} ({before} there, {now} here)")
+            found.append(f"{key} ({as_typed(before)} there, {as_typed(now)} here)")
     return found
+
+
+def as_typed(value: Any) -> str:
+    """A value as it is written on the command line (true, not True)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def resume_output(output: Path, command: dict[str, Any]) -> Path:
     """The output file to write: `output`, or where the default output lies in this run's own
-    directory, the output of the newest unfinished run of the same `command` beside it (whose
-    caption.log this run then logs to as well)."""
+    directory, the output of the newest unfinished run of the same `command` beside it."""
     if output.with_suffix(".jsonl").is_file():
         return output
     here = run_directory()
@@ -289,8 +293,6 @@ def resume_output(output: Path, command: dict[str, Any]) -> Path:
             continue
         if isinstance(previous, dict) and not previous.get("finished") and not differences(previous.get("command"),
                                                                                             command):
-            log_also_in(state.parent)
-            log.info("Continuing the stopped run in %s (same checkpoint, images and decoding)", state.parent)
             return state.parent / output.name
     return output
 
@@ -348,9 +350,9 @@ def refuse_another_command(out: Outputs, command: dict[str, Any]) -> None:
         previous = None
     differ = differences(previous.get("command") if isinstance(previous, dict) else None, command)
     if differ:
-        raise ImcapError(f"output {out.json} holds the captions of another command: {'; '.join(differ)} differ; "
-                         f"give another output=PATH, or delete {out.json.stem}.* in {out.json.parent} to caption "
-                         "anew")
+        raise ImcapError(f"output {out.json} holds the captions of another command (not the same: "
+                         f"{', '.join(differ)}); give another output=PATH, or delete {out.json.stem}.* in "
+                         f"{out.json.parent} to caption anew")
 
 
 class Terminated(KeyboardInterrupt):
@@ -439,6 +441,10 @@ def _caption_images(cfg: DictConfig, stops: StopSignals) -> list[tuple[Path, Cap
     continued = here is not None and out.json.parent.resolve() != Path(cfg.output).parent.resolve()
     out.json.parent.mkdir(parents=True, exist_ok=True)
     with writing(out, command) as captions_file:
+        if continued:
+            log_also_in(out.json.parent)
+            log.info("Continuing the stopped run in %s (the same model, images, decoding, precision and "
+                     "attention_plots)", out.json.parent)
         results = caption_into(out, captions_file, found, captioner, decoding, cfg, precision, command, stops)
     if continued:
         remove_unused_run_dir()

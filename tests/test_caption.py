@@ -272,7 +272,7 @@ def test_an_output_holds_the_captions_of_one_command(make_cfg, tmp_path):
                             (cfg(image=photos[1]), "images"),
                             (cfg("decoding.max_length=5"), "decoding (max_length)"),
                             (cfg("precision=bf16"), "precision (fp32 there, bf16 here)"),
-                            (cfg("attention_plots=true"), "attention_plots (False there, True here)")):
+                            (cfg("attention_plots=true"), "attention_plots (false there, true here)")):
         with pytest.raises(ImcapError, match=r"output .*captions\.json holds the captions of another command") as e:
             caption_images(config)
         assert differs in str(e.value) and "give another output=PATH" in str(e.value)
@@ -296,7 +296,7 @@ def test_a_fixed_run_directory_refuses_the_captions_of_a_model_replaced_at_its_p
     second = module(*command, cwd=tmp_path)
     assert second.returncode == 2 and second.stdout == ""
     assert_one_line_error(second, "captions.json holds the captions of another command",
-                          "checkpoint (another model's weights) differ")
+                          "(not the same: checkpoint (another model's weights))")
     assert (tmp_path / "captions" / "captions.json").read_bytes() == written
 
 
