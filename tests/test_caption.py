@@ -267,6 +267,8 @@ def test_an_output_holds_the_captions_of_one_command(make_cfg, tmp_path):
     written = {name: (out / name).read_bytes() for name in ("captions.json", "captions.jsonl")}
     (tmp_path / "copy.ckpt").write_bytes(model.read_bytes())
     caption_images(cfg(ckpt=tmp_path / "copy.ckpt"))  # the same model read from elsewhere: the same command
+    Captioner.from_checkpoint(model).save_pretrained(tmp_path / "exported")
+    caption_images(cfg(ckpt=tmp_path / "exported"))  # and from its export folder
     perturbed_copy(model, tmp_path / "other.ckpt")
     for config, differs in ((cfg(ckpt=tmp_path / "other.ckpt"), "checkpoint (another model's weights)"),
                             (cfg(image=photos[1]), "images"),
