@@ -104,16 +104,15 @@ def list_images(images: str | Sequence[str]) -> ImageList:
         else:
             raise ImcapError(f"image not found: {p}; pass existing files or folders in images=[...]")
     if not found.images and not found.unsupported:
-        raise ImcapError(f"no images found in images={items}{not_searched_note(found)}")
+        unsearched = f" (not searched: {not_searched(found)})" if found.not_searched else ""
+        raise ImcapError(f"no images found in images={items}{unsearched}")
     return found
 
 
-def not_searched_note(found: ImageList) -> str:
-    """' (not searched: a/.thumbnails (hidden), ...)', or '' when every folder was searched."""
-    if not found.not_searched:
-        return ""
+def not_searched(found: ImageList) -> str:
+    """The folders not searched, each with why: 'a/.thumbnails (hidden), ...' (the first five)."""
     named = ", ".join(f"{p} ({why})" for p, why in found.not_searched[:5])
-    return f" (not searched: {named}{' ...' if len(found.not_searched) > 5 else ''})"
+    return named + (" ..." if len(found.not_searched) > 5 else "")
 
 
 def add_folder(folder: Path, found: ImageList, searched: set[str]) -> None:
@@ -464,8 +463,7 @@ def caption_into(out: Outputs, captions_file: IO[str], found: ImageList, caption
         log.warning("Not captioned: %d file(s) in the folders without an image suffix (%s)", len(found.ignored),
                     names)
     if found.not_searched:
-        log.warning("Folders not searched for images:%s", not_searched_note(found).removeprefix(" (not searched:")
-                    .removesuffix(")"))
+        log.warning("Folders not searched for images: %s", not_searched(found))
     todo = [p for p in found.images if absolute(p) not in done]
     positions = {absolute(p): i for i, p in enumerate(found.images, 1)}
     plot_names = plot_file_names(found.images)
