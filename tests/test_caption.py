@@ -325,28 +325,33 @@ def test_a_second_run_on_an_output_is_refused_and_sigterm_stops_with_one_line(ma
     env = {**os.environ, "IMCAP_ROOT": str(tmp_path)}
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, start_new_session=True)
-    jsonl = out.with_suffix(".jsonl")
-    deadline = time.monotonic() + 120
-    while not jsonl.is_file() or len(read_lines(jsonl)) < 2:
-        assert first.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    os.kill(first.pid, signal.SIGSTOP)  # it holds the output, as a slow run does
-    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 2 and second.stdout == ""
-    assert_one_line_error(second, f"another imcap.caption is writing {out}")
+    try:
+        jsonl = out.with_suffix(".jsonl")
+        deadline = time.monotonic() + 120
+        while not jsonl.is_file() or len(read_lines(jsonl)) < 2:
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(first.pid, signal.SIGSTOP)  # it holds the output, as a slow run does
+        second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2 and second.stdout == ""
+        assert_one_line_error(second, f"another imcap.caption is writing {out}")
 
-    os.kill(first.pid, signal.SIGTERM)
-    os.kill(first.pid, signal.SIGCONT)
-    stdout, stderr = first.communicate(timeout=60)
-    assert first.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
-    (line,) = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
-    done = len(read_lines(jsonl))
-    assert line.startswith("error: interrupted (SIGTERM); ") and f"{done} of 200 images captioned in {jsonl}" in line
-    assert "run the same command again to continue" in line and len(stdout.splitlines()) == done
-    deadline = time.monotonic() + 30  # its DataLoader worker ends with it (a limit, not a speed)
-    while live_processes_in_session(first.pid):
-        assert time.monotonic() < deadline, live_processes_in_session(first.pid)
-        time.sleep(0.2)
+        os.kill(first.pid, signal.SIGTERM)
+        os.kill(first.pid, signal.SIGCONT)
+        stdout, stderr = first.communicate(timeout=60)
+        assert first.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
+        (line,) = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+        done = len(read_lines(jsonl))
+        assert line.startswith("error: interrupted (SIGTERM); ") and f"{done} of 200 images captioned in {jsonl}" in line
+        assert "run the same command again to continue" in line and len(stdout.splitlines()) == done
+        deadline = time.monotonic() + 30  # its DataLoader worker ends with it (a limit, not a speed)
+        while live_processes_in_session(first.pid):
+            assert time.monotonic() < deadline, live_processes_in_session(first.pid)
+            time.sleep(0.2)
+    finally:  # a failed assertion must not leave it stopped, holding the output, for ever
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
 
     third = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert third.returncode == 0 and len(third.stdout.splitlines()) == 200 - done, third.stderr
