@@ -55,18 +55,22 @@ def compose_config(name: str, overrides: Sequence[str] = (), output_dir: Path | 
     from hydra.core.hydra_config import HydraConfig
     from hydra.errors import HydraException
 
+    from imcap.entry import hide_base_files  # imcap.entry imports this module: imported here
+
     if _names_decoding_overrides(name):
         register_decoding_overrides()
+    hide_base_files()  # data=bogus lists the data options, not data/_base.yaml
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
             cfg = compose(config_name=name, overrides=list(overrides), return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as e:  # data=bogus, a misspelt key, bad syntax
         # the entry points' wording of bad syntax (imcap.entry imports this module: imported here)
-        from imcap.entry import unreadable_override
+        from imcap.entry import is_base_file, unreadable_override
 
+        said = "\n".join(ln for ln in str(e).split("\n") if not (ln.startswith("\t") and is_base_file(ln.strip())))
         raise ImcapError(unreadable_override(list(overrides))
-                         or " ".join(str(e).split("Config search path")[0].split())) from e
+                         or " ".join(said.split("Config search path")[0].split())) from e
     with open_dict(cfg):
         cfg.hydra.runtime.cwd = os.getcwd()
         cfg.hydra.runtime.output_dir = str(output_dir) if output_dir is not None else os.getcwd()

@@ -84,7 +84,7 @@ class _HeldStderr:
             if not lines or lines[0].startswith("Set the environment variable"):
                 continue
             if lines[0].endswith(":"):  # a heading and its list: "Available options in 'x': a, b"
-                parts.append(f"{lines[0]} {', '.join(ln for ln in lines[1:] if not _is_base(ln))}")
+                parts.append(f"{lines[0]} {', '.join(ln for ln in lines[1:] if not is_base_file(ln))}")
             else:
                 parts.append("; ".join(ln.rstrip(".") for ln in lines))
         return "; ".join(parts) or None
@@ -265,19 +265,24 @@ def required_option_error(exc: BaseException, missing: list[str], entry: str) ->
     read = re.search(r"Missing mandatory value: (\S+)", str(exc))
     if read is None or read.group(1) not in missing:
         return None
+    return required_options(missing, entry)
+
+
+def required_options(missing: list[str], entry: str) -> ImcapError:
+    """The one line for options a command left `???`: each named, with its example."""
     gives = [REQUIRED_OPTIONS.get(f"{entry}:{key}") or REQUIRED_OPTIONS.get(key)
              or f"{key}=VALUE (`python -m imcap.{entry} --help` shows the config)" for key in missing]
     verb = "is" if len(missing) == 1 else "are"
     return ImcapError(f"{' and '.join(missing)} {verb} required: give {' and '.join(gives)}")
 
 
-def _is_base(option: str) -> bool:
+def is_base_file(option: str) -> bool:
     """A `_`-file of a config group (data/_base.yaml) is the base its options extend, not an option
     (docs/guides/configuration.md)."""
     return option.rsplit("/", 1)[-1].startswith("_")
 
 
-def _hide_bases_from_group_options() -> None:
+def hide_base_files() -> None:
     """Hydra lists every file of a group as one of its options (--help, tab completion, glob()
     sweeps): leave its bases out. Hydra has no setting for it (its help template's
     $APP_CONFIG_GROUPS lists what this method returns), hence the wrap; composition reads the
@@ -289,7 +294,7 @@ def _hide_bases_from_group_options() -> None:
         return
 
     def get_group_options(self: Any, *args: Any, **kwargs: Any) -> list[str]:
-        return [option for option in listed(self, *args, **kwargs) if not _is_base(option)]
+        return [option for option in listed(self, *args, **kwargs) if not is_base_file(option)]
 
     get_group_options.leaves_out_bases = True  # type: ignore[attr-defined]
     ConfigLoaderImpl.get_group_options = get_group_options  # type: ignore[method-assign]
@@ -301,10 +306,13 @@ def refuse_chosen_bases() -> None:
     from hydra.core.hydra_config import HydraConfig
 
     for group, option in HydraConfig.get().runtime.choices.items():
-        if isinstance(option, str) and _is_base(option) and not group.startswith("hydra/"):
-            hydra_ = GlobalHydra.instance()  # not set up in a joblib worker: then --help names them
-            options = (f"one of {', '.join(sorted(hydra_.config_loader().get_group_options(group)))}"
-                       if hydra_.is_initialized() else "another (--help lists them)")
+        if isinstance(option, str) and is_base_file(option) and not group.startswith("hydra/"):
+            hydra_ = GlobalHydra.instance()
+            if hydra_.is_initialized():
+                names = hydra_.config_loader().get_group_options(group)
+            else:  # a joblib worker, or a config composed and closed (imcap.data): imcap's own files
+                names = [p.stem for p in (CONF_DIR / group).glob("*.yaml") if not is_base_file(p.stem)]
+            options = f"one of {', '.join(sorted(names))}" if names else "another (--help lists them)"
             raise ImcapError(f"{group}={option} is the base file that every {group} option extends, not an "
                              f"option: choose {options} ({group}=NAME)")
 
@@ -399,7 +407,7 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Cal
         @functools.wraps(task)
         def main() -> Any:
             register_decoding_overrides()  # eval.yaml's and caption.yaml's decoding.* (no cost: the entry imported Decoding)
-            _hide_bases_from_group_options()
+            hide_base_files()
             real = sys.stderr
             stderr = _HeldStderr(real)
             sys.stderr = stderr

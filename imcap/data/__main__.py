@@ -61,6 +61,20 @@ log = logging.getLogger("imcap.data")
 PERCENTILES = (50, 90, 99)
 
 
+def data_config(overrides: Sequence[str]) -> DictConfig:
+    """The train config the data commands read, composed from `overrides`; an option it leaves
+    required (`data.root` of a data config of one's own) is one line naming it, as the entry
+    points say it."""
+    from imcap.entry import missing_options, refuse_chosen_bases, required_options
+
+    cfg = compose_config("train", overrides)
+    refuse_chosen_bases()  # data=_base
+    missing = missing_options(cfg)
+    if missing:
+        raise required_options(missing, "data")
+    return cfg
+
+
 def _data_name(cfg: DictConfig) -> str:
     return str(cfg.hydra.runtime.choices.get("data", "?"))
 
@@ -69,7 +83,7 @@ def _data_name(cfg: DictConfig) -> str:
 def run_prepare(name: str, overrides: Sequence[str], keep_archives: bool = False,
                 base_url: str | None = None) -> list[str]:
     try:
-        cfg = compose_config("train", [f"data={name}", *overrides])
+        cfg = data_config([f"data={name}", *overrides])
     except ImcapError as e:
         if f"Could not find 'data/{name}'" not in str(e):
             raise
@@ -249,7 +263,7 @@ def run_shards(overrides: Sequence[str]) -> list[str]:
         shard_size = int(options.get("shard_size", 1000))
     except ValueError:
         raise ImcapError(f"shard_size={options['shard_size']!r}; use a number of samples per shard") from None
-    cfg = compose_config("train", rest)
+    cfg = data_config(rest)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     lines = []
@@ -305,12 +319,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "prepare":
         print("\n".join(run_prepare(args.name, args.overrides, args.keep_archives, args.base_url)))
     elif args.command == "stats":
-        stats = collect_stats(compose_config("train", args.overrides))
+        stats = collect_stats(data_config(args.overrides))
         print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     elif args.command == "shards":
         print("\n".join(run_shards(args.overrides)))
     else:
-        cfg = compose_config("train", args.overrides)
+        cfg = data_config(args.overrides)
         print(format_features(extract_all(cfg), str(cfg.model.encoder.get("name", "the encoder"))))
     return 0
 

@@ -320,3 +320,26 @@ def test_shards_of_a_real_flickr8k_subset(env, capsys):
     first = next(s for s in _shard_samples(env / "shards" / "train"))
     shard = sorted((env / "shards" / "train").glob("*.tar"))[0]
     assert read_image_bytes(shard, first) == (FLICKR_1K / "Images" / first.image_id).read_bytes()
+
+
+@pytest.mark.parametrize("command,line", [
+    (["stats", "data=_base"], "error: data=_base is the base file that every data option extends, not an option: "
+                              "choose one of coco, custom, flickr30k, flickr8k, shapes, shards (data=NAME)"),
+    (["stats", "data=bogus"], "error: In 'train': Could not find 'data/bogus' Available options in 'data': coco "
+                              "custom flickr30k flickr8k shapes shards"),
+    # a data option of one's own that extends _base and names no root
+    (["features", "hydra.searchpath=[file://{own}]", "data=mine"], "error: data.root is required: give data.root=DIR"),
+], ids=["base", "unknown", "own-data-without-root"])
+def test_the_data_tools_name_a_base_file_and_a_required_option_as_the_entry_points_do(tmp_path, command, line):
+    from tests.helpers.runs import assert_one_line_error, module
+
+    own = tmp_path / "own"
+    (own / "data").mkdir(parents=True)
+    (own / "data" / "mine.yaml").write_text(
+        "defaults: [_base, _self_]\nsource:\n  _target_: imcap.data.sources.custom.CustomSource\n", encoding="utf-8")
+    work = tmp_path / "work"
+    work.mkdir()
+    result = module("data", *(arg.format(own=own) for arg in command), cwd=work)
+    assert result.returncode == 2
+    assert_one_line_error(result, line)
+    assert list(work.iterdir()) == []
