@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
@@ -326,7 +327,23 @@ def launch(cfg: DictConfig) -> None:
             raise
         raise ImcapError(port_error(cfg.host, cfg.port)) from None
     log.info("Serving the demo on %s (Ctrl-C stops it)", app.local_url)  # the port Gradio found free
-    app.block_thread()  # until Ctrl-C or SIGTERM, as launch() itself waits
+    serve_until_stopped(app)
+
+
+def serve_until_stopped(app: Any) -> None:
+    """Serve until Ctrl-C or SIGTERM, then close the server and let the uploads be deleted (atexit)
+    with both signals ignored: a second Ctrl-C while it closes (a user pressing twice) would end
+    the process there, with the uploads left and an error line meant for other commands."""
+    try:
+        while app.is_running:
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for stop in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop, signal.SIG_IGN)
+    log.info("Stopping the demo and deleting its uploads")
+    app.close()
 
 
 def port_error(host: str, port: int | None) -> str:

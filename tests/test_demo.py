@@ -430,9 +430,17 @@ def test_uploads_go_when_the_server_stops_or_after_a_kill_9(trained_run, tmp_pat
         assert not left.exists(), sorted(left.rglob("*"))
         uploads = uploads_folder(url)
         process.send_signal(signal.SIGTERM)  # kill, systemd and docker stop send it
+        # and again while it closes, as an impatient user presses Ctrl-C twice (SIGTERM: a test
+        # runner started in the background passes SIGINT on ignored)
+        for pause in (0.05, 0.4):
+            time.sleep(pause)
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
         process.wait(timeout=120)
     finally:
         process.kill()
+    said = (tmp_path / "demo.out").read_text()
+    assert process.returncode == 0 and "error:" not in said, said[-2000:]
     assert not uploads.exists(), sorted(uploads.rglob("*"))
 
 
