@@ -5,6 +5,10 @@ goes through `load_image`, `load_image_tensor`, `decode_image` or `as_viewed`, s
 
 - the EXIF orientation applied: phones store a portrait photo sideways with an orientation tag,
   and viewers (and Gradio, for the demo's uploads) turn it upright;
+- HEIC/HEIF (iPhone photos) read where pillow-heif is installed (`pip install 'imcap[heif]'`;
+  without it, one line saying so). A HEIF file keeps its turn in the container (irot/imir),
+  which libheif applies while decoding; pillow-heif then sets the EXIF tag inside to 1, so the
+  photo is not turned twice;
 - the pixel mode converted as a viewer shows it: 16-bit greyscale (`I;16`, `I`) scaled to 8 bits
   (65535 is white; `convert("RGB")` clips every value over 255 to white), 32-bit float (`F`) read
   as 0..1, palette (`P`), 1-bit and CMYK images through PIL's conversions (PIL's JPEG reader has
@@ -46,7 +50,19 @@ from torchvision.transforms import v2 as T
 
 from imcap.errors import ImcapError
 
+try:  # the HEIF opener, registered once per process (adds about 50 ms to this module's import)
+    from pillow_heif import register_heif_opener
+except ImportError:
+    HEIF_READABLE = False
+else:
+    register_heif_opener()
+    HEIF_READABLE = True
+
 JPEG_MAGIC = b"\xff\xd8\xff"
+# The ISO base media brands of HEIF images with HEVC pixels (what iPhones write): a file that
+# starts with one of these is a HEIC/HEIF photo whatever its name (pillow-heif's own list)
+HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1")
+NEEDS_PILLOW_HEIF = "a HEIC/HEIF photo, and pillow-heif is not installed; pip install 'imcap[heif]' to read it"
 # How a file becomes pixels; part of every feature-cache key, so that a cache holding pixels read
 # another way is never reused. Change it whenever the pixels of some file change.
 PIXELS_VERSION = "viewer-2"
@@ -68,6 +84,8 @@ def _read_errors(name: str, verb: str = "read", fix: str = "replace or remove th
             yield
     except FileNotFoundError as e:
         raise ImcapError(f"image not found: {e.filename}") from e
+    except _HeifUnreadable as e:
+        raise ImcapError(f"cannot {verb} {name}: {NEEDS_PILLOW_HEIF}") from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImcapError(f"{name} is too large to decode safely ({e}); shrink it or remove it") from e
     except IsADirectoryError as e:
@@ -82,6 +100,15 @@ def _read_errors(name: str, verb: str = "read", fix: str = "replace or remove th
         raise ImcapError(f"cannot {verb} {name}: {reason} (a damaged or truncated file); {fix}") from e
 
 
+class _HeifUnreadable(UnidentifiedImageError):
+    """A HEIF file where pillow-heif is not installed."""
+
+
+def is_heif(head: bytes) -> bool:
+    """Whether `head`, a file's first 12 bytes or more, starts a HEIC/HEIF image."""
+    return head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS
+
+
 @contextmanager
 def pixel_limit() -> Iterator[None]:
     """PIL's warning between 1x and 2x `Image.MAX_IMAGE_PIXELS` raised as an exception, so that
@@ -94,9 +121,17 @@ def pixel_limit() -> Iterator[None]:
 def check_pixels(im: Image.Image) -> None:
     """The pixel limit again, on the opened header: `catch_warnings` is process-wide state, and
     another thread leaving its own block may have just restored the filters without ours."""
+    over = _over_limit(im)
+    if over:
+        raise Image.DecompressionBombError(over)
+
+
+def _over_limit(im: Image.Image) -> str | None:
+    """PIL's words for an `im` over its pixel limit, None within it."""
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and im.width * im.height > limit:
-        raise Image.DecompressionBombError(f"Image size ({im.width * im.height} pixels) exceeds limit of {limit} pixels")
+        return f"Image size ({im.width * im.height} pixels) exceeds limit of {limit} pixels"
+    return None
 
 
 def _scale_within_limit(width: int, height: int) -> int | None:
@@ -106,15 +141,20 @@ def _scale_within_limit(width: int, height: int) -> int | None:
     return next((s for s in JPEG_SCALES if -(-width // s) * -(-height // s) <= limit), None)
 
 
-def _open_reduced_jpeg(source: str | IO[bytes], over: Exception | str) -> Image.Image:
-    """The JPEG in `source`, over PIL's pixel limit (`over`: PIL's refusal), opened to decode
-    at the largest of 1/2, 1/4, 1/8 that fits (module docstring); refused, with the reason, if
-    progressive or over the limit even at 1/8."""
+def _open_jpeg(source: str | IO[bytes]) -> Image.Image:
+    """The JPEG in `source` opened by PIL's JPEG plugin without `Image.open`, whose pixel check
+    warns between 1x and 2x the limit: a warning that prints whenever another thread has just
+    restored the warning filters, although the file is then decoded reduced. Checked here:
+    over the limit, opened to decode at the largest of 1/2, 1/4, 1/8 that fits (module
+    docstring); refused, with the reason, if progressive or over the limit even at 1/8."""
     if not isinstance(source, str):
         source.seek(0)
-    im = JpegImagePlugin.jpeg_factory(source)  # Image.open without its pixel check: checked here
+    im = JpegImagePlugin.jpeg_factory(source)  # what Image.open calls for a JPEG (or an MPO)
+    over = _over_limit(im)
+    if over is None:
+        return im
     try:
-        scale, over = _scale_within_limit(*im.size), str(over).rstrip(".")
+        scale = _scale_within_limit(*im.size)
         if im.info.get("progressive"):  # libjpeg holds all of its coefficients at any scale
             raise Image.DecompressionBombError(f"{over}; a progressive JPEG cannot be decoded reduced")
         if scale is None:
@@ -131,19 +171,19 @@ def open_image(source: str | IO[bytes]) -> Image.Image:
     """`Image.open(source)` within PIL's pixel limit (`Image.MAX_IMAGE_PIXELS` itself, not twice
     it): a baseline JPEG over it opened to decode reduced (module docstring), any other image
     over it refused with `Image.DecompressionBombError`."""
+    head = _peek(source, 12)
+    if head.startswith(JPEG_MAGIC):
+        return _open_jpeg(source)
+    if not HEIF_READABLE and is_heif(head):
+        raise _HeifUnreadable(NEEDS_PILLOW_HEIF)
+    with pixel_limit():
+        im = Image.open(source)
     try:
-        with pixel_limit():
-            im = Image.open(source)
-        try:
-            check_pixels(im)
-        except BaseException:
-            im.close()
-            raise
-        return im
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        if _peek(source, len(JPEG_MAGIC)) != JPEG_MAGIC:
-            raise
-        return _open_reduced_jpeg(source, e)
+        check_pixels(im)
+    except BaseException:
+        im.close()
+        raise
+    return im
 
 
 def _peek(source: str | IO[bytes], size: int) -> bytes:
@@ -225,13 +265,10 @@ def _jpeg_tensor(data: bytes, name: str, verb: str, fix: str) -> torch.Tensor | 
     PIL must decode it (grey, CMYK, or a file torchvision refuses). PIL reads the header first:
     its pixel limit before torchvision allocates H x W x 3 bytes (a 60000 x 60000 header asks for
     10 GB), and its reading of the orientation tag, so both paths turn a file the same way."""
-    with _read_errors(name, verb, fix):
-        try:
-            with pixel_limit(), Image.open(io.BytesIO(data)) as im:  # PIL stops at the first scan
-                check_pixels(im)
-                orientation = _orientation(im)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            return None  # over the limit: PIL decodes it reduced, or refuses it
+    with _read_errors(name, verb, fix), JpegImagePlugin.jpeg_factory(io.BytesIO(data)) as im:  # to the first scan
+        if _over_limit(im):  # not Image.open's check, which warns (`_open_jpeg`)
+            return None  # PIL decodes it reduced, or refuses it
+        orientation = _orientation(im)
     try:
         image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
     except RuntimeError:
