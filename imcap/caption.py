@@ -11,8 +11,9 @@ object per image ({"image", "caption", "attention_plot" when drawn}) appended to
 objects are written as a JSON list to `output` (in the order of `images`).
 
 Files that cannot be captioned never stop the run: a zero-byte, corrupt or unreadable file, a
-path that vanished, and a file in a format Pillow cannot decode here (HEIC, camera raw, AVIF
-without libavif: "format not supported (convert to JPEG/PNG)") are skipped, each with a
+path that vanished, a HEIC/HEIF photo without pillow-heif installed, and a file in a format
+Pillow cannot decode here (camera raw, AVIF without libavif: "format not supported (convert to
+JPEG/PNG)") are skipped, each with a
 one-line reason on stderr and in `<output stem>.skipped.jsonl` (and `.skipped.json` at the
 end). The run ends with `captioned N, skipped M`, and exits with status 2 if M > 0. Files in a folder whose suffix is
 neither an image's nor an unsupported image format's (notes, videos, sidecars) are not captioned
@@ -72,11 +73,12 @@ from imcap.models.grid_encoder import weights_fingerprint
 from imcap.models.search import Decoding
 
 log = logging.getLogger("imcap.caption")
-# AVIF where this Pillow decodes it (Pillow >= 11.2 built with libavif)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff",
+# AVIF where this Pillow decodes it (Pillow >= 11.2 built with libavif). HEIC/HEIF (iPhones; .hif:
+# cameras) always: read with pillow-heif, or skipped with imcap.data.images' line saying how to get it
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".hif",
                   *((".avif",) if features.check("avif") else ())}
 # image formats phones and cameras write that this Pillow does not decode: listed, never ignored
-UNSUPPORTED_SUFFIXES = {".heic", ".heif", ".avif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf",
+UNSUPPORTED_SUFFIXES = {".avif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf",
                         ".orf", ".rw2", ".psd", ".svg"} - IMAGE_SUFFIXES
 UNSUPPORTED = "format not supported (convert to JPEG/PNG)"
 

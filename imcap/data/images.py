@@ -51,12 +51,12 @@ from torchvision.transforms import v2 as T
 from imcap.errors import ImcapError
 
 try:  # the HEIF opener, registered once per process (adds about 50 ms to this module's import)
-    from pillow_heif import register_heif_opener
+    from pillow_heif import HeifImageFile, register_heif_opener
 except ImportError:
-    HEIF_READABLE = False
+    HeifImageFile = None
 else:
-    register_heif_opener()
-    HEIF_READABLE = True
+    register_heif_opener()  # for PIL images opened outside imcap too (the demo's Gradio)
+HEIF_READABLE = HeifImageFile is not None
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 # The ISO base media brands of HEIF images with HEVC pixels (what iPhones write): a file that
@@ -174,16 +174,27 @@ def open_image(source: str | IO[bytes]) -> Image.Image:
     head = _peek(source, 12)
     if head.startswith(JPEG_MAGIC):
         return _open_jpeg(source)
-    if not HEIF_READABLE and is_heif(head):
-        raise _HeifUnreadable(NEEDS_PILLOW_HEIF)
-    with pixel_limit():
-        im = Image.open(source)
+    if is_heif(head):
+        im = _open_heif(source)
+    else:
+        with pixel_limit():
+            im = Image.open(source)
     try:
         check_pixels(im)
     except BaseException:
         im.close()
         raise
     return im
+
+
+def _open_heif(source: str | IO[bytes]) -> Image.Image:
+    """The HEIF image in `source` opened by pillow-heif's plugin itself: for a damaged file it
+    gives libheif's reason, where `Image.open` says only "cannot identify image file"."""
+    if HeifImageFile is None:
+        raise _HeifUnreadable(NEEDS_PILLOW_HEIF)
+    if not isinstance(source, str):
+        source.seek(0)
+    return HeifImageFile(source)
 
 
 def _peek(source: str | IO[bytes], size: int) -> bytes:

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import struct
+import warnings
 import zlib
 
 import numpy as np
@@ -131,6 +132,20 @@ def test_a_sideways_phone_photo_over_the_limit_is_upright_after_reduced_decoding
         assert tuple(pixels.shape) == (3, 30, 20)
         top, bottom = pixels[:, :12].float().mean((1, 2)), pixels[:, 18:].float().mean((1, 2))
         assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60, (top, bottom)
+
+
+def test_a_jpeg_decoded_reduced_prints_no_decompression_bomb_warning(tmp_path, monkeypatch):
+    """Not even when another thread has just restored the warning filters without ours
+    (`catch_warnings` is process-wide; features are decoded by a pool of threads): PIL's warning
+    is for an image refused, and this one is read."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    path = noise_jpeg(tmp_path / "phone.jpg", 40, 40)  # 1600 pixels: decoded at 1/2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monkeypatch.setattr(warnings, "simplefilter", lambda *args, **kwargs: None)  # the other thread's restore
+        pixels = every_loader(path)
+    assert [tuple(p.shape) for p in pixels] == [(3, 20, 20)] * 4
+    assert [str(w.message) for w in caught if w.category is Image.DecompressionBombWarning] == []
 
 
 @pytest.mark.parametrize("load", [load_image_tensor, load_image])
