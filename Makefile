@@ -16,7 +16,7 @@ help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 	@echo '  overrides: make train dataset=flickr8k [root=DIR] ARGS="model/attention=none trainer.max_epochs=5"'
 
-install: $(VENV)/.installed assets  ## create .venv, install torch + imcap[dev], provision offline weights
+install: $(VENV)/.installed assets  ## create .venv, install torch + imcap[dev,heif], provision offline weights
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -24,7 +24,7 @@ $(VENV)/bin/python:
 # Re-runs only when pyproject.toml changes, so a second `make install` is quick.
 $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -q $(TORCH_PINS)
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,heif]'
 	touch $@
 
 assets: | $(VENV)/.installed  ## offline MobileNetV2 + EfficientNet-Lite0 ImageNet weights + GloVe 6B-50d (sha256-checked)
