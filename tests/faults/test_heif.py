@@ -138,3 +138,15 @@ def test_the_demo_reads_an_uploaded_iphone_photo_upright(tmp_path):
     picture = upright_picture()
     upload = phone_heic(tmp_path / "IMG_0005.HEIC", picture)  # Gradio keeps the upload's own name
     assert torch.equal(T.PILToTensor()(Demo.read(upload)), T.PILToTensor()(picture))
+
+
+def test_a_folder_of_iphone_photos_with_sidecars_is_a_dataset_read_upright(tmp_path):
+    """data=custom's folder layout: each HEIC is a record with its .txt caption, not an orphan sidecar."""
+    from imcap.data.sources.custom import CustomSource
+
+    picture = upright_picture()
+    phone_heic(tmp_path / "IMG_0006.HEIC", picture)
+    (tmp_path / "IMG_0006.txt").write_text("a photo taken upright\n", encoding="utf-8")
+    [record] = CustomSource(str(tmp_path)).records()
+    assert record.image_id == "IMG_0006.HEIC" and record.captions == ("a photo taken upright",)
+    assert torch.equal(load_image_tensor(record.image_path), T.PILToTensor()(picture))

@@ -43,7 +43,7 @@ from imcap.registry import register
 log = logging.getLogger(__name__)
 
 FORMATS = {".csv": ",", ".tsv": "\t", ".jsonl": None}
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".heic", ".heif", ".hif")  # HEIC: see images.py
 SPLIT_ALIASES = {**{s: s for s in SPLITS}, "dev": "val", "valid": "val", "validation": "val"}
 
 
