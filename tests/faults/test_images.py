@@ -176,12 +176,16 @@ def test_a_108_mp_phone_photo_is_captioned_by_imcap_caption_decoded_at_half_size
     from tests.helpers.runs import module
 
     photo = phone_photo_108_mp(tmp_path / "IMG_108MP.jpg")
-    assert Image.open(photo).size == (12000, 9000)  # over PIL's limit of 89478485 pixels
-    assert load_image(photo).size == (6000, 4500)  # the memory of a 27 MP image, not of 108 MP
+    with pytest.warns(Image.DecompressionBombWarning, match="108000000 pixels"), Image.open(photo) as im:
+        assert im.size == (12000, 9000)  # over PIL's limit of 89478485 pixels: PIL itself warns
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_image(photo).size == (6000, 4500)  # the memory of a 27 MP image, not of 108 MP
+    assert [w for w in caught if w.category is Image.DecompressionBombWarning] == []  # imcap reads it silently
     result = module("caption", f"ckpt_path={trained_run}/checkpoints/best.ckpt", f"images=[{photo}]",
                     f"output={tmp_path}/captions.json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "captioned 1, skipped 0" in result.stderr
+    assert "captioned 1, skipped 0" in result.stderr and "DecompressionBombWarning" not in result.stderr
     [entry] = json.loads((tmp_path / "captions.json").read_text())
     assert entry["image"] == photo and entry["caption"]
 
