@@ -93,7 +93,7 @@ def test_a_heic_without_pillow_heif_is_one_line_saying_how_to_get_it(tmp_path, m
         with pytest.raises(ImcapError) as e:
             load(path)
         assert str(e.value) == (f"cannot read image {path}: a HEIC/HEIF photo, and pillow-heif is not installed; "
-                                "pip install 'imcap[heif]' to read it")
+                                "pip install 'imcap[heif]' to read it (in a clone of imcap: make install)")
     with pytest.raises(ImcapError, match=r"^cannot decode the image of key 7 in a.tar: a HEIC/HEIF photo, and "):
         decode_image(open(path, "rb").read(), "the image of key 7 in a.tar", True, fix="rewrite it")
 
