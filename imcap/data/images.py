@@ -60,8 +60,9 @@ HEIF_READABLE = HeifImageFile is not None
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 # The ISO base media brands of HEIF images with HEVC pixels (what iPhones write): a file that
-# starts with one of these is a HEIC/HEIF photo whatever its name (pillow-heif's own list)
-HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1")
+# starts with one of these is a HEIC/HEIF photo whatever its name. The generic mif1/msf1, which
+# AVIF files may carry too, are left to Image.open, which picks among its plugins.
+HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs")
 # (`pip install 'imcap[heif]'` is a no-op for an imcap installed before the extra: a clone says make install)
 NEEDS_PILLOW_HEIF = ("a HEIC/HEIF photo, and pillow-heif is not installed; pip install 'imcap[heif]' to read it "
                      "(in a clone of imcap: make install)")
