@@ -11,7 +11,7 @@ object per image ({"image", "caption", "attention_plot" when drawn}) appended to
 objects are written as a JSON list to `output` (in the order of `images`).
 
 Files that cannot be captioned never stop the run: a zero-byte, corrupt or unreadable file, a
-path that vanished, a HEIC/HEIF photo without pillow-heif installed, and a file in a format
+path that vanished, a HEIC/HEIF photo without a HEIF reader (pi-heif) installed, and a file in a format
 Pillow cannot decode here (camera raw, AVIF without libavif: "format not supported (convert to
 JPEG/PNG)") are skipped, each with a
 one-line reason on stderr and in `<output stem>.skipped.jsonl` (and `.skipped.json` at the
@@ -74,7 +74,7 @@ from imcap.models.search import Decoding
 
 log = logging.getLogger("imcap.caption")
 # AVIF where this Pillow decodes it (Pillow >= 11.2 built with libavif). HEIC/HEIF (iPhones; .hif:
-# cameras) always: read with pillow-heif, or skipped with imcap.data.images' line saying how to get it
+# cameras) always: read with pi-heif, or skipped with imcap.data.images' line saying how to get it
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".hif",
                   *((".avif",) if features.check("avif") else ())}
 # image formats phones and cameras write that this Pillow does not decode: listed, never ignored

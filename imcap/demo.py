@@ -3,7 +3,7 @@
 A local Gradio page: upload or drop a photo and get its caption (beam size and maximum
 length adjustable), then select a word to see where the model looked for it. Uploads are read
 by imcap's own loader, as `imcap.caption` reads files: one that cannot be read (empty, cut short,
-HEIC without pillow-heif) is one line on the page naming it and saying why. Example images come from the test split
+HEIC without pi-heif) is one line on the page naming it and saying why. Example images come from the test split
 of the data the model was trained on. The page is served offline on 127.0.0.1 by default: Gradio's analytics and Hugging Face calls are off, the theme uses the
 system's fonts, and no share link is made.
 

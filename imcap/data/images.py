@@ -5,9 +5,9 @@ goes through `load_image`, `load_image_tensor`, `decode_image` or `as_viewed`, s
 
 - the EXIF orientation applied: phones store a portrait photo sideways with an orientation tag,
   and viewers (and Gradio, for the demo's uploads) turn it upright;
-- HEIC/HEIF (iPhone photos) read where pillow-heif is installed (`pip install 'imcap[heif]'`;
+- HEIC/HEIF (iPhone photos) read where pi-heif (or pillow-heif) is installed (`pip install 'imcap[heif]'`;
   without it, one line saying so). A HEIF file keeps its turn in the container (irot/imir),
-  which libheif applies while decoding; pillow-heif then sets the EXIF tag inside to 1, so the
+  which libheif applies while decoding; pi-heif then sets the EXIF tag inside to 1, so the
   photo is not turned twice;
 - the pixel mode converted as a viewer shows it: 16-bit greyscale (`I;16`, `I`) scaled to 8 bits
   (65535 is white; `convert("RGB")` clips every value over 255 to white), 32-bit float (`F`) read
@@ -50,11 +50,15 @@ from torchvision.transforms import v2 as T
 
 from imcap.errors import ImcapError
 
-try:  # the HEIF opener, registered once per process (10 ms of import, under load 3 on 2 cores)
-    from pillow_heif import HeifImageFile, register_heif_opener
+try:  # the HEIF opener, registered once per process (10 ms of import, under load 3 on 2 cores):
+    # pi-heif, libheif's decoder alone (LGPL-3.0 wheels), what the heif extra installs
+    from pi_heif import HeifImageFile, register_heif_opener
 except ImportError:
-    HeifImageFile = None
-else:
+    try:  # pillow-heif, the same reader with an encoder (GPL-2.0 wheels: x265), where that is installed
+        from pillow_heif import HeifImageFile, register_heif_opener
+    except ImportError:
+        HeifImageFile = register_heif_opener = None
+if register_heif_opener is not None:
     register_heif_opener()  # also for `Image.open` in a script that hands Captioner.caption its images
 HEIF_READABLE = HeifImageFile is not None
 
@@ -64,8 +68,8 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 # AVIF files may carry too, are left to Image.open, which picks among its plugins.
 HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs")
 # (`pip install 'imcap[heif]'` is a no-op for an imcap installed before the extra: a clone says make install)
-NEEDS_PILLOW_HEIF = ("a HEIC/HEIF photo, and pillow-heif is not installed; pip install 'imcap[heif]' to read it "
-                     "(in a clone of imcap: make install)")
+NEEDS_HEIF_READER = ("a HEIC/HEIF photo, and no HEIF reader (pi-heif) is installed; pip install 'imcap[heif]' to "
+                     "read it (in a clone of imcap: make install)")
 # How a file becomes pixels; part of every feature-cache key, so that a cache holding pixels read
 # another way is never reused. Change it whenever the pixels of some file change.
 PIXELS_VERSION = "viewer-2"
@@ -88,7 +92,7 @@ def _read_errors(name: str, verb: str = "read", fix: str = "replace or remove th
     except FileNotFoundError as e:
         raise ImcapError(f"image not found: {e.filename}") from e
     except _HeifUnreadable as e:
-        raise ImcapError(f"cannot {verb} {name}: {NEEDS_PILLOW_HEIF}") from e
+        raise ImcapError(f"cannot {verb} {name}: {NEEDS_HEIF_READER}") from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImcapError(f"{name} is too large to decode safely ({e}); shrink it or remove it") from e
     except IsADirectoryError as e:
@@ -104,7 +108,7 @@ def _read_errors(name: str, verb: str = "read", fix: str = "replace or remove th
 
 
 class _HeifUnreadable(UnidentifiedImageError):
-    """A HEIF file where pillow-heif is not installed."""
+    """A HEIF file where no HEIF reader is installed."""
 
 
 def is_heif(head: bytes) -> bool:
@@ -191,10 +195,10 @@ def open_image(source: str | IO[bytes]) -> Image.Image:
 
 
 def _open_heif(source: str | IO[bytes]) -> Image.Image:
-    """The HEIF image in `source` opened by pillow-heif's plugin itself: for a damaged file it
+    """The HEIF image in `source` opened by the HEIF plugin itself: for a damaged file it
     gives libheif's reason, where `Image.open` says only "cannot identify image file"."""
     if HeifImageFile is None:
-        raise _HeifUnreadable(NEEDS_PILLOW_HEIF)
+        raise _HeifUnreadable(NEEDS_HEIF_READER)
     if not isinstance(source, str):
         source.seek(0)
     return HeifImageFile(source)

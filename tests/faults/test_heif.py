@@ -1,4 +1,4 @@
-"""iPhone photos: HEIC/HEIF files read like any other photo where pillow-heif is installed (their
+"""iPhone photos: HEIC/HEIF files read like any other photo where pi-heif (the heif extra) is installed (their
 turn, kept in the container, applied once), and one line saying how to get it where it is not."""
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ def test_a_heic_without_pillow_heif_is_one_line_saying_how_to_get_it(tmp_path, m
     for load in (load_image, load_image_tensor):
         with pytest.raises(ImcapError) as e:
             load(path)
-        assert str(e.value) == (f"cannot read image {path}: a HEIC/HEIF photo, and pillow-heif is not installed; "
-                                "pip install 'imcap[heif]' to read it (in a clone of imcap: make install)")
+        assert str(e.value) == (f"cannot read image {path}: a HEIC/HEIF photo, and no HEIF reader (pi-heif) is "
+                                "installed; pip install 'imcap[heif]' to read it (in a clone of imcap: make install)")
     with pytest.raises(ImcapError, match=r"^cannot decode the image of key 7 in a.tar: a HEIC/HEIF photo, and "):
         decode_image(open(path, "rb").read(), "the image of key 7 in a.tar", True, fix="rewrite it")
 
@@ -150,3 +150,10 @@ def test_a_folder_of_iphone_photos_with_sidecars_is_a_dataset_read_upright(tmp_p
     [record] = CustomSource(str(tmp_path)).records()
     assert record.image_id == "IMG_0006.HEIC" and record.captions == ("a photo taken upright",)
     assert torch.equal(load_image_tensor(record.image_path), T.PILToTensor()(picture))
+
+
+def test_imcap_reads_heif_with_the_decoder_only_package_where_it_is_installed():
+    """The heif extra's pi-heif (LGPL-3.0 wheels) reads, not pillow-heif (GPL-2.0 wheels, with an
+    encoder), which only the tests use to write HEIC files."""
+    pytest.importorskip("pi_heif")
+    assert images.HeifImageFile.__module__.split(".")[0] == "pi_heif"
