@@ -13,6 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from imcap.atomic_files import write_text
 from imcap.errors import ImcapError
+from imcap.overrides import hide_base_files, is_base_file, unreadable_override
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # eval.yaml's and caption.yaml's defaults lists name this config node: `decoding.<field>: null` for
@@ -55,8 +56,6 @@ def compose_config(name: str, overrides: Sequence[str] = (), output_dir: Path | 
     from hydra.core.hydra_config import HydraConfig
     from hydra.errors import HydraException
 
-    from imcap.entry import hide_base_files  # imcap.entry imports this module: imported here
-
     if _names_decoding_overrides(name):
         register_decoding_overrides()
     hide_base_files()  # data=bogus lists the data options, not data/_base.yaml
@@ -65,9 +64,7 @@ def compose_config(name: str, overrides: Sequence[str] = (), output_dir: Path | 
         with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
             cfg = compose(config_name=name, overrides=list(overrides), return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as e:  # data=bogus, a misspelt key, bad syntax
-        # the entry points' wording of bad syntax (imcap.entry imports this module: imported here)
-        from imcap.entry import is_base_file, unreadable_override
-
+        # the entry points' wording of bad syntax and base files
         said = "\n".join(ln for ln in str(e).split("\n") if not (ln.startswith("\t") and is_base_file(ln.strip())))
         raise ImcapError(unreadable_override(list(overrides))
                          or " ".join(said.split("Config search path")[0].split())) from e
