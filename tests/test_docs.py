@@ -287,12 +287,9 @@ def test_a_figure_copied_under_docs_fails_the_build_with_one_line_saying_to_dele
     checkout = docs_checkout(tmp_path)
     (checkout / "docs" / copy).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(checkout / "experiments" / "attention_variants" / figure, checkout / "docs" / copy)
-    result = build_site(checkout, tmp_path / "site")
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if "error: " in line]
-    assert len(errors) == 1, result.stderr[-3000:]
-    assert f"error: docs/{copy} is a copy of experiments/attention_variants/{figure}" in errors[0], errors[0]
-    assert f"delete docs/{copy}" in errors[0], errors[0]
+    error = the_one_build_error(build_site(checkout, tmp_path / "site"))
+    assert f"error: docs/{copy} is a copy of experiments/attention_variants/{figure}" in error, error
+    assert f"delete docs/{copy}" in error, error
 
 
 @pytest.mark.slow
@@ -303,12 +300,17 @@ def test_a_study_file_linked_by_its_path_in_the_site_fails_the_build_naming_the_
     index = checkout / "docs" / "index.md"
     picture = "experiments/attention_variants/example-attention-photo.png"
     index.write_text(index.read_text(encoding="utf-8").replace(f"../{picture}", picture), encoding="utf-8")
-    result = build_site(checkout, tmp_path / "site")
+    error = the_one_build_error(build_site(checkout, tmp_path / "site"))
+    assert f"error: docs/index.md links {picture}" in error, error
+    assert f"link ../{picture}," in error, error
+
+
+def the_one_build_error(result) -> str:
+    """The build failed, with one `error:` line: that line."""
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if "error: " in line]
     assert len(errors) == 1, result.stderr[-3000:]
-    assert f"error: docs/index.md links {picture}" in errors[0], errors[0]
-    assert f"link ../{picture}," in errors[0], errors[0]
+    return errors[0]
 
 
 def test_a_renamed_option_fails_its_block(tmp_path):

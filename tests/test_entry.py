@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.configs import own_data_without_root
 from tests.helpers.runs import assert_one_line_error, module
 
 
@@ -91,10 +92,7 @@ def test_every_option_conf_leaves_required_has_its_example():
     (["train", "hydra.searchpath=[file://{own}]", "data=mine"], "error: data.root is required: give data.root=DIR"),
 ], ids=["caption", "export", "train-own-data"])
 def test_a_required_option_left_out_is_one_line_naming_it_with_an_example(tmp_path, command, line):
-    own = tmp_path / "own"
-    (own / "data").mkdir(parents=True)
-    (own / "data" / "mine.yaml").write_text(
-        "defaults: [_base, _self_]\nsource:\n  _target_: imcap.data.sources.custom.CustomSource\n", encoding="utf-8")
+    own = own_data_without_root(tmp_path / "own")
     work = tmp_path / "work"
     work.mkdir()
     result = module(*(arg.format(own=own) for arg in command), cwd=work)

@@ -331,12 +331,10 @@ def test_shards_of_a_real_flickr8k_subset(env, capsys):
     (["features", "hydra.searchpath=[file://{own}]", "data=mine"], "error: data.root is required: give data.root=DIR"),
 ], ids=["base", "unknown", "own-data-without-root"])
 def test_the_data_tools_name_a_base_file_and_a_required_option_as_the_entry_points_do(tmp_path, command, line):
+    from tests.helpers.configs import own_data_without_root
     from tests.helpers.runs import assert_one_line_error, module
 
-    own = tmp_path / "own"
-    (own / "data").mkdir(parents=True)
-    (own / "data" / "mine.yaml").write_text(
-        "defaults: [_base, _self_]\nsource:\n  _target_: imcap.data.sources.custom.CustomSource\n", encoding="utf-8")
+    own = own_data_without_root(tmp_path / "own")
     work = tmp_path / "work"
     work.mkdir()
     result = module("data", *(arg.format(own=own) for arg in command), cwd=work)

@@ -17,6 +17,7 @@ from torchvision.transforms import v2 as T
 from imcap.data import images
 from imcap.data.images import decode_image, load_image, load_image_tensor
 from imcap.errors import ImcapError
+from tests.helpers.images import every_loader
 
 pillow_heif = pytest.importorskip("pillow_heif")
 
@@ -53,14 +54,6 @@ def phone_heic(path, picture: Image.Image) -> str:
                           check=True).stdout
     path.write_bytes(heic)
     return str(path)
-
-
-def every_loader(path) -> list[torch.Tensor]:
-    """(3, H, W) uint8 pixels of `path` through each way imcap reads an image file or shard member."""
-    data = open(path, "rb").read()
-    return [load_image_tensor(path), T.PILToTensor()(load_image(path)),
-            decode_image(data, "the image of key 1 in a.tar", True, fix="rewrite it"),
-            T.PILToTensor()(decode_image(data, "the image of key 1 in a.tar", False, fix="rewrite it"))]
 
 
 def test_a_sideways_iphone_photo_is_read_upright_and_turned_once_by_every_loader(tmp_path):

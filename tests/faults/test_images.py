@@ -22,6 +22,7 @@ from imcap.data.sources.coco import CocoSource
 from imcap.data.sources.flickr8k import Flickr8kSource
 from imcap.data.sources.flickr30k import Flickr30kSource
 from imcap.errors import ImcapError
+from tests.helpers.images import every_loader
 
 HUGE = 60_000  # 3.6 G pixels: 10.8 GB as RGB, 20x PIL's default MAX_IMAGE_PIXELS
 
@@ -101,14 +102,6 @@ def noise_jpeg(path, width, height, **kwargs):
     Image.fromarray(np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(
         path, quality=90, **kwargs)
     return str(path)
-
-
-def every_loader(path) -> list[torch.Tensor]:
-    """(3, H, W) uint8 pixels of `path` through each way imcap reads an image file or shard member."""
-    data = open(path, "rb").read()
-    return [load_image_tensor(path), T.PILToTensor()(load_image(path)),
-            decode_image(data, "the image of key 1 in a.tar", True, fix="rewrite it"),
-            T.PILToTensor()(decode_image(data, "the image of key 1 in a.tar", False, fix="rewrite it"))]
 
 
 def test_a_jpeg_over_the_limit_is_decoded_reduced_and_one_within_it_as_before(tmp_path, monkeypatch):
