@@ -59,8 +59,9 @@ def test_a_corrupt_image_on_one_rank_ends_every_rank_with_one_line(tmp_path, cor
                             text=True, timeout=BOUND, env={**os.environ, "IMCAP_ROOT": str(tmp_path)})
     assert result.returncode != 0
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
-    assert errors == [f"error: cannot read image {bad}: cannot identify image file '{bad}'; replace or remove "
-                      "the file"], result.stderr[-3000:]
+    # it starts as a JPEG does: PIL's JPEG reader says what it found
+    assert errors == [f"error: cannot read image {bad}: no marker found (a damaged or truncated file); replace or "
+                      "remove the file"], result.stderr[-3000:]
     deadline = time.monotonic() + 60  # the other rank notices its peer is gone and exits too
     while ranks_alive(str(run)) and time.monotonic() < deadline:
         time.sleep(0.5)
