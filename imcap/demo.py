@@ -310,40 +310,41 @@ def launch(cfg: DictConfig) -> None:
                 else example_images(ckpt_path, cfg.num_examples))[: cfg.num_examples]
     if not os.environ.get("GRADIO_TEMP_DIR"):  # set before gradio is imported: some modules read it then
         os.environ["GRADIO_TEMP_DIR"] = str(private_upload_dir())
-    # SIGTERM (kill, systemd, docker stop) stops the server as Ctrl-C does, so the uploads are deleted
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # SIGTERM (kill, systemd, docker stop) stops the server as Ctrl-C does, so the uploads are
+    # deleted, from the moment the server starts (Gradio's launch answers pages before it returns)
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, stop_once)
     app = build_app(captioner, examples, options["queue_size"], options["delete_cache"])
     import gradio as gr
 
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # no web fonts to fetch
     try:
-        # the example files themselves, never their folders: Gradio serves everything below an allowed folder
-        app.launch(server_name=cfg.host, server_port=cfg.port, share=False, inbrowser=False, ssr_mode=False,
-                   theme=theme, allowed_paths=[str(p.resolve()) for p in examples], quiet=False,
-                   max_file_size=options["max_file_size"], auth=options["auth"], prevent_thread_lock=True)
-    except OSError as e:
-        if "Cannot find empty port" not in str(e):
-            raise
-        raise ImcapError(port_error(cfg.host, cfg.port)) from None
-    log.info("Serving the demo on %s (Ctrl-C stops it)", app.local_url)  # the port Gradio found free
-    serve_until_stopped(app)
-
-
-def serve_until_stopped(app: Any) -> None:
-    """Serve until Ctrl-C or SIGTERM, then close the server and let the uploads be deleted (atexit)
-    with both signals ignored: a second Ctrl-C while it closes (a user pressing twice) would end
-    the process there, with the uploads left and an error line meant for other commands."""
-    try:
+        try:
+            # the example files themselves, never their folders: Gradio serves everything below an allowed folder
+            app.launch(server_name=cfg.host, server_port=cfg.port, share=False, inbrowser=False, ssr_mode=False,
+                       theme=theme, allowed_paths=[str(p.resolve()) for p in examples], quiet=False,
+                       max_file_size=options["max_file_size"], auth=options["auth"], prevent_thread_lock=True)
+        except OSError as e:
+            if "Cannot find empty port" not in str(e):
+                raise
+            raise ImcapError(port_error(cfg.host, cfg.port)) from None
+        log.info("Serving the demo on %s (Ctrl-C stops it)", app.local_url)  # the port Gradio found free
         while app.is_running:
             time.sleep(0.1)
     except KeyboardInterrupt:
         pass
-    finally:
-        for stop in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(stop, signal.SIG_IGN)
     log.info("Stopping the demo and deleting its uploads")
     app.close()
+
+
+def stop_once(signum: int, frame: Any) -> None:
+    """The first Ctrl-C or SIGTERM stops the demo; later ones are ignored while it closes and its
+    uploads are deleted (atexit): a user pressing twice would otherwise end the process there,
+    with the uploads left and an error line meant for other commands."""
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def port_error(host: str, port: int | None) -> str:
